@@ -1,0 +1,56 @@
+"""`sdtune` command line: every stage, the tiny models, and running/compiling/submitting the pipeline.
+
+Each group of commands lives in its own module and registers itself on :data:`app`; bad input ends with one
+``error: …`` line and the error's exit code (see ``docs/exit-codes.md``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from rich.console import Console
+
+from sdtune.errors import SdtuneError
+
+app = typer.Typer(
+    name="sdtune",
+    help="Stable Diffusion fine-tuning as a Kubeflow pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+
+def _register_commands() -> None:
+    from sdtune.cli import data, pipeline, train
+
+    for module in (data, train, pipeline):
+        module.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_commands()
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except SdtuneError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

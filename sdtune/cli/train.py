@@ -1,0 +1,9 @@
+"""Model and training commands: models tiny, train, evaluate."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,156 @@
+"""The on-disk contract between stages.
+
+Every stage reads a directory and writes a new one holding:
+
+- the images it produced (generated file names, never names taken from the input);
+- ``manifest.jsonl``: one :class:`Record` per image, in a stable order;
+- ``report.json``: a :class:`StageReport` with one :class:`ItemReport` per *input* item (kept, normalised or
+  skipped, with a reason code) and counts per status and reason.
+
+The same directories are the KFP ``Dataset`` artifacts, so a stage run by hand and a stage run as a
+pipeline task produce byte-identical outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_NAME = "manifest.jsonl"
+REPORT_NAME = "report.json"
+
+Status = Literal["kept", "normalised", "skipped"]
+
+
+class Record(BaseModel):
+    """One image in a stage's output directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str  # relative to the stage directory
+    caption: str | None = None
+    width: int
+    height: int
+    sha256: str  # of the file's bytes
+    source: str  # where the image came from, credentials stripped
+    split: Literal["train", "holdout"] = "train"
+    extra: dict[str, Any] = Field(default_factory=dict)  # stage-specific fields (upscaled_from, bucket, …)
+
+
+class ItemReport(BaseModel):
+    """What a stage did with one input item."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    item: str  # source id, credentials stripped
+    status: Status
+    reason: str = "ok"  # a stable reason code, documented in docs/data.md
+    detail: str = ""
+    transforms: list[str] = Field(default_factory=list)
+    output: str | None = None  # the Record.file this item became, if any
+
+
+class StageReport(BaseModel):
+    stage: str
+    items: list[ItemReport] = Field(default_factory=list)
+    counts: dict[str, int] = Field(default_factory=dict)
+    reasons: dict[str, int] = Field(default_factory=dict)
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+    def add(self, item: ItemReport) -> None:
+        self.items.append(item)
+
+    def finalise(self) -> StageReport:
+        self.counts = dict(Counter(i.status for i in self.items))
+        self.reasons = dict(Counter(i.reason for i in self.items if i.status == "skipped"))
+        return self
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(1 for i in self.items if i.status == "skipped")
+
+
+class StageResult(BaseModel):
+    """What a stage function returns: where it wrote, what it kept, what it reported."""
+
+    out_dir: Path
+    records: list[Record]
+    report: StageReport
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_stage(out_dir: Path, records: Iterable[Record], report: StageReport) -> StageResult:
+    """Write ``manifest.jsonl`` and ``report.json`` atomically (temp file + rename)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = list(records)
+    report.finalise()
+    _atomic_write(out_dir / MANIFEST_NAME, "".join(r.model_dump_json() + "\n" for r in records))
+    _atomic_write(out_dir / REPORT_NAME, report.model_dump_json(indent=2) + "\n")
+    return StageResult(out_dir=out_dir, records=records, report=report)
+
+
+def read_manifest(stage_dir: Path) -> list[Record]:
+    return list(iter_manifest(stage_dir))
+
+
+def iter_manifest(stage_dir: Path) -> Iterator[Record]:
+    path = Path(stage_dir) / MANIFEST_NAME
+    if not path.is_file():
+        from sdtune.errors import DatasetError
+
+        raise DatasetError(f"{stage_dir} is not a stage directory: {MANIFEST_NAME} is missing")
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield Record.model_validate_json(line)
+
+
+def read_report(stage_dir: Path) -> StageReport:
+    return StageReport.model_validate_json((Path(stage_dir) / REPORT_NAME).read_text(encoding="utf-8"))
+
+
+def manifest_digest(stage_dir: Path) -> str:
+    """Content digest of a stage: the manifest lists every image's sha256, so this covers the pixels."""
+    return hashlib.sha256((Path(stage_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def report_markdown(report: StageReport) -> str:
+    """The report as Markdown, for the KFP UI and MLflow."""
+    lines = [f"# {report.stage} report", ""]
+    lines += [f"- **{k}**: {v}" for k, v in sorted(report.counts.items())]
+    if report.reasons:
+        lines += ["", "| skip reason | count |", "|---|---|"]
+        lines += [f"| `{k}` | {v} |" for k, v in sorted(report.reasons.items())]
+    lines += ["", "| item | status | reason | detail |", "|---|---|---|---|"]
+    for item in report.items:
+        detail = item.detail.replace("|", "\\|")
+        lines.append(f"| `{item.item}` | {item.status} | `{item.reason}` | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def dumps_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
