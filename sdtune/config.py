@@ -12,13 +12,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sdtune.errors import ConfigError
+
+# "register" is the natural YAML name of the registry section; it shadows ABCMeta.register, harmlessly.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 Arch = Literal["sd15", "sd2", "sdxl", "sd3"]
 
@@ -42,6 +46,31 @@ class IngestConfig(Section):
     max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)
     max_aspect_ratio: float = Field(4.0, ge=1.0)
     background: str = "white"  # what transparent pixels are composited onto
+    # Limits for untrusted input; docs/data.md explains each one.
+    min_side: int = Field(64, ge=1)  # shorter side in pixels, before any upscaling
+    max_image_bytes: int = Field(64 << 20, ge=1)
+    max_image_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb limit
+    near_duplicate_distance: int | None = Field(4, ge=0, le=64)  # phash Hamming distance; None disables
+    zip_max_entries: int = Field(10_000, ge=1)
+    zip_max_total_bytes: int = Field(4 << 30, ge=1)
+    zip_max_ratio: float = Field(200.0, ge=1.0)  # per member, uncompressed / compressed
+    fetch_connect_timeout_s: float = Field(10.0, gt=0)
+    fetch_total_timeout_s: float = Field(120.0, gt=0)  # per object, whatever the server trickles
+    fetch_max_redirects: int = Field(5, ge=0, le=20)
+    fetch_retries: int = Field(3, ge=0, le=10)  # on 5xx, 429 and connection resets, with backoff
+    max_download_bytes: int = Field(2 << 30, ge=1)  # per downloaded zip
+    fetch_allow_networks: list[str] = Field(default_factory=list)  # CIDRs allowed besides public addresses
+    image_column: str = "image"  # catalogue (CSV/JSONL) column naming the image: path, URL or s3://
+    caption_column: str = "caption"
+
+    @field_validator("fetch_allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in value:
+            ipaddress.ip_network(net, strict=False)  # ValueError → one-line ConfigError naming the key
+        return value
 
 
 class PreprocessConfig(Section):
@@ -75,6 +104,10 @@ class TrainConfig(Section):
     seed: int = 0
     log_every: int = Field(1, ge=1)
     num_processes: int = Field(1, ge=1)  # processes per node (GPUs); >1 launches through torchrun
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the scheduler's own
+    snr_gamma: float | None = Field(None, gt=0)  # min-SNR-γ loss weighting (5.0 is the usual value)
+    noise_offset: float = Field(0.0, ge=0)  # e.g. 0.05: helps very dark/bright images
+    gradient_checkpointing: bool = False
 
 
 class EvaluateConfig(Section):
@@ -93,12 +126,122 @@ class EvaluateConfig(Section):
 
 
 class RegisterConfig(Section):
+    """The registry and the retrain gate: a new version always gets ``alias``; it replaces the champion only
+    when ``gate_metric`` beats the champion's by more than ``gate_margin`` (the first version is promoted)."""
+
     model_name: str = "sdtune-model"
     alias: str = "candidate"
+    champion_alias: str = "champion"
+    gate_metric: str = "loss_tuned_trigger"
+    gate_direction: Literal["minimize", "maximize"] = "minimize"
+    gate_margin: float = Field(0.0, ge=0.0)
 
 
 class TrackingConfig(Section):
     experiment: str = "sdtune"
+
+
+class Toleration(Section):
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class StepResources(Section):
+    """Requests/limits of one pipeline step; ``gpus`` > 0 requests ``nvidia.com/gpu`` and the GPU node pool."""
+
+    cpu_request: str = "500m"
+    cpu_limit: str = "2"
+    memory_request: str = "1Gi"
+    memory_limit: str = "4Gi"
+    gpus: int = Field(0, ge=0)
+    # DataLoader workers share tensors through /dev/shm; the container default (64 MiB) kills them.
+    shm: bool = False
+
+
+# Subclasses only change defaults, so an override like ``cluster.steps.train.gpus=8`` keeps the other
+# train defaults (a dict of StepResources would reset them to the light ones).
+class DataStepResources(StepResources):
+    cpu_request: str = "2"
+    cpu_limit: str = "4"
+    memory_request: str = "4Gi"
+    memory_limit: str = "16Gi"
+    shm: bool = True
+
+
+class GpuStepResources(StepResources):
+    cpu_request: str = "8"
+    cpu_limit: str = "16"
+    memory_request: str = "64Gi"
+    memory_limit: str = "96Gi"
+    gpus: int = Field(1, ge=0)
+    shm: bool = True
+
+
+class StepsConfig(Section):
+    start_run: StepResources = Field(default_factory=StepResources)
+    ingest: StepResources = Field(default_factory=StepResources)
+    preprocess: DataStepResources = Field(default_factory=DataStepResources)
+    caption: DataStepResources = Field(default_factory=DataStepResources)
+    train: GpuStepResources = Field(default_factory=GpuStepResources)
+    evaluate: GpuStepResources = Field(default_factory=GpuStepResources)
+    register: StepResources = Field(default_factory=StepResources)
+
+
+class SecretEnv(Section):
+    """A Kubernetes Secret exposed to tasks as env vars (``env`` maps ENV_NAME → key in the Secret)."""
+
+    name: str
+    env: dict[str, str]
+    optional: bool = False
+
+
+class ClusterConfig(Section):
+    """How the pipeline runs on Kubernetes; ignored by local runs (see docs/cluster.md).
+
+    ``launcher`` picks the training path: ``single_node`` runs torchrun inside the KFP task with
+    ``train.num_processes`` processes on ``steps.train.gpus`` GPUs; ``trainjob`` / ``pytorchjob`` start a
+    Kubeflow Trainer v2 TrainJob / Training Operator v1 PyTorchJob with ``num_nodes`` × ``gpus_per_node``.
+    """
+
+    namespace: str | None = None  # None: the namespace the pipeline pod runs in
+    service_account: str = "sdtune-pipeline"
+    launcher: Literal["single_node", "trainjob", "pytorchjob"] = "single_node"
+    num_nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(8, ge=0)
+    trainjob_runtime: str = "torch-distributed"
+    job_timeout_s: int = Field(7 * 24 * 3600, ge=60)
+    steps: StepsConfig = Field(default_factory=StepsConfig)
+    shm_size: str = "16Gi"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
+    gpu_tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+    )
+    # Default S3 keys: those of the object store Kubeflow Pipelines already runs (synced to profile namespaces).
+    secrets: list[SecretEnv] = Field(
+        default_factory=lambda: [
+            SecretEnv(
+                name="mlpipeline-minio-artifact",
+                env={"AWS_ACCESS_KEY_ID": "accesskey", "AWS_SECRET_ACCESS_KEY": "secretkey"},
+            ),
+            SecretEnv(
+                name="sdtune-mlflow-auth",
+                env={"MLFLOW_TRACKING_USERNAME": "username", "MLFLOW_TRACKING_PASSWORD": "password"},
+                optional=True,
+            ),
+        ]
+    )
+    config_map: str = "sdtune-env"  # MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL (manifests/base)
+    train_retries: int = Field(2, ge=0)
+    retry_backoff: str = "120s"
+
+    def step(self, name: str) -> StepResources:
+        """Resources of a pipeline step; a step without its own section gets the light defaults."""
+        found = getattr(self.steps, name, None)
+        return found if isinstance(found, StepResources) else StepResources()
 
 
 class RunConfig(Section):
@@ -113,12 +256,7 @@ class RunConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-
-    @model_validator(mode="after")
-    def _check(self) -> RunConfig:
-        if self.train.batch_size * self.train.num_processes < 1:
-            raise ValueError("batch size must be positive")
-        return self
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     def digest(self) -> str:
         """Stable hash of the resolved config (used for cache keys and resume checks)."""
@@ -126,6 +264,11 @@ class RunConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def to_param(self) -> str:
+        """One-line JSON: how the config travels as a pipeline parameter (KFP writes parameter defaults
+        into a comment header of the compiled YAML, which a multi-line value would break)."""
+        return self.model_dump_json()
 
     def format_prompt(self, template: str) -> str:
         return template.format(trigger=self.caption.trigger, class_noun=self.caption.class_noun)
@@ -192,7 +335,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def config_from_yaml(text: str) -> RunConfig:
-    """Inverse of :meth:`RunConfig.to_yaml`; how pipeline tasks receive the config."""
+    """Inverse of :meth:`RunConfig.to_yaml` and :meth:`RunConfig.to_param` (JSON is YAML)."""
     return config_from_dict(yaml.safe_load(text) or {}, origin="pipeline config")
 
 

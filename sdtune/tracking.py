@@ -106,7 +106,7 @@ def run_tags() -> dict[str, str]:
     from sdtune import __version__
 
     tags = {"sdtune.version": __version__}
-    for env, tag in (("KFP_RUN_ID", "kfp.run_id"), ("KFP_POD_NAME", "kfp.pod_name"), ("SDTUNE_PIPELINE", "kfp.pipeline")):
+    for env, tag in (("KFP_POD_NAME", "kfp.pod_name"), ("KFP_POD_UID", "kfp.pod_uid")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     return tags
@@ -116,10 +116,54 @@ def start_parent_run(experiment: str, run_name: str, config: Mapping[str, Any], 
     """Create the pipeline run's parent MLflow run and return its id (left RUNNING; steps nest under it)."""
     client = _client()
     experiment_id = ensure_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags={**run_tags(), **(tags or {})})
+    all_tags = {**run_tags(), **(tags or {}), "sdtune.role": "parent"}
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
     _log_params(client, run_id, flatten_params(config))
     return run_id
+
+
+def find_parent_run(experiment: str, kfp_run_id: str) -> str | None:
+    """The parent run opened for a KFP run (looked up by tag, so exit handlers need no task outputs)."""
+    client = _client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None or not kfp_run_id:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and tags.`sdtune.role` = 'parent'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def failed_step_error(parent_run_id: str) -> str | None:
+    """The error recorded by the first failed step under a parent run, if any."""
+    client = _client()
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FAILED'",
+        order_by=["attributes.start_time ASC"],
+    )
+    for child in children:
+        if child.data.tags.get("sdtune.error"):
+            return child.data.tags["sdtune.error"]
+    return None
+
+
+def latest_parent_run(experiment: str, since_ms: int) -> str | None:
+    """The newest parent run started after ``since_ms`` (how a local runner finds the run it started)."""
+    client = _client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`sdtune.role` = 'parent' and attributes.start_time >= {since_ms}",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
@@ -188,7 +232,9 @@ def step_run(parent_run_id: str | None, step: str, experiment: str = "sdtune") -
     handle = StepRun(client, run.info.run_id)
     try:
         yield handle
-    except BaseException:
+    except BaseException as exc:
+        # The reason travels with the run: the local runner and the exit handler report it.
+        client.set_tag(run.info.run_id, "sdtune.error", f"{step}: {exc}"[:5000])
         client.set_terminated(run.info.run_id, status="FAILED")
         raise
     client.set_terminated(run.info.run_id, status="FINISHED")
@@ -216,7 +262,7 @@ class JsonlLogger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the whole run
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         self._fh.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
@@ -226,32 +272,139 @@ class JsonlLogger:
         self._fh.close()
 
 
-class MLflowLogger:
-    """Logs to an existing MLflow run, buffering and sending in batches to keep the hot loop free."""
+@contextmanager
+def _fail_fast() -> Iterator[None]:
+    """MLflow's HTTP client retries for minutes by itself; inside the training loop we would rather fail at
+    once, keep the data, and retry on our own schedule without blocking the step."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
-    def __init__(self, run_id: str, flush_every: int = 50):
-        self._run = StepRun(_client(), run_id)
-        self._pending: list[tuple[dict[str, float], int]] = []
+
+class MLflowLogger:
+    """Logs to an existing MLflow run without ever stopping training for the tracking server.
+
+    Metrics are batched (one request per ``flush_every`` steps). When the server or its artifact store is
+    down or slow, nothing raises: metrics and artifacts stay queued and are retried with exponential
+    backoff, then flushed when it answers again. :meth:`close` keeps trying for ``close_timeout_s``; what
+    still cannot be sent is written to ``spool_dir`` (:func:`replay_spool` sends it later), so nothing is lost.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        flush_every: int = 50,
+        retry_base_s: float = 1.0,
+        retry_max_s: float = 60.0,
+        close_timeout_s: float = 300.0,
+        spool_dir: str | Path | None = None,
+    ):
+        self.run_id = run_id
+        self._client = _client()
+        self._metrics: list[Any] = []
+        self._artifacts: list[tuple[str, str | None]] = []
         self._flush_every = flush_every
+        self._retry_base_s, self._retry_max_s = retry_base_s, retry_max_s
+        self._close_timeout_s = close_timeout_s
+        self._spool_dir = Path(spool_dir) if spool_dir else None
+        self._failures = 0
+        self._retry_at = 0.0
+        self.outages = 0  # how many times the server stopped answering (for the run summary)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        self._pending.append(({k: float(v) for k, v in metrics.items()}, step))
-        if len(self._pending) >= self._flush_every:
-            self.flush()
-
-    def flush(self) -> None:
         from mlflow.entities import Metric
 
-        if not self._pending:
-            return
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for metrics, step in self._pending for k, v in metrics.items()]
-        for start in range(0, len(batch), 1000):
-            self._run._client.log_batch(self._run.run_id, metrics=batch[start : start + 1000])
-        self._pending.clear()
+        self._metrics.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if len(self._metrics) >= self._flush_every * max(1, len(metrics)):
+            self.flush()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._artifacts.append((str(path), artifact_path))
+        self.flush()
+
+    @property
+    def pending(self) -> int:
+        return len(self._metrics) + len(self._artifacts)
+
+    def flush(self, force: bool = False) -> bool:
+        """Try to send everything queued; returns True when nothing is left. Never raises."""
+        if not self.pending:
+            return True
+        if not force and time.monotonic() < self._retry_at:
+            return False
+        try:
+            with _fail_fast():
+                while self._metrics:
+                    self._client.log_batch(self.run_id, metrics=self._metrics[:1000])
+                    del self._metrics[:1000]
+                while self._artifacts:
+                    path, artifact_path = self._artifacts[0]
+                    if Path(path).is_dir():
+                        self._client.log_artifacts(self.run_id, path, artifact_path)
+                    else:
+                        self._client.log_artifact(self.run_id, path, artifact_path)
+                    self._artifacts.pop(0)
+        except Exception as exc:  # any transport or server error: keep the data, back off
+            if self._failures == 0:
+                self.outages += 1
+                _warn(f"tracking server unavailable ({exc.__class__.__name__}); buffering {self.pending} items")
+            self._failures += 1
+            delay = min(self._retry_max_s, self._retry_base_s * 2 ** (self._failures - 1))
+            self._retry_at = time.monotonic() + delay
+            return False
+        if self._failures:
+            _warn("tracking server is back; buffered metrics and artifacts sent")
+        self._failures = 0
+        return True
 
     def close(self) -> None:
-        self.flush()
+        deadline = time.monotonic() + self._close_timeout_s
+        while not self.flush(force=True) and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(self._retry_at - time.monotonic(), deadline - time.monotonic())))
+        if self.pending:
+            self._spool()
+
+    def _spool(self) -> None:
+        spool_dir = self._spool_dir or sdtune_home() / "spool"
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        path = spool_dir / f"{self.run_id}-{int(time.time())}.json"
+        payload = {
+            "run_id": self.run_id,
+            "metrics": [[m.key, m.value, m.timestamp, m.step] for m in self._metrics],
+            "artifacts": self._artifacts,
+        }
+        path.write_text(json.dumps(payload))
+        _warn(f"tracking server still unavailable: {self.pending} items saved to {path} (replay_spool sends them)")
+
+
+def replay_spool(path: str | Path) -> int:
+    """Send a spool file written by :class:`MLflowLogger` when the server stayed down; returns items sent."""
+    payload = json.loads(Path(path).read_text())
+    logger = MLflowLogger(payload["run_id"], close_timeout_s=0)
+    from mlflow.entities import Metric
+
+    logger._metrics = [Metric(k, v, ts, step) for k, v, ts, step in payload["metrics"]]
+    logger._artifacts = [tuple(a) for a in payload["artifacts"]]
+    count = logger.pending
+    if not logger.flush(force=True):
+        raise ConnectionError(f"tracking server still unavailable; {path} kept")
+    Path(path).unlink()
+    return count
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"sdtune: {message}", file=sys.stderr, flush=True)
 
 
 class CompositeLogger:

@@ -25,9 +25,9 @@ err_console = Console(stderr=True)
 
 
 def _register_commands() -> None:
-    from sdtune.cli import data, pipeline, train
+    from sdtune.cli import cluster, data, pipeline, runs, train
 
-    for module in (data, train, pipeline):
+    for module in (data, train, pipeline, runs, cluster):
         module.register(app)
 
 

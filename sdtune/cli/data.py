@@ -1,9 +1,145 @@
-"""Data commands: ingest, preprocess, caption, sample-data."""
+"""Data commands: ingest, preprocess, caption, sample-data.
+
+Each command takes its section from ``--config`` (a run config) when given; command-line options override
+it. Work happens in :mod:`sdtune.data`; this module only parses options, shows progress and summarises.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from sdtune.config import load_config
+from sdtune.errors import ConfigError
+from sdtune.manifest import StageResult
+
+console = Console()
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="Run config YAML to take this stage's section from.")
+]
+OutOpt = Annotated[
+    Path, typer.Option("--out", help="Output folder (created; must be empty or a previous run).")
+]
+
+
+def _section(config: Path | None, name: str, **overrides: Any):
+    """The config section, with the options that were given on the command line applied on top."""
+    section = getattr(load_config(config), name)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return type(section).model_validate({**section.model_dump(), **given})
+    except ValidationError as exc:  # a bad option value: name the option, not pydantic's internals
+        first = exc.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-")
+        raise ConfigError(f"{option}: {first['msg']}") from None
+
+
+@contextmanager
+def _progress(label: str, total: int | None) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar on a terminal; nothing when output is piped (CI logs, KFP)."""
+    columns = [SpinnerColumn(), TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda _item: bar.advance(task)
+
+
+def _summarise(stage: str, result: StageResult) -> None:
+    counts = result.report.counts
+    kept = counts.get("kept", 0) + counts.get("normalised", 0)
+    line = f"[bold]{stage}[/]: {kept} image(s) kept"
+    if counts.get("normalised"):
+        line += f" ({counts['normalised']} normalised)"
+    line += f", {counts.get('skipped', 0)} skipped → {result.out_dir}"
+    console.print(line, highlight=False)
+    for reason, n in sorted(result.report.reasons.items()):
+        console.print(f"  skipped {n} × {reason}", highlight=False)
+    extra = {k: v for k, v in result.report.summary.items() if k in ("upscaled", "holdout", "from_sidecar")}
+    if extra:
+        console.print("  " + ", ".join(f"{k}: {v}" for k, v in extra.items()), highlight=False)
+
+
+def ingest_cmd(
+    out: OutOpt,
+    sources: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Folders, zips (path or @path), URLs, s3:// prefixes, catalogues; default: the config's."
+        ),
+    ] = None,
+    min_images: Annotated[
+        int | None, typer.Option("--min-images", help="Fewest usable images to accept.")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Read images from the sources, normalise them, report every item."""
+    from sdtune.data.ingest import ingest
+
+    cfg = _section(config, "ingest", min_images=min_images)
+    with _progress("ingest", None) as progress:
+        result = ingest(list(sources or []) or cfg.sources, out, cfg, progress=progress)
+    _summarise("ingest", result)
+
+
+def preprocess_cmd(
+    in_dir: Annotated[Path, typer.Argument(help="A stage folder (output of ingest).")],
+    out: OutOpt,
+    resolution: Annotated[int | None, typer.Option("--resolution", help="Square side in pixels.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Crop and resize to the training resolution (Lanczos upscaling for small images)."""
+    from sdtune.data.preprocess import preprocess_dir
+    from sdtune.manifest import read_manifest
+
+    cfg = _section(config, "preprocess", resolution=resolution)
+    with _progress("preprocess", len(read_manifest(in_dir))) as progress:
+        result = preprocess_dir(in_dir, out, cfg, progress=progress)
+    _summarise("preprocess", result)
+
+
+def caption_cmd(
+    in_dir: Annotated[Path, typer.Argument(help="A stage folder (output of preprocess).")],
+    out: OutOpt,
+    trigger: Annotated[str | None, typer.Option("--trigger", help="Trigger token, e.g. sks.")] = None,
+    class_noun: Annotated[str | None, typer.Option("--class-noun", help="Class noun, e.g. dog.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Caption every image (sidecar captions win, else the template) and choose the holdout split."""
+    from sdtune.data.caption import caption_dir
+
+    cfg = _section(config, "caption", trigger=trigger, class_noun=class_noun)
+    result = caption_dir(in_dir, out, cfg)
+    _summarise("caption", result)
+
+
+def sample_data_cmd(
+    out: OutOpt,
+    count: Annotated[int, typer.Option("--count", min=1, help="Number of pictures.")] = 12,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same bytes.")] = 0,
+) -> None:
+    """Write a small synthetic dataset (a toy robot, drawn locally) to try the pipeline with."""
+    from sdtune.data.sample import write_sample_dataset
+
+    paths = write_sample_dataset(out, count=count, seed=seed)
+    console.print(f"[bold]sample-data[/]: {len(paths)} picture(s) of the toy robot → {out}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("ingest")(ingest_cmd)
+    app.command("preprocess")(preprocess_cmd)
+    app.command("caption")(caption_cmd)
+    app.command("sample-data")(sample_data_cmd)

@@ -1,9 +1,81 @@
-"""Model and training commands: models tiny, train, evaluate."""
+"""Model and training commands: ``models tiny``, ``train``, ``evaluate``.
+
+Heavy imports (torch, diffusers) happen inside the commands so ``sdtune --help`` stays fast.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+models_app = typer.Typer(help="Base models: build tiny offline ones for tests and the CPU demo.", no_args_is_help=True)
+
+
+@models_app.command("tiny")
+def models_tiny(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the diffusers pipeline to.")],
+    arch: Annotated[str, typer.Option("--arch", help="sd15 or sdxl.")] = "sd15",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Write a tiny, seeded, randomly initialised pipeline (~1.7 M parameters) that loads offline."""
+    from sdtune.models.tiny import build_tiny
+
+    path = build_tiny(arch, out, seed=seed)
+    typer.echo(f"wrote tiny {arch} pipeline to {path}")
+
+
+def train_command(
+    config: Annotated[Path, typer.Option("--config", help="YAML preset (configs/...).")],
+    data: Annotated[Path, typer.Option("--data", help="Stage directory with manifest.jsonl (captioned images).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for weights, metrics and summary.")],
+    mlflow_run_id: Annotated[
+        str | None, typer.Option("--mlflow-run-id", help="Also log metrics to this MLflow run.")
+    ] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=10")] = None,
+) -> None:
+    """Train with the method named by train.method (1 process, or N under torchrun)."""
+    from sdtune.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    from sdtune.train import run
+
+    logger = None
+    if mlflow_run_id and int(os.environ.get("RANK", "0")) == 0:
+        from sdtune.tracking import MLflowLogger
+
+        logger = MLflowLogger(mlflow_run_id)
+    result = run(cfg, data, out, logger)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(
+            f"trained {result.steps} steps in {result.seconds:.1f}s ({result.steps_per_sec:.2f} steps/s), "
+            f"final loss {result.final_loss:.4f} → {out}"
+        )
+
+
+def evaluate_command(
+    config: Annotated[Path, typer.Option("--config", help="YAML preset (configs/...).")],
+    data: Annotated[Path, typer.Option("--data", help="Stage directory (holdout records are used for the loss).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: metrics.json, grid.png, samples/.")],
+    lora: Annotated[Path | None, typer.Option("--lora", help="Training output folder to evaluate.")] = None,
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="Base model (default: model.base from the config).")
+    ] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+) -> None:
+    """Held-out denoising loss, base vs tuned, and a labelled sample grid."""
+    from sdtune.config import load_config
+    from sdtune.evaluate import evaluate
+
+    cfg = load_config(config, overrides or [])
+    metrics = evaluate(cfg, base_model or cfg.model.base, lora, data, out)
+    typer.echo(json.dumps(metrics, indent=2, sort_keys=True))
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.add_typer(models_app, name="models")
+    app.command("train")(train_command)
+    app.command("evaluate")(evaluate_command)

@@ -1,0 +1,1 @@
+"""Pipeline composition only: imports kfp, kfp-kubernetes and components — never torch."""

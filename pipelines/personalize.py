@@ -1,0 +1,82 @@
+"""The personalisation pipeline: a handful of photos in, a fine-tuned, evaluated, registered model out.
+
+    start-run → ingest → preprocess → caption → train → evaluate → register      (exit handler: finish-run)
+
+Composition only: no ``sdtune`` core or torch imports here. The whole run configuration travels as one
+YAML string parameter, so the same compiled pipeline serves every preset.
+"""
+
+from kfp import dsl
+
+from components import (
+    caption_op,
+    evaluate_op,
+    finish_run_op,
+    ingest_op,
+    preprocess_op,
+    register_op,
+    start_run_op,
+    train_op,
+)
+from pipelines.cluster import apply_task_settings
+from sdtune.config import RunConfig  # pydantic only: the typed settings, never the torch-side core
+
+PIPELINE_NAME = "sdtune-personalize"
+
+
+def build_personalize_pipeline(cfg: RunConfig):
+    """Build the pipeline for one run config: its YAML is the default parameter, its cluster section sets
+    each task's resources, GPUs, secrets and retries (ignored by the local runner)."""
+
+    def step(task, name: str, display: str):
+        task.set_display_name(display)
+        # Every step logs to MLflow: a cache hit would skip the logging. Content-addressed caching is
+        # decided by sdtune itself (cache keys over input digests), not by KFP's default key.
+        task.set_caching_options(False)
+        return apply_task_settings(task, name, cfg)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune Stable Diffusion on a handful of photos.")
+    def personalize_pipeline(config: str = cfg.to_param()):
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        finish = step(finish_run_op(config=config, kfp_run_id=run_id), "finish_run", "Close MLflow run")
+        with dsl.ExitHandler(finish, name="tracked-run"):
+            parent = step(start_run_op(config=config, kfp_run_id=run_id), "start_run", "Open MLflow run")
+            parent_id = parent.output
+            ingest = step(ingest_op(config=config, parent_run_id=parent_id), "ingest", "Ingest")
+            preprocess = step(
+                preprocess_op(config=config, parent_run_id=parent_id, images=ingest.outputs["dataset"]),
+                "preprocess",
+                "Preprocess",
+            )
+            caption = step(
+                caption_op(config=config, parent_run_id=parent_id, images=preprocess.outputs["dataset"]),
+                "caption",
+                "Caption",
+            )
+            train = step(
+                train_op(config=config, parent_run_id=parent_id, dataset=caption.outputs["dataset"]),
+                "train",
+                "Train",
+            )
+            evaluate = step(
+                evaluate_op(
+                    config=config,
+                    parent_run_id=parent_id,
+                    dataset=caption.outputs["dataset"],
+                    model=train.outputs["model"],
+                ),
+                "evaluate",
+                "Evaluate",
+            )
+            step(
+                register_op(
+                    config=config,
+                    parent_run_id=parent_id,
+                    model=train.outputs["model"],
+                    evaluation=evaluate.outputs["evaluation"],
+                ),
+                "register",
+                "Register",
+            )
+
+    return personalize_pipeline

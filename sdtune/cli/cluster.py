@@ -1,0 +1,317 @@
+"""Cluster commands over the Kubeflow Pipelines API: submit, schedule (create/list/enable/disable/delete), status.
+
+kfp and ``pipelines`` are imported inside the commands only. Auth follows kfp.Client: ``--token``
+(existing_token), ``--cookie`` (e.g. the ``authservice_session`` cookie behind Dex/oauth2-proxy), a
+service-account token file (``KF_PIPELINES_SA_TOKEN_PATH``, refreshed on every call), or, with no
+``--host``, the in-cluster/kubeconfig discovery kfp.Client does itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from sdtune.cluster.errors import ClusterAuthError, ClusterError, ClusterUnreachableError
+from sdtune.config import RunConfig, load_config
+
+console = Console()
+
+HostOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--host",
+        envvar="KF_PIPELINES_ENDPOINT",
+        help="KFP API URL, e.g. https://kubeflow.example.com/pipeline.",
+    ),
+]
+NamespaceOpt = Annotated[
+    str | None, typer.Option("--namespace", help="Kubeflow profile namespace (multi-user installs).")
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", envvar="SDTUNE_KFP_TOKEN", help="Bearer token (kfp.Client existing_token)."),
+]
+CookieOpt = Annotated[
+    str | None,
+    typer.Option("--cookie", envvar="SDTUNE_KFP_COOKIE", help="Cookie header, e.g. 'authservice_session=…'."),
+]
+CaCertOpt = Annotated[
+    Path | None, typer.Option("--ssl-ca-cert", help="CA bundle for a private TLS endpoint.")
+]
+ExperimentOpt = Annotated[
+    str | None, typer.Option("--experiment", help="KFP experiment (default: tracking.experiment).")
+]
+OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value config overrides.")]
+
+
+def _compile(cfg: RunConfig, out_path: Path) -> Path:
+    """Compile the pipeline for ``cfg`` (tests replace this with a stand-in pipeline)."""
+    try:
+        from pipelines.compile import compile_pipeline
+    except ImportError as exc:
+        raise ClusterError(f"cannot compile the pipeline: {exc}") from None
+    return compile_pipeline(cfg, out_path)
+
+
+def _probe(host: str, token: str | None, cookie: str | None, ca_cert: Path | None) -> None:
+    """One quick healthz request, so a wrong host or missing login is one clear line, not kfp's 5 retries."""
+    import ssl
+
+    req = urllib.request.Request(
+        host.rstrip("/") + "/apis/v2beta1/healthz", headers={"Accept": "application/json"}
+    )
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if cookie:
+        req.add_header("Cookie", cookie)
+    context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
+    try:
+        with urllib.request.urlopen(req, timeout=15, context=context) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise ClusterAuthError(
+                f"{host}: HTTP {exc.code}; pass --token or --cookie, or set KF_PIPELINES_SA_TOKEN_PATH"
+            ) from None
+        raise ClusterError(f"{host}: healthz answered HTTP {exc.code} (is this the KFP API URL?)") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ClusterUnreachableError(f"cannot reach KFP at {host}: {reason}") from None
+    try:
+        json.loads(body)
+    except ValueError:  # e.g. an auth proxy's HTML login page after redirects
+        raise ClusterAuthError(
+            f"{host} answered with a non-JSON page (a login page?); pass --cookie or --token"
+        ) from None
+
+
+def _client(
+    host: str | None, namespace: str | None, token: str | None, cookie: str | None, ca_cert: Path | None
+):
+    import kfp
+
+    if host:
+        _probe(host, token, cookie, ca_cert)
+    kwargs: dict[str, Any] = {
+        "host": host,
+        "existing_token": token,
+        "cookies": cookie,
+        "ssl_ca_cert": str(ca_cert) if ca_cert else None,
+    }
+    if namespace:
+        kwargs["namespace"] = namespace
+    token_path = os.environ.get("KF_PIPELINES_SA_TOKEN_PATH")
+    if token_path and not token:
+        # kfp.Client uses this file only when it discovers the host itself; pass it for --host too.
+        from kfp.client import ServiceAccountTokenVolumeCredentials
+
+        kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=token_path)
+    with _api_errors(host or "the KFP API"):
+        return kfp.Client(**kwargs)
+
+
+@contextmanager
+def _api_errors(host: str) -> Iterator[None]:
+    """Turn transport and API errors from kfp into one-line sdtune errors."""
+    import urllib3
+
+    try:
+        yield
+    except urllib3.exceptions.HTTPError as exc:
+        raise ClusterUnreachableError(f"cannot reach KFP at {host}: {exc.__class__.__name__}") from None
+    except Exception as exc:
+        status = getattr(exc, "status", None)
+        if status in (401, 403):
+            raise ClusterAuthError(
+                f"{host}: HTTP {status}; check --token/--cookie/KF_PIPELINES_SA_TOKEN_PATH"
+            ) from None
+        if status is not None:
+            raise ClusterError(f"KFP API HTTP {status}: {_api_message(exc)}") from None
+        raise
+
+
+def _api_message(exc: Exception) -> str:
+    body = getattr(exc, "body", None) or ""
+    try:
+        return json.loads(body).get("message") or str(getattr(exc, "reason", ""))
+    except (ValueError, AttributeError):
+        return str(getattr(exc, "reason", "")) or str(body)[:200]
+
+
+def _run_url(client: Any, run_id: str) -> str:
+    return f"{client._get_url_prefix()}/#/runs/details/{run_id}"
+
+
+def _compiled(cfg: RunConfig, tmp: str) -> str:
+    return str(_compile(cfg, Path(tmp) / "pipeline.yaml"))
+
+
+def submit_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config YAML.")],
+    overrides: OverridesArg = None,
+    host: HostOpt = None,
+    experiment: ExperimentOpt = None,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="Default: the config's name.")] = None,
+    namespace: NamespaceOpt = None,
+    token: TokenOpt = None,
+    cookie: CookieOpt = None,
+    ssl_ca_cert: CaCertOpt = None,
+) -> None:
+    """Compile the pipeline for CONFIG and start one run on the cluster; prints the run URL."""
+    cfg = load_config(config, overrides or [])
+    client = _client(host, namespace, token, cookie, ssl_ca_cert)
+    with tempfile.TemporaryDirectory() as tmp, _api_errors(host or "the KFP API"):
+        result = client.create_run_from_pipeline_package(
+            _compiled(cfg, tmp),
+            arguments={},
+            run_name=run_name or cfg.name,
+            experiment_name=experiment or cfg.tracking.experiment,
+            namespace=namespace,
+            service_account=cfg.cluster.service_account,
+        )
+    console.print(f"run {result.run_id}: {_run_url(client, result.run_id)}", highlight=False, soft_wrap=True)
+
+
+def schedule_create_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config YAML.")],
+    overrides: OverridesArg = None,
+    cron: Annotated[
+        str, typer.Option("--cron", help="6-field cron (seconds first), e.g. '0 0 3 * * *'.")
+    ] = "0 0 3 * * *",
+    host: HostOpt = None,
+    experiment: ExperimentOpt = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Schedule name (default: <config name>-schedule).")
+    ] = None,
+    max_concurrency: Annotated[int, typer.Option("--max-concurrency", min=1)] = 1,
+    catchup: Annotated[
+        bool, typer.Option("--catchup/--no-catchup", help="Backfill missed intervals when re-enabled.")
+    ] = False,
+    paused: Annotated[bool, typer.Option("--paused", help="Create it disabled.")] = False,
+    namespace: NamespaceOpt = None,
+    token: TokenOpt = None,
+    cookie: CookieOpt = None,
+    ssl_ca_cert: CaCertOpt = None,
+) -> None:
+    """Create a recurring run of CONFIG (no catch-up and one run at a time unless told otherwise)."""
+    if len(cron.split()) != 6:
+        raise ClusterError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 3 * * *'")
+    cfg = load_config(config, overrides or [])
+    client = _client(host, namespace, token, cookie, ssl_ca_cert)
+    with tempfile.TemporaryDirectory() as tmp, _api_errors(host or "the KFP API"):
+        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=namespace)
+        job = client.create_recurring_run(
+            experiment_id=exp.experiment_id,
+            job_name=name or f"{cfg.name}-schedule",
+            cron_expression=cron,
+            max_concurrency=max_concurrency,
+            no_catchup=not catchup,
+            enabled=not paused,
+            pipeline_package_path=_compiled(cfg, tmp),
+            service_account=cfg.cluster.service_account,
+        )
+    state = "paused" if paused else "enabled"
+    console.print(f"recurring run {job.recurring_run_id} ({state}, cron '{cron}')", highlight=False)
+
+
+def schedule_list_cmd(
+    host: HostOpt = None,
+    experiment: ExperimentOpt = None,
+    namespace: NamespaceOpt = None,
+    token: TokenOpt = None,
+    cookie: CookieOpt = None,
+    ssl_ca_cert: CaCertOpt = None,
+) -> None:
+    """List recurring runs (id, status, cron, name)."""
+    client = _client(host, namespace, token, cookie, ssl_ca_cert)
+    with _api_errors(host or "the KFP API"):
+        exp_id = (
+            client.get_experiment(experiment_name=experiment, namespace=namespace).experiment_id
+            if experiment
+            else None
+        )
+        resp = client.list_recurring_runs(experiment_id=exp_id, namespace=namespace, page_size=100)
+    for job in resp.recurring_runs or []:
+        cron = (job.trigger.cron_schedule.cron if job.trigger and job.trigger.cron_schedule else "") or ""
+        console.print(
+            f"{job.recurring_run_id}  {job.status or '?':<8}  {cron:<16}  {job.display_name}", highlight=False
+        )
+
+
+def _schedule_action(action: str):
+    def command(
+        recurring_run_id: Annotated[
+            str, typer.Argument(help="Recurring run id (see `sdtune schedule list`).")
+        ],
+        host: HostOpt = None,
+        namespace: NamespaceOpt = None,
+        token: TokenOpt = None,
+        cookie: CookieOpt = None,
+        ssl_ca_cert: CaCertOpt = None,
+    ) -> None:
+        client = _client(host, namespace, token, cookie, ssl_ca_cert)
+        with _api_errors(host or "the KFP API"):
+            getattr(client, f"{action}_recurring_run")(recurring_run_id)
+        console.print(f"recurring run {recurring_run_id}: {action}d", highlight=False)
+
+    command.__doc__ = f"{action.capitalize()} a recurring run."
+    return command
+
+
+def status_cmd(
+    run_id: Annotated[str, typer.Argument(help="KFP run id (printed by `sdtune submit`).")],
+    host: HostOpt = None,
+    namespace: NamespaceOpt = None,
+    token: TokenOpt = None,
+    cookie: CookieOpt = None,
+    ssl_ca_cert: CaCertOpt = None,
+) -> None:
+    """Show a run's state, times and failed tasks."""
+    client = _client(host, namespace, token, cookie, ssl_ca_cert)
+    with _api_errors(host or "the KFP API"):
+        run = client.get_run(run_id)
+    console.print(f"{run.display_name}: {run.state}", highlight=False)
+    console.print(f"  created {run.created_at}  finished {run.finished_at or '-'}", highlight=False)
+    if run.error and run.error.message:
+        console.print(f"  error: {run.error.message}", highlight=False)
+    details = run.run_details.task_details if run.run_details else None
+    for task in details or []:
+        if task.state in ("FAILED", "CANCELED"):
+            console.print(f"  task {task.display_name}: {task.state}", highlight=False)
+    console.print(f"  {_run_url(client, run_id)}", highlight=False, soft_wrap=True)
+
+
+class _DefaultCreateGroup(TyperGroup):
+    """`sdtune schedule CONFIG …` means `sdtune schedule create CONFIG …`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["create", *args]
+        return super().parse_args(ctx, args)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("submit")(submit_cmd)
+    app.command("status")(status_cmd)
+    schedule = typer.Typer(
+        cls=_DefaultCreateGroup,
+        no_args_is_help=True,
+        help="Recurring runs: `schedule CONFIG --cron …` creates one; list/enable/disable/delete.",
+    )
+    schedule.command("create")(schedule_create_cmd)
+    schedule.command("list")(schedule_list_cmd)
+    for action in ("enable", "disable", "delete"):
+        schedule.command(action)(_schedule_action(action))
+    app.add_typer(schedule, name="schedule")

@@ -1,0 +1,306 @@
+"""Render Kubeflow Trainer v2 TrainJobs and Training Operator v1 PyTorchJobs as plain dicts.
+
+The dicts are what the launcher creates and what tests/tools validate against the CRD schemas in
+``shared/schemas``; nothing here talks to a cluster. Both kinds get the same pod hardening: sidecar
+injection off (an Istio sidecar keeps a finished training pod alive forever), a memory-backed /dev/shm
+(NCCL and DataLoader workers outgrow the 64 MiB default), non-root, no privilege escalation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"
+PYTORCHJOB_API = "kubeflow.org/v1"
+GPU_RESOURCE = "nvidia.com/gpu"
+SHM_VOLUME = "dshm"
+RUN_ID_LABEL = "sdtune.io/run-id"
+ATTEMPT_LABEL = "sdtune.io/attempt"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "sdtune"}
+NO_SIDECAR = {"sidecar.istio.io/inject": "false"}
+# Keys of the sdtune-env ConfigMap (manifests/base) that training pods need; optional so a missing key
+# does not block the pod.
+CONFIG_MAP_KEYS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD",
+)
+UID = 1000  # the non-root user of images/*/Dockerfile
+
+
+def job_name(run_id: str, attempt: int = 0, prefix: str = "sdtune") -> str:
+    """Deterministic RFC 1035 name from the run id and attempt, short enough for derived pod hostnames.
+
+    JobSet/PyTorchJob derive pod and Service names from it (``<name>-node-0-0``, ``<name>-master-0``),
+    which must stay DNS labels (≤ 63 chars), so the name is capped at 40.
+    """
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    slug = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")[:16].strip("-")
+    parts = [prefix, slug, digest, f"a{attempt}"]
+    return "-".join(p for p in parts if p)[:40].rstrip("-")
+
+
+def label_value(text: str) -> str:
+    """A string squeezed into a valid label value (≤ 63, alnum at both ends)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:63].strip("-_.")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything the two renderers need; built from ``ClusterConfig`` by :func:`spec_from_config`."""
+
+    name: str
+    namespace: str
+    image: str
+    args: list[str]  # after ``torchrun``: e.g. ["-m", "sdtune.cli", "train", ...]
+    run_id: str = ""
+    attempt: int = 0
+    num_nodes: int = 1
+    procs_per_node: int = 8
+    gpus_per_node: int = 8
+    cpu_request: str = "8"
+    cpu_limit: str = "16"
+    memory_request: str = "64Gi"
+    memory_limit: str = "96Gi"
+    shm_size: str = "16Gi"
+    env: list[dict[str, Any]] = field(default_factory=list)
+    secrets: list[tuple[str, dict[str, str], bool]] = field(
+        default_factory=list
+    )  # (name, {ENV: key}, optional)
+    config_map: str | None = "sdtune-env"
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    trainjob_runtime: str = "torch-distributed"
+    timeout_s: int | None = None
+
+
+def spec_from_config(
+    cfg: Any, *, run_id: str, attempt: int, image: str, args: list[str], namespace: str
+) -> JobSpec:
+    """Map a ``RunConfig`` (its ``cluster`` and ``train`` sections) to a :class:`JobSpec`."""
+    cl = cfg.cluster
+    res = cl.steps.train
+    tolerations = [t.model_dump(exclude_none=True) for t in [*cl.tolerations, *cl.gpu_tolerations]]
+    return JobSpec(
+        name=job_name(run_id, attempt),
+        namespace=namespace,
+        image=image,
+        args=list(args),
+        run_id=run_id,
+        attempt=attempt,
+        num_nodes=cl.num_nodes,
+        procs_per_node=cfg.train.num_processes,
+        gpus_per_node=cl.gpus_per_node,
+        cpu_request=res.cpu_request,
+        cpu_limit=res.cpu_limit,
+        memory_request=res.memory_request,
+        memory_limit=res.memory_limit,
+        shm_size=cl.shm_size,
+        secrets=[(s.name, dict(s.env), s.optional) for s in cl.secrets],
+        config_map=cl.config_map,
+        node_selector={**cl.node_selector, **cl.gpu_node_selector},
+        tolerations=tolerations,
+        trainjob_runtime=cl.trainjob_runtime,
+        timeout_s=cl.job_timeout_s,
+    )
+
+
+def _metadata(spec: JobSpec) -> dict[str, Any]:
+    labels = {**MANAGED_BY, ATTEMPT_LABEL: str(spec.attempt)}
+    if spec.run_id:
+        labels[RUN_ID_LABEL] = label_value(spec.run_id)
+    meta: dict[str, Any] = {"name": spec.name, "namespace": spec.namespace, "labels": labels}
+    if spec.run_id:
+        meta["annotations"] = {RUN_ID_LABEL: spec.run_id}
+    return meta
+
+
+def _resources(spec: JobSpec) -> dict[str, dict[str, Any]]:
+    requests: dict[str, Any] = {"cpu": spec.cpu_request, "memory": spec.memory_request}
+    limits: dict[str, Any] = {"cpu": spec.cpu_limit, "memory": spec.memory_limit}
+    if spec.gpus_per_node:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = spec.gpus_per_node
+    return {"requests": requests, "limits": limits}
+
+
+def _env(spec: JobSpec) -> list[dict[str, Any]]:
+    env = [dict(e) for e in spec.env]
+    for name, mapping, optional in spec.secrets:
+        for env_name, key in mapping.items():
+            ref = {"name": name, "key": key, "optional": optional}
+            env.append({"name": env_name, "valueFrom": {"secretKeyRef": ref}})
+    if spec.config_map:
+        for key in CONFIG_MAP_KEYS:
+            ref = {"name": spec.config_map, "key": key, "optional": True}
+            env.append({"name": key, "valueFrom": {"configMapKeyRef": ref}})
+    return env
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "fsGroup": UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    # Root filesystem stays writable: torch/triton compile caches and HF caches write under $HOME.
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _shm_volume(spec: JobSpec) -> dict[str, Any]:
+    return {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}
+
+
+def _shm_mount() -> dict[str, Any]:
+    return {"name": SHM_VOLUME, "mountPath": "/dev/shm"}
+
+
+def render_trainjob(spec: JobSpec) -> dict[str, Any]:
+    """A TrainJob on the ``torch-distributed`` ClusterTrainingRuntime.
+
+    The runtime's torch plugin sets PET_NNODES/PET_NPROC_PER_NODE/PET_NODE_RANK/PET_MASTER_ADDR, which
+    ``torchrun`` reads, so the command carries no rendezvous flags. Pod-level settings go through
+    ``runtimePatches`` (the v2.3 replacement of podSpecOverrides) onto the runtime's ``node`` job.
+    """
+    pod_spec: dict[str, Any] = {
+        "securityContext": _pod_security(),
+        "volumes": [_shm_volume(spec)],
+        "containers": [
+            {"name": "node", "volumeMounts": [_shm_mount()], "securityContext": _container_security()}
+        ],
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    job: dict[str, Any] = {
+        "apiVersion": TRAINJOB_API,
+        "kind": "TrainJob",
+        "metadata": _metadata(spec),
+        "spec": {
+            "runtimeRef": {
+                "name": spec.trainjob_runtime,
+                "kind": "ClusterTrainingRuntime",
+                "apiGroup": "trainer.kubeflow.org",
+            },
+            "trainer": {
+                "image": spec.image,
+                "command": ["torchrun"],
+                "args": list(spec.args),
+                "numNodes": spec.num_nodes,
+                "numProcPerNode": int(spec.procs_per_node),  # an integer in v2 (a string in PyTorchJob v1)
+                "resourcesPerNode": _resources(spec),
+                "env": _env(spec),
+            },
+            "runtimePatches": [
+                {
+                    "manager": "sdtune.io/launcher",
+                    "trainingRuntimeSpec": {
+                        "template": {
+                            "spec": {
+                                "replicatedJobs": [
+                                    {
+                                        "name": "node",
+                                        "template": {
+                                            "spec": {
+                                                "template": {
+                                                    "metadata": {
+                                                        "labels": dict(NO_SIDECAR),
+                                                        "annotations": dict(NO_SIDECAR),
+                                                    },
+                                                    "spec": pod_spec,
+                                                }
+                                            }
+                                        },
+                                    }
+                                ]
+                            }
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    if spec.timeout_s:
+        job["spec"]["activeDeadlineSeconds"] = spec.timeout_s
+    return job
+
+
+def _pytorch_replica(spec: JobSpec, replicas: int) -> dict[str, Any]:
+    container = {
+        "name": "pytorch",  # the operator finds the training container by this name
+        "image": spec.image,
+        "command": ["torchrun"],
+        # Explicit rendezvous: operator versions differ in which PET_* vars they set, but all set
+        # MASTER_ADDR/MASTER_PORT and RANK (the pod's node rank), expanded here by the kubelet.
+        "args": [
+            f"--nnodes={spec.num_nodes}",
+            f"--nproc-per-node={spec.procs_per_node}",
+            "--node-rank=$(RANK)",
+            "--master-addr=$(MASTER_ADDR)",
+            "--master-port=$(MASTER_PORT)",
+            *spec.args,
+        ],
+        "env": _env(spec),
+        "resources": _resources(spec),
+        "volumeMounts": [_shm_mount()],
+        "securityContext": _container_security(),
+    }
+    pod_spec: dict[str, Any] = {
+        "securityContext": _pod_security(),
+        "automountServiceAccountToken": False,  # training code never talks to the API server
+        "volumes": [_shm_volume(spec)],
+        "containers": [container],
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    return {
+        "replicas": replicas,
+        "restartPolicy": "Never",  # a failed rank fails the job; KFP's retry starts a new attempt
+        "template": {
+            "metadata": {"labels": dict(NO_SIDECAR), "annotations": dict(NO_SIDECAR)},
+            "spec": pod_spec,
+        },
+    }
+
+
+def render_pytorchjob(spec: JobSpec) -> dict[str, Any]:
+    """A PyTorchJob (Training Operator v1) with one Master and ``num_nodes - 1`` Workers."""
+    replicas = {"Master": _pytorch_replica(spec, 1)}
+    if spec.num_nodes > 1:
+        replicas["Worker"] = _pytorch_replica(spec, spec.num_nodes - 1)
+    run_policy: dict[str, Any] = {
+        "backoffLimit": 0,
+        "cleanPodPolicy": "None",  # keep finished pods so logs and exit codes stay readable
+    }
+    if spec.timeout_s:
+        run_policy["activeDeadlineSeconds"] = spec.timeout_s
+    return {
+        "apiVersion": PYTORCHJOB_API,
+        "kind": "PyTorchJob",
+        "metadata": _metadata(spec),
+        "spec": {
+            "nprocPerNode": str(spec.procs_per_node),  # a STRING in v1 ("auto", "gpu" or a number)
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def render(kind: str, spec: JobSpec) -> dict[str, Any]:
+    """``kind`` is ``trainjob`` or ``pytorchjob`` (the ``cluster.launcher`` values)."""
+    renderers = {"trainjob": render_trainjob, "pytorchjob": render_pytorchjob}
+    if kind not in renderers:
+        raise ValueError(f"no job renderer for launcher {kind!r}")
+    return renderers[kind](spec)

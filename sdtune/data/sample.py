@@ -1,0 +1,125 @@
+"""A small, deterministic sample dataset: one recognisable toy robot, drawn with PIL, no download.
+
+The robot has a fixed, distinctive look (orange body, teal head, yellow eyes, red antenna ball, purple arms,
+a white star on the chest) and each picture varies pose, scale, position, rotation and background, like the
+photos of a subject a user would bring. The files also exercise ingest: mixed sizes (several below 512 px,
+so preprocessing upscales), JPEG/PNG/WebP, one JPEG stored sideways with an EXIF orientation tag, and one
+sidecar caption. Same ``seed`` → same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+ORANGE, TEAL, YELLOW, RED = (255, 122, 26), (31, 181, 168), (255, 212, 0), (224, 32, 58)
+PURPLE, DARK, WHITE = (106, 63, 181), (45, 45, 55), (250, 250, 250)
+
+SIZES = [(640, 640), (384, 384), (800, 600), (300, 400), (512, 512), (720, 960),
+         (448, 448), (1024, 768), (352, 352), (600, 800), (480, 480), (900, 900)]  # fmt: skip
+EXIF_INDEX = 3  # stored sideways, upright only after EXIF transpose
+SIDECAR_INDEX = 0
+SIDECAR_CAPTION = "a photo of sks toy robot waving, studio background"
+
+
+def draw_robot(size: int, rng: random.Random) -> Image.Image:
+    """The subject on a transparent ``size``×``size`` layer, with a random pose."""
+    layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    d = ImageDraw.Draw(layer)
+    s = size / 100  # draw in a 100×100 design space
+    box = lambda x0, y0, x1, y1: [x0 * s, y0 * s, x1 * s, y1 * s]  # noqa: E731
+    # Arms first (behind the body): purple bars from the shoulders at a random angle each, with claws.
+    for side, shoulder_x in ((-1, 30), (1, 70)):
+        angle = math.radians(rng.uniform(-60, 70))
+        hand = (shoulder_x + side * 22 * math.cos(angle), 45 - 22 * math.sin(angle))
+        d.line([shoulder_x * s, 45 * s, hand[0] * s, hand[1] * s], fill=PURPLE, width=int(6 * s))
+        d.ellipse(box(hand[0] - 4, hand[1] - 4, hand[0] + 4, hand[1] + 4), fill=PURPLE)
+    # Legs and wheels.
+    for x in (38, 62):
+        d.rectangle(box(x - 4, 70, x + 4, 84), fill=DARK)
+        d.ellipse(box(x - 7, 82, x + 7, 94), fill=DARK)
+    d.rounded_rectangle(box(28, 38, 72, 74), radius=6 * s, fill=ORANGE, outline=DARK, width=int(1.5 * s))
+    _star(d, 50 * s, 56 * s, 8 * s, WHITE)
+    # Head: teal with yellow eyes; the pupils look in a random direction.
+    d.line([50 * s, 8 * s, 50 * s, 18 * s], fill=DARK, width=int(2 * s))
+    d.ellipse(box(45, 3, 55, 13), fill=RED)
+    d.rounded_rectangle(box(32, 16, 68, 40), radius=5 * s, fill=TEAL, outline=DARK, width=int(1.5 * s))
+    look = rng.uniform(-2, 2)
+    for x in (42, 58):
+        d.ellipse(box(x - 6, 22, x + 6, 34), fill=YELLOW)
+        d.ellipse(box(x - 2.5 + look, 25.5, x + 2.5 + look, 30.5), fill=DARK)
+    return layer
+
+
+def _star(d: ImageDraw.ImageDraw, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
+    points = []
+    for k in range(10):
+        radius = r if k % 2 == 0 else r * 0.45
+        a = math.pi / 2 + k * math.pi / 5
+        points.append((cx + radius * math.cos(a), cy - radius * math.sin(a)))
+    d.polygon(points, fill=fill)
+
+
+def render_scene(index: int, seed: int = 0) -> Image.Image:
+    """Picture ``index``: background gradient + floor, the robot scaled, rotated and placed at random."""
+    rng = random.Random(seed * 100_003 + index)
+    width, height = SIZES[index % len(SIZES)]
+    top = tuple(rng.randrange(60, 240) for _ in range(3))
+    bottom = tuple(rng.randrange(20, 200) for _ in range(3))
+    scene = Image.new("RGB", (width, height))
+    d = ImageDraw.Draw(scene)
+    for y in range(height):
+        t = y / max(height - 1, 1)
+        d.line([0, y, width, y], fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bottom, strict=True)))
+    floor_y = int(height * rng.uniform(0.6, 0.85))
+    d.rectangle([0, floor_y, width, height], fill=tuple(c // 2 for c in bottom))
+    for _ in range(rng.randrange(2, 6)):  # a little clutter, so backgrounds differ in structure too
+        x, y, r = rng.randrange(width), rng.randrange(height), rng.randrange(10, max(11, width // 8))
+        d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.randrange(256) for _ in range(3)))
+    size = int(min(width, height) * rng.uniform(0.45, 0.85))
+    robot = draw_robot(size, rng).rotate(rng.uniform(-25, 25), resample=Image.Resampling.BICUBIC, expand=True)
+    x = rng.randrange(0, max(1, width - robot.width))
+    y = rng.randrange(0, max(1, min(height - robot.height, floor_y - robot.height // 2)))
+    scene.paste(robot, (x, y), robot)
+    return scene
+
+
+def write_sample_dataset(out_dir: Path, count: int = 12, seed: int = 0) -> list[Path]:
+    """Write ``count`` pictures of the robot (+ one sidecar caption) to ``out_dir``; return the image paths."""
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        image = render_scene(i, seed)
+        if i == EXIF_INDEX:
+            path = out_dir / f"robot_{i:02d}.jpg"
+            path.write_bytes(_sideways_jpeg(image))
+        elif i % 4 == 2:
+            path = out_dir / f"robot_{i:02d}.webp"
+            image.save(path, format="WEBP", lossless=True)
+        elif i % 2 == 0:
+            path = out_dir / f"robot_{i:02d}.png"
+            image.save(path, format="PNG")
+        else:
+            path = out_dir / f"robot_{i:02d}.jpg"
+            image.save(path, format="JPEG", quality=92)
+        if i == SIDECAR_INDEX:
+            path.with_suffix(".txt").write_text(SIDECAR_CAPTION + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def _sideways_jpeg(upright: Image.Image) -> bytes:
+    """As a phone stores a portrait shot: pixels rotated, EXIF Orientation=6 says how to display them."""
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # Orientation 6 undoes this with ROTATE_270
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=92, exif=exif)
+    return buf.getvalue()

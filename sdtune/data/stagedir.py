@@ -1,0 +1,64 @@
+"""Output-directory handling shared by the stages: where files may be written, and re-runs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from pathlib import Path
+
+from PIL import Image
+
+from sdtune.errors import DatasetError
+from sdtune.manifest import MANIFEST_NAME, REPORT_NAME, Record
+
+MARKER = ".sdtune-stage"  # written first: a folder holding it was made by a stage, even one that failed
+GENERATED = re.compile(r"\d{6}\.png")
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """Create ``out_dir``; a previous run of a stage there is removed, anything else there is refused.
+
+    Only folders marked as stage output are cleaned, and only of the files a stage writes, so a mistyped
+    ``--out ~`` (or a folder of someone's ``000001.png`` frames) is never touched.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"--out {out_dir} exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / MARKER).is_file():
+        for path in out_dir.iterdir():
+            if GENERATED.fullmatch(path.name) or path.name in (MANIFEST_NAME, REPORT_NAME):
+                path.unlink()
+    leftovers = sorted(p.name for p in out_dir.iterdir() if p.name != MARKER)
+    if leftovers:
+        raise DatasetError(
+            f"--out {out_dir} is not empty (holds {leftovers[0]!r}); use a new or empty folder"
+        )
+    (out_dir / MARKER).write_text("written by sdtune; files here are replaced on the next run\n")
+    return out_dir
+
+
+def safe_child(stage_dir: Path, name: str) -> Path:
+    """``stage_dir / name``, refusing names that leave the stage directory (a tampered manifest)."""
+    path = (stage_dir / name).resolve()
+    if not path.is_relative_to(Path(stage_dir).resolve()) or path == Path(stage_dir).resolve():
+        raise DatasetError(f"{stage_dir}: manifest names a file outside the stage directory: {name!r}")
+    return path
+
+
+def write_png(image: Image.Image, path: Path) -> str:
+    """Write ``image`` as a metadata-free PNG (lossless, deterministic bytes); return the file's sha256."""
+    image.info = {}  # otherwise Pillow copies the source's ICC/EXIF chunks into the output
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=6)
+    data = buf.getvalue()
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_record_image(stage_dir: Path, record: Record) -> Image.Image:
+    path = safe_child(stage_dir, record.file)
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")

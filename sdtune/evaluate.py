@@ -1,0 +1,214 @@
+"""Evaluate a training run against its base model: held-out denoising loss and a labelled sample grid.
+
+``evaluate(cfg, base_model, lora_dir, data_dir, out_dir)``:
+
+- **Loss.** For the held-out records (``split == "holdout"``; the train records when there are none, which
+  ``metrics.json`` says under ``loss_split``), the denoising MSE of base and tuned UNet at the fixed seeds
+  ``evaluate.loss_seeds`` and timesteps ``evaluate.loss_timesteps``, conditioned on the trigger prompt
+  ("a photo of {trigger} {class_noun}") and on the class prompt ("a photo of {class_noun}"). The same
+  noise is used for both models. Keys: ``loss_{base,tuned}_{trigger,class}`` and ``loss_delta_{trigger,class}``
+  (tuned − base; negative means the tuned model denoises the subject better). A healthy run lowers the
+  trigger loss a lot more than the class loss (the class prompt drifting too is "language drift").
+- **Samples.** ``evaluate.prompts`` × ``evaluate.seeds`` for the base model (top row) and the tuned model
+  (bottom row), same seeds per column: ``samples/{base,tuned}/p{i}_s{seed}.png`` and ``grid.png``.
+
+``lora_dir`` is a training output folder: a LoRA (``pytorch_lora_weights.safetensors``), textual-inversion
+embeddings (``learned_embeds.safetensors``), both, or a full diffusers pipeline (``model_index.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from sdtune.config import RunConfig
+from sdtune.manifest import read_manifest
+from sdtune.models.loading import SDComponents, load_pipeline
+from sdtune.train import data as D
+from sdtune.train.losses import diffusion_loss, prediction_target
+
+TRIGGER_PROMPT = "a photo of {trigger} {class_noun}"
+CLASS_PROMPT = "a photo of {class_noun}"
+
+
+def evaluate(
+    cfg: RunConfig, base_model: str, lora_dir: Path | None, data_dir: Path, out_dir: Path
+) -> dict[str, float]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _eval_dtype(cfg, device)
+
+    records = [r for r in read_manifest(data_dir) if r.split == "holdout"]
+    loss_split = "holdout"
+    if not records:
+        records, loss_split = [r for r in read_manifest(data_dir) if r.split == "train"], "train"
+    prompts = {"trigger": cfg.format_prompt(TRIGGER_PROMPT), "class": cfg.format_prompt(CLASS_PROMPT)}
+
+    pipe = load_pipeline(cfg, base_model, torch_dtype=dtype).to(device)
+    metrics: dict[str, float] = {}
+    rows: dict[str, list[Image.Image]] = {}
+    latents = _encode_latents(pipe, records, data_dir, cfg, device)
+    for name, value in _denoising_losses(pipe, latents, prompts, cfg, device).items():
+        metrics[f"loss_base_{name}"] = value
+    rows["base"] = _samples(pipe, cfg, device, out_dir / "samples" / "base")
+
+    if lora_dir is not None:
+        pipe = _load_tuned(pipe, cfg, Path(lora_dir), dtype).to(device)
+        for name, value in _denoising_losses(pipe, latents, prompts, cfg, device).items():
+            metrics[f"loss_tuned_{name}"] = value
+            metrics[f"loss_delta_{name}"] = value - metrics[f"loss_base_{name}"]
+        rows["tuned"] = _samples(pipe, cfg, device, out_dir / "samples" / "tuned")
+
+    metrics["loss_records"] = float(len(records))
+    metrics["loss_on_train_records"] = float(loss_split == "train")
+    labels = [
+        f"{cfg.format_prompt(p)} | seed {s}" for p in cfg.evaluate.prompts for s in cfg.evaluate.seeds
+    ]
+    make_grid(rows, labels).save(out_dir / "grid.png")
+    info: dict[str, Any] = {
+        **metrics,
+        "loss_split": loss_split,
+        "loss_prompts": prompts,
+        "base_model": str(base_model),
+        "tuned": str(lora_dir) if lora_dir is not None else None,
+    }
+    if loss_split == "train":
+        info["note"] = "no holdout records: the loss is measured on training images (optimistic)"
+    (out_dir / "metrics.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return metrics
+
+
+def _eval_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
+
+
+def _components(pipe) -> SDComponents:
+    return SDComponents(
+        source="",
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        noise_scheduler=pipe.scheduler,
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+    )
+
+
+@torch.no_grad()
+def _encode_latents(pipe, records, data_dir: Path, cfg: RunConfig, device) -> torch.Tensor:
+    """Deterministic latents (the distribution's mean) of the loss images, scaled for the UNet."""
+    pixels = torch.stack([D.load_image(Path(data_dir) / r.file, cfg.preprocess.resolution) for r in records])
+    vae = pipe.vae
+    means = [vae.encode(pixels[i : i + 8].to(device, vae.dtype)).latent_dist.mean for i in range(0, len(pixels), 8)]
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((torch.cat(means).float() - shift) * vae.config.scaling_factor).to(device)
+
+
+@torch.no_grad()
+def _denoising_losses(pipe, latents: torch.Tensor, prompts: dict[str, str], cfg: RunConfig, device) -> dict[str, float]:
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = scheduler.config.prediction_type
+    num_t = scheduler.config.num_train_timesteps
+    timesteps = sorted({min(max(int(t), 0), num_t - 1) for t in cfg.evaluate.loss_timesteps})
+    parts = _components(pipe)
+    n = latents.shape[0]
+    out: dict[str, float] = {}
+    for name, prompt in prompts.items():
+        cond = D.encode_prompts(parts, [prompt], device, cfg.preprocess.resolution)
+        kwargs: dict[str, Any] = {"encoder_hidden_states": cond["prompt_embeds"].repeat(n, 1, 1).to(pipe.unet.dtype)}
+        if "pooled_embeds" in cond:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": cond["pooled_embeds"].repeat(n, 1).to(pipe.unet.dtype),
+                "time_ids": cond["time_ids"].repeat(n, 1).to(pipe.unet.dtype),
+            }
+        total = 0.0
+        for seed in cfg.evaluate.loss_seeds:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            noise = torch.randn(latents.shape, generator=gen).to(device)
+            for t in timesteps:
+                tt = torch.full((n,), t, device=device, dtype=torch.long)
+                noisy = scheduler.add_noise(latents, noise, tt)
+                pred = pipe.unet(noisy.to(pipe.unet.dtype), tt, **kwargs).sample
+                target = prediction_target(scheduler, latents, noise, tt, prediction_type)
+                total += float(diffusion_loss(pred, target).mean())
+        out[name] = total / (len(cfg.evaluate.loss_seeds) * len(timesteps))
+    return out
+
+
+def _load_tuned(pipe, cfg: RunConfig, tuned_dir: Path, dtype: torch.dtype):
+    """Apply a training output to the base pipeline (or load it whole, for a full fine-tune)."""
+    if (tuned_dir / "model_index.json").is_file():
+        return load_pipeline(cfg, str(tuned_dir), torch_dtype=dtype)
+    found = False
+    embeds = tuned_dir / "learned_embeds.safetensors"
+    if embeds.is_file():
+        pipe.load_textual_inversion(str(embeds))
+        found = True
+    if (tuned_dir / "pytorch_lora_weights.safetensors").is_file():
+        pipe.load_lora_weights(str(tuned_dir))
+        found = True
+    if not found:
+        from sdtune.errors import SdtuneError
+
+        raise SdtuneError(f"{tuned_dir}: no LoRA, embeddings or pipeline to evaluate")
+    return pipe
+
+
+@torch.no_grad()
+def _samples(pipe, cfg: RunConfig, device, folder: Path) -> list[Image.Image]:
+    """``evaluate.prompts`` × ``evaluate.seeds`` in one batch; each image's generator seeded on its own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [(i, cfg.format_prompt(p), s) for i, p in enumerate(cfg.evaluate.prompts) for s in cfg.evaluate.seeds]
+    generators = [torch.Generator(device="cpu").manual_seed(s) for _, _, s in pairs]
+    res = cfg.preprocess.resolution
+    images = pipe(
+        [p for _, p, _ in pairs],
+        num_inference_steps=cfg.evaluate.num_inference_steps,
+        guidance_scale=cfg.evaluate.guidance_scale,
+        generator=generators,
+        height=res,
+        width=res,
+    ).images
+    for (i, _, seed), image in zip(pairs, images, strict=True):
+        image.save(folder / f"p{i}_s{seed}.png")
+    return images
+
+
+def make_grid(rows: dict[str, list[Image.Image]], labels: list[str], min_cell: int = 160) -> Image.Image:
+    """Rows of images with a row label on the left and a wrapped column label on top."""
+    font = ImageFont.load_default()
+    first = next(iter(rows.values()))[0]
+    cell = max(min_cell, first.width)
+    header, gutter = 44, 56
+    grid = Image.new("RGB", (gutter + cell * len(labels), header + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, label in enumerate(labels):
+        draw.multiline_text((gutter + c * cell + 4, 4), _wrap(label, cell // 6), fill="black", font=font)
+    for r, (name, images) in enumerate(rows.items()):
+        draw.text((4, header + r * cell + cell // 2 - 6), name, fill="black", font=font)
+        for c, image in enumerate(images):
+            resample = Image.Resampling.NEAREST if image.width < cell else Image.Resampling.LANCZOS
+            grid.paste(image.resize((cell, cell), resample), (gutter + c * cell, header + r * cell))
+    return grid
+
+
+def _wrap(text: str, width: int) -> str:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    return "\n".join(lines[:3])

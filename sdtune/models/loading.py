@@ -1,0 +1,168 @@
+"""Find the base model and load its parts for training or inference.
+
+``cfg.model.base`` may be:
+
+- a local diffusers folder: used as it is;
+- ``s3://bucket/prefix``: downloaded once (``minio`` client; ``S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+  ``AWS_SECRET_ACCESS_KEY``) into ``cfg.model.cache_dir/<bucket>/<prefix>``; a ``.complete`` marker makes
+  later runs reuse it, and a half-finished download is redone;
+- anything else: a Hugging Face hub id, passed to ``from_pretrained`` (works where the cluster has the hub
+  or a mirror; offline it ends in one clear :class:`ModelLoadError` line).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from sdtune.config import RunConfig
+from sdtune.errors import SdtuneError
+
+COMPLETE_MARKER = ".complete"
+
+
+class ModelLoadError(SdtuneError):
+    """The base model cannot be found or read."""
+
+    exit_code = 2
+
+
+def resolve_base(base: str, cache_dir: str | Path, revision: str | None = None) -> str:
+    """Return what ``from_pretrained`` should get: a local folder path, or the hub id unchanged."""
+    if base.startswith("s3://"):
+        return str(download_s3(base, Path(cache_dir)))
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise ModelLoadError(f"{path} is not a diffusers model folder (no model_index.json)")
+        return str(path.resolve())
+    if base.startswith((".", "/", "~")) or path.suffix in {".safetensors", ".ckpt"}:
+        raise ModelLoadError(
+            f"base model folder not found: {base} (build the tiny one with `sdtune models tiny --out {base}`)"
+        )
+    return base  # a hub id
+
+
+def download_s3(uri: str, cache_dir: Path) -> Path:
+    """Mirror ``s3://bucket/prefix/`` into ``cache_dir/bucket/prefix`` once; return the local folder."""
+    parsed = urlparse(uri)
+    bucket, prefix = parsed.netloc, parsed.path.lstrip("/").rstrip("/")
+    if not bucket:
+        raise ModelLoadError(f"bad S3 address {uri!r}: expected s3://bucket/prefix")
+    target = Path(cache_dir) / bucket / prefix
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    client = _minio_client()
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True, exist_ok=True)
+    count = 0
+    try:
+        for obj in client.list_objects(bucket, prefix=prefix + "/" if prefix else "", recursive=True):
+            if obj.is_dir:
+                continue
+            rel = obj.object_name[len(prefix) :].lstrip("/")
+            dest = target / rel
+            if ".." in Path(rel).parts:
+                raise ModelLoadError(f"{uri}: refusing object name {obj.object_name!r}")
+            client.fget_object(bucket, obj.object_name, str(dest))
+            count += 1
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # minio raises S3Error, urllib3 errors, …
+        raise ModelLoadError(f"cannot download {uri}: {exc.__class__.__name__}: {exc}") from None
+    if count == 0:
+        raise ModelLoadError(f"{uri}: no objects under that prefix")
+    (target / COMPLETE_MARKER).write_text(f"{count}\n", encoding="utf-8")
+    return target
+
+
+def _minio_client():
+    from minio import Minio
+
+    endpoint = os.environ.get("S3_ENDPOINT_URL", "https://s3.amazonaws.com")
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    return Minio(
+        parsed.netloc,
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        secure=parsed.scheme == "https",
+        region=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
+    )
+
+
+def _from_pretrained(cls: Any, source: str, revision: str | None, **kwargs: Any) -> Any:
+    local = Path(source).is_dir()
+    try:
+        return cls.from_pretrained(source, revision=None if local else revision, local_files_only=local, **kwargs)
+    except (OSError, ValueError) as exc:
+        what = kwargs.get("subfolder") or cls.__name__
+        if local:
+            raise ModelLoadError(f"cannot load {what} from {source}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(
+            f"cannot load {what} of hub model {source!r} (no network or no access?): {str(exc).splitlines()[0]}"
+        ) from None
+
+
+@dataclass
+class SDComponents:
+    """The parts a training recipe needs; ``text_encoder_2``/``tokenizer_2`` only for SDXL."""
+
+    source: str
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+
+def load_components(cfg: RunConfig, base: str | None = None) -> SDComponents:
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler, all fp32 on CPU."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    source = resolve_base(base or cfg.model.base, cfg.model.cache_dir, cfg.model.revision)
+    rev = cfg.model.revision
+    sdxl = cfg.model.arch == "sdxl"
+    if cfg.model.arch not in ("sd15", "sd2", "sdxl"):
+        raise ModelLoadError(f"model.arch {cfg.model.arch!r} is not supported by the training recipes yet")
+    parts = SDComponents(
+        source=source,
+        unet=_from_pretrained(UNet2DConditionModel, source, rev, subfolder="unet"),
+        vae=_from_pretrained(AutoencoderKL, source, rev, subfolder="vae"),
+        text_encoder=_from_pretrained(CLIPTextModel, source, rev, subfolder="text_encoder"),
+        tokenizer=_from_pretrained(CLIPTokenizer, source, rev, subfolder="tokenizer"),
+        noise_scheduler=_from_pretrained(DDPMScheduler, source, rev, subfolder="scheduler"),
+    )
+    if sdxl:
+        parts.text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection, source, rev, subfolder="text_encoder_2")
+        parts.tokenizer_2 = _from_pretrained(CLIPTokenizer, source, rev, subfolder="tokenizer_2")
+    elif getattr(parts.unet.config, "addition_embed_type", None) == "text_time":
+        raise ModelLoadError(f"{source} is an SDXL model: set model.arch=sdxl")
+    for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False)
+    return parts
+
+
+def load_pipeline(cfg: RunConfig, base: str | None = None, torch_dtype: Any = None) -> Any:
+    """The inference pipeline for ``cfg.model.arch`` (no safety checker: evaluation only)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    source = resolve_base(base or cfg.model.base, cfg.model.cache_dir, cfg.model.revision)
+    cls = StableDiffusionXLPipeline if cfg.model.arch == "sdxl" else StableDiffusionPipeline
+    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    if cls is StableDiffusionPipeline:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe = _from_pretrained(cls, source, cfg.model.revision, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,221 @@
+"""Tiny, seeded, randomly initialised Stable Diffusion pipelines for tests and the CPU demo.
+
+``build_tiny("sd15", out)`` writes a diffusers folder (UNet, VAE, CLIP text encoder, tokenizer, scheduler,
+no safety checker) that ``StableDiffusionPipeline.from_pretrained(out)`` loads offline; ``"sdxl"`` writes a
+``StableDiffusionXLPipeline`` folder with two text encoders. Sizes follow diffusers' own
+``get_dummy_components`` (~1.7 M parameters, 64 px images in about a second on a CPU).
+
+The tokenizer is a small BPE trained with ``tokenizers`` on a fixed word list (common prompt words and the
+trigger ``sks``), saved as ``vocab.json`` + ``merges.txt`` so ``CLIPTokenizer.from_pretrained`` reads it.
+The same seed gives byte-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+ARCHS = ("sd15", "sdxl")
+
+# Every word a prompt in tests, presets or the demo may use; characters outside still tokenize (per letter).
+_WORD_TEXT = """
+a an the of in on at with and or by for from to my this that is photo photograph picture image painting
+drawing sketch render illustration portrait closeup close up shot style art artwork digital oil watercolor
+sks ohwx zwx robot toy dog cat person man woman boy girl child face car house tree flower bird
+horse city street forest beach mountain sea ocean river lake sky sun moon night day snow rain desert
+garden park room kitchen table chair book cup bottle hat shirt red green blue yellow white black orange
+purple pink brown gray grey gold silver small big large tiny cute old new happy sitting standing running
+walking jumping flying wearing holding looking front side back top view high quality detailed sharp
+blurry lowres bad best masterpiece cinematic lighting studio background simple plain colorful bright dark
+wood metal plastic glass stone space astronaut rocket wall floor window door road bridge building castle
+"""
+WORDS = _WORD_TEXT.split()
+
+SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
+MAX_LENGTH = 77
+
+
+def build_tiny(arch: str, out_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny ``arch`` ("sd15" or "sdxl") diffusers pipeline folder to ``out_dir`` and return it."""
+    if arch not in ARCHS:
+        from sdtune.errors import ConfigError
+
+        raise ConfigError(f"tiny model: unknown arch {arch!r} (expected one of {', '.join(ARCHS)})")
+    import torch
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    tok_dir = out_dir / "tokenizer"
+    tokenizer = _write_tokenizer(tok_dir)
+    # Each component is seeded on its own: the same seed gives the same bytes whatever ran before.
+    with torch.random.fork_rng(devices=[]):
+        pipe = _sd15(tokenizer, seed) if arch == "sd15" else _sdxl(tokenizer, seed)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    if arch == "sdxl":
+        shutil.rmtree(out_dir / "tokenizer_2", ignore_errors=True)
+        shutil.copytree(tok_dir, out_dir / "tokenizer_2")
+    (out_dir / "sdtune_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed}) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def _write_tokenizer(tok_dir: Path):
+    """Write ``vocab.json`` + ``merges.txt`` for a BPE learned on :data:`WORDS`, then load it as a CLIPTokenizer.
+
+    The BPE is learned here (greedy most-frequent pair, ties broken alphabetically) rather than with
+    ``tokenizers``' trainer, whose tie-breaking is not deterministic across processes.
+    """
+    from transformers import CLIPTokenizer
+
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    vocab_list, merges = _learn_bpe(sorted(set(WORDS)))
+    vocab = {token: i for i, token in enumerate(SPECIAL + vocab_list)}
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab, sort_keys=True), encoding="utf-8")
+    (tok_dir / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=MAX_LENGTH, pad_token=SPECIAL[1])
+    tokenizer.save_pretrained(tok_dir)
+    return tokenizer
+
+
+def _learn_bpe(words: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Merge pairs until every word is one token. Returns (tokens in id order, merges in rank order)."""
+    alphabet = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;()<>[]_/&+\"") | set("".join(words)))
+    tokens = alphabet + [ch + "</w>" for ch in alphabet]
+    seqs = [[*w[:-1], w[-1] + "</w>"] for w in words]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seq in seqs:
+            for pair in zip(seq, seq[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return tokens, merges
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        tokens.append(best[0] + best[1])
+        for seq in seqs:
+            i = 0
+            while i < len(seq) - 1:
+                if (seq[i], seq[i + 1]) == best:
+                    seq[i : i + 2] = [best[0] + best[1]]
+                i += 1
+
+
+def _text_config(vocab_size: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=MAX_LENGTH,
+        **extra,
+    )
+
+
+def _vae(seed: int):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed + 1)
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=64,
+    )
+
+
+def _sd15(tokenizer, seed: int):
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+    )
+    vae = _vae(seed)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sdxl(tokenizer, seed: int):
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=80,  # 6 * 8 (size/crop ids) + 32 (pooled projection)
+        cross_attention_dim=64,  # 32 + 32 (both encoders' hidden states, concatenated)
+        norm_num_groups=32,
+    )
+    vae = _vae(seed)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )

@@ -1,0 +1,171 @@
+"""Model registry: a trained model becomes an MLflow model version that people can load and compare.
+
+The version is a ``pyfunc`` text-to-image model whose artifacts are the training outputs as they are
+(``pytorch_lora_weights.safetensors`` etc., loadable by diffusers, ComfyUI and A1111 without MLflow), plus a
+small wrapper so ``mlflow.pyfunc.load_model("models:/NAME@candidate").predict(["a photo of sks dog"])``
+returns images. The base model is referenced (hub id, folder or ``s3://``), not copied.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sdtune import tracking
+from sdtune.config import RunConfig, config_from_yaml
+
+try:  # mlflow is an optional extra; the wrapper class must exist only where it is used
+    import mlflow.pyfunc
+
+    _PythonModel = mlflow.pyfunc.PythonModel
+except ImportError:  # pragma: no cover - exercised only without the [track] extra
+    _PythonModel = object
+
+
+class TextToImageModel(_PythonModel):
+    """pyfunc wrapper: base pipeline + the trained adapter; input prompts, output PNGs (base64)."""
+
+    def load_context(self, context: Any) -> None:
+        cfg = config_from_yaml(context.model_config["config"])
+        self.pipe = load_trained_pipeline(cfg, Path(context.artifacts["model"]))
+        self.steps = cfg.evaluate.num_inference_steps
+        self.guidance = cfg.evaluate.guidance_scale
+        self.resolution = cfg.preprocess.resolution
+
+    # No type hints on predict: MLflow would try to derive a (wrong) input schema from them.
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        prompts = list(model_input["prompt"] if hasattr(model_input, "columns") else model_input)
+        seed = int((params or {}).get("seed", 0))
+        out = []
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator("cpu").manual_seed(seed + i)
+            image = self.pipe(
+                prompt,
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance,
+                height=self.resolution,
+                width=self.resolution,
+                generator=generator,
+            ).images[0]
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            out.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+        return out
+
+
+def load_trained_pipeline(cfg: RunConfig, model_dir: Path) -> Any:
+    """The base pipeline with a training run's outputs applied (LoRA weights, learned embeddings)."""
+    from sdtune.models.loading import load_pipeline
+
+    pipe = load_pipeline(cfg)
+    if (model_dir / "pytorch_lora_weights.safetensors").is_file():
+        pipe.load_lora_weights(str(model_dir))
+    return pipe
+
+
+def register_model(cfg: RunConfig, model_dir: Path, metrics: dict[str, float], run_id: str | None) -> dict[str, Any]:
+    """Log the model under ``run_id``, create a registered version, set ``cfg.register.alias`` on it."""
+    import mlflow
+
+    client = tracking._client()
+    name = cfg.register.model_name
+    model_config = {"config": cfg.to_param(), "base_model": cfg.model.base, "method": cfg.train.method}
+    with mlflow.start_run(run_id=run_id) if run_id else _new_run(cfg):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=TextToImageModel(),
+            artifacts={"model": str(model_dir)},
+            model_config=model_config,
+            # Explicit requirements: inferring them imports and profiles the model (slow, heavy).
+            pip_requirements=[f"sdtune=={_version()}"],
+        )
+    version = mlflow.register_model(info.model_uri, name)
+    for key, value in metrics.items():
+        client.set_model_version_tag(name, version.version, f"metric.{key}", f"{value:.6g}")
+    client.set_model_version_tag(name, version.version, "sdtune.base_model", cfg.model.base)
+    client.set_registered_model_alias(name, cfg.register.alias, version.version)
+    decision = gate(client, cfg, version.version, metrics)
+    if decision.promote:
+        client.set_registered_model_alias(name, cfg.register.champion_alias, version.version)
+    for key, value in decision.tags().items():
+        client.set_model_version_tag(name, version.version, key, value)
+    return {
+        "name": name,
+        "version": int(version.version),
+        "alias": cfg.register.alias,
+        "uri": f"models:/{name}@{cfg.register.alias}",
+        "gate": decision.as_dict(),
+        "gate_tags": decision.tags(),
+    }
+
+
+@dataclass
+class GateDecision:
+    """Whether a candidate replaces the champion, with both metric values and the reason."""
+
+    promote: bool
+    reason: str
+    metric: str
+    candidate: float | None
+    champion: float | None
+    champion_version: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "gate.decision": "promoted" if self.promote else "kept_champion",
+            "gate.reason": self.reason,
+            "gate.metric": self.metric,
+            "gate.candidate": "" if self.candidate is None else f"{self.candidate:.6g}",
+            "gate.champion": "" if self.champion is None else f"{self.champion:.6g}",
+        }
+
+
+def decide(candidate: float | None, champion: float | None, direction: str, margin: float) -> tuple[bool, str]:
+    """The gate rule itself, kept pure so it is easy to test and to explain."""
+    if champion is None:
+        return True, "no champion yet"
+    if candidate is None:
+        return False, "candidate has no value for the gate metric"
+    better = candidate < champion - margin if direction == "minimize" else candidate > champion + margin
+    word = "beats" if better else "does not beat"
+    return better, f"candidate {candidate:.6g} {word} champion {champion:.6g} ({direction}, margin {margin:g})"
+
+
+def gate(client: Any, cfg: RunConfig, candidate_version: str, metrics: dict[str, float]) -> GateDecision:
+    reg = cfg.register
+    champion_version = champion_value = None
+    try:
+        champion = client.get_model_version_by_alias(reg.model_name, reg.champion_alias)
+    except Exception:  # no such alias yet: MLflow raises RestException / MlflowException
+        champion = None
+    if champion is not None and str(champion.version) != str(candidate_version):
+        champion_version = str(champion.version)
+        raw = champion.tags.get(f"metric.{reg.gate_metric}")
+        champion_value = float(raw) if raw not in (None, "") else None
+        if champion_value is None:
+            # A champion without the metric cannot be compared: never replace it silently.
+            return GateDecision(False, f"champion v{champion_version} has no {reg.gate_metric}", reg.gate_metric,
+                                metrics.get(reg.gate_metric), None, champion_version)
+    promote, reason = decide(metrics.get(reg.gate_metric), champion_value, reg.gate_direction, reg.gate_margin)
+    return GateDecision(promote, reason, reg.gate_metric, metrics.get(reg.gate_metric), champion_value, champion_version)
+
+
+def _new_run(cfg: RunConfig):
+    import mlflow
+
+    mlflow.set_experiment(cfg.tracking.experiment)
+    return mlflow.start_run(run_name=f"{cfg.name}-register")
+
+
+def _version() -> str:
+    from sdtune import __version__
+
+    return __version__

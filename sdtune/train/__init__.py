@@ -1,0 +1,24 @@
+"""Training recipes, one module per method, plus the pure pieces they share.
+
+- :mod:`sdtune.train.lora`: LoRA on the UNet (SD 1.x/2.x/SDXL).
+- :mod:`sdtune.train.data`, :mod:`~sdtune.train.losses`, :mod:`~sdtune.train.outputs`,
+  :mod:`~sdtune.train.runtime`: caching, objectives, output files, accelerator/logging helpers.
+- :mod:`sdtune.train.launch`: run a recipe as a subprocess (``torchrun`` for N processes).
+
+:func:`run` picks the recipe named by ``train.method``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdtune.config import RunConfig
+from sdtune.tracking import MetricLogger
+
+
+def run(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None):
+    """Train with the recipe for ``cfg.train.method``; returns its ``TrainResult``."""
+    from importlib import import_module
+
+    recipe = import_module(f"sdtune.train.{cfg.train.method}")
+    return recipe.train(cfg, data_dir, out_dir, logger)

@@ -1,0 +1,148 @@
+"""Training data: read a stage directory, shard it by rank, and encode it ONCE (VAE latents, text embeddings).
+
+Every recipe trains on a :class:`EncodedData`: the latent distribution of each image (mean and std, so each
+step still draws a fresh latent sample) and the text conditioning of each caption, all on the training device.
+The VAE and text encoders are then no longer needed during the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdtune.config import RunConfig
+from sdtune.errors import DatasetError
+from sdtune.manifest import Record, read_manifest
+
+
+def train_records(cfg: RunConfig, data_dir: Path, split: str = "train") -> list[Record]:
+    records = [r for r in read_manifest(data_dir) if r.split == split]
+    if not records:
+        raise DatasetError(f"{data_dir}: no records with split {split!r} in the manifest")
+    return records
+
+
+def caption_of(record: Record, cfg: RunConfig) -> str:
+    """The record's caption, or the configured template ("a photo of sks person") when it has none."""
+    return record.caption or cfg.format_prompt(cfg.caption.template)
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """This rank's share: every ``world_size``-th item, wrapping around so no rank is ever empty."""
+    n = max(len(items), world_size)
+    return [items[i % len(items)] for i in range(rank, n, world_size)]
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """RGB image → ``[3, res, res]`` float tensor in [-1, 1] (resize shorter side, centre crop)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (resolution, resolution):
+            scale = resolution / min(im.size)
+            w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
+            im = im.resize((w, h), Image.Resampling.LANCZOS)
+            left, top = (w - resolution) // 2, (h - resolution) // 2
+            im = im.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class EncodedData:
+    """Cached inputs for the denoising loss; row ``i`` of every tensor belongs to image ``i``."""
+
+    latent_mean: torch.Tensor  # [N, 4, h, w], unscaled
+    latent_std: torch.Tensor
+    prompt_embeds: torch.Tensor  # [N, 77, D]
+    pooled_embeds: torch.Tensor | None = None  # SDXL: [N, D2]
+    time_ids: torch.Tensor | None = None  # SDXL: [N, 6]
+
+    def __len__(self) -> int:
+        return self.latent_mean.shape[0]
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor, device, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE latent distribution (mean, std) of ``pixels``. The VAE runs in fp32 (SDXL's VAE overflows in fp16)."""
+    vae.to(device)  # loaded in fp32; never cast to half here
+    means, stds = [], []
+    for start in range(0, pixels.shape[0], batch_size):
+        dist = vae.encode(pixels[start : start + batch_size].to(device)).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_prompts(parts, prompts: list[str], device, resolution: int) -> dict[str, torch.Tensor]:
+    """Text conditioning for ``prompts``: SD 1.x/2.x last hidden state; SDXL both encoders' penultimate
+    states concatenated, the pooled projection, and the size/crop ``time_ids``."""
+    parts.text_encoder.to(device)
+    ids = tokenize(parts.tokenizer, prompts).to(device)
+    if not parts.is_sdxl:
+        return {"prompt_embeds": parts.text_encoder(ids)[0].float()}
+    parts.text_encoder_2.to(device)
+    ids_2 = tokenize(parts.tokenizer_2, prompts).to(device)
+    out_1 = parts.text_encoder(ids, output_hidden_states=True)
+    out_2 = parts.text_encoder_2(ids_2, output_hidden_states=True)
+    embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1).float()
+    # (original h, w, crop top, left, target h, w): images arrive already cropped to the training size.
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device).float()
+    return {
+        "prompt_embeds": embeds,
+        "pooled_embeds": out_2.text_embeds.float(),
+        "time_ids": time_ids.repeat(len(prompts), 1),
+    }
+
+
+def encode_records(
+    parts, records: list[Record], data_dir: Path, cfg: RunConfig, device, dtype: torch.dtype = torch.float32
+) -> EncodedData:
+    """Encode this rank's records once and return the cache (tensors on ``device`` in ``dtype``)."""
+    res = cfg.preprocess.resolution
+    pixels = torch.stack([load_image(Path(data_dir) / r.file, res) for r in records])
+    mean, std = encode_images(parts.vae, pixels, device)
+    text = encode_prompts(parts, [caption_of(r, cfg) for r in records], device, res)
+    return EncodedData(
+        latent_mean=mean.to(dtype),
+        latent_std=std.to(dtype),
+        prompt_embeds=text["prompt_embeds"].to(dtype),
+        pooled_embeds=text["pooled_embeds"].to(dtype) if "pooled_embeds" in text else None,
+        time_ids=text["time_ids"].to(dtype) if "time_ids" in text else None,
+    )
+
+
+def index_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless batches of indices into ``n`` items: a fresh permutation per epoch, seeded."""
+    buffer: list[int] = []
+    while True:
+        while len(buffer) < batch_size:
+            buffer.extend(torch.randperm(n, generator=generator).tolist())
+        batch, buffer = buffer[:batch_size], buffer[batch_size:]
+        yield torch.tensor(batch, dtype=torch.long)
+
+
+def scaled_latents(vae_config, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Sample from the cached latent distribution and scale it the way the UNet expects."""
+    sample = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (sample - shift) * vae_config.scaling_factor
+
+
+def unet_conditioning(data: EncodedData, idx: torch.Tensor) -> dict:
+    """Keyword arguments for the UNet call for the batch ``idx``."""
+    kwargs: dict = {"encoder_hidden_states": data.prompt_embeds[idx]}
+    if data.pooled_embeds is not None:
+        kwargs["added_cond_kwargs"] = {"text_embeds": data.pooled_embeds[idx], "time_ids": data.time_ids[idx]}
+    return kwargs

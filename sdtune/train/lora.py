@@ -1,0 +1,151 @@
+"""LoRA fine-tuning of the UNet of SD 1.x / 2.x / SDXL — the recipe, top to bottom.
+
+Run it::
+
+    sdtune train --config configs/debug/tiny_cpu.yaml --data DIR --out DIR            # 1 process
+    torchrun --standalone --nproc_per_node 8 -m sdtune.cli train --config configs/sd15/lora_1gpu.yaml \\
+        --data DIR --out DIR train.num_processes=8                                        # 8 GPUs, one node
+
+Features (config key → behaviour):
+
+- ``model.base`` / ``model.arch``: local folder, ``s3://`` or hub id; ``sdxl`` adds the second text encoder
+  and size/crop conditioning.
+- ``train.rank``, ``train.alpha`` (default = rank), ``train.target_modules``: the peft ``LoraConfig``.
+- Data: the ``split == "train"`` records of the stage directory at ``preprocess.resolution``, sharded by
+  rank; VAE latents and text embeddings are computed ONCE before the loop (see :mod:`sdtune.train.data`).
+- ``train.batch_size`` per process, ``gradient_accumulation_steps``, ``max_grad_norm``, AdamW
+  (``learning_rate``, ``adam_weight_decay``), ``lr_scheduler`` constant/cosine with ``lr_warmup_steps``.
+- ``train.prediction_type`` (default: the scheduler's), ``snr_gamma`` (min-SNR-γ), ``noise_offset``.
+- ``train.mixed_precision`` bf16/fp16 on GPUs (fp32 on CPU), ``gradient_checkpointing``.
+- ``train.seed``: same seed, same data, same process count → same weights.
+- ``train.log_every``: loss/lr/grad-norm/steps-per-second logged every N steps (the only host syncs).
+
+Writes (rank 0): ``pytorch_lora_weights.safetensors``, ``metrics.jsonl``, ``config.yaml``,
+``train_summary.json``. Raises :class:`~sdtune.errors.TrainingError` when the loss is not finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+from sdtune.config import RunConfig
+from sdtune.models.loading import load_components
+from sdtune.tracking import MetricLogger
+
+from . import data as D
+from . import losses as L
+from .outputs import TrainResult, save_unet_lora, write_run_files
+from .runtime import LossTracker, make_accelerator, open_logger, progress, shutdown, weight_dtype
+
+
+def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
+    tc = cfg.train
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    accelerator = make_accelerator(tc)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = open_logger(accelerator, out_dir, logger)
+    torch.manual_seed(tc.seed)
+
+    try:
+        # 1. Model and data. Frozen weights in half precision under mixed precision, fp32 otherwise.
+        parts = load_components(cfg)
+        dtype = weight_dtype(accelerator)
+        records = D.shard(D.train_records(cfg, data_dir), rank, world)
+        cache = D.encode_records(parts, records, data_dir, cfg, device, dtype)
+        scheduler = parts.noise_scheduler
+        prediction_type = tc.prediction_type or scheduler.config.prediction_type
+        vae_config = parts.vae.config
+        del parts.vae, parts.text_encoder, parts.text_encoder_2  # everything they compute is cached
+
+        # 2. LoRA adapter on the UNet's attention projections; only its weights train (in fp32).
+        from peft import LoraConfig
+
+        unet = parts.unet.to(device)
+        if dtype != torch.float32:
+            unet.to(dtype)
+        unet.add_adapter(
+            LoraConfig(
+                r=tc.rank,
+                lora_alpha=tc.alpha or tc.rank,
+                init_lora_weights="gaussian",
+                target_modules=tc.target_modules,
+            )
+        )
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+        if tc.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+
+        from diffusers.optimization import get_scheduler
+
+        optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay)
+        lr_scheduler = get_scheduler(
+            tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps, num_training_steps=tc.max_steps
+        )
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+        unet.train()
+
+        # 3. Loop: one optimizer step per `step`, over `gradient_accumulation_steps` micro-batches.
+        gen = torch.Generator(device=device).manual_seed(tc.seed * 1000 + rank)
+        batches = D.index_batches(len(cache), tc.batch_size, torch.Generator().manual_seed(tc.seed + rank))
+        tracker = LossTracker(accelerator)
+        bar = progress(accelerator, tc.max_steps, f"lora r{tc.rank}")
+        started = time.perf_counter()
+        for step in range(1, tc.max_steps + 1):
+            for micro in range(tc.gradient_accumulation_steps):
+                idx = next(batches).to(device)
+                last_micro = micro == tc.gradient_accumulation_steps - 1
+                sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(unet)
+                with sync, accelerator.autocast():
+                    latents = D.scaled_latents(vae_config, cache.latent_mean[idx], cache.latent_std[idx], gen)
+                    noise = L.sample_noise(latents, gen, tc.noise_offset)
+                    t = L.sample_timesteps(len(idx), scheduler.config.num_train_timesteps, gen, device)
+                    noisy = scheduler.add_noise(latents, noise, t)
+                    pred = unet(noisy, t, **D.unet_conditioning(cache, idx)).sample
+                    target = L.prediction_target(scheduler, latents, noise, t, prediction_type)
+                    loss = L.diffusion_loss(
+                        pred, target, timesteps=t, scheduler=scheduler, snr_gamma=tc.snr_gamma,
+                        prediction_type=prediction_type,
+                    ).mean()
+                    accelerator.backward(loss / tc.gradient_accumulation_steps)
+                tracker.add(loss, step)
+            grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                metrics = tracker.flush(step)  # the only host sync in the loop
+                metrics.update(lr=lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if log is not None:
+                    log.log(metrics, step)
+        bar.close()
+        seconds = time.perf_counter() - started
+
+        # 4. Save (rank 0 only).
+        result = TrainResult(
+            out_dir=out_dir,
+            method="lora",
+            steps=tc.max_steps,
+            final_loss=tracker.last_loss,
+            seconds=round(seconds, 3),
+            steps_per_sec=round(tc.max_steps / seconds, 3),
+            num_processes=world,
+        )
+        if accelerator.is_main_process:
+            lora_path = save_unet_lora(accelerator.unwrap_model(unet), out_dir, cfg.model.arch)
+            result.files = [lora_path.name]
+            write_run_files(cfg, out_dir, result)
+    finally:
+        if log is not None:
+            log.close()
+    shutdown(accelerator)
+    return result

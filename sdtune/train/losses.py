@@ -1,0 +1,57 @@
+"""Pure functions for the denoising objective: noise, targets, losses. No state, no optimizer, no I/O."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise like ``latents``; ``noise_offset`` adds a per-channel constant (brightness range)."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        b, c = latents.shape[:2]
+        noise = noise + noise_offset * torch.randn(
+            (b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+        )
+    return noise
+
+
+def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator, device) -> torch.Tensor:
+    return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device, dtype=torch.long)
+
+
+def prediction_target(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction, SD 2.x 768)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_t^2 / sigma_t^2 of each timestep."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def diffusion_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    timesteps: torch.Tensor | None = None,
+    scheduler=None,
+    snr_gamma: float | None = None,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """Per-sample MSE (shape ``[batch]``), min-SNR-γ weighted when ``snr_gamma`` is set (Hang et al. 2023)."""
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    if snr_gamma is None:
+        return per_sample
+    ratio = snr(scheduler, timesteps)
+    weight = torch.clamp(ratio, max=snr_gamma)
+    weight = weight / ratio if prediction_type == "epsilon" else weight / (ratio + 1.0)
+    return per_sample * weight

@@ -1,0 +1,164 @@
+"""`sdtune submit / schedule / status` against a fake KFP API on 127.0.0.1; requests checked against swagger."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from sdtune.cli import cluster as cluster_cli
+from sdtune.errors import SdtuneError
+from tests.cluster.kfp_swagger import validate_request
+from tests.cluster.pipeline_stub import compile_stub
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path, capsys):
+    """Run a cluster command the way `sdtune` does; returns (exit code, stdout, stderr)."""
+    compiled: list = []
+
+    def fake_compile(cfg, out_path):
+        path = compile_stub(cfg, out_path)
+        compiled.append(yaml.safe_load_all(path.read_text()).__iter__())
+        compiled[-1] = list(yaml.safe_load_all(path.read_text()))
+        return path
+
+    monkeypatch.setattr(cluster_cli, "_compile", fake_compile)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "name: nightly\ntracking: {experiment: portraits}\ncluster: {service_account: sdtune-pipeline}\n"
+    )
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        app = typer.Typer()
+
+        @app.callback()
+        def _root() -> None:
+            pass
+
+        cluster_cli.register(app)
+        capsys.readouterr()
+        try:
+            app(args=[str(a) for a in argv], standalone_mode=False)
+            code = 0
+        except SdtuneError as exc:  # what sdtune.cli.main prints as one line
+            print(f"error: {exc}", file=__import__("sys").stderr)
+            code = exc.exit_code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    run.config = config
+    run.compiled = compiled
+    return run
+
+
+def _normalised(doc: dict, message) -> dict:
+    return json_format.MessageToDict(json_format.ParseDict(doc, message()))
+
+
+def test_submit_sends_the_compiled_spec(cli, fake_kfp, schemas):
+    code, out, err = cli("submit", cli.config, "--host", fake_kfp.url)
+    assert code == 0, err
+    for req in fake_kfp.requests:
+        validate_request(req, schemas)
+    run_req = next(
+        r for r in fake_kfp.requests if r["method"] == "POST" and r["path"] == "/apis/v2beta1/runs"
+    )
+    body = run_req["body"]
+    assert body["display_name"] == "nightly"
+    assert body["service_account"] == "sdtune-pipeline"
+    assert body["experiment_id"] == "exp-1" and fake_kfp.experiments["exp-1"]["display_name"] == "portraits"
+    pipeline_doc, platform_doc = cli.compiled[-1]
+    assert body["pipeline_spec"]["pipeline_spec"] == _normalised(pipeline_doc, pipeline_spec_pb2.PipelineSpec)
+    assert body["pipeline_spec"]["platform_spec"] == _normalised(platform_doc, pipeline_spec_pb2.PlatformSpec)
+    assert "run-1" in out and "/#/runs/details/run-1" in out
+
+
+def test_schedule_defaults_no_catchup_one_at_a_time(cli, fake_kfp, schemas):
+    code, out, err = cli("schedule", cli.config, "--cron", "0 0 3 * * *", "--host", fake_kfp.url)
+    assert code == 0, err
+    for req in fake_kfp.requests:
+        validate_request(req, schemas)
+    body = next(r["body"] for r in fake_kfp.requests if r["path"] == "/apis/v2beta1/recurringruns")
+    assert body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+    assert body["no_catchup"] is True
+    assert str(body["max_concurrency"]) == "1"
+    assert body["mode"] == "ENABLE"
+    assert body["service_account"] == "sdtune-pipeline"
+    assert body["pipeline_spec"]["pipeline_spec"] == _normalised(
+        cli.compiled[-1][0], pipeline_spec_pb2.PipelineSpec
+    )
+    assert "rr-1" in out
+
+
+def test_schedule_list_enable_disable_delete(cli, fake_kfp, schemas):
+    assert (
+        cli("schedule", "create", cli.config, "--cron", "0 30 2 * * 1", "--host", fake_kfp.url, "--paused")[0]
+        == 0
+    )
+    assert fake_kfp.recurring["rr-1"]["status"] == "DISABLED"
+    code, out, _ = cli("schedule", "list", "--host", fake_kfp.url)
+    assert code == 0 and "rr-1" in out and "0 30 2 * * 1" in out and "nightly-schedule" in out
+    assert cli("schedule", "enable", "rr-1", "--host", fake_kfp.url)[0] == 0
+    assert fake_kfp.recurring["rr-1"]["status"] == "ENABLED"
+    assert cli("schedule", "disable", "rr-1", "--host", fake_kfp.url)[0] == 0
+    assert fake_kfp.recurring["rr-1"]["status"] == "DISABLED"
+    assert cli("schedule", "delete", "rr-1", "--host", fake_kfp.url)[0] == 0
+    assert fake_kfp.recurring == {}
+    for req in fake_kfp.requests:
+        validate_request(req, schemas)
+
+
+def test_status_shows_state_and_failed_tasks(cli, fake_kfp):
+    fake_kfp.runs["r-9"] = {
+        "run_id": "r-9",
+        "display_name": "nightly",
+        "state": "FAILED",
+        "created_at": "2026-11-26T10:00:00Z",
+        "error": {"message": "task train failed"},
+        "run_details": {
+            "task_details": [
+                {"display_name": "train", "state": "FAILED"},
+                {"display_name": "ingest", "state": "SUCCEEDED"},
+            ]
+        },
+    }
+    code, out, _ = cli("status", "r-9", "--host", fake_kfp.url)
+    assert code == 0
+    assert "nightly: FAILED" in out and "task train: FAILED" in out and "ingest" not in out
+    code, _, err = cli("status", "missing", "--host", fake_kfp.url)
+    assert code == 4 and "404" in err
+
+
+def test_token_is_sent_as_bearer(cli, fake_kfp, tmp_path, monkeypatch):
+    assert cli("status", "nope", "--host", fake_kfp.url, "--token", "t0k")[0] == 4
+    assert all(r["headers"].get("authorization") == "Bearer t0k" for r in fake_kfp.requests)
+    token_file = tmp_path / "sa-token"
+    token_file.write_text("from-file")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token_file))
+    fake_kfp.requests.clear()
+    cli("status", "nope", "--host", fake_kfp.url)
+    api_calls = [r for r in fake_kfp.requests if "healthz" not in r["path"]]
+    assert api_calls and all(r["headers"].get("authorization") == "Bearer from-file" for r in api_calls)
+
+
+def test_unreachable_host_is_one_clear_line(cli):
+    code, out, err = cli("submit", cli.config, "--host", "http://127.0.0.1:9")
+    assert code == 4
+    assert (
+        err.strip().startswith("error: cannot reach KFP at http://127.0.0.1:9")
+        and len(err.strip().splitlines()) == 1
+    )
+
+
+def test_rejected_credentials_are_an_auth_error(cli, fake_kfp):
+    fake_kfp.fail_with = 401
+    code, _, err = cli("schedule", "list", "--host", fake_kfp.url)
+    assert code == 4 and "--token" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_cron_fails_before_contacting_the_host(cli, fake_kfp):
+    code, _, err = cli("schedule", cli.config, "--cron", "0 3 * * *", "--host", fake_kfp.url)
+    assert code == 4 and "6 fields" in err and fake_kfp.requests == []

@@ -1,0 +1,62 @@
+"""CSV/JSONL catalogues: image + caption columns, relative paths kept inside the catalogue's folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from data_helpers import encode, pattern
+
+from sdtune.config import IngestConfig
+from sdtune.data.ingest import ingest
+from sdtune.errors import DatasetError
+
+
+@pytest.fixture
+def shop(tmp_path):
+    folder = tmp_path / "shop"
+    (folder / "img").mkdir(parents=True)
+    for i in range(4):
+        (folder / "img" / f"sku{i}.png").write_bytes(encode(pattern(seed=i), "PNG"))
+    (tmp_path / "outside.png").write_bytes(encode(pattern(seed=9), "PNG"))
+    return folder
+
+
+def test_csv_catalogue_with_captions(shop, tmp_path):
+    (shop / "catalogue.csv").write_text(
+        "sku,picture,title\n"
+        '1,img/sku0.png,"red shoe, side view"\n'
+        "2,img/sku1.png,\n"
+        "3,img/missing.png,gone\n"
+        "4,../outside.png,sneaky\n"
+        "5,,no image\n"
+        "6,ftp://example.com/a.png,x\n"
+        "7,img/sku2.png,  blue   shoe \n"
+    )
+    cfg = IngestConfig(
+        min_images=1, min_side=16, image_column="picture", caption_column="title", max_reject_fraction=1
+    )
+    result = ingest([str(shop / "catalogue.csv")], tmp_path / "out", cfg)
+    assert [r.caption for r in result.records] == ["red shoe, side view", None, "blue shoe"]
+    assert result.report.reasons == {"missing_file": 1, "bad_row": 3}
+
+
+def test_jsonl_catalogue_and_missing_column(shop, tmp_path):
+    rows = [{"image": "img/sku3.png", "caption": "a bag"}, "not an object", {"image": "img/sku0.png"}]
+    (shop / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    cfg = IngestConfig(min_images=1, min_side=16, max_reject_fraction=1)
+    result = ingest([str(shop / "c.jsonl")], tmp_path / "out", cfg)
+    assert [r.caption for r in result.records] == ["a bag", None]
+    assert result.report.reasons == {"bad_row": 2}
+    (shop / "bad.csv").write_text("file,text\na.png,x\n")
+    with pytest.raises(DatasetError, match="no 'image' column"):
+        ingest([str(shop / "bad.csv")], tmp_path / "out2", cfg)
+
+
+def test_catalogue_rows_can_name_urls(shop, tmp_path):
+    (shop / "urls.csv").write_text("image\nhttp://127.0.0.1:9/x.png\n")
+    cfg = IngestConfig(min_images=1, max_reject_fraction=1)
+    with pytest.raises(DatasetError, match="only 0 usable"):
+        ingest([str(shop / "urls.csv")], tmp_path / "out", cfg)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["items"][0]["reason"] == "blocked_address"  # the default policy refuses loopback

@@ -1,0 +1,99 @@
+"""Tiny offline models: deterministic, loadable with from_pretrained, usable for generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdtune.cli import main
+from sdtune.models.tiny import build_tiny
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_sd15_is_deterministic_and_loads(tmp_path, tiny_sd15):
+    again = _files(build_tiny("sd15", tmp_path / "again"))
+    assert again == _files(tiny_sd15)
+    other = build_tiny("sd15", tmp_path / "other", seed=1)
+    assert _files(other)["unet/diffusion_pytorch_model.safetensors"] != again["unet/diffusion_pytorch_model.safetensors"]
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, local_files_only=True)
+    n_params = sum(p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+    assert 1_000_000 < n_params < 3_000_000
+    assert pipe.scheduler.config.steps_offset == 1
+    assert pipe.safety_checker is None
+    tokens = pipe.tokenizer.tokenize("a photo of sks toy robot on the beach")
+    assert tokens == ["a</w>", "photo</w>", "of</w>", "sks</w>", "toy</w>", "robot</w>", "on</w>", "the</w>", "beach</w>"]
+    assert len(pipe.tokenizer.tokenize("zebra")) > 1  # out-of-list words still tokenize, in pieces
+    image = pipe(
+        "a photo of sks robot", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+    ).images[0]
+    assert image.size == (64, 64)
+
+
+def test_sdxl_loads_and_generates(tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    assert pipe.text_encoder_2 is not None and pipe.tokenizer_2 is not None
+    image = pipe(
+        "a photo of sks robot", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+    ).images[0]
+    assert image.size == (64, 64)
+
+
+def test_cli_models_tiny(tmp_path, capsys):
+    assert main(["models", "tiny", "--arch", "sd15", "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    assert main(["models", "tiny", "--arch", "sd9", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown arch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("base", ["./no/such/folder", "/abs/missing"])
+def test_missing_local_base_is_one_clear_error(tmp_path, base):
+    from sdtune.models.loading import ModelLoadError, resolve_base
+
+    with pytest.raises(ModelLoadError, match="not found"):
+        resolve_base(base, tmp_path)
+
+
+def test_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
+    from sdtune.config import RunConfig
+    from sdtune.models.loading import ModelLoadError, load_components
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = RunConfig.model_validate({"model": {"base": "nobody/no-such-model", "cache_dir": str(tmp_path)}})
+    with pytest.raises(ModelLoadError, match="hub model 'nobody/no-such-model'") as info:
+        load_components(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_s3_base_downloads_once(tmp_path, tiny_sd15, s3_endpoint, monkeypatch):
+    from minio import Minio
+
+    from sdtune.models.loading import resolve_base
+    from tests.servers import ACCESS_KEY, SECRET_KEY, make_bucket
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_endpoint.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    make_bucket(s3_endpoint.url, "models")
+    client = Minio(s3_endpoint.url.split("://")[1], ACCESS_KEY, SECRET_KEY, secure=False, region="us-east-1")
+    for path in sorted(tiny_sd15.rglob("*")):
+        if path.is_file():
+            client.fput_object("models", f"tiny/sd15/{path.relative_to(tiny_sd15)}", str(path))
+
+    local = Path(resolve_base("s3://models/tiny/sd15", tmp_path / "cache"))
+    assert local == tmp_path / "cache" / "models" / "tiny" / "sd15"
+    assert (local / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        tiny_sd15 / "unet" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
+    # Second time: served from the cache, even with the server unreachable.
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert Path(resolve_base("s3://models/tiny/sd15", tmp_path / "cache")) == local

@@ -1,0 +1,82 @@
+"""Fixtures for training tests: the tiny models (built once per session) and a small captioned stage dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from sdtune.manifest import Record, StageReport, sha256_file, write_stage
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory) -> Path:
+    from sdtune.models.tiny import build_tiny
+
+    return build_tiny("sd15", tmp_path_factory.mktemp("models") / "tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from sdtune.models.tiny import build_tiny
+
+    return build_tiny("sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+def make_stage(out: Path, n: int = 5, holdout: int = 1, size: int = 64) -> Path:
+    """``n`` coloured-blob PNGs, the last ``holdout`` of them in the holdout split."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        arr = np.full((size, size, 3), (230, 230, 220), np.uint8)
+        x, y = rng.integers(0, size // 2, 2)
+        arr[y : y + size // 2, x : x + size // 3] = (240, 120, 30)  # an orange "robot body"
+        path = out / f"img_{i:03d}.png"
+        Image.fromarray(arr).save(path)
+        records.append(
+            Record(
+                file=path.name,
+                caption="a photo of sks toy robot",
+                width=size,
+                height=size,
+                sha256=sha256_file(path),
+                source=f"test://{i}",
+                split="holdout" if i >= n - holdout else "train",
+            )
+        )
+    write_stage(out, records, StageReport(stage="caption"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage_dir(tmp_path_factory) -> Path:
+    return make_stage(tmp_path_factory.mktemp("stage") / "captioned")
+
+
+def write_config(path: Path, base: Path, **sections) -> Path:
+    data = {
+        "model": {"base": str(base), "arch": "sd15"},
+        "preprocess": {"resolution": 64},
+        "caption": {"trigger": "sks", "class_noun": "toy robot"},
+        "train": {"max_steps": 4, "learning_rate": 3e-2, "log_every": 2},
+        "evaluate": {
+            "prompts": ["a photo of {trigger} {class_noun}", "a painting of {trigger} {class_noun}"],
+            "seeds": [0, 1],
+            "num_inference_steps": 2,
+            "loss_seeds": [0],
+            "loss_timesteps": [200, 600],
+        },
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_sd15) -> Path:
+    return write_config(tmp_path / "config.yaml", tiny_sd15)
