@@ -11,6 +11,7 @@ HOME_DIR := .sdtune
 TINY_MODEL := $(HOME_DIR)/models/tiny-sd15
 SAMPLE_DATA := $(HOME_DIR)/sample-data
 CONFIG ?= configs/debug/tiny_cpu.yaml
+REGISTRY ?= ghcr.io/sdtune
 # On 2 cores, torch threads competing with any other process make steps erratic and up to 50x slower.
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
@@ -62,7 +63,7 @@ manifests-check: $(STAMP)  ## render every kustomize overlay and validate offlin
 
 images:  ## build the container images (needs a Docker engine)
 	@if docker info >/dev/null 2>&1; then \
-	  for d in images/*/; do n=$$(basename $$d); docker buildx build -f $$d/Dockerfile -t sdtune/$$n:$$($(PY) -c 'import sdtune; print(sdtune.__version__)') . || exit 1; done; \
+	  for d in images/*/; do n=$$(basename $$d); docker buildx build -f $$d/Dockerfile -t $(REGISTRY)/$$n:$$($(PY) -c 'import sdtune; print(sdtune.__version__)') . || exit 1; done; \
 	else echo "no Docker engine here: skipping image builds (Dockerfiles are linted by 'make lint')"; fi
 
 bench: $(STAMP)  ## CPU benchmark suite (not part of make test)

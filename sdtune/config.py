@@ -60,8 +60,9 @@ class IngestConfig(Section):
     fetch_retries: int = Field(3, ge=0, le=10)  # on 5xx, 429 and connection resets, with backoff
     max_download_bytes: int = Field(2 << 30, ge=1)  # per downloaded zip
     fetch_allow_networks: list[str] = Field(default_factory=list)  # CIDRs allowed besides public addresses
-    image_column: str = "image"  # catalogue (CSV/JSONL) column naming the image: path, URL or s3://
+    image_column: str = "image"  # catalogue (CSV/JSONL/Parquet) column naming the image: path, URL or s3://
     caption_column: str = "caption"
+    shard_size: int = Field(0, ge=0)  # records per shard for fanned-out preprocessing; 0: one shard
 
     @field_validator("fetch_allow_networks")
     @classmethod
@@ -75,8 +76,14 @@ class IngestConfig(Section):
 
 class PreprocessConfig(Section):
     resolution: int = Field(512, ge=8)
-    crop: Literal["center", "none"] = "center"
-    upscaler: Literal["lanczos"] = "lanczos"
+    crop: Literal["center", "face", "none"] = "center"  # face: square around the faces (opencv extra)
+    upscaler: Literal["lanczos", "swin2sr"] = "lanczos"
+    upscaler_model: str | None = None  # Swin2SR weights: local folder, hub id or s3://bucket/prefix
+    mask_prompt: str | None = None  # e.g. "a dog": CLIPSeg subject masks saved as NNNNNN.mask.png
+    mask_model: str | None = None  # CLIPSeg weights: local folder, hub id or s3://bucket/prefix
+    mask_threshold: float = Field(0.4, ge=0.0, le=1.0)  # CLIPSeg probability counted as subject
+    workers: int | None = Field(None, ge=1)  # processes; None: min(4, CPUs); model steps run in-process
+    cache_dir: str = ".sdtune/cache/models"  # where s3:// model weights are downloaded
 
 
 class CaptionConfig(Section):
@@ -85,10 +92,18 @@ class CaptionConfig(Section):
     template: str = "a photo of {trigger} {class_noun}"
     use_sidecars: bool = True
     holdout_fraction: float = Field(0.15, ge=0.0, lt=1.0)  # held out for evaluation (≥1 image if ≥5)
+    captioner: Literal["template", "blip"] = "template"  # blip: a captioning model for uncaptioned images
+    captioner_model: str | None = None  # BLIP weights: local folder, hub id or s3://bucket/prefix
+    model_template: str = "a photo of {trigger} {class_noun}, {caption}"  # wraps a model's caption
+    batch_size: int = Field(8, ge=1)  # images per captioning-model call
+    max_new_tokens: int = Field(30, ge=1)  # longest caption the model may generate
+    tokenizer: str | None = None  # training tokenizer (folder, or a diffusers model folder) for the length check
+    max_tokens: int = Field(77, ge=2)  # the text encoder's context, special tokens included
+    cache_dir: str = ".sdtune/cache/models"  # where s3:// model weights are downloaded
 
 
 class TrainConfig(Section):
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "textual_inversion", "pivotal", "dreambooth"] = "lora"
     max_steps: int = Field(500, ge=1)
     batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -108,6 +123,19 @@ class TrainConfig(Section):
     snr_gamma: float | None = Field(None, gt=0)  # min-SNR-γ loss weighting (5.0 is the usual value)
     noise_offset: float = Field(0.0, ge=0)  # e.g. 0.05: helps very dark/bright images
     gradient_checkpointing: bool = False
+    export_kohya: bool = True  # also write lora_kohya.safetensors (A1111/ComfyUI/kohya)
+    # textual_inversion / pivotal: the concept is <trigger> (+ <trigger>_1 …), num_vectors tokens in all
+    num_vectors: int = Field(1, ge=1)
+    initializer_token: str | None = None  # default: the last word of caption.class_noun
+    embedding_learning_rate: float | None = Field(None, gt=0)  # pivotal: lr of the new embeddings
+    embedding_train_fraction: float = Field(1.0, gt=0, le=1)  # pivotal: then LoRA-only for the rest
+    # dreambooth: full UNet fine-tune with prior preservation
+    with_prior_preservation: bool = True
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(100, ge=1)
+    class_prompt: str = "a photo of {class_noun}"
+    class_data_dir: str | None = None  # images of the class; generated with the base model when missing
+    class_image_steps: int = Field(25, ge=1)  # inference steps for generated class images
 
 
 class EvaluateConfig(Section):
@@ -135,6 +163,15 @@ class RegisterConfig(Section):
     gate_metric: str = "loss_tuned_trigger"
     gate_direction: Literal["minimize", "maximize"] = "minimize"
     gate_margin: float = Field(0.0, ge=0.0)
+
+
+class CacheConfig(Section):
+    """Content-addressed step cache (see ``sdtune/cache.py``): unchanged inputs skip the step."""
+
+    enabled: bool = True
+    steps: list[Literal["ingest", "preprocess", "caption", "train", "evaluate"]] = Field(
+        default_factory=lambda: ["ingest", "preprocess", "caption", "train", "evaluate"]
+    )
 
 
 class TrackingConfig(Section):
@@ -244,6 +281,24 @@ class ClusterConfig(Section):
         return found if isinstance(found, StepResources) else StepResources()
 
 
+class SweepConfig(Section):
+    """A hyperparameter/prompt sweep (``sdtune sweep``, docs/sweeps.md): the search space, the metric to
+    optimise and how failures are tolerated. Keys of ``grid``/``ranges`` are dotted config paths."""
+
+    metric: str = "loss_tuned_trigger"  # an evaluation metric (metrics.json of `sdtune evaluate`)
+    direction: Literal["minimize", "maximize"] = "minimize"
+    grid: dict[str, list[Any]] = Field(default_factory=dict)  # every combination (or choices with random)
+    ranges: dict[str, str] = Field(default_factory=dict)  # "loguniform:1e-5:1e-3", "uniform:a:b", "int:a:b"
+    prompts: list[str] = Field(default_factory=list)  # variants of `prompt_key`, one dimension more
+    prompt_key: str = "caption.template"
+    algorithm: Literal["grid", "random", "bayesianoptimization", "tpe"] = "grid"
+    max_trials: int | None = Field(None, ge=1)  # random/bayesian/tpe: how many trials
+    seed: int = 0  # random sampling
+    parallelism: int = Field(2, ge=1)  # trials at once
+    max_failed: int = Field(0, ge=0)  # failed trials tolerated before the sweep fails
+    engine: Literal["kfp", "katib"] = "kfp"
+
+
 class RunConfig(Section):
     """A whole run. ``name`` names the MLflow run and, by default, the registered model."""
 
@@ -256,7 +311,9 @@ class RunConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     def digest(self) -> str:
         """Stable hash of the resolved config (used for cache keys and resume checks)."""

@@ -58,11 +58,15 @@ def evaluate(
     rows["base"] = _samples(pipe, cfg, device, out_dir / "samples" / "base")
 
     if lora_dir is not None:
-        pipe = _load_tuned(pipe, cfg, Path(lora_dir), dtype).to(device)
-        for name, value in _denoising_losses(pipe, latents, prompts, cfg, device).items():
+        pipe, token = _load_tuned(pipe, cfg, Path(lora_dir), dtype)
+        pipe = pipe.to(device)
+        # A learned token (textual inversion, pivotal) stands in for the trigger word in the tuned prompts.
+        tuned_cfg = cfg.model_copy(update={"caption": cfg.caption.model_copy(update={"trigger": token})}) if token else cfg
+        tuned_prompts = {k: tuned_cfg.format_prompt(v) for k, v in (("trigger", TRIGGER_PROMPT), ("class", CLASS_PROMPT))}
+        for name, value in _denoising_losses(pipe, latents, tuned_prompts, cfg, device).items():
             metrics[f"loss_tuned_{name}"] = value
             metrics[f"loss_delta_{name}"] = value - metrics[f"loss_base_{name}"]
-        rows["tuned"] = _samples(pipe, cfg, device, out_dir / "samples" / "tuned")
+        rows["tuned"] = _samples(pipe, tuned_cfg, device, out_dir / "samples" / "tuned")
 
     metrics["loss_records"] = float(len(records))
     metrics["loss_on_train_records"] = float(loss_split == "train")
@@ -124,6 +128,7 @@ def _denoising_losses(pipe, latents: torch.Tensor, prompts: dict[str, str], cfg:
     n = latents.shape[0]
     out: dict[str, float] = {}
     for name, prompt in prompts.items():
+        prompt = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)  # "<sks>" → "<sks> <sks>_1 …"
         cond = D.encode_prompts(parts, [prompt], device, cfg.preprocess.resolution)
         kwargs: dict[str, Any] = {"encoder_hidden_states": cond["prompt_embeds"].repeat(n, 1, 1).to(pipe.unet.dtype)}
         if "pooled_embeds" in cond:
@@ -146,22 +151,25 @@ def _denoising_losses(pipe, latents: torch.Tensor, prompts: dict[str, str], cfg:
 
 
 def _load_tuned(pipe, cfg: RunConfig, tuned_dir: Path, dtype: torch.dtype):
-    """Apply a training output to the base pipeline (or load it whole, for a full fine-tune)."""
+    """Apply a training output to the base pipeline (or load it whole, for a full fine-tune).
+
+    Returns ``(pipeline, learned token or None)``."""
+    from sdtune.train.embeddings import load_into_pipeline
+
     if (tuned_dir / "model_index.json").is_file():
-        return load_pipeline(cfg, str(tuned_dir), torch_dtype=dtype)
-    found = False
+        return load_pipeline(cfg, str(tuned_dir), torch_dtype=dtype), None
+    token = None
     embeds = tuned_dir / "learned_embeds.safetensors"
     if embeds.is_file():
-        pipe.load_textual_inversion(str(embeds))
-        found = True
-    if (tuned_dir / "pytorch_lora_weights.safetensors").is_file():
+        token = load_into_pipeline(pipe, embeds)
+    has_lora = (tuned_dir / "pytorch_lora_weights.safetensors").is_file()
+    if has_lora:
         pipe.load_lora_weights(str(tuned_dir))
-        found = True
-    if not found:
+    if token is None and not has_lora:
         from sdtune.errors import SdtuneError
 
         raise SdtuneError(f"{tuned_dir}: no LoRA, embeddings or pipeline to evaluate")
-    return pipe
+    return pipe, token
 
 
 @torch.no_grad()

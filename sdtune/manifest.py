@@ -154,3 +154,85 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def dumps_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+ITEMS_NAME = "report.items.jsonl"
+REPORT_ITEMS_KEPT = 1000  # items repeated in report.json; the full list is in ITEMS_NAME
+
+
+class StageWriter:
+    """Write a stage as it runs, in memory that does not grow with the number of input items.
+
+    Records go to ``manifest.jsonl`` and item reports to ``report.items.jsonl`` line by line; counts are kept
+    incrementally. :meth:`close` writes ``report.json`` with the counts, the first ``keep_items`` items and
+    ``summary.items_file`` pointing at the full list, so :func:`read_report` and :func:`report_markdown` keep
+    working on a million-row catalogue. Files are written under temporary names and renamed at close, so
+    a stage that fails half-way leaves no manifest behind (as :func:`write_stage` does).
+
+    ``StageResult.records`` still holds every record (steps count them); an item that produced no record
+    costs nothing once written.
+    """
+
+    def __init__(self, out_dir: Path, stage: str, *, keep_items: int = REPORT_ITEMS_KEPT) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.report = StageReport(stage=stage)
+        self.records: list[Record] = []
+        self.n_items = 0
+        self.keep_items = keep_items
+        self._manifest = open(self._tmp(MANIFEST_NAME), "w", encoding="utf-8")  # noqa: SIM115
+        self._items = open(self._tmp(ITEMS_NAME), "w", encoding="utf-8")  # noqa: SIM115
+        self._closed = False
+
+    def __enter__(self) -> StageWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self._closed:
+            self.abort()
+
+    def add_record(self, record: Record) -> None:
+        self._manifest.write(record.model_dump_json() + "\n")
+        self.records.append(record)
+
+    def add_item(self, item: ItemReport) -> None:
+        self._items.write(item.model_dump_json() + "\n")
+        self.n_items += 1
+        if len(self.report.items) < self.keep_items:
+            self.report.items.append(item)
+        self.report.counts[item.status] = self.report.counts.get(item.status, 0) + 1
+        if item.status == "skipped":
+            self.report.reasons[item.reason] = self.report.reasons.get(item.reason, 0) + 1
+
+    def close(self, summary: dict[str, Any] | None = None) -> StageResult:
+        """Finish the files and write ``report.json``; returns the stage's result."""
+        self.report.summary = {**(summary or {}), "items_total": self.n_items, "items_file": ITEMS_NAME}
+        for fh, name in ((self._manifest, MANIFEST_NAME), (self._items, ITEMS_NAME)):
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            os.replace(self._tmp(name), self.out_dir / name)
+        self._closed = True
+        _atomic_write(self.out_dir / REPORT_NAME, self.report.model_dump_json(indent=2) + "\n")
+        return StageResult(out_dir=self.out_dir, records=self.records, report=self.report)
+
+    def abort(self) -> None:
+        for fh, name in ((self._manifest, MANIFEST_NAME), (self._items, ITEMS_NAME)):
+            fh.close()
+            self._tmp(name).unlink(missing_ok=True)
+        self._closed = True
+
+    def _tmp(self, name: str) -> Path:
+        return self.out_dir / f".{name}.tmp"
+
+
+def iter_report_items(stage_dir: Path) -> Iterator[ItemReport]:
+    """Every item report of a stage: the full ``report.items.jsonl`` when there is one, else ``report.json``."""
+    path = Path(stage_dir) / ITEMS_NAME
+    if not path.is_file():
+        yield from read_report(stage_dir).items
+        return
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield ItemReport.model_validate_json(line)

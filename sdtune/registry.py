@@ -86,7 +86,8 @@ def register_model(cfg: RunConfig, model_dir: Path, metrics: dict[str, float], r
         )
     version = mlflow.register_model(info.model_uri, name)
     for key, value in metrics.items():
-        client.set_model_version_tag(name, version.version, f"metric.{key}", f"{value:.6g}")
+        # repr round-trips exactly: the gate later compares against this very value
+        client.set_model_version_tag(name, version.version, f"metric.{key}", repr(float(value)))
     client.set_model_version_tag(name, version.version, "sdtune.base_model", cfg.model.base)
     client.set_registered_model_alias(name, cfg.register.alias, version.version)
     decision = gate(client, cfg, version.version, metrics)

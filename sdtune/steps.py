@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sdtune import tracking
-from sdtune.config import config_from_yaml
+from sdtune import cache, tracking
+from sdtune.config import RunConfig, config_from_yaml
 from sdtune.manifest import StageResult, manifest_digest, report_markdown
 
 Summary = dict[str, Any]
@@ -57,31 +57,56 @@ def _log_stage(run: tracking.StepRun, stage: str, result: StageResult) -> Summar
     return {"stage": stage, "images": len(result.records), "counts": report.counts, "reasons": report.reasons}
 
 
+def _cache_key(cfg: RunConfig, step: str, **parts: Any) -> str | None:
+    """The step's content-addressed cache key, or None when caching is off or an input's content is unknown."""
+    if not cfg.cache.enabled or step not in cfg.cache.steps or any(v is None for v in parts.values()):
+        return None
+    return cache.step_key(step, **parts)
+
+
+def _run_stage(cfg: RunConfig, parent_run_id: str, step: str, out_dir: Path, key: str | None, produce) -> Summary:
+    """Run a data stage, or restore its output from the cache, and log it either way."""
+    from sdtune.manifest import read_manifest, read_report
+
+    store = cache.StepCache()
+    with tracking.step_run(parent_run_id, step) as run:
+        if key and store.restore(step, key, out_dir) is not None:
+            result = StageResult(out_dir=out_dir, records=read_manifest(out_dir), report=read_report(out_dir))
+            run.set_tags({"sdtune.cache": "hit", "sdtune.cache_key": key})
+        else:
+            result = produce()
+            if key:
+                store.store(step, key, out_dir, {})
+            run.set_tags({"sdtune.cache": "miss" if key else "off"})
+        return _log_stage(run, step, result)
+
+
 def ingest_step(config_yaml: str, parent_run_id: str, out_dir: str | Path) -> Summary:
     from sdtune.data.ingest import ingest
 
     cfg = config_from_yaml(config_yaml)
-    with tracking.step_run(parent_run_id, "ingest") as run:
-        result = ingest(cfg.ingest.sources, Path(out_dir), cfg.ingest)
-        return _log_stage(run, "ingest", result)
+    out_dir = Path(out_dir)
+    sources = [cache.source_digest(s) for s in cfg.ingest.sources]
+    key = _cache_key(cfg, "ingest", sources=None if None in sources else sources, ingest=cfg.ingest.model_dump(mode="json"))
+    return _run_stage(cfg, parent_run_id, "ingest", out_dir, key, lambda: ingest(cfg.ingest.sources, out_dir, cfg.ingest))
 
 
 def preprocess_step(config_yaml: str, parent_run_id: str, in_dir: str | Path, out_dir: str | Path) -> Summary:
     from sdtune.data.preprocess import preprocess_dir
 
     cfg = config_from_yaml(config_yaml)
-    with tracking.step_run(parent_run_id, "preprocess") as run:
-        result = preprocess_dir(Path(in_dir), Path(out_dir), cfg.preprocess)
-        return _log_stage(run, "preprocess", result)
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    key = _cache_key(cfg, "preprocess", data=manifest_digest(in_dir), preprocess=cfg.preprocess.model_dump(mode="json"))
+    return _run_stage(cfg, parent_run_id, "preprocess", out_dir, key, lambda: preprocess_dir(in_dir, out_dir, cfg.preprocess))
 
 
 def caption_step(config_yaml: str, parent_run_id: str, in_dir: str | Path, out_dir: str | Path) -> Summary:
     from sdtune.data.caption import caption_dir
 
     cfg = config_from_yaml(config_yaml)
-    with tracking.step_run(parent_run_id, "caption") as run:
-        result = caption_dir(Path(in_dir), Path(out_dir), cfg.caption)
-        return _log_stage(run, "caption", result)
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    key = _cache_key(cfg, "caption", data=manifest_digest(in_dir), caption=cfg.caption.model_dump(mode="json"))
+    return _run_stage(cfg, parent_run_id, "caption", out_dir, key, lambda: caption_dir(in_dir, out_dir, cfg.caption))
 
 
 def train_step(config_yaml: str, parent_run_id: str, data_dir: str | Path, out_dir: str | Path) -> Summary:
@@ -90,20 +115,34 @@ def train_step(config_yaml: str, parent_run_id: str, data_dir: str | Path, out_d
     from sdtune.train.launch import launch_training
 
     cfg = config_from_yaml(config_yaml)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    key = _cache_key(
+        cfg, "train", data=manifest_digest(data_dir), train=cfg.train.model_dump(mode="json"),
+        resolution=cfg.preprocess.resolution, model=cache.model_identity(cfg.model.base, cfg.model.revision),
+        arch=cfg.model.arch,
+    )
+    store = cache.StepCache()
     with tracking.step_run(parent_run_id, "train") as run:
         run.log_params(tracking.flatten_params({"train": cfg.train.model_dump(mode="json")}))
-        with tempfile.TemporaryDirectory() as tmp:
-            config_path = Path(tmp) / "config.yaml"
-            config_path.write_text(config_yaml, encoding="utf-8")
-            code = launch_training(config_path, Path(data_dir), out_dir, cfg.train.num_processes, run.run_id)
-        if code != 0:
-            raise TrainingError(f"training exited with code {code}")
-        summary = json.loads((out_dir / "train_summary.json").read_text())
+        summary = store.restore("train", key, out_dir) if key else None
+        if summary is not None:
+            run.set_tags({"sdtune.cache": "hit", "sdtune.cache_key": key,
+                          "sdtune.cache_source_run": summary.get("mlflow_run_id", "")})
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                config_path = Path(tmp) / "config.yaml"
+                config_path.write_text(config_yaml, encoding="utf-8")
+                code = launch_training(config_path, data_dir, out_dir, cfg.train.num_processes, run.run_id)
+            if code != 0:
+                raise TrainingError(f"training exited with code {code}")
+            summary = json.loads((out_dir / "train_summary.json").read_text())
+            summary["mlflow_run_id"] = run.run_id
+            if key:
+                store.store("train", key, out_dir, summary)
+            run.set_tags({"sdtune.cache": "miss" if key else "off"})
         run.log_artifact(out_dir, "model")
         run.set_tags({"sdtune.method": cfg.train.method})
-        summary["mlflow_run_id"] = run.run_id
         return summary
 
 
@@ -111,13 +150,31 @@ def evaluate_step(
     config_yaml: str, parent_run_id: str, data_dir: str | Path, model_dir: str | Path, out_dir: str | Path
 ) -> dict[str, float]:
     from sdtune.evaluate import evaluate
+    from sdtune.report import evaluation_report
 
     cfg = config_from_yaml(config_yaml)
-    out_dir = Path(out_dir)
+    data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
+    key = _cache_key(
+        cfg, "evaluate", data=manifest_digest(data_dir), trained=cache.tree_digest(model_dir),
+        evaluate=cfg.evaluate.model_dump(mode="json"), resolution=cfg.preprocess.resolution,
+        model=cache.model_identity(cfg.model.base, cfg.model.revision), arch=cfg.model.arch,
+    )
+    store = cache.StepCache()
     with tracking.step_run(parent_run_id, "evaluate") as run:
-        metrics = evaluate(cfg, cfg.model.base, Path(model_dir), Path(data_dir), out_dir)
+        cached = store.restore("evaluate", key, out_dir) if key else None
+        if cached is not None:
+            metrics = cached
+            run.set_tags({"sdtune.cache": "hit", "sdtune.cache_key": key})
+        else:
+            metrics = evaluate(cfg, cfg.model.base, model_dir, data_dir, out_dir)
+            if key:
+                store.store("evaluate", key, out_dir, metrics)
+            run.set_tags({"sdtune.cache": "miss" if key else "off"})
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        page = evaluation_report(out_dir, model_dir, data_dir)
+        (out_dir / "report.html").write_text(page, encoding="utf-8")
         run.log_metrics(numeric, step=cfg.train.max_steps)
+        run.log_artifact(out_dir / "report.html", "evaluation")
         run.log_artifact(out_dir / "grid.png", f"samples/step_{cfg.train.max_steps:06d}")
         run.log_artifact(out_dir / "metrics.json", "evaluation")
     if parent_run_id:
@@ -160,23 +217,6 @@ def write_report_markdown(stage_dir: str | Path, md_path: str | Path) -> None:
 
 
 def write_evaluation_html(evaluation_dir: str | Path, html_path: str | Path) -> None:
-    """A self-contained page (grid inlined as base64, metric table) for the KFP UI."""
-    import base64
-    import html
-
-    evaluation_dir = Path(evaluation_dir)
-    metrics = json.loads((evaluation_dir / "metrics.json").read_text())
-    rows = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{v:.5g}</td></tr>" if isinstance(v, int | float)
-        else f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
-        for k, v in metrics.items()
-    )
-    grid = base64.b64encode((evaluation_dir / "grid.png").read_bytes()).decode("ascii")
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>sdtune evaluation</title></head><body>"
-        "<h1>Evaluation</h1><p>Top row: base model. Bottom row: fine-tuned. Same seeds per column.</p>"
-        f"<img alt='sample grid' src='data:image/png;base64,{grid}'>"
-        f"<table border='1'><tr><th>metric</th><th>value</th></tr>{rows}</table></body></html>"
-    )
+    """The evaluation report page (see :mod:`sdtune.report`), for the KFP UI."""
     Path(html_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(html_path).write_text(page, encoding="utf-8")
+    Path(html_path).write_bytes((Path(evaluation_dir) / "report.html").read_bytes())

@@ -3,6 +3,7 @@ tracking server whose artifacts go to that store. Each runs in its own process g
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -51,10 +52,10 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> Server:
-        fh = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            self.argv, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with open(self.log, "ab") as fh:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            )
         wait_http(self.url + self.ready_path, timeout, self.proc, self.log)
         return self
 
@@ -65,10 +66,8 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=15)
         except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(timeout=5)
 
 

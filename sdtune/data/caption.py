@@ -9,13 +9,11 @@ pictures in another order, holds out the same pictures.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from sdtune.config import CaptionConfig
-from sdtune.data.stagedir import prepare_out_dir, safe_child
+from sdtune.data.stagedir import link_or_copy, prepare_out_dir, safe_child
 from sdtune.errors import ConfigError
 from sdtune.manifest import ItemReport, Record, StageReport, StageResult, read_manifest, write_stage
 
@@ -56,7 +54,7 @@ def caption_dir(
     for record in records_in:
         from_sidecar = cfg.use_sidecars and bool(record.caption)
         caption = record.caption if from_sidecar else template
-        _link_or_copy(safe_child(in_dir, record.file), out_dir / record.file)
+        link_or_copy(safe_child(in_dir, record.file), out_dir / record.file)
         split = "holdout" if record.file in held_out else "train"
         records.append(record.model_copy(update={"caption": caption, "split": split}))
         report.add(
@@ -77,11 +75,3 @@ def caption_dir(
         "template": template,
     }
     return write_stage(out_dir, records, report)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hardlink (free) when both dirs share a filesystem, else copy: each stage dir stays self-contained."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

@@ -1,12 +1,15 @@
-"""CSV and JSONL catalogues: one row per image (a relative path, an http(s) URL or an s3:// URI) with an
-optional caption column. Rows are streamed, never loaded whole, so a million-row e-commerce export reads in
-flat memory; each row's image is fetched lazily when ingest reaches it.
+"""CSV, JSONL and Parquet catalogues: one row per image (a relative path, an http(s) URL or an s3:// URI)
+with an optional caption column. Rows are streamed (CSV/JSONL line by line, Parquet one row-group batch at
+a time, only the two columns read), never loaded whole, so a million-row e-commerce export reads in flat
+memory; each row's image is fetched lazily when ingest reaches it.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +22,14 @@ csv.field_size_limit(1 << 20)  # a caption cell, not a whole file: bounded, but 
 
 def iter_catalogue(path: Path, cfg: IngestConfig) -> Iterator[Item | Skip]:
     label = printable(str(path))
-    rows = _csv_rows(path, label, cfg.image_column) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    base = os.path.realpath(path.parent)  # once per catalogue: resolving per row dominated the run time
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = _csv_rows(path, label, cfg.image_column)
+    elif suffix == ".parquet":
+        rows = _parquet_rows(path, label, cfg.image_column, cfg.caption_column)
+    else:
+        rows = _jsonl_rows(path)
     for line, row in rows:
         if row is None:
             yield Skip(f"{label}:{line}", "bad_row", "not a JSON object")
@@ -31,10 +41,10 @@ def iter_catalogue(path: Path, cfg: IngestConfig) -> Iterator[Item | Skip]:
         value = value.strip()
         caption = row.get(cfg.caption_column)
         caption = (" ".join(caption.split()) or None) if isinstance(caption, str) else None
-        yield _item_for(value, path.parent, cfg, caption)
+        yield _item_for(value, base, cfg, caption)
 
 
-def _item_for(value: str, base: Path, cfg: IngestConfig, caption: str | None) -> Item | Skip:
+def _item_for(value: str, base: str, cfg: IngestConfig, caption: str | None) -> Item | Skip:
     if value.startswith(("http://", "https://")):
         from sdtune.data.fetch import url_reader
 
@@ -48,13 +58,34 @@ def _item_for(value: str, base: Path, cfg: IngestConfig, caption: str | None) ->
     from sdtune.data.sources import file_reader
 
     # Relative paths resolve inside the catalogue's folder only: a shared catalogue must not read /etc.
-    path = (base / value).resolve()
     label = printable(value)
-    if not path.is_relative_to(base.resolve()):
+    path = _resolve_row_path(base, value)
+    if path is None:
         return Skip(label, "bad_row", "path leaves the catalogue's folder")
-    if not path.is_file():
+    if not os.path.isfile(path):
         return Skip(label, "missing_file", "no such file")
-    return Item(label, file_reader(path, cfg.max_image_bytes), caption=caption)
+    return Item(label, file_reader(Path(path), cfg.max_image_bytes), caption=caption)
+
+
+def _resolve_row_path(base: str, value: str) -> str | None:
+    """The real path of a row's file, or None when it (or a symlink on the way) leaves ``base``.
+
+    Runs once per row, so it avoids a full ``realpath`` (an lstat per path component): the folder part is
+    resolved once per distinct folder (cached), then only the file itself is checked for a symlink.
+    """
+    lexical = os.path.normpath(os.path.join(base, value))
+    if not lexical.startswith(base + os.sep):
+        return None
+    folder = _real_folder(os.path.dirname(lexical))
+    path = os.path.join(folder, os.path.basename(lexical))
+    if os.path.islink(path):
+        path = os.path.realpath(path)
+    return path if path.startswith(base + os.sep) else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def _csv_rows(path: Path, label: str, image_column: str) -> Iterator[tuple[int, dict | None]]:
@@ -79,3 +110,30 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None]]:
             except json.JSONDecodeError:
                 row = None
             yield line_no, row if isinstance(row, dict) else None
+
+
+PARQUET_BATCH_ROWS = 8192
+
+
+def _parquet_rows(
+    path: Path, label: str, image_column: str, caption_column: str
+) -> Iterator[tuple[int, dict | None]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DatasetError(f"{label}: Parquet catalogues need pyarrow (pip install pyarrow)") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        raise DatasetError(f"{label}: not a readable Parquet file ({type(exc).__name__})") from None
+    columns = parquet.schema_arrow.names
+    if image_column not in columns:
+        raise DatasetError(
+            f"{label}: no {image_column!r} column (has: {', '.join(columns)[:200]}); set ingest.image_column"
+        )
+    wanted = [image_column] + ([caption_column] if caption_column in columns else [])
+    row = 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted):
+        for values in batch.to_pylist():
+            row += 1  # 1-based, like CSV/JSONL line numbers, so ids read the same
+            yield row, values

@@ -1,8 +1,13 @@
 """``ingest``: sources (folders, zips, URLs, s3://, catalogues) → a stage directory of clean RGB PNGs.
 
-Every input item gets one line in ``report.json`` (kept / normalised / skipped with a reason code); bad
-items never stop the run. The dataset as a whole is refused (``DatasetError``, exit code 2) when fewer than
-``min_images`` survive or more than ``max_reject_fraction`` of the real candidates were rejected.
+Every input item gets one line in ``report.items.jsonl`` (kept / normalised / skipped with a reason code;
+``report.json`` holds the counts and the first items); bad items never stop the run. Records and reports
+are streamed to disk (:class:`~sdtune.manifest.StageWriter`), so a million-row catalogue runs in flat
+memory. The dataset as a whole is refused (``DatasetError``, exit code 2) when fewer than ``min_images``
+survive or more than ``max_reject_fraction`` of the real candidates were rejected.
+
+With ``shard_size`` > 0 every record gets ``extra.shard`` (``index // shard_size``) so preprocessing can
+fan out over shards; ``shards.json`` lists them (always written: unsharded output is one shard, id 0).
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ from sdtune.data.dedup import Deduplicator
 from sdtune.data.images import decode_image
 from sdtune.data.items import Item, Skip
 from sdtune.data.reasons import IGNORED, SkipItem
+from sdtune.data.shards import write_shards
 from sdtune.data.sources import iter_source
 from sdtune.data.stagedir import prepare_out_dir, write_png
 from sdtune.errors import DatasetError
-from sdtune.manifest import ItemReport, Record, StageReport, StageResult, write_stage
+from sdtune.manifest import ItemReport, Record, StageResult, StageWriter
 
 Progress = Callable[[str], None]
 
@@ -30,31 +36,34 @@ def ingest(
     if not sources:
         raise DatasetError("no sources given: pass a folder, a zip, a URL, an s3:// prefix or a catalogue")
     out_dir = prepare_out_dir(Path(out_dir))
-    report = StageReport(stage="ingest")
-    records: list[Record] = []
     dedup = Deduplicator(cfg.near_duplicate_distance)
-    for source in sources:
-        for entry in iter_source(source, cfg):
-            if isinstance(entry, Skip):
-                report.add(
-                    ItemReport(item=entry.id, status="skipped", reason=entry.reason, detail=entry.detail)
-                )
-            else:
-                item_report, record = _ingest_item(entry, out_dir, cfg, dedup, len(records))
-                report.add(item_report)
-                if record is not None:
-                    records.append(record)
-            if progress:
-                progress(entry.id)
+    rejected = 0
+    with StageWriter(out_dir, "ingest") as writer:
+        for source in sources:
+            for entry in iter_source(source, cfg):
+                if isinstance(entry, Skip):
+                    item_report = ItemReport(
+                        item=entry.id, status="skipped", reason=entry.reason, detail=entry.detail
+                    )
+                else:
+                    item_report, record = _ingest_item(entry, out_dir, cfg, dedup, len(writer.records))
+                    if record is not None:
+                        writer.add_record(record)
+                writer.add_item(item_report)
+                rejected += item_report.status == "skipped" and item_report.reason not in IGNORED
+                if progress:
+                    progress(entry.id)
+        kept = len(writer.records)
+        write_shards(out_dir, kept, cfg.shard_size)
+        # Written even when refusing below: the report explains why.
+        result = writer.close({"kept": kept, "rejected": rejected, "sources": len(sources)})
 
-    rejected = sum(1 for i in report.items if i.status == "skipped" and i.reason not in IGNORED)
-    candidates = len(records) + rejected
-    report.summary = {"kept": len(records), "rejected": rejected, "sources": len(sources)}
-    result = write_stage(out_dir, records, report)  # written even when refusing: it explains why
-    if len(records) < cfg.min_images:
+    candidates = kept + rejected
+    skipped = result.report.counts.get("skipped", 0)
+    if kept < cfg.min_images:
         raise DatasetError(
-            f"only {len(records)} usable image(s), at least {cfg.min_images} needed "
-            f"({report.n_skipped} skipped; see {out_dir / 'report.json'})"
+            f"only {kept} usable image(s), at least {cfg.min_images} needed "
+            f"({skipped} skipped; see {out_dir / 'report.json'})"
         )
     if candidates and rejected / candidates > cfg.max_reject_fraction:
         raise DatasetError(
@@ -89,6 +98,9 @@ def _ingest_item(
     dedup.add(item.id, byte_digest, pixel_digest, bits)
     name = f"{index:06d}.png"
     image = decoded.image
+    extra = {"format": decoded.format, "pixel_sha256": pixel_digest}
+    if cfg.shard_size:
+        extra["shard"] = index // cfg.shard_size
     record = Record(
         file=name,
         caption=item.caption,
@@ -96,7 +108,7 @@ def _ingest_item(
         height=image.height,
         sha256=write_png(image, out_dir / name),
         source=item.id,
-        extra={"format": decoded.format, "pixel_sha256": pixel_digest},
+        extra=extra,
     )
     status = "normalised" if decoded.transforms else "kept"
     return (

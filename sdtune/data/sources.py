@@ -24,7 +24,7 @@ from sdtune.data.items import (
 from sdtune.data.reasons import SkipItem
 from sdtune.errors import DatasetError
 
-CATALOGUE_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+CATALOGUE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
 
 
 def zip_limits(cfg: IngestConfig) -> ZipLimits:

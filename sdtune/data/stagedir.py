@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
+import shutil
 from pathlib import Path
 
 from PIL import Image
 
 from sdtune.errors import DatasetError
-from sdtune.manifest import MANIFEST_NAME, REPORT_NAME, Record
+from sdtune.manifest import ITEMS_NAME, MANIFEST_NAME, REPORT_NAME, Record
 
 MARKER = ".sdtune-stage"  # written first: a folder holding it was made by a stage, even one that failed
-GENERATED = re.compile(r"\d{6}\.png")
+GENERATED = re.compile(r"\d{6,}(\.mask)?\.png")
+SHARDS_NAME = "shards.json"
+# Everything a stage writes besides images; the dot-names are half-written files of a stage that died.
+STAGE_FILES = frozenset({MANIFEST_NAME, REPORT_NAME, ITEMS_NAME, SHARDS_NAME})
+STAGE_TEMPS = frozenset(f".{name}.tmp" for name in STAGE_FILES)
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
@@ -28,7 +34,7 @@ def prepare_out_dir(out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / MARKER).is_file():
         for path in out_dir.iterdir():
-            if GENERATED.fullmatch(path.name) or path.name in (MANIFEST_NAME, REPORT_NAME):
+            if GENERATED.fullmatch(path.name) or path.name in STAGE_FILES | STAGE_TEMPS:
                 path.unlink()
     leftovers = sorted(p.name for p in out_dir.iterdir() if p.name != MARKER)
     if leftovers:
@@ -62,3 +68,16 @@ def load_record_image(stage_dir: Path, record: Record) -> Image.Image:
     with Image.open(path) as im:
         im.load()
         return im.convert("RGB")
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hardlink (free) when both dirs share a filesystem, else copy: each stage dir stays self-contained."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def record_key(record: Record) -> tuple[int, str]:
+    """Generated names in numeric order (``999999.png`` before ``1000000.png``)."""
+    return len(record.file), record.file

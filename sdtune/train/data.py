@@ -84,36 +84,61 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-@torch.no_grad()
-def encode_prompts(parts, prompts: list[str], device, resolution: int) -> dict[str, torch.Tensor]:
-    """Text conditioning for ``prompts``: SD 1.x/2.x last hidden state; SDXL both encoders' penultimate
-    states concatenated, the pooled projection, and the size/crop ``time_ids``."""
-    parts.text_encoder.to(device)
-    ids = tokenize(parts.tokenizer, prompts).to(device)
+def tokenize_prompts(parts, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Token ids for each text encoder: ``{"ids": …}`` plus ``"ids_2"`` for SDXL."""
+    out = {"ids": tokenize(parts.tokenizer, prompts)}
+    if parts.is_sdxl:
+        out["ids_2"] = tokenize(parts.tokenizer_2, prompts)
+    return out
+
+
+def text_conditioning(parts, ids: dict[str, torch.Tensor], resolution: int) -> dict[str, torch.Tensor]:
+    """Text conditioning from token ids (differentiable: textual inversion calls it inside the loop).
+
+    SD 1.x/2.x: the last hidden state. SDXL: both encoders' penultimate states concatenated, the pooled
+    projection of the second, and the size/crop ``time_ids``.
+    """
+    input_ids = ids["ids"]
     if not parts.is_sdxl:
-        return {"prompt_embeds": parts.text_encoder(ids)[0].float()}
-    parts.text_encoder_2.to(device)
-    ids_2 = tokenize(parts.tokenizer_2, prompts).to(device)
-    out_1 = parts.text_encoder(ids, output_hidden_states=True)
-    out_2 = parts.text_encoder_2(ids_2, output_hidden_states=True)
-    embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1).float()
+        return {"prompt_embeds": parts.text_encoder(input_ids)[0]}
+    out_1 = parts.text_encoder(input_ids, output_hidden_states=True)
+    out_2 = parts.text_encoder_2(ids["ids_2"], output_hidden_states=True)
+    embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
     # (original h, w, crop top, left, target h, w): images arrive already cropped to the training size.
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device).float()
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=input_ids.device)
     return {
         "prompt_embeds": embeds,
-        "pooled_embeds": out_2.text_embeds.float(),
-        "time_ids": time_ids.repeat(len(prompts), 1),
+        "pooled_embeds": out_2.text_embeds,
+        "time_ids": time_ids.float().repeat(input_ids.shape[0], 1),
     }
+
+
+@torch.no_grad()
+def encode_prompts(parts, prompts: list[str], device, resolution: int) -> dict[str, torch.Tensor]:
+    """Text conditioning for ``prompts``, computed once (fp32)."""
+    for encoder in (parts.text_encoder, parts.text_encoder_2):
+        if encoder is not None:
+            encoder.to(device)
+    ids = {k: v.to(device) for k, v in tokenize_prompts(parts, prompts).items()}
+    return {k: v.float() for k, v in text_conditioning(parts, ids, resolution).items()}
 
 
 def encode_records(
     parts, records: list[Record], data_dir: Path, cfg: RunConfig, device, dtype: torch.dtype = torch.float32
 ) -> EncodedData:
     """Encode this rank's records once and return the cache (tensors on ``device`` in ``dtype``)."""
+    paths = [Path(data_dir) / r.file for r in records]
+    return encode_files(parts, paths, [caption_of(r, cfg) for r in records], cfg, device, dtype)
+
+
+def encode_files(
+    parts, paths: list[Path], captions: list[str], cfg: RunConfig, device, dtype: torch.dtype = torch.float32
+) -> EncodedData:
+    """Encode images and their captions once (VAE in fp32; tensors stored on ``device`` in ``dtype``)."""
     res = cfg.preprocess.resolution
-    pixels = torch.stack([load_image(Path(data_dir) / r.file, res) for r in records])
+    pixels = torch.stack([load_image(p, res) for p in paths])
     mean, std = encode_images(parts.vae, pixels, device)
-    text = encode_prompts(parts, [caption_of(r, cfg) for r in records], device, res)
+    text = encode_prompts(parts, captions, device, res)
     return EncodedData(
         latent_mean=mean.to(dtype),
         latent_std=std.to(dtype),

@@ -20,8 +20,9 @@ Features (config key → behaviour):
 - ``train.seed``: same seed, same data, same process count → same weights.
 - ``train.log_every``: loss/lr/grad-norm/steps-per-second logged every N steps (the only host syncs).
 
-Writes (rank 0): ``pytorch_lora_weights.safetensors``, ``metrics.jsonl``, ``config.yaml``,
-``train_summary.json``. Raises :class:`~sdtune.errors.TrainingError` when the loss is not finite.
+Writes (rank 0): ``pytorch_lora_weights.safetensors`` (diffusers), ``lora_kohya.safetensors`` (kohya/A1111/
+ComfyUI, unless ``train.export_kohya=false``), ``metrics.jsonl``, ``config.yaml``, ``train_summary.json``,
+``README.md`` (model card). Raises :class:`~sdtune.errors.TrainingError` when the loss is not finite.
 """
 
 from __future__ import annotations
@@ -141,8 +142,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             num_processes=world,
         )
         if accelerator.is_main_process:
-            lora_path = save_unet_lora(accelerator.unwrap_model(unet), out_dir, cfg.model.arch)
-            result.files = [lora_path.name]
+            result.files = save_unet_lora(accelerator.unwrap_model(unet), out_dir, cfg)
             write_run_files(cfg, out_dir, result)
     finally:
         if log is not None:

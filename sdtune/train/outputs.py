@@ -10,6 +10,9 @@ from typing import Any
 from sdtune.config import RunConfig
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+KOHYA_LORA = "lora_kohya.safetensors"
+EMBEDDINGS = "learned_embeds.safetensors"
+MODEL_CARD = "README.md"
 SUMMARY = "train_summary.json"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
@@ -25,6 +28,7 @@ class TrainResult:
     steps_per_sec: float
     num_processes: int = 1
     files: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific facts (tokens, checks, …)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -38,21 +42,87 @@ def pipeline_class(arch: str):
     return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
 
 
-def save_unet_lora(unet, out_dir: Path, arch: str) -> Path:
-    """Diffusers-format LoRA (with the adapter config as metadata, so alpha ≠ rank loads right)."""
+def save_unet_lora(unet, out_dir: Path, cfg: RunConfig) -> list[str]:
+    """Diffusers-format LoRA (with the adapter config as metadata, so alpha ≠ rank loads right) and, when
+    ``train.export_kohya``, the same weights in kohya/A1111/ComfyUI format. Returns the file names."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    pipeline_class(arch).save_lora_weights(
+    peft_state = get_peft_model_state_dict(unet)
+    lora_config = unet.peft_config["default"]
+    pipeline_class(cfg.model.arch).save_lora_weights(
         out_dir,
-        unet_lora_layers=layers,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+        unet_lora_adapter_metadata=lora_config.to_dict(),
         safe_serialization=True,
     )
-    return out_dir / LORA_WEIGHTS
+    files = [LORA_WEIGHTS]
+    if cfg.train.export_kohya:
+        from .export import save_kohya_lora
+
+        meta = {"ss_base_model_version": cfg.model.arch, "ss_network_dim": str(lora_config.r),
+                "ss_network_alpha": str(lora_config.lora_alpha), "sdtune_trigger": cfg.caption.trigger}
+        save_kohya_lora({"unet": (peft_state, lora_config.lora_alpha)}, out_dir / KOHYA_LORA, meta)
+        files.append(KOHYA_LORA)
+    return files
 
 
-def write_run_files(cfg: RunConfig, out_dir: Path, result: TrainResult) -> None:
+def write_run_files(cfg: RunConfig, out_dir: Path, result: TrainResult, prompt: str | None = None) -> None:
+    """``config.yaml``, ``train_summary.json`` and the model card ``README.md``."""
     (out_dir / CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
     (out_dir / SUMMARY).write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    (out_dir / MODEL_CARD).write_text(model_card(cfg, result, prompt=prompt), encoding="utf-8")
+
+
+HOW_TO_LOAD = {
+    LORA_WEIGHTS: "pipe.load_lora_weights(\"{dir}\")",
+    KOHYA_LORA: "AUTOMATIC1111 / ComfyUI `models/Lora/`, or pipe.load_lora_weights(\"{dir}\", weight_name=\"{file}\")",
+    EMBEDDINGS: "pipe.load_textual_inversion(\"{dir}/{file}\")",
+    "model_index.json": "StableDiffusionPipeline.from_pretrained(\"{dir}\")",
+}
+
+
+def model_card(cfg: RunConfig, result: TrainResult, metrics: dict[str, float] | None = None, prompt: str | None = None) -> str:
+    """A Markdown model card: base model, method, trigger, example prompt, hyperparameters, metrics."""
+    tc = cfg.train
+    prompt = prompt or cfg.format_prompt("a photo of {trigger} {class_noun}")
+    hyper = {
+        "steps": tc.max_steps, "batch size (per process)": tc.batch_size, "processes": result.num_processes,
+        "gradient accumulation": tc.gradient_accumulation_steps, "learning rate": tc.learning_rate,
+        "lr schedule": f"{tc.lr_scheduler} (warmup {tc.lr_warmup_steps})", "resolution": cfg.preprocess.resolution,
+        "mixed precision": tc.mixed_precision, "seed": tc.seed,
+    }
+    if tc.method in ("lora", "pivotal"):
+        hyper.update({"LoRA rank": tc.rank, "LoRA alpha": tc.alpha or tc.rank, "LoRA targets": ", ".join(tc.target_modules)})
+    if tc.method in ("textual_inversion", "pivotal"):
+        hyper.update({"vectors per token": tc.num_vectors})
+    if tc.snr_gamma:
+        hyper["min-SNR gamma"] = tc.snr_gamma
+    lines = [
+        "---",
+        f"base_model: {cfg.model.base}",
+        "library_name: diffusers",
+        "tags: [stable-diffusion, text-to-image, sdtune, " + tc.method.replace("_", "-") + "]",
+        f"instance_prompt: {prompt}",
+        "---",
+        "",
+        f"# {cfg.name}",
+        "",
+        f"A **{tc.method.replace('_', ' ')}** fine-tune of `{cfg.model.base}` ({cfg.model.arch}) made with sdtune.",
+        "",
+        f"- **Trigger**: `{cfg.caption.trigger}` (class: {cfg.caption.class_noun})",
+        f"- **Example prompt**: `{prompt}`",
+        f"- **Final training loss**: {result.final_loss:.4f} after {result.steps} steps ({result.seconds:.0f} s)",
+        "",
+        "## Files",
+        "",
+    ]
+    for name in result.files:
+        how = HOW_TO_LOAD.get(name, "").format(dir=".", file=name)
+        lines.append(f"- `{name}`" + (f": {how}" if how else ""))
+    lines += ["", "## Hyperparameters", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in hyper.items()]
+    if metrics:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.5g} |" for k, v in sorted(metrics.items()) if isinstance(v, int | float)]
+    return "\n".join(lines) + "\n"

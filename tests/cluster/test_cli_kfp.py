@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import typer
 import yaml
@@ -21,8 +23,7 @@ def cli(monkeypatch, tmp_path, capsys):
 
     def fake_compile(cfg, out_path):
         path = compile_stub(cfg, out_path)
-        compiled.append(yaml.safe_load_all(path.read_text()).__iter__())
-        compiled[-1] = list(yaml.safe_load_all(path.read_text()))
+        compiled.append(list(yaml.safe_load_all(path.read_text())))  # [pipeline spec, platform spec]
         return path
 
     monkeypatch.setattr(cluster_cli, "_compile", fake_compile)
@@ -44,7 +45,7 @@ def cli(monkeypatch, tmp_path, capsys):
             app(args=[str(a) for a in argv], standalone_mode=False)
             code = 0
         except SdtuneError as exc:  # what sdtune.cli.main prints as one line
-            print(f"error: {exc}", file=__import__("sys").stderr)
+            print(f"error: {exc}", file=sys.stderr)
             code = exc.exit_code
         out, err = capsys.readouterr()
         return code, out, err
@@ -162,3 +163,22 @@ def test_rejected_credentials_are_an_auth_error(cli, fake_kfp):
 def test_bad_cron_fails_before_contacting_the_host(cli, fake_kfp):
     code, _, err = cli("schedule", cli.config, "--cron", "0 3 * * *", "--host", fake_kfp.url)
     assert code == 4 and "6 fields" in err and fake_kfp.requests == []
+
+
+def test_real_pipeline_through_sdtune_main(fake_kfp, schemas, tmp_path, capsys):
+    """The lead's personalize pipeline, compiled by `sdtune submit` itself, makes a valid run request."""
+    pytest.importorskip("pipelines.compile")
+    from sdtune.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("name: e2e\ncluster: {steps: {train: {gpus: 8}}}\ntrain: {num_processes: 8}\n")
+    assert main(["submit", str(config), "--host", fake_kfp.url]) == 0, capsys.readouterr().err
+    for req in fake_kfp.requests:
+        validate_request(req, schemas)
+    body = next(r["body"] for r in fake_kfp.requests if r["path"] == "/apis/v2beta1/runs")
+    executors = body["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"]
+    gpus = [
+        e["container"]["resources"].get("accelerator", {}).get("resourceCount") for e in executors.values()
+    ]
+    assert "8" in gpus
+    assert body["service_account"] == "sdtune-pipeline"

@@ -1,6 +1,7 @@
 """The tracking layer against the embedded sqlite store (the real-server tests live in tests/tracking)."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -29,7 +30,7 @@ def test_parent_and_nested_runs(sdtune_home):
     assert (sdtune_home / "mlflow.db").exists()
     local = mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path="notes/hello.txt",
                                                 tracking_uri=tracking.tracking_uri())
-    assert open(local).read() == "hello"
+    assert Path(local).read_text() == "hello"
 
 
 def test_failed_step_marks_run_failed(sdtune_home):

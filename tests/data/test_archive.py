@@ -20,6 +20,7 @@ from PIL import Image
 
 from sdtune.config import IngestConfig
 from sdtune.data.ingest import ingest
+from sdtune.data.stagedir import STAGE_FILES
 from sdtune.errors import DatasetError
 
 CFG = IngestConfig(min_images=1, min_side=16, max_reject_fraction=1.0)
@@ -58,7 +59,9 @@ def test_odd_members_are_skipped_with_reasons(tmp_path):
         "000000.png",
         "000001.png",
         "manifest.jsonl",
+        "report.items.jsonl",
         "report.json",
+        "shards.json",
     ]
 
 
@@ -164,7 +167,7 @@ def test_no_file_ever_appears_outside_out(names):
         assert all(p.startswith("out/") or p == "out" for p in created), created
         outputs = {p for p in created if p != "out"}
         assert all(
-            Path(p).name[:6].isdigit() or Path(p).name in ("manifest.jsonl", "report.json", ".sdtune-stage")
+            Path(p).name[:6].isdigit() or Path(p).name in STAGE_FILES | {".sdtune-stage"}
             for p in outputs
         )
         assert not any((root / p).is_symlink() for p in after)

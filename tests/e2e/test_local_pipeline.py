@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 
 import pytest
@@ -14,26 +15,33 @@ pytestmark = pytest.mark.slow
 STEPS = {"ingest", "preprocess", "caption", "train", "evaluate", "register"}
 
 
-def _env(home):
+def _env(home, tracking_uri=None):
     env = dict(os.environ, SDTUNE_HOME=str(home), OMP_NUM_THREADS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     return env
 
 
-def test_pipeline_runs_end_to_end_and_tracks_everything(tiny_assets, tmp_path):
+def _children(client, experiment_id, parent_id):
+    runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {r.info.run_name: r for r in runs}
+
+
+def test_pipeline_end_to_end_against_real_servers(tiny_assets, tmp_path, mlflow_endpoint):
+    """The whole pipeline, tracked by a real MLflow server with S3 artifacts; then an unchanged retrain."""
     home = tmp_path / "home"
-    done = sdtune_cli(
+    args = (
         "run", "--local", "configs/debug/tiny_cpu.yaml",
         f"model.base={tiny_assets['model']}", f"ingest.sources=[{tiny_assets['data']}]",
-        "name=e2e", "register.model_name=e2e-lora", "train.max_steps=8",
-        env=_env(home),
+        "name=e2e", "register.model_name=e2e-lora", "train.max_steps=8", "tracking.experiment=e2e",
     )
+    done = sdtune_cli(*args, env=_env(home, mlflow_endpoint.url))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "sdtune run finished" in done.stdout
-    assert "mlflow ui --backend-store-uri" in done.stdout
 
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("sdtune")
+    client = MlflowClient(mlflow_endpoint.url)
+    experiment = client.get_experiment_by_name("e2e")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("sdtune.role") == "parent"]
     assert len(parents) == 1
@@ -43,7 +51,7 @@ def test_pipeline_runs_end_to_end_and_tracks_everything(tiny_assets, tmp_path):
     assert "loss_tuned_trigger" in parent.data.metrics
 
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert STEPS <= set(children)
+    assert set(children) >= STEPS
     assert all(children[s].info.status == "FINISHED" for s in STEPS)
 
     losses = client.get_metric_history(children["train"].info.run_id, "loss")
@@ -56,8 +64,29 @@ def test_pipeline_runs_end_to_end_and_tracks_everything(tiny_assets, tmp_path):
     assert "reports/report.json" in report_files
 
     version = client.get_model_version_by_alias("e2e-lora", "candidate")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     assert "metric.loss_tuned_trigger" in version.tags
+    assert str(client.get_model_version_by_alias("e2e-lora", "champion").version) == "1"
+    assert children["train"].info.artifact_uri.startswith("mlflow-artifacts:")  # stored in S3 via the server
+
+    # The registered model loads as an MLflow pyfunc and generates images.
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(mlflow_endpoint.url)
+    model = mlflow.pyfunc.load_model("models:/e2e-lora@candidate")
+    images = model.predict(["a photo of sks toy robot"])
+    assert len(images) == 1 and base64.b64decode(images[0]).startswith(b"\x89PNG")
+
+    # A retrain with unchanged content re-uses every expensive step and keeps the champion.
+    again = sdtune_cli(*args, env=_env(home, mlflow_endpoint.url))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    second = next(r for r in client.search_runs([experiment.experiment_id], "tags.`sdtune.role` = 'parent'")
+                  if r.info.run_id != parent.info.run_id)
+    cached = _children(client, experiment.experiment_id, second.info.run_id)
+    assert {s: cached[s].data.tags.get("sdtune.cache") for s in STEPS - {"register"}} == dict.fromkeys(
+        STEPS - {"register"}, "hit")
+    assert str(client.get_model_version_by_alias("e2e-lora", "candidate").version) == "2"
+    assert str(client.get_model_version_by_alias("e2e-lora", "champion").version) == "1"
 
 
 def test_failed_pipeline_is_one_line_and_marks_the_run_failed(tiny_assets, tmp_path):

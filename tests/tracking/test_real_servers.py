@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -30,7 +32,7 @@ def test_nested_runs_and_artifacts_land_in_s3(server_env, tmp_path):
     assert [a.path for a in client.list_artifacts(run.run_id, "samples")] == ["samples/grid.png"]
     (tmp_path / "back").mkdir()
     local = client.download_artifacts(run.run_id, "samples/grid.png", str(tmp_path / "back"))
-    assert open(local, "rb").read() == b"\x89PNG fake"
+    assert Path(local).read_bytes() == b"\x89PNG fake"
 
 
 def test_outage_mid_run_loses_nothing(tmp_path, s3_endpoint, monkeypatch):

@@ -55,4 +55,4 @@ def test_champion_changes_only_for_a_better_candidate(sdtune_home, tmp_path):
     assert better["gate"]["promote"] and better["gate"]["champion"] == pytest.approx(0.5)
     assert str(client().get_model_version_by_alias("gated", "champion").version) == "4"
     tags = client().get_model_version("gated", "4").tags
-    assert tags["gate.decision"] == "promoted" and tags["metric.loss_tuned_trigger"] == "0.4"
+    assert tags["gate.decision"] == "promoted" and float(tags["metric.loss_tuned_trigger"]) == 0.4

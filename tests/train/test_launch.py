@@ -65,5 +65,6 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_config, stage_dir):
     assert summary["num_processes"] == 2 and summary["steps"] == 4
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # not duplicated by rank 1
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.yaml", "metrics.jsonl", "pytorch_lora_weights.safetensors", "train_summary.json"
+        "README.md", "config.yaml", "lora_kohya.safetensors", "metrics.jsonl", "pytorch_lora_weights.safetensors",
+        "train_summary.json",
     ]

@@ -27,8 +27,11 @@ def trained(tmp_path_factory, tiny_sd15, stage_dir) -> tuple[Path, Path]:
 def test_train_writes_outputs(trained):
     _, out = trained
     assert {p.name for p in out.iterdir()} >= {
-        "pytorch_lora_weights.safetensors", "metrics.jsonl", "config.yaml", "train_summary.json"
+        "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "metrics.jsonl", "config.yaml",
+        "train_summary.json", "README.md",
     }
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "`sks`" in card and "LoRA rank | 4" in card
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines] == [2, 4]  # log_every=2
     assert all(math.isfinite(row["loss"]) for row in lines)
@@ -56,9 +59,19 @@ def test_lora_loads_and_changes_the_image(trained, tiny_sd15):
                     generator=torch.Generator().manual_seed(0), output_type="pt").images
 
     before = generate()
-    pipe.load_lora_weights(out)
+    pipe.load_lora_weights(out, adapter_name="diffusers")
     after = generate()
     assert (after - before).abs().max() > 1e-3
+
+    # The kohya file goes through diffusers' own kohya conversion (which raises on any key it cannot map)
+    # and gives the same image.
+    pipe.delete_adapters("diffusers")
+    assert torch.allclose(generate(), before)
+    state, alphas = pipe.lora_state_dict(out, weight_name="lora_kohya.safetensors")
+    assert alphas and all(k.startswith("unet.") for k in state)
+    pipe.load_lora_weights(out, weight_name="lora_kohya.safetensors", adapter_name="kohya")
+    kohya = generate()
+    assert (kohya - after).abs().max() < 0.05 * (after - before).abs().max()  # fp16 storage in the kohya file
 
 
 def test_overrides_and_alpha(tmp_path, tiny_sd15, stage_dir):
@@ -158,3 +171,37 @@ def test_evaluate_without_holdout_says_so(trained, tmp_path):
     assert metrics["loss_on_train_records"] == 1.0
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["loss_split"] == "train" and "no holdout" in written["note"]
+
+
+def test_kohya_keys_and_alpha(trained):
+    _, out = trained
+    with safe_open(out / "lora_kohya.safetensors", "pt") as fh:
+        keys = list(fh.keys())  # noqa: SIM118
+        alpha = fh.get_tensor(next(k for k in keys if k.endswith(".alpha")))
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in keys
+    assert float(alpha) == 4.0
+
+
+def test_sdxl_lora_trains_and_loads(tmp_path, tiny_sdxl, stage_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    config = write_config(tmp_path / "c.yaml", tiny_sdxl, model={"arch": "sdxl"})
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out),
+                 "train.max_steps=3"]) == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        return pipe("a photo of sks toy robot", num_inference_steps=2, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    before = generate()
+    pipe.load_lora_weights(out)
+    after = generate()
+    assert (after - before).abs().max() > 1e-3
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(out, weight_name="lora_kohya.safetensors")
+    assert (generate() - after).abs().max() < 0.05 * (after - before).abs().max()

@@ -1,0 +1,165 @@
+"""Textual inversion: learn new token embeddings for the subject; every other weight stays frozen.
+
+Run it::
+
+    sdtune train --config configs/sd15/textual_inversion_1gpu.yaml --data DIR --out DIR
+
+Features (config key → behaviour):
+
+- ``train.num_vectors``: N vectors for the concept, tokens ``<sks>``, ``<sks>_1`` … (``caption.trigger``);
+  the trigger word in each caption is replaced by all N tokens.
+- ``train.initializer_token`` (default: last word of ``caption.class_noun``): where the new rows start.
+- Only the new embedding rows change: the others are copied back after every step and checked bit for bit
+  at the end (``train_summary.json``: ``other_embeddings_unchanged``). SDXL: both text encoders get the tokens.
+- VAE latents cached once; the text encoder runs every step (its input embeddings are what trains).
+- Same optimizer, schedule, accumulation, seeding, logging and multi-process behaviour as :mod:`.lora`.
+
+Writes (rank 0): ``learned_embeds.safetensors`` (diffusers ``load_textual_inversion``), ``<trigger>.safetensors``
+(A1111: prompt with the file name), ``metrics.jsonl``, ``config.yaml``, ``train_summary.json``, ``README.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+from sdtune.config import RunConfig
+from sdtune.errors import TrainingError
+from sdtune.models.loading import load_components
+from sdtune.tracking import MetricLogger
+
+from . import data as D
+from . import embeddings as E
+from . import losses as L
+from .outputs import TrainResult, write_run_files
+from .runtime import LossTracker, make_accelerator, open_logger, progress, shutdown, weight_dtype
+
+
+def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
+    tc = cfg.train
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    accelerator = make_accelerator(tc)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = open_logger(accelerator, out_dir, logger)
+    torch.manual_seed(tc.seed)
+
+    try:
+        # 1. Model: new tokens in every tokenizer/text encoder; only their embedding rows train.
+        parts = load_components(cfg)
+        dtype = weight_dtype(accelerator)
+        tokens = E.concept_tokens(cfg)
+        encoders = [(parts.tokenizer, parts.text_encoder)]
+        if parts.is_sdxl:
+            encoders.append((parts.tokenizer_2, parts.text_encoder_2))
+        new_ids, weights, guards = [], [], []
+        for tokenizer, encoder in encoders:
+            ids = E.add_concept_tokens(tokenizer, encoder, tokens, E.initializer_word(cfg))
+            encoder.to(device)
+            weight = E.trainable_embeddings(encoder)
+            new_ids.append(ids.to(device))
+            weights.append(weight)
+            guards.append(E.RowGuard.for_embedding(weight, ids))
+
+        # 2. Data: latents cached once; captions tokenized once (with the concept tokens).
+        records = D.shard(D.train_records(cfg, data_dir), rank, world)
+        captions = [E.with_concept_tokens(D.caption_of(r, cfg), cfg.caption.trigger, tokens) for r in records]
+        pixels = torch.stack([D.load_image(data_dir / r.file, cfg.preprocess.resolution) for r in records])
+        latent_mean, latent_std = D.encode_images(parts.vae, pixels, device)
+        token_ids = {k: v.to(device) for k, v in D.tokenize_prompts(parts, captions).items()}
+        vae_config = parts.vae.config
+        del parts.vae
+        unet = parts.unet.to(device)
+        if dtype != torch.float32:
+            unet.to(dtype)
+        if tc.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        scheduler = parts.noise_scheduler
+        prediction_type = tc.prediction_type or scheduler.config.prediction_type
+
+        from diffusers.optimization import get_scheduler
+
+        optimizer = torch.optim.AdamW(weights, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay)
+        lr_scheduler = get_scheduler(
+            tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps, num_training_steps=tc.max_steps
+        )
+        prepared = accelerator.prepare(*[enc for _, enc in encoders], optimizer)
+        text_encoders, optimizer = list(prepared[:-1]), prepared[-1]
+        parts.text_encoder = text_encoders[0]
+        if parts.is_sdxl:
+            parts.text_encoder_2 = text_encoders[1]
+        for enc in text_encoders:
+            enc.train()
+
+        # 3. Loop.
+        gen = torch.Generator(device=device).manual_seed(tc.seed * 1000 + rank)
+        batches = D.index_batches(len(records), tc.batch_size, torch.Generator().manual_seed(tc.seed + rank))
+        tracker = LossTracker(accelerator)
+        bar = progress(accelerator, tc.max_steps, f"textual inversion x{tc.num_vectors}")
+        started = time.perf_counter()
+        for step in range(1, tc.max_steps + 1):
+            for micro in range(tc.gradient_accumulation_steps):
+                idx = next(batches).to(device)
+                last_micro = micro == tc.gradient_accumulation_steps - 1
+                syncs = [contextlib.nullcontext() if last_micro else accelerator.no_sync(e) for e in text_encoders]
+                with contextlib.ExitStack() as stack:
+                    for ctx in syncs:
+                        stack.enter_context(ctx)
+                    stack.enter_context(accelerator.autocast())
+                    cond = D.text_conditioning(parts, {k: v[idx] for k, v in token_ids.items()},
+                                               cfg.preprocess.resolution)
+                    latents = D.scaled_latents(vae_config, latent_mean[idx], latent_std[idx], gen)
+                    noise = L.sample_noise(latents, gen, tc.noise_offset)
+                    t = L.sample_timesteps(len(idx), scheduler.config.num_train_timesteps, gen, device)
+                    noisy = scheduler.add_noise(latents, noise, t)
+                    kwargs = {"encoder_hidden_states": cond["prompt_embeds"].to(dtype)}
+                    if "pooled_embeds" in cond:
+                        kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled_embeds"].to(dtype),
+                                                       "time_ids": cond["time_ids"].to(dtype)}
+                    pred = unet(noisy.to(dtype), t, **kwargs).sample
+                    target = L.prediction_target(scheduler, latents, noise, t, prediction_type)
+                    loss = L.diffusion_loss(
+                        pred, target, timesteps=t, scheduler=scheduler, snr_gamma=tc.snr_gamma,
+                        prediction_type=prediction_type,
+                    ).mean()
+                    accelerator.backward(loss / tc.gradient_accumulation_steps)
+                tracker.add(loss, step)
+            grad_norm = accelerator.clip_grad_norm_(weights, tc.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for guard, weight in zip(guards, weights, strict=True):
+                guard.restore(weight)  # only the new rows may move
+            bar.update(1)
+
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                metrics = tracker.flush(step)
+                metrics.update(lr=lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+                metrics["embedding_norm"] = float(weights[0].detach()[new_ids[0]].norm(dim=-1).mean())
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if log is not None:
+                    log.log(metrics, step)
+        bar.close()
+        seconds = time.perf_counter() - started
+
+        # 4. Check and save (rank 0).
+        if not all(g.unchanged(w) for g, w in zip(guards, weights, strict=True)):
+            raise TrainingError("textual inversion changed embedding rows other than the new tokens")
+        result = TrainResult(
+            out_dir=out_dir, method="textual_inversion", steps=tc.max_steps, final_loss=tracker.last_loss,
+            seconds=round(seconds, 3), steps_per_sec=round(tc.max_steps / seconds, 3), num_processes=world,
+            extra={"tokens": tokens, "other_embeddings_unchanged": True},
+        )
+        if accelerator.is_main_process:
+            names = ["clip_l", "clip_g"]
+            vectors = {names[i]: w[ids] for i, (w, ids) in enumerate(zip(weights, new_ids, strict=True))}
+            result.files = E.save_embeddings(vectors, tokens, out_dir, cfg.caption.trigger)
+            write_run_files(cfg, out_dir, result, prompt=cfg.format_prompt("a photo of <{trigger}> {class_noun}"))
+    finally:
+        if log is not None:
+            log.close()
+    shutdown(accelerator)
+    return result
