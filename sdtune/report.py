@@ -73,6 +73,9 @@ def evaluation_report(evaluation_dir: Path, model_dir: Path | None = None, data_
         parts.append("<h2>Samples</h2><p>Top row: base model. Bottom row: fine-tuned. Same seed per column.</p>")
         parts.append(f"<img alt='sample grid' src='data:image/png;base64,{data}'>")
     parts.append("<h2>Metrics</h2>" + _table(numeric))
+    for key in ("loss_split", "fidelity_note"):
+        if isinstance(metrics.get(key), str):
+            parts.append(f"<p><b>{key}</b>: {html.escape(metrics[key])}</p>")
     if model_dir is not None:
         parts.append("<h2>Training loss</h2>" + loss_curve_svg(_loss_points(Path(model_dir))))
     if data_dir is not None and (Path(data_dir) / "report.json").is_file():

@@ -150,6 +150,7 @@ def evaluate_step(
     config_yaml: str, parent_run_id: str, data_dir: str | Path, model_dir: str | Path, out_dir: str | Path
 ) -> dict[str, float]:
     from sdtune.evaluate import evaluate
+    from sdtune.fidelity import fidelity_metrics
     from sdtune.report import evaluation_report
 
     cfg = config_from_yaml(config_yaml)
@@ -167,6 +168,8 @@ def evaluate_step(
             run.set_tags({"sdtune.cache": "hit", "sdtune.cache_key": key})
         else:
             metrics = evaluate(cfg, cfg.model.base, model_dir, data_dir, out_dir)
+            metrics.update(fidelity_metrics(cfg, out_dir, data_dir))
+            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
             if key:
                 store.store("evaluate", key, out_dir, metrics)
             run.set_tags({"sdtune.cache": "miss" if key else "off"})

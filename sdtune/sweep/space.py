@@ -70,19 +70,23 @@ class Trial:
 
     index: int
     overrides: dict[str, Any] = field(default_factory=dict)
+    label: str = ""  # a name given from outside (a Katib trial's name); default trial-NNN
 
     @property
     def name(self) -> str:
-        return f"trial-{self.index:03d}"
+        return self.label or f"trial-{self.index:03d}"
 
     def to_json(self) -> str:
-        """One-line JSON: how a trial travels as a ParallelFor item and a Katib-free CLI argument."""
-        return json.dumps({"index": self.index, "name": self.name, "overrides": self.overrides}, sort_keys=True)
+        """One-line JSON: how a trial travels as a ParallelFor item."""
+        data = {"index": self.index, "name": self.name, "overrides": self.overrides}
+        if self.label:
+            data["label"] = self.label
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | dict) -> Trial:
         data = json.loads(text) if isinstance(text, str) else text
-        return cls(int(data["index"]), dict(data.get("overrides") or {}))
+        return cls(int(data["index"]), dict(data.get("overrides") or {}), str(data.get("label") or ""))
 
     def describe(self) -> str:
         return " ".join(f"{k}={_show(v)}" for k, v in self.overrides.items()) or "(base config)"
