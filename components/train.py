@@ -6,13 +6,16 @@ from components._images import SDTUNE_TRAIN_IMAGE
 
 
 @dsl.component(base_image=SDTUNE_TRAIN_IMAGE, install_kfp_package=False)
-def train_op(config: str, parent_run_id: str, dataset: dsl.Input[dsl.Dataset], model: dsl.Output[dsl.Model]) -> str:
-    """Train in a subprocess (torchrun with ``train.num_processes`` ranks); returns the summary as JSON."""
+def train_op(
+    config: str, parent_run_id: str, kfp_run_id: str, dataset: dsl.Input[dsl.Dataset], model: dsl.Output[dsl.Model]
+) -> str:
+    """Train in a subprocess (torchrun with ``train.num_processes`` ranks) or as a multi-node job; returns the
+    summary as JSON."""
     import json
 
     from sdtune.steps import train_step
 
-    summary = train_step(config, parent_run_id, dataset.path, model.path)
+    summary = train_step(config, parent_run_id, dataset.path, model.path, kfp_run_id=kfp_run_id)
     model.metadata.update({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
     return json.dumps(summary)
 

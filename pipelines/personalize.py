@@ -18,6 +18,7 @@ from components import (
     start_run_op,
     train_op,
 )
+from components._images import SDTUNE_TRAIN_IMAGE
 from pipelines.cluster import apply_task_settings
 from sdtune.config import RunConfig  # pydantic only: the typed settings, never the torch-side core
 
@@ -34,6 +35,10 @@ def build_personalize_pipeline(cfg: RunConfig):
         # decided by sdtune itself (cache keys over input digests), not by KFP's default key.
         task.set_caching_options(False)
         return apply_task_settings(task, name, cfg)
+
+    if cfg.cluster.launcher != "single_node" and cfg.cluster.train_image is None:
+        cfg = cfg.model_copy(deep=True)
+        cfg.cluster.train_image = SDTUNE_TRAIN_IMAGE  # the job's pods run the same image as the train task
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune Stable Diffusion on a handful of photos.")
     def personalize_pipeline(config: str = cfg.to_param()):
@@ -54,7 +59,9 @@ def build_personalize_pipeline(cfg: RunConfig):
                 "Caption",
             )
             train = step(
-                train_op(config=config, parent_run_id=parent_id, dataset=caption.outputs["dataset"]),
+                train_op(
+                    config=config, parent_run_id=parent_id, kfp_run_id=run_id, dataset=caption.outputs["dataset"]
+                ),
                 "train",
                 "Train",
             )

@@ -277,6 +277,10 @@ class ClusterConfig(Section):
         ]
     )
     config_map: str = "sdtune-env"  # MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL (manifests/base)
+    # Multi-node jobs (trainjob/pytorchjob) exchange the dataset and outputs through this prefix; the
+    # default is the bucket of the object store that Kubeflow Pipelines already runs.
+    staging_uri: str = "s3://mlpipeline/sdtune-staging"
+    train_image: str | None = None  # image of the job's pods; the pipeline fills in the train image
     train_retries: int = Field(2, ge=0)
     retry_backoff: str = "120s"
 

@@ -109,10 +109,12 @@ def caption_step(config_yaml: str, parent_run_id: str, in_dir: str | Path, out_d
     return _run_stage(cfg, parent_run_id, "caption", out_dir, key, lambda: caption_dir(in_dir, out_dir, cfg.caption))
 
 
-def train_step(config_yaml: str, parent_run_id: str, data_dir: str | Path, out_dir: str | Path) -> Summary:
-    """Launch training as a subprocess (torchrun when ``train.num_processes`` > 1) and log its outputs."""
+def train_step(
+    config_yaml: str, parent_run_id: str, data_dir: str | Path, out_dir: str | Path, kfp_run_id: str = ""
+) -> Summary:
+    """Train and log the outputs: in a subprocess of this task (torchrun when ``train.num_processes`` > 1),
+    or, with ``cluster.launcher`` trainjob/pytorchjob, as a multi-node job that this task waits for."""
     from sdtune.errors import TrainingError
-    from sdtune.train.launch import launch_training
 
     cfg = config_from_yaml(config_yaml)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -130,10 +132,10 @@ def train_step(config_yaml: str, parent_run_id: str, data_dir: str | Path, out_d
                           "sdtune.cache_source_run": summary.get("mlflow_run_id", "")})
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                config_path = Path(tmp) / "config.yaml"
-                config_path.write_text(config_yaml, encoding="utf-8")
-                code = launch_training(config_path, data_dir, out_dir, cfg.train.num_processes, run.run_id)
+            if cfg.cluster.launcher == "single_node":
+                code = _train_in_task(config_yaml, cfg, data_dir, out_dir, run.run_id)
+            else:
+                code = _train_as_job(cfg, data_dir, out_dir, run.run_id, kfp_run_id or run.run_id)
             if code != 0:
                 raise TrainingError(f"training exited with code {code}")
             summary = json.loads((out_dir / "train_summary.json").read_text())
@@ -144,6 +146,39 @@ def train_step(config_yaml: str, parent_run_id: str, data_dir: str | Path, out_d
         run.log_artifact(out_dir, "model")
         run.set_tags({"sdtune.method": cfg.train.method})
         return summary
+
+
+def _train_in_task(config_yaml: str, cfg: RunConfig, data_dir: Path, out_dir: Path, mlflow_run_id: str) -> int:
+    from sdtune.train.launch import launch_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.yaml"
+        config_path.write_text(config_yaml, encoding="utf-8")
+        return launch_training(config_path, data_dir, out_dir, cfg.train.num_processes, mlflow_run_id)
+
+
+def _train_as_job(cfg: RunConfig, data_dir: Path, out_dir: Path, mlflow_run_id: str, job_run_id: str, **api) -> int:
+    """Stage the dataset to S3, run a TrainJob/PyTorchJob of ``torchrun -m sdtune.remote_train``, fetch the
+    outputs. The job is get-or-create by run id, so a retried task re-attaches instead of starting another."""
+    import os
+
+    from sdtune.cluster import launch_training as launch_job
+    from sdtune.errors import ConfigError
+    from sdtune.staging import download_prefix, upload_dir
+
+    image = cfg.cluster.train_image or os.environ.get("SDTUNE_TRAIN_IMAGE")
+    if not image:
+        raise ConfigError("cluster.train_image is not set (the compiled pipeline sets it to the train image)")
+    prefix = f"{cfg.cluster.staging_uri.rstrip('/')}/{job_run_id}"
+    upload_dir(data_dir, f"{prefix}/data")
+    args = [
+        "-m", "sdtune.remote_train", "--config-json", cfg.to_param(),
+        "--data", f"{prefix}/data", "--out", f"{prefix}/out", "--mlflow-run-id", mlflow_run_id,
+    ]
+    launch_job(cfg, run_id=job_run_id, image=image, args=args, **api)
+    if download_prefix(f"{prefix}/out", out_dir) == 0:
+        return 1  # the job reported success but left no outputs
+    return 0
 
 
 def evaluate_step(

@@ -318,6 +318,7 @@ class MLflowLogger:
         self._failures = 0
         self._retry_at = 0.0
         self.outages = 0  # how many times the server stopped answering (for the run summary)
+        self._system_monitor = _start_system_metrics(run_id)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -367,6 +368,8 @@ class MLflowLogger:
         return True
 
     def close(self) -> None:
+        if self._system_monitor is not None:
+            self._system_monitor.finish()
         deadline = time.monotonic() + self._close_timeout_s
         while not self.flush(force=True) and time.monotonic() < deadline:
             time.sleep(max(0.0, min(self._retry_at - time.monotonic(), deadline - time.monotonic())))
@@ -384,6 +387,29 @@ class MLflowLogger:
         }
         path.write_text(json.dumps(payload))
         _warn(f"tracking server still unavailable: {self.pending} items saved to {path} (replay_spool sends them)")
+
+
+def _start_system_metrics(run_id: str):
+    """GPU/CPU/memory utilisation as MLflow system metrics: on by default where a GPU trains
+    (``SDTUNE_SYSTEM_METRICS=1`` forces it on, ``0`` off); off on CPU test runs, where it is only noise."""
+    setting = os.environ.get("SDTUNE_SYSTEM_METRICS", "auto")
+    if setting == "0":
+        return None
+    if setting == "auto":
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri())
+        monitor.start()
+        return monitor
+    except Exception as exc:  # a missing optional probe (pynvml) must not stop training
+        _warn(f"system metrics disabled: {exc}")
+        return None
 
 
 def replay_spool(path: str | Path) -> int:

@@ -179,7 +179,7 @@ def _check_key(key: str) -> None:
 
 def dimensions(sweep: SweepConfig) -> tuple[dict[str, list[Any]], dict[str, Range]]:
     """The categorical dimensions (grid lists + prompts) and the ranges, checked."""
-    lists = {k: list(v) for k, v in sweep.grid.items()}
+    lists = {k: [parse_value(v) if isinstance(v, str) else v for v in vals] for k, vals in sweep.grid.items()}
     for key, values in lists.items():
         if not values:
             raise ConfigError(f"sweep.grid.{key}: no values")

@@ -50,7 +50,7 @@ def select_best_step(config: str, sweep_run_id: str, sweep_id: str, results: lis
     except SweepFailed as exc:
         page = write_comparison(config, sweep_id, trials, None, Path(html_path))
         sweep_tracking.log_text(sweep_run_id, page, "sweep/comparison.html")
-        sweep_tracking.set_tags(sweep_run_id, {"sdtune.error": str(exc)[:5000]})
+        sweep_tracking.set_tags(sweep_run_id, {"sdtune.sweep.error": str(exc)[:5000]})
         raise
     page = write_comparison(config, sweep_id, trials, best, Path(html_path))
     sweep_tracking.mark_best(sweep_run_id, best, trials, sw.metric)
@@ -66,6 +66,8 @@ def register_best_step(config: str, sweep_run_id: str, best: str | dict) -> dict
     from sdtune.steps import register_step
 
     result = TrialResult.from_json(best)
+    if not result.train_run_id:  # a result read back from MLflow (Katib trials) carries only its own run
+        result.train_run_id = sweep_tracking.child_run_ids(result.run_id).get("train", "")
     cfg = trial_config(config_from_yaml(config), Trial(result.index, result.overrides))
     client = tracking._client()
     with tempfile.TemporaryDirectory(prefix="sdtune-best-") as tmp:

@@ -167,8 +167,7 @@ def test_no_file_ever_appears_outside_out(names):
         assert all(p.startswith("out/") or p == "out" for p in created), created
         outputs = {p for p in created if p != "out"}
         assert all(
-            Path(p).name[:6].isdigit() or Path(p).name in STAGE_FILES | {".sdtune-stage"}
-            for p in outputs
+            Path(p).name[:6].isdigit() or Path(p).name in STAGE_FILES | {".sdtune-stage"} for p in outputs
         )
         assert not any((root / p).is_symlink() for p in after)
 

@@ -60,3 +60,31 @@ def test_catalogue_rows_can_name_urls(shop, tmp_path):
         ingest([str(shop / "urls.csv")], tmp_path / "out", cfg)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["items"][0]["reason"] == "blocked_address"  # the default policy refuses loopback
+
+
+def test_parquet_catalogue_streams_row_groups(shop, tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from sdtune.data import catalogue
+
+    monkeypatch.setattr(catalogue, "PARQUET_BATCH_ROWS", 2)  # several batches from a 5-row file
+    table = pa.table(
+        {
+            "sku": [1, 2, 3, 4, 5],
+            "picture": ["img/sku0.png", None, "img/sku1.png", "img/nope.png", "img/sku2.png"],
+            "title": ["red shoe", "x", None, "y", "  blue  shoe "],
+        }
+    )
+    pq.write_table(table, shop / "c.parquet", row_group_size=2)
+    cfg = IngestConfig(min_images=1, min_side=16, image_column="picture", caption_column="title")
+    result = ingest([str(shop / "c.parquet")], tmp_path / "out", cfg)
+    assert [r.caption for r in result.records] == ["red shoe", None, "blue shoe"]
+    assert result.report.reasons == {"bad_row": 1, "missing_file": 1}
+    assert any(i.item.endswith("c.parquet:2") for i in result.report.items)  # row numbers from 1
+    pq.write_table(pa.table({"file": ["a.png"]}), shop / "bad.parquet")
+    with pytest.raises(DatasetError, match="no 'image' column"):
+        ingest([str(shop / "bad.parquet")], tmp_path / "out2", IngestConfig())
+    (shop / "fake.parquet").write_text("image\na.png\n")
+    with pytest.raises(DatasetError, match="not a readable Parquet file"):
+        ingest([str(shop / "fake.parquet")], tmp_path / "out3", IngestConfig())
