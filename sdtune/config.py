@@ -116,6 +116,12 @@ class TrainConfig(Section):
     alpha: float | None = None  # defaults to rank (scale 1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML 1.1 reads an unquoted `no` as false; `mixed_precision: no` means the "no" mode.
+        return "no" if value is False else value
     seed: int = 0
     log_every: int = Field(1, ge=1)
     num_processes: int = Field(1, ge=1)  # processes per node (GPUs); >1 launches through torchrun
@@ -348,7 +354,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not key=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            # YAML 1.2 booleans only: `on`, `off`, `yes`, `no` stay strings (`mixed_precision=no`).
+            value = raw if raw.strip().lower() in {"yes", "no", "on", "off", "y", "n"} else yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
         node = nested

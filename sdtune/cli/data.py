@@ -68,7 +68,8 @@ def _summarise(stage: str, result: StageResult) -> None:
     console.print(line, highlight=False)
     for reason, n in sorted(result.report.reasons.items()):
         console.print(f"  skipped {n} × {reason}", highlight=False)
-    extra = {k: v for k, v in result.report.summary.items() if k in ("upscaled", "holdout", "from_sidecar")}
+    keys = ("upscaled", "holdout", "from_sidecar", "from_model", "truncated", "merged_from")
+    extra = {k: v for k, v in result.report.summary.items() if k in keys}
     if extra:
         console.print("  " + ", ".join(f"{k}: {v}" for k, v in extra.items()), highlight=False)
 
@@ -84,12 +85,15 @@ def ingest_cmd(
     min_images: Annotated[
         int | None, typer.Option("--min-images", help="Fewest usable images to accept.")
     ] = None,
+    shard_size: Annotated[
+        int | None, typer.Option("--shard-size", help="Records per shard (0: one shard); see shards.json.")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Read images from the sources, normalise them, report every item."""
     from sdtune.data.ingest import ingest
 
-    cfg = _section(config, "ingest", min_images=min_images)
+    cfg = _section(config, "ingest", min_images=min_images, shard_size=shard_size)
     with _progress("ingest", None) as progress:
         result = ingest(list(sources or []) or cfg.sources, out, cfg, progress=progress)
     _summarise("ingest", result)
@@ -99,15 +103,42 @@ def preprocess_cmd(
     in_dir: Annotated[Path, typer.Argument(help="A stage folder (output of ingest).")],
     out: OutOpt,
     resolution: Annotated[int | None, typer.Option("--resolution", help="Square side in pixels.")] = None,
+    crop: Annotated[str | None, typer.Option("--crop", help="center, face or none (buckets).")] = None,
+    upscaler: Annotated[str | None, typer.Option("--upscaler", help="lanczos or swin2sr.")] = None,
+    upscaler_model: Annotated[
+        str | None, typer.Option("--upscaler-model", help="Swin2SR weights: folder, hub id or s3://.")
+    ] = None,
+    mask_prompt: Annotated[
+        str | None, typer.Option("--mask-prompt", help="Write CLIPSeg subject masks for this text.")
+    ] = None,
+    mask_model: Annotated[
+        str | None, typer.Option("--mask-model", help="CLIPSeg weights: folder, hub id or s3://.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Processes (default min(4, CPUs)).")
+    ] = None,
+    shard: Annotated[int | None, typer.Option("--shard", help="Process only this shard of IN_DIR.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Crop and resize to the training resolution (Lanczos upscaling for small images)."""
+    """Crop and resize to the training resolution (Lanczos or Swin2SR upscaling for small images)."""
     from sdtune.data.preprocess import preprocess_dir
-    from sdtune.manifest import read_manifest
+    from sdtune.data.shards import record_shard
+    from sdtune.manifest import iter_manifest
 
-    cfg = _section(config, "preprocess", resolution=resolution)
-    with _progress("preprocess", len(read_manifest(in_dir))) as progress:
-        result = preprocess_dir(in_dir, out, cfg, progress=progress)
+    cfg = _section(
+        config,
+        "preprocess",
+        resolution=resolution,
+        crop=crop,
+        upscaler=upscaler,
+        upscaler_model=upscaler_model,
+        mask_prompt=mask_prompt,
+        mask_model=mask_model,
+        workers=workers,
+    )
+    total = sum(1 for r in iter_manifest(in_dir) if shard is None or record_shard(r) == shard)
+    with _progress("preprocess", total) as progress:
+        result = preprocess_dir(in_dir, out, cfg, shard, progress=progress)
     _summarise("preprocess", result)
 
 
@@ -116,14 +147,41 @@ def caption_cmd(
     out: OutOpt,
     trigger: Annotated[str | None, typer.Option("--trigger", help="Trigger token, e.g. sks.")] = None,
     class_noun: Annotated[str | None, typer.Option("--class-noun", help="Class noun, e.g. dog.")] = None,
+    captioner: Annotated[str | None, typer.Option("--captioner", help="template or blip.")] = None,
+    captioner_model: Annotated[
+        str | None, typer.Option("--captioner-model", help="BLIP weights: folder, hub id or s3://.")
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option("--tokenizer", help="Training tokenizer (or model folder) for the length check."),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Caption every image (sidecar captions win, else the template) and choose the holdout split."""
+    """Caption every image (sidecar captions win, else a model or the template) and choose the holdout split."""
     from sdtune.data.caption import caption_dir
 
-    cfg = _section(config, "caption", trigger=trigger, class_noun=class_noun)
-    result = caption_dir(in_dir, out, cfg)
+    cfg = _section(
+        config,
+        "caption",
+        trigger=trigger,
+        class_noun=class_noun,
+        captioner=captioner,
+        captioner_model=captioner_model,
+        tokenizer=tokenizer,
+    )
+    with _progress("caption", None) as progress:
+        result = caption_dir(in_dir, out, cfg, progress=progress)
     _summarise("caption", result)
+
+
+def merge_cmd(
+    stage_dirs: Annotated[list[Path], typer.Argument(help="Shard outputs of one stage.")],
+    out: OutOpt,
+) -> None:
+    """Merge the shard outputs of a stage (e.g. preprocess --shard K) into one stage folder."""
+    from sdtune.data.shards import merge_stages
+
+    _summarise("merge", merge_stages(stage_dirs, out))
 
 
 def sample_data_cmd(
@@ -142,4 +200,5 @@ def register(app: typer.Typer) -> None:
     app.command("ingest")(ingest_cmd)
     app.command("preprocess")(preprocess_cmd)
     app.command("caption")(caption_cmd)
+    app.command("merge")(merge_cmd)
     app.command("sample-data")(sample_data_cmd)

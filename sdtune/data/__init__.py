@@ -8,5 +8,6 @@ from sdtune.data.caption import caption_dir
 from sdtune.data.ingest import ingest
 from sdtune.data.preprocess import preprocess_dir
 from sdtune.data.sample import write_sample_dataset
+from sdtune.data.shards import merge_stages, read_shards
 
-__all__ = ["caption_dir", "ingest", "preprocess_dir", "write_sample_dataset"]
+__all__ = ["caption_dir", "ingest", "merge_stages", "preprocess_dir", "read_shards", "write_sample_dataset"]

@@ -17,6 +17,7 @@ model copy per worker would multiply the memory.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -108,11 +109,11 @@ def open_for(path: Path, cfg: PreprocessConfig) -> tuple[Image.Image, tuple[int,
     """(RGB image, original size), decoding a JPEG at the smallest draft scale that keeps the crop ≥ target."""
     with Image.open(path) as im:
         size = im.size
-        if im.format == "JPEG":
+        if im.format == "JPEG" and USE_DRAFT:
             w, h = size
             scale = cfg.resolution / (min(w, h) if cfg.crop != "none" else (w * h) ** 0.5)
             if scale <= 0.5:  # draft only ever reduces by 2, 4 or 8 and keeps at least the requested size
-                im.draft("RGB", (max(1, int(w * scale + 1)), max(1, int(h * scale + 1))))
+                im.draft("RGB", (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
         im.load()
         return im.convert("RGB"), size
 
@@ -155,6 +156,7 @@ def process_record(
 
 
 MIN_PER_WORKER = 8
+USE_DRAFT = True  # off only to measure what draft saves (sdtune.data.bench)
 
 
 def default_workers() -> int:

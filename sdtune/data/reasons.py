@@ -30,6 +30,8 @@ REASONS: dict[str, str] = {
     "bad_row": "a catalogue row without a usable image column",
     "blocked_address": "a URL resolves to a private, loopback, link-local or metadata address",
     "fetch_failed": "a URL or S3 object could not be fetched (status, timeout, too many redirects)",
+    # Not a skip: the item is kept (status normalised) with a caption cut to the tokenizer's limit.
+    "caption_truncated": "caption longer than `max_tokens` of the training tokenizer; cut at a word boundary",
 }
 IGNORED = frozenset({"duplicate", "near_duplicate", "junk_member"})
 

@@ -57,7 +57,9 @@ def write_png(image: Image.Image, path: Path) -> str:
     """Write ``image`` as a metadata-free PNG (lossless, deterministic bytes); return the file's sha256."""
     image.info = {}  # otherwise Pillow copies the source's ICC/EXIF chunks into the output
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=6)
+    # Level 1: encoding a 512-px photo takes ~55 ms instead of ~260 ms at level 6 (it was most of
+    # preprocessing's time) for files ~15% larger; the bytes stay deterministic.
+    image.save(buf, format="PNG", compress_level=1)
     data = buf.getvalue()
     path.write_bytes(data)
     return hashlib.sha256(data).hexdigest()

@@ -43,7 +43,7 @@ def test_url_sources_are_never_cached():
 
 
 def _ingest_tags(parent: str) -> list[str]:
-    client = MlflowClient(tracking.tracking_uri())
+    client = MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
     run = client.get_run(parent)
     children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     return [c.data.tags["sdtune.cache"] for c in children]

@@ -64,3 +64,9 @@ def test_resolve_local_paths_keeps_hub_ids_and_urls(tmp_path):
 @pytest.mark.parametrize("preset", PRESETS, ids=[str(p.relative_to(REPO_ROOT)) for p in PRESETS])
 def test_every_shipped_preset_loads(preset):
     load_config(preset)
+
+
+def test_yaml_no_means_the_no_mode():
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert RunConfig.model_validate({"train": {"mixed_precision": False}}).train.mixed_precision == "no"
+    assert load_config(None, ["cache.enabled=false"]).cache.enabled is False

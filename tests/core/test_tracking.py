@@ -21,7 +21,7 @@ def test_parent_and_nested_runs(sdtune_home):
     assert tracking.find_parent_run("exp-unit", "other") is None
     tracking.finish_run(parent)
 
-    client = MlflowClient(tracking.tracking_uri())
+    client = MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
     child = client.get_run(run.run_id)
     assert child.data.tags["mlflow.parentRunId"] == parent
     assert child.info.status == "FINISHED"
@@ -37,7 +37,7 @@ def test_failed_step_marks_run_failed(sdtune_home):
     parent = tracking.start_parent_run("exp-unit", "unit", {}, tags={})
     with pytest.raises(RuntimeError), tracking.step_run(parent, "ingest") as run:
         raise RuntimeError("boom")
-    assert MlflowClient(tracking.tracking_uri()).get_run(run.run_id).info.status == "FAILED"
+    assert MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri()).get_run(run.run_id).info.status == "FAILED"
 
 
 def test_no_parent_means_no_tracking(sdtune_home):

@@ -74,3 +74,31 @@ def tiny_clipseg(folder: Path) -> Path:
     images = ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     CLIPSegProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+BLIP_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "dog", "cat", "on",
+              "the", "grass", "red", "blue"]  # fmt: skip
+
+
+def tiny_blip(folder: Path) -> Path:
+    """A randomly initialised BLIP captioner (32-px input, 16-word vocabulary) with its processor."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(BLIP_WORDS) + "\n")
+    tokenizer = BertTokenizer.from_pretrained(folder, bos_token="[DEC]")
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=64, bos_token_id=5, eos_token_id=3,
+                sep_token_id=3, pad_token_id=0, encoder_hidden_size=16)  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8, projection_dim=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(
+        BlipConfig(text_config=text, vision_config=vision, projection_dim=16)
+    )
+    model.save_pretrained(folder)
+    images = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

@@ -84,3 +84,23 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path, capsys, args
     assert code == 2
     assert err.startswith("error:") and message in " ".join(err.split())
     assert "Traceback" not in err
+
+
+def test_sharded_preprocess_and_merge_through_the_cli(sample, tmp_path, capsys):
+    import json
+
+    assert main(["ingest", str(sample), "--out", str(tmp_path / "i"), "--shard-size", "3"]) == 0
+    shards = [s["id"] for s in json.loads((tmp_path / "i" / "shards.json").read_text())["shards"]]
+    assert shards == [0, 1, 2]
+    parts = []
+    for shard in shards:
+        out = str(tmp_path / f"p{shard}")
+        args = ["preprocess", str(tmp_path / "i"), "--out", out, "--resolution", "64", "--shard", str(shard)]
+        assert main(args + ["--crop", "none", "--workers", "1"]) == 0
+        parts.append(out)
+    capsys.readouterr()
+    assert main(["merge", *parts, "--out", str(tmp_path / "m")]) == 0
+    assert "8 image(s) kept" in capsys.readouterr().out
+    assert len(read_manifest(tmp_path / "m")) == 8
+    assert main(["preprocess", str(tmp_path / "i"), "--out", str(tmp_path / "x"), "--crop", "diagonal"]) == 2
+    assert "--crop" in capsys.readouterr().err

@@ -40,7 +40,7 @@ def test_pipeline_end_to_end_against_real_servers(tiny_assets, tmp_path, mlflow_
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "sdtune run finished" in done.stdout
 
-    client = MlflowClient(mlflow_endpoint.url)
+    client = MlflowClient(mlflow_endpoint.url, registry_uri=mlflow_endpoint.url)
     experiment = client.get_experiment_by_name("e2e")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("sdtune.role") == "parent"]
@@ -73,6 +73,7 @@ def test_pipeline_end_to_end_against_real_servers(tiny_assets, tmp_path, mlflow_
     import mlflow.pyfunc
 
     mlflow.set_tracking_uri(mlflow_endpoint.url)
+    mlflow.set_registry_uri(mlflow_endpoint.url)
     model = mlflow.pyfunc.load_model("models:/e2e-lora@candidate")
     images = model.predict(["a photo of sks toy robot"])
     assert len(images) == 1 and base64.b64decode(images[0]).startswith(b"\x89PNG")
@@ -100,7 +101,7 @@ def test_failed_pipeline_is_one_line_and_marks_the_run_failed(tiny_assets, tmp_p
     assert done.returncode == 4
     assert "Traceback" not in done.stderr.splitlines()[-1]
     assert done.stderr.strip().splitlines()[-1].startswith("error:")
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}", registry_uri=f"sqlite:///{home / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sdtune").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("sdtune.role") == "parent")
     assert parent.info.status == "FAILED"

@@ -26,7 +26,7 @@ def test_nested_runs_and_artifacts_land_in_s3(server_env, tmp_path):
     with tracking.step_run(parent, "evaluate") as run:
         run.log_metrics({"clip_t": 0.25}, step=10)
         run.log_artifact(grid, "samples")
-    client = MlflowClient(server_env.url)
+    client = MlflowClient(server_env.url, registry_uri=server_env.url)
     assert client.get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent
     assert client.get_run(run.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
     assert [a.path for a in client.list_artifacts(run.run_id, "samples")] == ["samples/grid.png"]
@@ -62,7 +62,7 @@ def test_outage_mid_run_loses_nothing(tmp_path, s3_endpoint, monkeypatch):
                 logger.log({"loss": 1.0 / step}, step)
             logger.close()
             assert logger.pending == 0
-        client = MlflowClient(server.url)
+        client = MlflowClient(server.url, registry_uri=server.url)
         steps = {m.step for m in client.get_metric_history(run.run_id, "loss")}
         assert steps == set(range(1, 81))
         assert [a.path for a in client.list_artifacts(run.run_id, "samples")] == ["samples/grid_step_40.png"]
@@ -88,7 +88,7 @@ def test_server_down_at_close_spools_then_replays(tmp_path, s3_endpoint, monkeyp
         assert len(spooled) == 1
         server = mlflow_server(workdir, s3_endpoint.url, "mlflow", port=port).start(timeout=90)
         assert tracking.replay_spool(spooled[0]) == 10
-        steps = {m.step for m in MlflowClient(server.url).get_metric_history(parent, "loss")}
+        steps = {m.step for m in MlflowClient(server.url, registry_uri=server.url).get_metric_history(parent, "loss")}
         assert steps == set(range(1, 11))
         assert not spooled[0].exists()
     finally:

@@ -37,7 +37,7 @@ def _register(tmp_path, loss):
 
 
 def test_champion_changes_only_for_a_better_candidate(sdtune_home, tmp_path):
-    client = lambda: MlflowClient(tracking.tracking_uri())  # noqa: E731
+    client = lambda: MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())  # noqa: E731
     first = _register(tmp_path, 0.50)
     assert first["gate"]["promote"] and first["gate"]["reason"] == "no champion yet"
     assert str(client().get_model_version_by_alias("gated", "champion").version) == "1"

@@ -1,0 +1,1 @@
+"""Benchmarks: the CPU suite (`python -m sdtune.bench`) and the reference loop it compares against."""

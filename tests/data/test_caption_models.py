@@ -1,0 +1,77 @@
+"""Captioning with a model (tiny random BLIP: the words are nonsense, the plumbing is real) and the
+training tokenizer's length check."""
+
+from __future__ import annotations
+
+import pytest
+from data_helpers import BLIP_WORDS, encode, pattern, tiny_blip, tiny_clip_tokenizer
+
+from sdtune.config import CaptionConfig, IngestConfig
+from sdtune.data import captioners
+from sdtune.data.caption import caption_dir
+from sdtune.data.ingest import ingest
+from sdtune.errors import ConfigError
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def five(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"{i}.png").write_bytes(encode(pattern(seed=i), "PNG"))
+    (src / "0.txt").write_text("my own words about a dog")
+    ingest([str(src)], tmp_path / "ingested", IngestConfig(min_images=1, min_side=16))
+    return tmp_path / "ingested"
+
+
+def test_blip_captions_uncaptioned_images_in_batches(five, tmp_path, monkeypatch):
+    calls = []
+    real = captioners.BlipCaptioner.__call__
+
+    def spy(self, images):
+        calls.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(captioners.BlipCaptioner, "__call__", spy)
+    cfg = CaptionConfig(
+        trigger="zwx", class_noun="dog", captioner="blip", captioner_model=str(tiny_blip(tmp_path / "blip")),
+        batch_size=3, max_new_tokens=5, model_template="{trigger} {class_noun}, {caption}",
+    )  # fmt: skip
+    result = caption_dir(five, tmp_path / "cap", cfg)
+    assert calls == [2, 2]  # batches of 3 records; the sidecar-captioned one needs no model
+    assert result.records[0].caption == "my own words about a dog"
+    for record in result.records[1:]:
+        prefix, _, words = record.caption.partition(", ")
+        assert prefix == "zwx dog" and 1 <= len(words.split()) <= 5
+        assert set(words.split()) <= set(BLIP_WORDS) - {"[DEC]", "[PAD]", "[CLS]", "[SEP]"}
+    transforms = [i.transforms for i in result.report.items]
+    assert transforms == [["caption_sidecar"]] + [["caption_model"]] * 4
+    assert result.report.summary["from_model"] == 4 and result.report.summary["from_sidecar"] == 1
+
+
+def test_bad_model_template_fails_before_loading(five, tmp_path):
+    cfg = CaptionConfig(
+        captioner="blip", captioner_model=str(tmp_path / "nowhere"), model_template="{subject}"
+    )
+    with pytest.raises(ConfigError, match="model_template"):
+        caption_dir(five, tmp_path / "cap", cfg)
+
+
+def test_long_captions_are_cut_to_the_training_tokenizer(five, tmp_path):
+    tiny_clip_tokenizer(tmp_path / "model" / "tokenizer")  # a diffusers-style folder works too
+    long = "a photo of " + "red dog " * 40
+    (tmp_path / "long.txt").write_text(long)
+    cfg = CaptionConfig(tokenizer=str(tmp_path / "model"), max_tokens=20, template=long.strip())
+    result = caption_dir(five, tmp_path / "cap", cfg)
+    counter = captioners.TokenLimit(cfg)
+    truncated = [i for i in result.report.items if i.reason == "caption_truncated"]
+    assert len(truncated) == 4  # the template ones; the short sidecar fits
+    assert truncated[0].status == "normalised" and "tokens > max_tokens=20" in truncated[0].detail
+    for record in result.records[1:]:
+        assert counter.count(record.caption) <= 20 and long.startswith(record.caption)
+    assert result.records[0].caption == "my own words about a dog"
+    assert result.report.summary["truncated"] == 4
+    with pytest.raises(ConfigError, match="caption.tokenizer: folder not found"):
+        caption_dir(five, tmp_path / "cap2", CaptionConfig(tokenizer=str(tmp_path / "none")))
