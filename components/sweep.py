@@ -16,7 +16,8 @@ def start_sweep_op(config: str, kfp_run_id: str, sweep_id: str, trials: str) -> 
 @dsl.component(base_image=SDTUNE_TRAIN_IMAGE, install_kfp_package=False)
 def sweep_trial_op(
     config: str,
-    sweep_run_id: str,
+    sweep_id: str,
+    kfp_run_id: str,
     trial: str,
     ingested: dsl.Input[dsl.Dataset],
     images: dsl.Input[dsl.Dataset],
@@ -27,12 +28,17 @@ def sweep_trial_op(
     report: dsl.Output[dsl.HTML],
 ) -> str:
     """One trial: train + evaluate under its own MLflow run. A failed trial returns status FAILED (with the
-    reason) instead of failing the pipeline; the select step applies ``sweep.max_failed``."""
+    reason) instead of failing the pipeline; the select step applies ``sweep.max_failed``.
+
+    The sweep run is looked up by its id rather than passed in: kfp.local 2.17 replaces every task-output
+    parameter of a ParallelFor body with the loop item (component inputs and artifacts are unaffected)."""
     import html
     import os
 
+    from sdtune.sweep.steps import sweep_run_for
     from sdtune.sweep.trial import run_trial
 
+    sweep_run_id = sweep_run_for(config, sweep_id, kfp_run_id)
     result = run_trial(config, sweep_run_id, trial, images.path, dataset.path, model.path, evaluation.path,
                        ingested_dir=ingested.path)
     for key, value in result.metrics.items():

@@ -61,7 +61,8 @@ def build_sweep_pipeline(cfg: RunConfig, trials: list[Trial], sweep_id: str = ""
                 trial = step(
                     sweep_trial_op(
                         config=config,
-                        sweep_run_id=sweep_run,
+                        sweep_id=sweep_id,
+                        kfp_run_id=run_id,
                         trial=item,
                         ingested=ingest.outputs["dataset"],
                         images=preprocess.outputs["dataset"],

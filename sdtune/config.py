@@ -116,12 +116,6 @@ class TrainConfig(Section):
     alpha: float | None = None  # defaults to rank (scale 1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, value):
-        # YAML 1.1 reads an unquoted `no` as false; `mixed_precision: no` means the "no" mode.
-        return "no" if value is False else value
     seed: int = 0
     log_every: int = Field(1, ge=1)
     num_processes: int = Field(1, ge=1)  # processes per node (GPUs); >1 launches through torchrun
@@ -142,6 +136,24 @@ class TrainConfig(Section):
     class_prompt: str = "a photo of {class_noun}"
     class_data_dir: str | None = None  # images of the class; generated with the base model when missing
     class_image_steps: int = Field(25, ge=1)  # inference steps for generated class images
+    # Optimizer: AdamW for real runs; plain SGD (no momentum) makes N×b vs 1×(N·b) equal to fp32 round-off.
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    # Scale-out (docs/distributed.md): DDP replicates the model; FSDP2 shards weights, grads and optimizer
+    # state over the ranks (dreambooth only: a LoRA's trainable part is too small to be worth sharding).
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    # Checkpoints and resume (docs/distributed.md): every N optimizer steps (0: only when preempted),
+    # the newest K kept, in <out>/checkpoints unless set (a folder or s3://bucket/prefix).
+    checkpoint_every: int = Field(500, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_dir: str | None = None
+    resume: str = "auto"  # auto: the newest complete checkpoint, if any; never; or a checkpoint path/URI
+    preempt_grace_s: float = Field(60.0, gt=0)  # SIGTERM → checkpoint written and exit 75 within this
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML 1.1 reads an unquoted `no` as false; `mixed_precision: no` means the "no" mode.
+        return "no" if value is False else value
 
 
 class EvaluateConfig(Section):

@@ -25,3 +25,30 @@ class TrainingError(SdtuneError):
     """Training cannot continue (diverged, incompatible checkpoint)."""
 
     exit_code = 3
+
+
+# Training exit codes (docs/distributed.md). A cluster launcher retries every non-zero code EXCEPT the
+# permanent ones (2, 3, 5): a retry would fail the same way. 75 (preempted) is the one meant for a retry,
+# which resumes from the checkpoint written on the way out.
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h)
+EXIT_OUT_OF_MEMORY = 5
+PERMANENT_TRAINING_EXIT_CODES = frozenset({2, 3, EXIT_OUT_OF_MEMORY})
+
+
+class CheckpointError(SdtuneError):
+    """A checkpoint cannot be used: written by an incompatible config or world size, or damaged when named
+    explicitly (``train.resume=PATH``). Permanent: resuming again would be refused again."""
+
+    exit_code = 2
+
+
+class Preempted(SdtuneError):
+    """SIGTERM (pod eviction, spot reclaim): a checkpoint was written; run again to resume. Retryable."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class OutOfMemory(SdtuneError):
+    """The accelerator ran out of memory with these settings; the message names settings that fit. Permanent."""
+
+    exit_code = EXIT_OUT_OF_MEMORY

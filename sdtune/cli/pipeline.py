@@ -94,7 +94,7 @@ def print_summary(summary: dict) -> None:
         ("MLflow run", summary.get("parent_run_id")),
         ("Model", f"{summary.get('uri')} (version {summary.get('version')})"),
         ("Champion", f"{'promoted' if gate.get('promote') else 'kept'}: {gate.get('reason', '-')}"),
-        ("LoRA", _short(summary.get("model_dir"))),
+        ("Model files", _short(summary.get("model_dir"))),
         ("Sample grid", _short(summary.get("grid"))),
         ("Pipeline run", f"{_short(summary.get('run_dir'))} ({summary.get('seconds')} s)"),
     ]

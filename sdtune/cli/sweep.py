@@ -78,7 +78,9 @@ def run_sweep_local(cfg: RunConfig, trials: list[Trial], sweep_id: str, pipeline
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) if pipeline_root.exists() else set()
     started = time.monotonic()
-    pipeline = build_sweep_pipeline(cfg, trials, sweep_id)
+    local_cfg = cfg.model_copy(deep=True)
+    local_cfg.cluster.train_retries = 0  # kfp.local honours retries (with their minutes of backoff)
+    pipeline = build_sweep_pipeline(local_cfg, trials, sweep_id)
     try:
         pipeline(config=cfg.to_param(), sweep_id=sweep_id)
     except RuntimeError as exc:

@@ -25,6 +25,15 @@ def start_sweep(config: str, kfp_run_id: str, sweep_id: str, trials_json: str) -
     return sweep_tracking.start_sweep_run(cfg, sweep_id or kfp_run_id, trials, kfp_run_id=kfp_run_id)
 
 
+def sweep_run_for(config: str, sweep_id: str, kfp_run_id: str) -> str:
+    """The sweep's parent run id, found by the sweep id (or, without one, the KFP run id)."""
+    cfg = config_from_yaml(config)
+    run_id = sweep_tracking.find_sweep_run(cfg.tracking.experiment, sweep_id or kfp_run_id)
+    if run_id is None:
+        raise RuntimeError(f"no MLflow run for sweep {sweep_id or kfp_run_id!r} in {cfg.tracking.experiment!r}")
+    return run_id
+
+
 def write_comparison(config: str, sweep_id: str, results: list[TrialResult], best: TrialResult | None, out: Path) -> str:
     """Render the comparison page (grids fetched from each trial's evaluate run) to ``out``."""
     cfg = config_from_yaml(config)

@@ -158,9 +158,80 @@ def index_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterat
         yield torch.tensor(batch, dtype=torch.long)
 
 
-def scaled_latents(vae_config, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+class EpochSampler:
+    """Endless batches of indices into ``n`` items, a fresh seeded permutation per epoch, resumable.
+
+    Its position is two integers (``epoch``, ``index`` into that epoch's order), which is what a checkpoint
+    stores: each epoch's order is a pure function of (seed, epoch), so a resumed run continues mid-epoch
+    with exactly the batches the uninterrupted run would have drawn, and replays nothing.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self._order: torch.Tensor | None = None
+
+    def order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def __iter__(self) -> EpochSampler:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch: list[int] = []
+        while len(batch) < self.batch_size:  # a batch may straddle two epochs
+            if self._order is None:
+                self._order = self.order(self.epoch)
+            take = self._order[self.index : self.index + self.batch_size - len(batch)].tolist()
+            batch += take
+            self.index += len(take)
+            if self.index >= self.n:
+                self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        return torch.tensor(batch, dtype=torch.long)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "n": self.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["n"] != self.n:
+            from sdtune.errors import CheckpointError
+
+            raise CheckpointError(f"checkpoint was taken on {state['n']} items per rank, this run has {self.n}")
+        self.epoch, self.index, self._order = state["epoch"], state["index"], None
+
+
+class GlobalDraw:
+    """Random numbers for the GLOBAL batch, of which each rank keeps its own slice.
+
+    Every rank seeds the same generator and draws for all ``world × batch`` samples, so sample ``j`` of
+    rank ``r`` gets the noise and timestep of global slot ``r·batch + j`` whatever the layout: 2 ranks ×
+    batch 1 and 1 rank × batch 2 train on identical inputs (the DDP equivalence test relies on it). The
+    extra draws cost nothing next to a UNet step.
+    """
+
+    def __init__(self, generator: torch.Generator, rank: int, world: int):
+        self.generator, self.rank, self.world = generator, rank, world
+
+    def _slice(self, full: torch.Tensor, n: int) -> torch.Tensor:
+        return full[self.rank * n : (self.rank + 1) * n]
+
+    def randn(self, shape, device, dtype=torch.float32) -> torch.Tensor:
+        n = shape[0]
+        full = torch.randn((n * self.world, *shape[1:]), generator=self.generator, device=device, dtype=dtype)
+        return self._slice(full, n)
+
+    def randint(self, high: int, n: int, device) -> torch.Tensor:
+        full = torch.randint(0, high, (n * self.world,), generator=self.generator, device=device, dtype=torch.long)
+        return self._slice(full, n)
+
+
+def scaled_latents(vae_config, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | GlobalDraw) -> torch.Tensor:
     """Sample from the cached latent distribution and scale it the way the UNet expects."""
-    sample = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if isinstance(generator, GlobalDraw):
+        eps = generator.randn(mean.shape, mean.device, mean.dtype)
+    else:
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    sample = mean + std * eps
     shift = getattr(vae_config, "shift_factor", None) or 0.0
     return (sample - shift) * vae_config.scaling_factor
 

@@ -18,11 +18,16 @@ Features (config key → behaviour):
 - ``train.prediction_type`` (default: the scheduler's), ``snr_gamma`` (min-SNR-γ), ``noise_offset``.
 - ``train.mixed_precision`` bf16/fp16 on GPUs (fp32 on CPU), ``gradient_checkpointing``.
 - ``train.seed``: same seed, same data, same process count → same weights.
-- ``train.log_every``: loss/lr/grad-norm/steps-per-second logged every N steps (the only host syncs).
+- ``train.log_every``: loss/lr/grad-norm/steps-per-second logged every N steps (host syncs: these, and one
+  scalar all_reduce per step so every rank sees a SIGTERM at the same step).
+- ``train.checkpoint_every`` / ``keep_checkpoints`` / ``checkpoint_dir`` / ``resume``: atomic checkpoints and
+  bit-exact resume (:mod:`sdtune.train.checkpoint`); SIGTERM → checkpoint + exit 75 within ``preempt_grace_s``.
+- ``train.optimizer``: adamw, or sgd (for exact multi-process equivalence checks).
 
 Writes (rank 0): ``pytorch_lora_weights.safetensors`` (diffusers), ``lora_kohya.safetensors`` (kohya/A1111/
 ComfyUI, unless ``train.export_kohya=false``), ``metrics.jsonl``, ``config.yaml``, ``train_summary.json``,
-``README.md`` (model card). Raises :class:`~sdtune.errors.TrainingError` when the loss is not finite.
+``README.md`` (model card), ``checkpoints/``. Raises :class:`~sdtune.errors.TrainingError` when the loss is not
+finite (no checkpoint written), :class:`~sdtune.errors.Preempted` after a SIGTERM checkpoint.
 """
 
 from __future__ import annotations
@@ -37,10 +42,20 @@ from sdtune.config import RunConfig
 from sdtune.models.loading import load_components
 from sdtune.tracking import MetricLogger
 
+from . import checkpoint as C
 from . import data as D
 from . import losses as L
 from .outputs import TrainResult, save_unet_lora, write_run_files
-from .runtime import LossTracker, make_accelerator, open_logger, progress, shutdown, weight_dtype
+from .runtime import (
+    LossTracker,
+    PreemptWatch,
+    make_accelerator,
+    make_optimizer,
+    open_logger,
+    progress,
+    shutdown,
+    weight_dtype,
+)
 
 
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
@@ -49,14 +64,17 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
     accelerator = make_accelerator(tc)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = open_logger(accelerator, out_dir, logger)
+    all_records = D.train_records(cfg, data_dir)
+    found = C.find(cfg, out_dir, world, C.data_fingerprint(all_records))  # before any work: refuse early
+    log = open_logger(accelerator, out_dir, logger, resume_step=found.step if found else 0)
     torch.manual_seed(tc.seed)
+    watch = PreemptWatch(accelerator, tc.preempt_grace_s)
 
     try:
         # 1. Model and data. Frozen weights in half precision under mixed precision, fp32 otherwise.
         parts = load_components(cfg)
         dtype = weight_dtype(accelerator)
-        records = D.shard(D.train_records(cfg, data_dir), rank, world)
+        records = D.shard(all_records, rank, world)
         cache = D.encode_records(parts, records, data_dir, cfg, device, dtype)
         scheduler = parts.noise_scheduler
         prediction_type = tc.prediction_type or scheduler.config.prediction_type
@@ -85,28 +103,38 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
 
         from diffusers.optimization import get_scheduler
 
-        optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay)
+        optimizer = make_optimizer(tc, params)
         lr_scheduler = get_scheduler(
             tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps, num_training_steps=tc.max_steps
         )
         unet, optimizer = accelerator.prepare(unet, optimizer)
         unet.train()
 
-        # 3. Loop: one optimizer step per `step`, over `gradient_accumulation_steps` micro-batches.
-        gen = torch.Generator(device=device).manual_seed(tc.seed * 1000 + rank)
-        batches = D.index_batches(len(cache), tc.batch_size, torch.Generator().manual_seed(tc.seed + rank))
-        tracker = LossTracker(accelerator)
+        # 3. Loop: one optimizer step per `step`, over `gradient_accumulation_steps` micro-batches. Every rank
+        # draws the randomness of the global batch (same seed) and keeps its slice (see data.GlobalDraw).
+        gen = torch.Generator(device=device).manual_seed(tc.seed * 1000)
+        draw = D.GlobalDraw(gen, rank, world)
+        batches = D.EpochSampler(len(cache), tc.batch_size, tc.seed + rank)
+        state = C.TrainState(
+            modules={"unet": accelerator.unwrap_model(unet)}, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            generators={"noise": gen}, samplers={"data": batches}, scaler=accelerator.scaler,
+            data_fingerprint=C.data_fingerprint(all_records),
+        )
+        start = C.load(found, state, accelerator) if found else 0
+        tracker = LossTracker(accelerator, names=[r.file for r in records])
+        tracker.last_loss = state.last_loss
         bar = progress(accelerator, tc.max_steps, f"lora r{tc.rank}")
+        bar.update(start)
         started = time.perf_counter()
-        for step in range(1, tc.max_steps + 1):
+        for step in range(start + 1, tc.max_steps + 1):
             for micro in range(tc.gradient_accumulation_steps):
                 idx = next(batches).to(device)
                 last_micro = micro == tc.gradient_accumulation_steps - 1
                 sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(unet)
                 with sync, accelerator.autocast():
-                    latents = D.scaled_latents(vae_config, cache.latent_mean[idx], cache.latent_std[idx], gen)
-                    noise = L.sample_noise(latents, gen, tc.noise_offset)
-                    t = L.sample_timesteps(len(idx), scheduler.config.num_train_timesteps, gen, device)
+                    latents = D.scaled_latents(vae_config, cache.latent_mean[idx], cache.latent_std[idx], draw)
+                    noise = L.sample_noise(latents, draw, tc.noise_offset)
+                    t = L.sample_timesteps(len(idx), scheduler.config.num_train_timesteps, draw, device)
                     noisy = scheduler.add_noise(latents, noise, t)
                     pred = unet(noisy, t, **D.unet_conditioning(cache, idx)).sample
                     target = L.prediction_target(scheduler, latents, noise, t, prediction_type)
@@ -115,7 +143,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                         prediction_type=prediction_type,
                     ).mean()
                     accelerator.backward(loss / tc.gradient_accumulation_steps)
-                tracker.add(loss, step)
+                tracker.add(loss, step, idx)
             grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
@@ -123,13 +151,16 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             bar.update(1)
 
             if step % tc.log_every == 0 or step == tc.max_steps:
-                metrics = tracker.flush(step)  # the only host sync in the loop
+                metrics = tracker.flush(step)  # host sync: loss read back, non-finite check
                 metrics.update(lr=lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if log is not None:
                     log.log(metrics, step)
+            C.end_of_step(step, cfg, out_dir, state, accelerator, tracker, watch)
         bar.close()
+        watch.close()
         seconds = time.perf_counter() - started
+        trained = tc.max_steps - start
 
         # 4. Save (rank 0 only).
         result = TrainResult(
@@ -138,13 +169,15 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             steps=tc.max_steps,
             final_loss=tracker.last_loss,
             seconds=round(seconds, 3),
-            steps_per_sec=round(tc.max_steps / seconds, 3),
+            steps_per_sec=round(trained / max(seconds, 1e-9), 3),
             num_processes=world,
+            extra={"resumed_from_step": start, "attempt": state.attempt},
         )
         if accelerator.is_main_process:
             result.files = save_unet_lora(accelerator.unwrap_model(unet), out_dir, cfg)
             write_run_files(cfg, out_dir, result)
     finally:
+        watch.close()
         if log is not None:
             log.close()
     shutdown(accelerator)

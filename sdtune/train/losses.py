@@ -6,18 +6,25 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise like ``latents``; ``noise_offset`` adds a per-channel constant (brightness range)."""
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+def _randn(shape, generator, device, dtype) -> torch.Tensor:
+    if hasattr(generator, "randn"):  # a data.GlobalDraw: this rank's slice of the global batch's draw
+        return generator.randn(shape, device, dtype)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def sample_noise(latents: torch.Tensor, generator, noise_offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise like ``latents``; ``noise_offset`` adds a per-channel constant (brightness range).
+    ``generator``: a ``torch.Generator`` or a :class:`sdtune.train.data.GlobalDraw`."""
+    noise = _randn(latents.shape, generator, latents.device, latents.dtype)
     if noise_offset:
         b, c = latents.shape[:2]
-        noise = noise + noise_offset * torch.randn(
-            (b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
-        )
+        noise = noise + noise_offset * _randn((b, c, 1, 1), generator, latents.device, latents.dtype)
     return noise
 
 
-def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator, device) -> torch.Tensor:
+def sample_timesteps(n: int, num_train_timesteps: int, generator, device) -> torch.Tensor:
+    if hasattr(generator, "randint"):
+        return generator.randint(num_train_timesteps, n, device)
     return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device, dtype=torch.long)
 
 

@@ -36,44 +36,87 @@ def weight_dtype(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def open_logger(accelerator, out_dir: Path, extra: MetricLogger | None) -> MetricLogger | None:
-    """Rank 0: ``metrics.jsonl`` (fresh each run) plus the caller's logger. Other ranks: None."""
+def open_logger(
+    accelerator, out_dir: Path, extra: MetricLogger | None, resume_step: int = 0
+) -> MetricLogger | None:
+    """Rank 0: ``metrics.jsonl`` plus the caller's logger. Other ranks: None.
+
+    A fresh run starts the file empty; a resumed one keeps the rows up to the checkpoint's step and drops
+    the later ones (the steps that will be trained again), so the file reads as one uninterrupted run.
+    """
     if not accelerator.is_main_process:
         return None
-    (out_dir / METRICS).unlink(missing_ok=True)
-    return CompositeLogger(JsonlLogger(out_dir / METRICS), extra)
+    path = out_dir / METRICS
+    if resume_step and path.is_file():
+        import json
+
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    else:
+        path.unlink(missing_ok=True)
+    return CompositeLogger(JsonlLogger(path), extra)
+
+
+def make_optimizer(tc: TrainConfig, params):
+    """AdamW (real runs) or plain SGD (``train.optimizer=sgd``: no momentum, so N ranks × batch b and one rank ×
+    batch N·b give the same weights to fp32 round-off; Adam's normalisation amplifies that round-off)."""
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay)
+    return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay)
 
 
 class LossTracker:
-    """Accumulates the loss on the device and reads it back only at log steps.
+    """Accumulates the loss on the device and reads it back only at log steps and before checkpoints.
 
-    ``add`` never synchronises with the host; ``flush`` averages over the interval and over ranks, and
-    raises :class:`TrainingError` naming the first step whose loss was not finite.
+    ``add`` never synchronises with the host; ``flush`` averages over the interval and over ranks. ``check``
+    (called by ``flush`` and before every checkpoint, so a diverged state is never saved) raises
+    :class:`TrainingError` naming the first step whose loss was not finite, the rank and the batch's images.
     """
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, names: list[str] | None = None):
         self.acc = accelerator
+        self.names = names
         device = accelerator.device
         self.total = torch.zeros((), device=device)
         self.count = 0
         self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # 0 = none yet
+        self.bad_batch = torch.full((0,), -1, dtype=torch.long, device=device)
         self.last_time = time.perf_counter()
         self.last_step = 0
         self.last_loss = float("nan")
 
-    def add(self, loss: torch.Tensor, step: int) -> None:
+    def add(self, loss: torch.Tensor, step: int, batch: torch.Tensor | None = None) -> None:
         loss = loss.detach().float()
         finite = torch.isfinite(loss)
         self.total += torch.where(finite, loss, torch.zeros_like(loss))
         self.count += 1
-        self.first_bad = torch.where((self.first_bad == 0) & ~finite, torch.full_like(self.first_bad, step), self.first_bad)
+        first = (self.first_bad == 0) & ~finite
+        self.first_bad = torch.where(first, torch.full_like(self.first_bad, step), self.first_bad)
+        if batch is not None:
+            if self.bad_batch.numel() != batch.numel():
+                self.bad_batch = torch.full_like(batch, -1)
+            self.bad_batch = torch.where(first, batch, self.bad_batch)
+
+    def check(self) -> None:
+        bad = self.acc.gather(self.first_bad.reshape(1))  # every rank sees every rank's failure
+        if not bool((bad > 0).any()):
+            return
+        step = int(bad[bad > 0].min().item())
+        mine = ""
+        if int(self.first_bad.item()) == step:
+            idx = [i for i in self.bad_batch.tolist() if i >= 0]
+            shown = [self.names[i] for i in idx] if self.names else idx
+            mine = f"rank {self.acc.process_index} batch {shown}"
+        where = [w for w in _all_gather_objects(mine) if w]
+        raise TrainingError(
+            f"loss is not finite at step {step} ({'; '.join(where)}); stopped without writing a checkpoint; "
+            "lower train.learning_rate?"
+        )
 
     def flush(self, step: int) -> dict[str, float]:
         mean = self.acc.reduce(self.total / max(self.count, 1), reduction="mean")
-        bad = self.acc.gather(self.first_bad.reshape(1))  # every rank sees every rank's failure
-        bad = bad[bad > 0]
-        if bad.numel():
-            raise TrainingError(f"loss is not finite at step {int(bad.min().item())}; lower train.learning_rate?")
+        self.check()
         now = time.perf_counter()
         steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
         self.last_loss = float(mean.item())
@@ -81,6 +124,80 @@ class LossTracker:
         self.count = 0
         self.last_time, self.last_step = now, step
         return {"loss": self.last_loss, "steps_per_sec": steps_per_sec}
+
+
+def _all_gather_objects(obj) -> list:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class PreemptWatch:
+    """SIGTERM (pod eviction, spot reclaim, ``launch_training`` forwarding) → stop at a step boundary.
+
+    The handler only sets a flag; :meth:`should_stop` ORs the flags of all ranks (one scalar all_reduce per
+    step) so every rank stops after the SAME step and they write one consistent checkpoint together. A
+    watchdog started by the signal ends the process with exit 75 after ``grace_s`` whatever it is doing
+    (a long setup, a hung collective): the previous complete checkpoint is still there, because writes
+    are atomic.
+    """
+
+    def __init__(self, accelerator, grace_s: float):
+        import signal
+        import threading
+
+        self.acc, self.grace_s = accelerator, grace_s
+        self.requested_at: float | None = None
+        self._timer: threading.Timer | None = None
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        import threading
+
+        if self.requested_at is not None:
+            return
+        self.requested_at = time.monotonic()
+        self._timer = threading.Timer(self.grace_s, self._give_up)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _give_up(self) -> None:
+        import os
+        import sys
+
+        from sdtune.errors import EXIT_PREEMPTED
+
+        print(
+            f"error: preempted and no checkpoint completed within train.preempt_grace_s={self.grace_s:g}s; "
+            "exiting (the previous complete checkpoint stays valid)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(EXIT_PREEMPTED)
+
+    def should_stop(self) -> bool:
+        flag = self.requested_at is not None
+        if self.acc.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def seconds_since_signal(self) -> float:
+        return 0.0 if self.requested_at is None else time.monotonic() - self.requested_at
+
+    def close(self) -> None:
+        import signal
+
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def progress(accelerator, total: int, desc: str):
