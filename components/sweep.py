@@ -13,6 +13,23 @@ def start_sweep_op(config: str, kfp_run_id: str, sweep_id: str, trials: str) -> 
     return start_sweep(config, kfp_run_id, sweep_id, trials)
 
 
+@dsl.component(base_image=SDTUNE_IMAGE, install_kfp_package=False)
+def sweep_data_op(
+    config: str,
+    parent_run_id: str,
+    ingested: dsl.Output[dsl.Dataset],
+    images: dsl.Output[dsl.Dataset],
+    dataset: dsl.Output[dsl.Dataset],
+):
+    """The data stages once for every trial: ingest → preprocess → caption, each logged (and content-cached)
+    as usual. One task: a sweep tunes on a handful of photos, where shard fan-out buys nothing."""
+    from sdtune.steps import caption_step, ingest_step, preprocess_step
+
+    ingest_step(config, parent_run_id, ingested.path)
+    preprocess_step(config, parent_run_id, ingested.path, images.path)
+    caption_step(config, parent_run_id, images.path, dataset.path)
+
+
 @dsl.component(base_image=SDTUNE_TRAIN_IMAGE, install_kfp_package=False)
 def sweep_trial_op(
     config: str,
@@ -39,8 +56,16 @@ def sweep_trial_op(
     from sdtune.sweep.trial import run_trial
 
     sweep_run_id = sweep_run_for(config, sweep_id, kfp_run_id)
-    result = run_trial(config, sweep_run_id, trial, images.path, dataset.path, model.path, evaluation.path,
-                       ingested_dir=ingested.path)
+    result = run_trial(
+        config,
+        sweep_run_id,
+        trial,
+        images.path,
+        dataset.path,
+        model.path,
+        evaluation.path,
+        ingested_dir=ingested.path,
+    )
     for key, value in result.metrics.items():
         metrics.log_metric(key, value)
     page = os.path.join(evaluation.path, "report.html")
@@ -50,8 +75,10 @@ def sweep_trial_op(
             dst.write(src.read())
     else:
         with open(report.path, "w", encoding="utf-8") as dst:
-            dst.write(f"<!doctype html><meta charset='utf-8'><p>{html.escape(result.name)} failed: "
-                      f"{html.escape(result.error)}</p>")
+            dst.write(
+                f"<!doctype html><meta charset='utf-8'><p>{html.escape(result.name)} failed: "
+                f"{html.escape(result.error)}</p>"
+            )
     return result.to_json()
 
 

@@ -1,6 +1,7 @@
 """The personalisation pipeline: a handful of photos in, a fine-tuned, evaluated, registered model out.
 
-    start-run → ingest → preprocess → caption → train → evaluate → register      (exit handler: finish-run)
+    start-run → ingest → preprocess (one task per shard) → merge → caption → train → evaluate → register
+    (exit handler: finish-run)
 
 Composition only: no ``sdtune`` core or torch imports here. The whole run configuration travels as one
 YAML string parameter, so the same compiled pipeline serves every preset.
@@ -13,6 +14,7 @@ from components import (
     evaluate_op,
     finish_run_op,
     ingest_op,
+    merge_op,
     preprocess_op,
     register_op,
     start_run_op,
@@ -48,13 +50,20 @@ def build_personalize_pipeline(cfg: RunConfig):
             parent = step(start_run_op(config=config, kfp_run_id=run_id), "start_run", "Open MLflow run")
             parent_id = parent.output
             ingest = step(ingest_op(config=config, parent_run_id=parent_id), "ingest", "Ingest")
-            preprocess = step(
-                preprocess_op(config=config, parent_run_id=parent_id, images=ingest.outputs["dataset"]),
-                "preprocess",
-                "Preprocess",
+            # Fan out over ingest's shards (one shard for a handful of photos, many for a catalogue).
+            with dsl.ParallelFor(ingest.outputs["Output"], parallelism=cfg.preprocess.parallel_shards) as shard:
+                preprocess = step(
+                    preprocess_op(config=config, kfp_run_id=run_id, images=ingest.outputs["dataset"], shard=shard),
+                    "preprocess",
+                    "Preprocess shard",
+                )
+            merge = step(
+                merge_op(config=config, parent_run_id=parent_id, shards=dsl.Collected(preprocess.outputs["dataset"])),
+                "merge",
+                "Merge shards",
             )
             caption = step(
-                caption_op(config=config, parent_run_id=parent_id, images=preprocess.outputs["dataset"]),
+                caption_op(config=config, parent_run_id=parent_id, images=merge.outputs["dataset"]),
                 "caption",
                 "Caption",
             )

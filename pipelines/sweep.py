@@ -1,8 +1,8 @@
 """The sweep pipeline: the data stages once, then the trials fanned out, then the best one registered.
 
-    start-sweep → ingest → preprocess → caption ─┬─ trial-000 (train + evaluate) ─┬→ select-best → register-best
-                                                 ├─ trial-001 …                   │   (exit handler: finish-run)
-                                                 └─ … (ParallelFor, parallelism = sweep.parallelism)
+    start-sweep → data (ingest, preprocess, caption) ─┬─ trial-000 (train + evaluate) ─┬→ select-best → register-best
+                                                      ├─ trial-001 …                   │  (exit handler: finish-run)
+                                                      └─ … (ParallelFor, parallelism = sweep.parallelism)
 
 The trials are computed when the pipeline is built (``sdtune.sweep.space.build_trials``) and compiled in as
 the ParallelFor items, one line of JSON each (index + overrides); each trial applies its overrides to the
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from kfp import compiler, dsl
 
-from components import caption_op, finish_run_op, ingest_op, preprocess_op
-from components.sweep import register_best_op, select_best_op, start_sweep_op, sweep_trial_op
+from components import finish_run_op
+from components.sweep import register_best_op, select_best_op, start_sweep_op, sweep_data_op, sweep_trial_op
 from pipelines.cluster import apply_task_settings
 from sdtune.config import RunConfig
 from sdtune.sweep.space import Trial
@@ -46,17 +46,7 @@ def build_sweep_pipeline(cfg: RunConfig, trials: list[Trial], sweep_id: str = ""
                 "Open MLflow sweep run",
             )
             sweep_run = parent.output
-            ingest = step(ingest_op(config=config, parent_run_id=sweep_run), "ingest", "Ingest")
-            preprocess = step(
-                preprocess_op(config=config, parent_run_id=sweep_run, images=ingest.outputs["dataset"]),
-                "preprocess",
-                "Preprocess",
-            )
-            caption = step(
-                caption_op(config=config, parent_run_id=sweep_run, images=preprocess.outputs["dataset"]),
-                "caption",
-                "Caption",
-            )
+            data = step(sweep_data_op(config=config, parent_run_id=sweep_run), "preprocess", "Prepare data")
             with dsl.ParallelFor(items=items, parallelism=cfg.sweep.parallelism, name="trials") as item:
                 trial = step(
                     sweep_trial_op(
@@ -64,9 +54,9 @@ def build_sweep_pipeline(cfg: RunConfig, trials: list[Trial], sweep_id: str = ""
                         sweep_id=sweep_id,
                         kfp_run_id=run_id,
                         trial=item,
-                        ingested=ingest.outputs["dataset"],
-                        images=preprocess.outputs["dataset"],
-                        dataset=caption.outputs["dataset"],
+                        ingested=data.outputs["ingested"],
+                        images=data.outputs["images"],
+                        dataset=data.outputs["dataset"],
                     ),
                     "train",
                     "Trial",
@@ -74,7 +64,10 @@ def build_sweep_pipeline(cfg: RunConfig, trials: list[Trial], sweep_id: str = ""
                 )
             best = step(
                 select_best_op(
-                    config=config, sweep_run_id=sweep_run, sweep_id=sweep_id, results=dsl.Collected(trial.outputs["Output"])
+                    config=config,
+                    sweep_run_id=sweep_run,
+                    sweep_id=sweep_id,
+                    results=dsl.Collected(trial.outputs["Output"]),
                 ),
                 "select_best",
                 "Select best trial",

@@ -84,6 +84,7 @@ class PreprocessConfig(Section):
     mask_threshold: float = Field(0.4, ge=0.0, le=1.0)  # CLIPSeg probability counted as subject
     workers: int | None = Field(None, ge=1)  # processes; None: min(4, CPUs); model steps run in-process
     cache_dir: str = ".sdtune/cache/models"  # where s3:// model weights are downloaded
+    parallel_shards: int = Field(8, ge=1)  # preprocess tasks running at once when ingest is sharded
 
 
 class CaptionConfig(Section):

@@ -64,19 +64,22 @@ def _cache_key(cfg: RunConfig, step: str, **parts: Any) -> str | None:
     return cache.step_key(step, **parts)
 
 
-def _run_stage(cfg: RunConfig, parent_run_id: str, step: str, out_dir: Path, key: str | None, produce) -> Summary:
+def _run_stage(
+    cfg: RunConfig, parent_run_id: str, step: str, out_dir: Path, key: str | None, produce, cache_step: str = ""
+) -> Summary:
     """Run a data stage, or restore its output from the cache, and log it either way."""
     from sdtune.manifest import read_manifest, read_report
 
     store = cache.StepCache()
+    cache_step = cache_step or step
     with tracking.step_run(parent_run_id, step) as run:
-        if key and store.restore(step, key, out_dir) is not None:
+        if key and store.restore(cache_step, key, out_dir) is not None:
             result = StageResult(out_dir=out_dir, records=read_manifest(out_dir), report=read_report(out_dir))
             run.set_tags({"sdtune.cache": "hit", "sdtune.cache_key": key})
         else:
             result = produce()
             if key:
-                store.store(step, key, out_dir, {})
+                store.store(cache_step, key, out_dir, {})
             run.set_tags({"sdtune.cache": "miss" if key else "off"})
         return _log_stage(run, step, result)
 
@@ -91,13 +94,47 @@ def ingest_step(config_yaml: str, parent_run_id: str, out_dir: str | Path) -> Su
     return _run_stage(cfg, parent_run_id, "ingest", out_dir, key, lambda: ingest(cfg.ingest.sources, out_dir, cfg.ingest))
 
 
-def preprocess_step(config_yaml: str, parent_run_id: str, in_dir: str | Path, out_dir: str | Path) -> Summary:
+def preprocess_step(
+    config_yaml: str,
+    parent_run_id: str,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    shard: int | None = None,
+    kfp_run_id: str = "",
+) -> Summary:
+    """Preprocess all of ``in_dir``, or one of its shards (the pipeline fans shards out in parallel).
+    Without ``parent_run_id``, the parent MLflow run is the one tagged with ``kfp_run_id``."""
     from sdtune.data.preprocess import preprocess_dir
+    from sdtune.data.shards import read_shards
 
     cfg = config_from_yaml(config_yaml)
+    if not parent_run_id and kfp_run_id:
+        parent_run_id = tracking.find_parent_run(cfg.tracking.experiment, kfp_run_id) or ""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    key = _cache_key(cfg, "preprocess", data=manifest_digest(in_dir), preprocess=cfg.preprocess.model_dump(mode="json"))
-    return _run_stage(cfg, parent_run_id, "preprocess", out_dir, key, lambda: preprocess_dir(in_dir, out_dir, cfg.preprocess))
+    sharded = shard is not None and len(read_shards(in_dir)) > 1
+    name = f"preprocess-{shard:04d}" if sharded else "preprocess"
+    key = _cache_key(
+        cfg, "preprocess", data=manifest_digest(in_dir), shard=shard, preprocess=cfg.preprocess.model_dump(mode="json")
+    )
+    return _run_stage(
+        cfg, parent_run_id, name, out_dir, key, lambda: preprocess_dir(in_dir, out_dir, cfg.preprocess, shard=shard),
+        cache_step="preprocess",
+    )
+
+
+def list_shards(stage_dir: str | Path) -> list[int]:
+    from sdtune.data.shards import read_shards
+
+    return read_shards(Path(stage_dir))
+
+
+def merge_step(config_yaml: str, parent_run_id: str, stage_dirs: list[str | Path], out_dir: str | Path) -> Summary:
+    """Join the preprocessed shards into one stage directory (one shard: a cheap copy by hard links)."""
+    from sdtune.data.shards import merge_stages
+
+    cfg = config_from_yaml(config_yaml)
+    dirs = [Path(d) for d in stage_dirs]
+    return _run_stage(cfg, parent_run_id, "merge", Path(out_dir), None, lambda: merge_stages(dirs, Path(out_dir)))
 
 
 def caption_step(config_yaml: str, parent_run_id: str, in_dir: str | Path, out_dir: str | Path) -> Summary:

@@ -57,7 +57,9 @@ def sweep_config(
     return config_from_dict(data, origin="sweep options")
 
 
-def run_sweep_local(cfg: RunConfig, trials: list[Trial], sweep_id: str, pipeline_root: Path | None = None) -> dict:
+def run_sweep_local(
+    cfg: RunConfig, trials: list[Trial], sweep_id: str, pipeline_root: Path | None = None
+) -> dict:
     """Run the sweep pipeline through ``kfp.local``; returns the register step's summary plus the trials."""
     from sdtune import tracking
     from sdtune.cli.pipeline import PipelineError, _strip_ansi, _task_output
@@ -75,7 +77,9 @@ def run_sweep_local(cfg: RunConfig, trials: list[Trial], sweep_id: str, pipeline
 
     from pipelines.sweep import PIPELINE_NAME, build_sweep_pipeline
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
+    )
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) if pipeline_root.exists() else set()
     started = time.monotonic()
     local_cfg = cfg.model_copy(deep=True)
@@ -90,7 +94,9 @@ def run_sweep_local(cfg: RunConfig, trials: list[Trial], sweep_id: str, pipeline
             tags = tracking._client().get_run(run_id).data.tags
             reason = tags.get("sdtune.sweep.error") or tracking.failed_step_error(run_id)
         reason = reason or (_strip_ansi(str(exc).splitlines()[0]) if str(exc) else "sweep failed")
-        raise PipelineError(f"{reason} (sweep {sweep_id}; task logs above; artifacts under {pipeline_root})") from None
+        raise PipelineError(
+            f"{reason} (sweep {sweep_id}; task logs above; artifacts under {pipeline_root})"
+        ) from None
     run_dirs = sorted(set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before)
     if not run_dirs:
         raise PipelineError(f"sweep finished but left no run folder under {pipeline_root}")
@@ -105,7 +111,9 @@ def run_sweep_local(cfg: RunConfig, trials: list[Trial], sweep_id: str, pipeline
     return summary
 
 
-def print_trials(results: list[TrialResult], metric: str, direction: str, best: str | None = None, title: str = "") -> None:
+def print_trials(
+    results: list[TrialResult], metric: str, direction: str, best: str | None = None, title: str = ""
+) -> None:
     ranked = rank_trials(results, metric, direction)
     keys: list[str] = []
     for r in results:
@@ -119,11 +127,15 @@ def print_trials(results: list[TrialResult], metric: str, direction: str, best: 
             str(rank) if r.ok else "-",
             r.name,
             r.status,
-            *(json.dumps(r.overrides[k]) if k in r.overrides and not isinstance(r.overrides[k], str)
-              else str(r.overrides.get(k, "")) for k in keys),
+            *(
+                json.dumps(r.overrides[k])
+                if k in r.overrides and not isinstance(r.overrides[k], str)
+                else str(r.overrides.get(k, ""))
+                for k in keys
+            ),
             f"{r.metrics[metric]:.5g}" if metric in r.metrics else "",
             r.run_id[:8],
-            r.error[:120],
+            r.error[:80],
         )
     console.print(table)
 
@@ -142,38 +154,69 @@ def _sweep_settings(experiment: str, sweep_id: str) -> tuple[str, dict[str, str]
 def register(app: typer.Typer) -> None:
     @app.command("sweep")
     def sweep_command(
-        config: Annotated[Path, typer.Argument(help="Run config (YAML preset); its `sweep` section is the default")],
+        config: Annotated[
+            Path, typer.Argument(help="Run config (YAML preset); its `sweep` section is the default")
+        ],
         overrides: Annotated[list[str] | None, typer.Argument(help="key=value config overrides")] = None,
         grid: Annotated[
             list[str] | None,
-            typer.Option("--grid", help="KEY=v1,v2 (every combination) or KEY=loguniform:1e-5:1e-3 (with --random)"),
+            typer.Option(
+                "--grid", help="KEY=v1,v2 (every combination) or KEY=loguniform:1e-5:1e-3 (with --random)"
+            ),
         ] = None,
         random_trials: Annotated[int | None, typer.Option("--random", help="Random search: N trials")] = None,
-        prompts: Annotated[Path | None, typer.Option("--prompts", help="File of prompt/caption template variants")] = None,
+        prompts: Annotated[
+            Path | None, typer.Option("--prompts", help="File of prompt/caption template variants")
+        ] = None,
         prompt_key: Annotated[str | None, typer.Option(help="Config key the prompt variants set")] = None,
         trial: Annotated[list[str] | None, typer.Option("--trial", help="An extra trial: 'k=v k=v'")] = None,
         metric: Annotated[str | None, typer.Option(help="Evaluation metric to optimise")] = None,
         direction: Annotated[str | None, typer.Option(help="minimize or maximize")] = None,
         parallelism: Annotated[int | None, typer.Option(help="Trials at once")] = None,
         max_failed: Annotated[int | None, typer.Option(help="Failed trials tolerated")] = None,
-        algorithm: Annotated[str | None, typer.Option(help="grid, random, bayesianoptimization, tpe (katib)")] = None,
+        algorithm: Annotated[
+            str | None, typer.Option(help="grid, random, bayesianoptimization, tpe (katib)")
+        ] = None,
         seed: Annotated[int | None, typer.Option(help="Random-search seed")] = None,
-        engine: Annotated[str | None, typer.Option(help="kfp (default; local or a KFP cluster) or katib")] = None,
+        engine: Annotated[
+            str | None, typer.Option(help="kfp (default; local or a KFP cluster) or katib")
+        ] = None,
         local_run: Annotated[bool, typer.Option("--local", help="Run here through kfp.local")] = False,
-        host: Annotated[str | None, typer.Option("--host", envvar="KF_PIPELINES_ENDPOINT", help="KFP API URL")] = None,
+        host: Annotated[
+            str | None, typer.Option("--host", envvar="KF_PIPELINES_ENDPOINT", help="KFP API URL")
+        ] = None,
         namespace: Annotated[str | None, typer.Option(help="Kubernetes/Kubeflow namespace")] = None,
-        image: Annotated[str | None, typer.Option(help="katib: trial image (default: the sdtune train image)")] = None,
-        out: Annotated[Path | None, typer.Option(help="Write the pipeline YAML (kfp) or Experiment YAML (katib) and stop")] = None,
-        follow: Annotated[bool, typer.Option(help="katib: wait for the experiment and print the best trial")] = True,
-        register_best: Annotated[bool, typer.Option("--register/--no-register", help="katib: register the best trial (needs MLflow)")] = True,
+        image: Annotated[
+            str | None, typer.Option(help="katib: trial image (default: the sdtune train image)")
+        ] = None,
+        out: Annotated[
+            Path | None,
+            typer.Option(help="Write the pipeline YAML (kfp) or Experiment YAML (katib) and stop"),
+        ] = None,
+        follow: Annotated[
+            bool, typer.Option(help="katib: wait for the experiment and print the best trial")
+        ] = True,
+        register_best: Annotated[
+            bool,
+            typer.Option("--register/--no-register", help="katib: register the best trial (needs MLflow)"),
+        ] = True,
         sweep_id: Annotated[str | None, typer.Option(help="Sweep id (default: generated)")] = None,
         pipeline_root: Annotated[Path | None, typer.Option(help="Where local task artifacts go")] = None,
     ) -> None:
         """Fan out trials over a grid, random ranges or prompt variants; compare them; register the best."""
         cfg = load_config(config, overrides or [])
         cfg = sweep_config(
-            cfg, grid=grid, random_trials=random_trials, prompts=prompts, prompt_key=prompt_key, metric=metric,
-            direction=direction, parallelism=parallelism, max_failed=max_failed, algorithm=algorithm, seed=seed,
+            cfg,
+            grid=grid,
+            random_trials=random_trials,
+            prompts=prompts,
+            prompt_key=prompt_key,
+            metric=metric,
+            direction=direction,
+            parallelism=parallelism,
+            max_failed=max_failed,
+            algorithm=algorithm,
+            seed=seed,
             engine=engine,
         )
         extra = [parse_trial_option(t) for t in trial or []]
@@ -186,8 +229,11 @@ def register(app: typer.Typer) -> None:
         if cfg.sweep.algorithm in ("bayesianoptimization", "tpe"):
             raise ConfigError(f"{cfg.sweep.algorithm} adapts to finished trials: use --engine katib")
         trials = build_trials(cfg, extra)
-        console.print(f"sweep {sweep_id}: {len(trials)} trials, parallelism {cfg.sweep.parallelism}, "
-                      f"metric {cfg.sweep.metric} ({cfg.sweep.direction})", highlight=False)
+        console.print(
+            f"sweep {sweep_id}: {len(trials)} trials, parallelism {cfg.sweep.parallelism}, "
+            f"metric {cfg.sweep.metric} ({cfg.sweep.direction})",
+            highlight=False,
+        )
         if out:
             from pipelines.sweep import compile_sweep
 
@@ -197,7 +243,9 @@ def register(app: typer.Typer) -> None:
             _submit_kfp(cfg, trials, sweep_id, host, namespace)
             return
         if not local_run:
-            raise SdtuneError("pass --local (run here), --host URL (a KFP cluster) or --out FILE (compile only)")
+            raise SdtuneError(
+                "pass --local (run here), --host URL (a KFP cluster) or --out FILE (compile only)"
+            )
         cfg = resolve_local_paths(cfg, Path.cwd())
         summary = run_sweep_local(cfg, trials, sweep_id, pipeline_root)
         _print_local_summary(cfg, summary)
@@ -215,9 +263,16 @@ def register(app: typer.Typer) -> None:
 
         client = tracking._client()
         found = client.get_experiment_by_name(experiment)
-        runs = [] if found is None else client.search_runs(
-            [found.experiment_id], "tags.`sdtune.pipeline` = 'sweep' and tags.`sdtune.role` = 'parent'",
-            max_results=limit, order_by=["attributes.start_time DESC"])
+        runs = (
+            []
+            if found is None
+            else client.search_runs(
+                [found.experiment_id],
+                "tags.`sdtune.pipeline` = 'sweep' and tags.`sdtune.role` = 'parent'",
+                max_results=limit,
+                order_by=["attributes.start_time DESC"],
+            )
+        )
         if not runs:
             console.print(f"no sweeps in experiment {experiment!r}")
             return
@@ -227,14 +282,22 @@ def register(app: typer.Typer) -> None:
         for run in runs:
             tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
             metric = params.get("sweep.metric", "")
-            table.add_row(tags.get("sdtune.sweep_id", ""), run.info.status, tags.get("sdtune.sweep.trials", ""),
-                          f"{metrics['sweep_failed']:.0f}" if "sweep_failed" in metrics else "", metric,
-                          f"{metrics[metric]:.5g}" if metric in metrics else "", tags.get("sdtune.best_trial", ""))
+            table.add_row(
+                tags.get("sdtune.sweep_id", ""),
+                run.info.status,
+                tags.get("sdtune.sweep.trials", ""),
+                f"{metrics['sweep_failed']:.0f}" if "sweep_failed" in metrics else "",
+                metric,
+                f"{metrics[metric]:.5g}" if metric in metrics else "",
+                tags.get("sdtune.best_trial", ""),
+            )
         console.print(table)
 
     @sweeps.command("show")
     def show_command(
-        sweep: Annotated[str, typer.Argument(help="Sweep id (printed by `sdtune sweep`, or `sdtune sweeps list`)")],
+        sweep: Annotated[
+            str, typer.Argument(help="Sweep id (printed by `sdtune sweep`, or `sdtune sweeps list`)")
+        ],
         experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "sdtune",
         metric: Annotated[str | None, typer.Option(help="Sort by this metric (default: the sweep's)")] = None,
         html: Annotated[Path | None, typer.Option(help="Also write the comparison page here")] = None,
@@ -252,22 +315,34 @@ def register(app: typer.Typer) -> None:
         if html:
             grids = {}
             for r in rows:
-                png = sweep_tracking.grid_png_bytes(sweep_tracking.child_run_ids(r.run_id).get("evaluate", ""))
+                png = sweep_tracking.grid_png_bytes(
+                    sweep_tracking.child_run_ids(r.run_id).get("evaluate", "")
+                )
                 if png:
                     grids[r.name] = png
             best_row = next((r for r in rows if r.name == best), None)
             html.parent.mkdir(parents=True, exist_ok=True)
-            html.write_text(comparison_html(sweep, metric, direction, rows, grids, best_row), encoding="utf-8")
+            html.write_text(
+                comparison_html(sweep, metric, direction, rows, grids, best_row), encoding="utf-8"
+            )
             console.print(f"wrote {html}")
 
     @sweeps.command("trial")
     def trial_command(
         sweep_id: Annotated[str, typer.Option("--sweep-id", help="The sweep (Katib Experiment) id")],
         overrides: Annotated[list[str] | None, typer.Argument(help="key=value trial values (YAML)")] = None,
-        text: Annotated[list[str] | None, typer.Option("--text", help="key=value taken verbatim (prompts)")] = None,
-        trial_name: Annotated[str, typer.Option(help="The trial's name (Katib: ${trialSpec.Name})")] = "trial",
-        workdir: Annotated[Path, typer.Option(help="Scratch folder for the trial's stages")] = Path("sdtune-trial"),
-        config: Annotated[Path | None, typer.Option(help="Config YAML (default: $SDTUNE_CONFIG, one line of JSON)")] = None,
+        text: Annotated[
+            list[str] | None, typer.Option("--text", help="key=value taken verbatim (prompts)")
+        ] = None,
+        trial_name: Annotated[
+            str, typer.Option(help="The trial's name (Katib: ${trialSpec.Name})")
+        ] = "trial",
+        workdir: Annotated[Path, typer.Option(help="Scratch folder for the trial's stages")] = Path(
+            "sdtune-trial"
+        ),
+        config: Annotated[
+            Path | None, typer.Option(help="Config YAML (default: $SDTUNE_CONFIG, one line of JSON)")
+        ] = None,
     ) -> None:
         """Run one trial end to end and print `metric=value` lines (Katib's StdOut collector reads them)."""
         from sdtune.config import config_from_yaml
@@ -306,8 +381,14 @@ def _print_local_summary(cfg: RunConfig, summary: dict) -> None:
     best = next((r for r in rows if r.name == summary.get("best_trial")), None)
     console.rule("[bold green]sdtune sweep finished")
     lines = [
-        ("Sweep", f"{summary['sweep_id']} ({len(rows)} trials, {sum(not r.ok for r in rows)} failed, {summary['seconds']} s)"),
-        ("Best trial", f"{summary.get('best_trial')}: {best.describe() if best else ''}".strip()),
+        (
+            "Sweep",
+            f"{summary['sweep_id']} ({len(rows)} trials, {sum(not r.ok for r in rows)} failed, {summary['seconds']} s)",
+        ),
+        (
+            "Best trial",
+            f"{summary.get('best_trial')}: {Trial(best.index, best.overrides).describe() if best else ''}",
+        ),
         (cfg.sweep.metric, f"{best.metrics.get(cfg.sweep.metric, float('nan')):.5g}" if best else "-"),
         ("Model", f"{summary.get('uri')} (version {summary.get('version')})"),
         ("Champion", f"{'promoted' if gate.get('promote') else 'kept'}: {gate.get('reason', '-')}"),
@@ -327,16 +408,30 @@ def _submit_kfp(cfg: RunConfig, trials: list[Trial], sweep_id: str, host: str, n
     with tempfile.TemporaryDirectory() as tmp, _api_errors(host):
         package = compile_sweep(cfg, trials, Path(tmp) / "sweep.yaml", sweep_id)
         result = client.create_run_from_pipeline_package(
-            str(package), arguments={}, run_name=f"{cfg.name}-{sweep_id}",
-            experiment_name=cfg.tracking.experiment, namespace=namespace,
+            str(package),
+            arguments={},
+            run_name=f"{cfg.name}-{sweep_id}",
+            experiment_name=cfg.tracking.experiment,
+            namespace=namespace,
             service_account=cfg.cluster.service_account,
         )
-    console.print(f"sweep {sweep_id}: run {result.run_id}: {_run_url(client, result.run_id)}", highlight=False,
-                  soft_wrap=True)
+    console.print(
+        f"sweep {sweep_id}: run {result.run_id}: {_run_url(client, result.run_id)}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
-def _katib(cfg: RunConfig, sweep_id: str, namespace: str | None, image: str | None, out: Path | None,
-           follow: bool, register_best: bool, custom_api: Any = None) -> None:
+def _katib(
+    cfg: RunConfig,
+    sweep_id: str,
+    namespace: str | None,
+    image: str | None,
+    out: Path | None,
+    follow: bool,
+    register_best: bool,
+    custom_api: Any = None,
+) -> None:
     import yaml
 
     from components._images import SDTUNE_TRAIN_IMAGE
@@ -359,8 +454,11 @@ def _katib(cfg: RunConfig, sweep_id: str, namespace: str | None, image: str | No
 
         sweep_tracking.start_sweep_run(cfg, sweep_id, [], engine="katib")
     katib.submit_experiment(experiment, custom_api)
-    console.print(f"Katib experiment {namespace}/{sweep_id} submitted ({experiment['spec']['maxTrialCount']} trials, "
-                  f"{cfg.sweep.parallelism} at once)", highlight=False)
+    console.print(
+        f"Katib experiment {namespace}/{sweep_id} submitted ({experiment['spec']['maxTrialCount']} trials, "
+        f"{cfg.sweep.parallelism} at once)",
+        highlight=False,
+    )
     if not follow:
         return
     final = katib.follow_experiment(sweep_id, namespace, custom_api=custom_api)
@@ -382,5 +480,7 @@ def _register_from_mlflow(cfg: RunConfig, sweep_id: str) -> None:
     sweep_tracking.mark_best(run_id, best, rows, sw.metric)
     summary = register_best_step(cfg.to_param(), run_id, best.to_json())
     print_trials(rows, sw.metric, sw.direction, best.name)
-    console.print(f"registered {summary['uri']} (version {summary['version']}); champion: "
-                  f"{summary['gate']['reason']}", highlight=False)
+    console.print(
+        f"registered {summary['uri']} (version {summary['version']}); champion: {summary['gate']['reason']}",
+        highlight=False,
+    )

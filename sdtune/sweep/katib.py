@@ -79,7 +79,10 @@ def parameters(cfg: RunConfig) -> list[dict[str, Any]]:
 
 def _range_spec(rng: Range) -> dict[str, Any]:
     if rng.kind == "int":
-        return {"parameterType": "int", "feasibleSpace": {"min": str(int(rng.low)), "max": str(int(rng.high))}}
+        return {
+            "parameterType": "int",
+            "feasibleSpace": {"min": str(int(rng.low)), "max": str(int(rng.high))},
+        }
     space = {"min": repr(rng.low), "max": repr(rng.high)}
     space["distribution"] = "logUniform" if rng.kind == "loguniform" else "uniform"
     return {"parameterType": "double", "feasibleSpace": space}
@@ -90,7 +93,9 @@ def max_trials(cfg: RunConfig) -> int:
     if sw.algorithm == "grid":
         lists, ranges = dimensions(sw)
         if ranges:
-            raise ConfigError("grid search cannot sample ranges: use sweep.algorithm random/bayesianoptimization/tpe")
+            raise ConfigError(
+                "grid search cannot sample ranges: use sweep.algorithm random/bayesianoptimization/tpe"
+            )
         count = 1
         for values in lists.values():
             count *= len(values)
@@ -103,19 +108,29 @@ def max_trials(cfg: RunConfig) -> int:
 def trial_args(cfg: RunConfig, sweep_id: str) -> list[str]:
     """The ``sweeps trial`` arguments, with Katib's ``${trialParameters.…}`` placeholders."""
     lists, ranges = dimensions(cfg.sweep)
-    args = ["--sweep-id", sweep_id, "--trial-name", f"${{trialParameters.{TRIAL_NAME_PARAM}}}",
-            "--workdir", TRIAL_WORKDIR]
+    args = [
+        "--sweep-id",
+        sweep_id,
+        "--trial-name",
+        f"${{trialParameters.{TRIAL_NAME_PARAM}}}",
+        "--workdir",
+        TRIAL_WORKDIR,
+    ]
     for key in [*lists, *ranges]:
         placeholder = f"${{trialParameters.{param_name(key)}}}"
         # Prompt variants are free text: passed verbatim, never parsed as YAML.
-        args += ["--text", f"{key}={placeholder}"] if key == cfg.sweep.prompt_key and cfg.sweep.prompts else [
-            f"{key}={placeholder}"]
+        args += (
+            ["--text", f"{key}={placeholder}"]
+            if key == cfg.sweep.prompt_key and cfg.sweep.prompts
+            else [f"{key}={placeholder}"]
+        )
     return args
 
 
 def _job_spec(cfg: RunConfig, sweep_id: str, image: str, namespace: str) -> JobSpec:
-    spec = spec_from_config(cfg, run_id=sweep_id, attempt=0, image=image, args=trial_args(cfg, sweep_id),
-                            namespace=namespace)
+    spec = spec_from_config(
+        cfg, run_id=sweep_id, attempt=0, image=image, args=trial_args(cfg, sweep_id), namespace=namespace
+    )
     res = cfg.cluster.steps.train
     gpus = cfg.cluster.gpus_per_node if cfg.cluster.launcher == "trainjob" else res.gpus
     from dataclasses import replace
@@ -126,8 +141,10 @@ def _job_spec(cfg: RunConfig, sweep_id: str, image: str, namespace: str) -> JobS
         gpus_per_node=gpus,
         env=[{"name": CONFIG_ENV, "value": cfg.to_param()}, {"name": "PYTHONUNBUFFERED", "value": "1"}],
         node_selector=dict(cfg.cluster.node_selector, **(cfg.cluster.gpu_node_selector if gpus else {})),
-        tolerations=[t.model_dump(exclude_none=True) for t in
-                     [*cfg.cluster.tolerations, *(cfg.cluster.gpu_tolerations if gpus else [])]],
+        tolerations=[
+            t.model_dump(exclude_none=True)
+            for t in [*cfg.cluster.tolerations, *(cfg.cluster.gpu_tolerations if gpus else [])]
+        ],
     )
 
 
@@ -167,8 +184,14 @@ def render_experiment(cfg: RunConfig, sweep_id: str, image: str, namespace: str)
     if not params:
         raise ConfigError("nothing to sweep: give sweep.grid, sweep.ranges or sweep.prompts")
     trainjob = cfg.cluster.launcher == "trainjob"
-    trial_spec = trial_trainjob(cfg, sweep_id, image, namespace) if trainjob else trial_job(cfg, sweep_id, image, namespace)
-    trial_params = [{"name": TRIAL_NAME_PARAM, "description": "the trial's name", "reference": "${trialSpec.Name}"}]
+    trial_spec = (
+        trial_trainjob(cfg, sweep_id, image, namespace)
+        if trainjob
+        else trial_job(cfg, sweep_id, image, namespace)
+    )
+    trial_params = [
+        {"name": TRIAL_NAME_PARAM, "description": "the trial's name", "reference": "${trialSpec.Name}"}
+    ]
     trial_params += [{"name": p["name"], "description": p["name"], "reference": p["name"]} for p in params]
     template: dict[str, Any] = {
         "primaryContainerName": "node" if trainjob else CONTAINER,
@@ -214,7 +237,9 @@ def _default_api() -> Any:
     try:
         from kubernetes import client, config
     except ImportError:  # pragma: no cover - the [kfp] extra brings it
-        raise KatibError("the kubernetes package is needed for --engine katib (pip install kubernetes)") from None
+        raise KatibError(
+            "the kubernetes package is needed for --engine katib (pip install kubernetes)"
+        ) from None
     try:
         config.load_incluster_config()
     except Exception:
@@ -235,7 +260,9 @@ def submit_experiment(experiment: dict[str, Any], custom_api: Any = None) -> dic
         if getattr(exc, "status", None) == 409:
             return api.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"])
         if getattr(exc, "status", None) in (401, 403):
-            raise KatibError(f"not allowed to create Katib experiments in {meta['namespace']}: {exc}") from None
+            raise KatibError(
+                f"not allowed to create Katib experiments in {meta['namespace']}: {exc}"
+            ) from None
         if getattr(exc, "status", None) == 404:
             raise KatibError("the Katib Experiment API is not installed on this cluster (404)") from None
         raise
@@ -276,10 +303,14 @@ def follow_experiment(
     while True:
         obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         status = obj.get("status") or {}
-        counts = tuple(status.get(k, 0) for k in ("trials", "trialsRunning", "trialsSucceeded", "trialsFailed"))
+        counts = tuple(
+            status.get(k, 0) for k in ("trials", "trialsRunning", "trialsSucceeded", "trialsFailed")
+        )
         if counts != last:
-            out.write(f"[sdtune] {name}: {counts[0]} trials, {counts[1]} running, {counts[2]} succeeded, "
-                      f"{counts[3]} failed\n")
+            out.write(
+                f"[sdtune] {name}: {counts[0]} trials, {counts[1]} running, {counts[2]} succeeded, "
+                f"{counts[3]} failed\n"
+            )
             out.flush()
             last = counts
         state, message = experiment_state(obj)

@@ -46,7 +46,11 @@ def plot_svg(key: str, points: list[tuple[Any, float, str, bool]], metric: str) 
     if y_hi == y_lo:
         y_lo, y_hi = y_lo - 0.5 * (abs(y_lo) or 1), y_hi + 0.5 * (abs(y_hi) or 1)
     numeric = all(_is_number(p[0]) for p in points)
-    log = numeric and min(p[0] for p in points) > 0 and max(p[0] for p in points) >= 10 * min(p[0] for p in points)
+    log = (
+        numeric
+        and min(p[0] for p in points) > 0
+        and max(p[0] for p in points) >= 10 * min(p[0] for p in points)
+    )
     if numeric:
         xs_raw = [float(p[0]) for p in points]
         conv = (lambda v: math.log10(v)) if log else (lambda v: v)
@@ -83,14 +87,18 @@ def plot_svg(key: str, points: list[tuple[Any, float, str, bool]], metric: str) 
     for ty in _ticks(y_lo, y_hi):
         y = y_of(ty)
         parts.append(f"<line x1='{PAD_L - 4}' x2='{PAD_L}' y1='{y:.1f}' y2='{y:.1f}' stroke='#666'/>")
-        parts.append(f"<text x='{PAD_L - 6}' y='{y + 4:.1f}' font-size='10' text-anchor='end'>{ty:.4g}</text>")
+        parts.append(
+            f"<text x='{PAD_L - 6}' y='{y + 4:.1f}' font-size='10' text-anchor='end'>{ty:.4g}</text>"
+        )
     for x, label in x_ticks:
         parts.append(f"<line x1='{x:.1f}' x2='{x:.1f}' y1='{H - PAD_B}' y2='{H - PAD_B + 4}' stroke='#666'/>")
         parts.append(
             f"<text x='{x:.1f}' y='{H - PAD_B + 16}' font-size='10' text-anchor='middle'>{html.escape(label)}</text>"
         )
     axis = f"{key} (log)" if log else key
-    parts.append(f"<text x='{(W + PAD_L) / 2:.0f}' y='{H - 8}' font-size='11' text-anchor='middle'>{html.escape(axis)}</text>")
+    parts.append(
+        f"<text x='{(W + PAD_L) / 2:.0f}' y='{H - 8}' font-size='11' text-anchor='middle'>{html.escape(axis)}</text>"
+    )
     parts.append(
         f"<text x='12' y='{(H - PAD_B + PAD_T) / 2:.0f}' font-size='11' text-anchor='middle' "
         f"transform='rotate(-90 12 {(H - PAD_B + PAD_T) / 2:.0f})'>{html.escape(metric)}</text>"
@@ -119,7 +127,9 @@ def comparison_html(
     keys: list[str] = []
     for r in results:
         keys += [k for k in r.overrides if k not in keys]
-    others = sorted({k for r in results for k in r.metrics if k != metric and not k.startswith("loss_records")})
+    others = sorted(
+        {k for r in results for k in r.metrics if k != metric and not k.startswith("loss_records")}
+    )
     esc = html.escape
 
     head = ["#", "trial", *keys, f"<b>{esc(metric)}</b>", *others, "status", "seconds", "error"]
@@ -133,8 +143,11 @@ def comparison_html(
         cells += [esc(r.status), f"{r.seconds:.0f}" if r.seconds else "", esc(r.error[:300])]
         rows.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     table = (
-        "<table class='metrics'><tr>" + "".join(f"<th>{h if h.startswith('<b>') else esc(h)}</th>" for h in head)
-        + "</tr>" + "".join(rows) + "</table>"
+        "<table class='metrics'><tr>"
+        + "".join(f"<th>{h if h.startswith('<b>') else esc(h)}</th>" for h in head)
+        + "</tr>"
+        + "".join(rows)
+        + "</table>"
     )
 
     plots = []
@@ -145,8 +158,10 @@ def comparison_html(
             if r.ok and key in r.overrides and metric in r.metrics and math.isfinite(r.metrics[metric])
         ]
         if points:
-            plots.append(f"<figure>{plot_svg(key, points, metric)}<figcaption>{esc(metric)} vs {esc(key)}"
-                         "</figcaption></figure>")
+            plots.append(
+                f"<figure>{plot_svg(key, points, metric)}<figcaption>{esc(metric)} vs {esc(key)}"
+                "</figcaption></figure>"
+            )
 
     cards = []
     for r in ranked:
@@ -161,13 +176,16 @@ def comparison_html(
         else:
             body = f"<div class='nogrid'>no sample grid{(': ' + esc(r.error[:200])) if r.error else ''}</div>"
         star = " ★ best" if best is not None and r.name == best.name else ""
-        cards.append(f"<div class='card'><div class='cap'><b>{caption}{star}</b><br><small>{desc}</small></div>"
-                     f"{body}</div>")
+        cards.append(
+            f"<div class='card'><div class='cap'><b>{caption}{star}</b><br><small>{desc}</small></div>"
+            f"{body}</div>"
+        )
 
     best_line = (
         f"best: <b>{esc(best.name)}</b> ({esc(metric)} {best.metrics.get(metric, float('nan')):.5g}) — "
         f"{esc(' '.join(f'{k}={_fmt(v)}' for k, v in best.overrides.items()))}"
-        if best is not None else "no best trial"
+        if best is not None
+        else "no best trial"
     )
     failed = sum(not r.ok for r in results)
     style = (

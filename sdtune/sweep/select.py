@@ -69,7 +69,9 @@ def select_best(results: list[TrialResult], metric: str, direction: str, max_fai
     failed = [r for r in results if not r.ok]
     if len(failed) > max_failed:
         reasons = "; ".join(f"{r.name}: {r.error or 'failed'}" for r in failed[:3])
-        raise SweepFailed(f"{len(failed)} of {len(results)} trials failed (max_failed={max_failed}): {reasons}")
+        raise SweepFailed(
+            f"{len(failed)} of {len(results)} trials failed (max_failed={max_failed}): {reasons}"
+        )
     ranked = rank_trials(results, metric, direction)
     if not ranked or not ranked[0].ok or metric not in ranked[0].metrics:
         have = sorted({k for r in results for k in r.metrics})

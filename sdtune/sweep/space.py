@@ -41,7 +41,9 @@ class Range:
     def parse(cls, key: str, text: str) -> Range:
         parts = str(text).split(":")
         if len(parts) != 3 or parts[0] not in RANGE_KINDS:
-            raise ConfigError(f"sweep range {key}={text!r}: expected KIND:LOW:HIGH with KIND in {RANGE_KINDS}")
+            raise ConfigError(
+                f"sweep range {key}={text!r}: expected KIND:LOW:HIGH with KIND in {RANGE_KINDS}"
+            )
         try:
             low, high = float(parts[1]), float(parts[2])
         except ValueError:
@@ -224,7 +226,9 @@ def build_trials(cfg: RunConfig, extra: list[dict[str, Any]] | None = None) -> l
             _check_key(key)
         points.append(dict(overrides))
     if not points:
-        raise ConfigError("nothing to sweep: give --grid KEY=v1,v2, --random N with ranges, --prompts or --trial")
+        raise ConfigError(
+            "nothing to sweep: give --grid KEY=v1,v2, --random N with ranges, --prompts or --trial"
+        )
     trials = [Trial(i, p) for i, p in enumerate(points)]
     for trial in trials:
         trial_config(cfg, trial)

@@ -30,11 +30,15 @@ def sweep_run_for(config: str, sweep_id: str, kfp_run_id: str) -> str:
     cfg = config_from_yaml(config)
     run_id = sweep_tracking.find_sweep_run(cfg.tracking.experiment, sweep_id or kfp_run_id)
     if run_id is None:
-        raise RuntimeError(f"no MLflow run for sweep {sweep_id or kfp_run_id!r} in {cfg.tracking.experiment!r}")
+        raise RuntimeError(
+            f"no MLflow run for sweep {sweep_id or kfp_run_id!r} in {cfg.tracking.experiment!r}"
+        )
     return run_id
 
 
-def write_comparison(config: str, sweep_id: str, results: list[TrialResult], best: TrialResult | None, out: Path) -> str:
+def write_comparison(
+    config: str, sweep_id: str, results: list[TrialResult], best: TrialResult | None, out: Path
+) -> str:
     """Render the comparison page (grids fetched from each trial's evaluate run) to ``out``."""
     cfg = config_from_yaml(config)
     grids = {}
@@ -48,7 +52,9 @@ def write_comparison(config: str, sweep_id: str, results: list[TrialResult], bes
     return page
 
 
-def select_best_step(config: str, sweep_run_id: str, sweep_id: str, results: list[str | dict], html_path: str | Path) -> dict[str, Any]:
+def select_best_step(
+    config: str, sweep_run_id: str, sweep_id: str, results: list[str | dict], html_path: str | Path
+) -> dict[str, Any]:
     """Pick the best trial, tag it, write + log the comparison page. Raises :class:`SweepFailed` (after the
     page is logged) when more than ``sweep.max_failed`` trials failed."""
     cfg = config_from_yaml(config)
@@ -64,8 +70,9 @@ def select_best_step(config: str, sweep_run_id: str, sweep_id: str, results: lis
     page = write_comparison(config, sweep_id, trials, best, Path(html_path))
     sweep_tracking.mark_best(sweep_run_id, best, trials, sw.metric)
     sweep_tracking.log_text(sweep_run_id, page, "sweep/comparison.html")
-    sweep_tracking.log_text(sweep_run_id, json.dumps([json.loads(t.to_json()) for t in trials], indent=1),
-                            "sweep/trials.json")
+    sweep_tracking.log_text(
+        sweep_run_id, json.dumps([json.loads(t.to_json()) for t in trials], indent=1), "sweep/trials.json"
+    )
     return json.loads(best.to_json())
 
 
@@ -85,7 +92,9 @@ def register_best_step(config: str, sweep_run_id: str, best: str | dict) -> dict
         evaluation.mkdir()
         (evaluation / "metrics.json").write_text(json.dumps(result.metrics), encoding="utf-8")
         summary = register_step(cfg.to_param(), sweep_run_id, model_dir, evaluation)
-    sweep_tracking.set_tags(result.run_id, {"sdtune.model_name": summary["name"], "sdtune.model_version": summary["version"]})
+    sweep_tracking.set_tags(
+        result.run_id, {"sdtune.model_name": summary["name"], "sdtune.model_version": summary["version"]}
+    )
     summary.update(best_trial=result.name, best_trial_run_id=result.run_id, overrides=result.overrides)
     summary["model_dir"] = f"runs:/{result.train_run_id}/model"
     summary.pop("grid", None)

@@ -42,7 +42,9 @@ def sweep_params(cfg: RunConfig) -> dict[str, str]:
     return params
 
 
-def start_sweep_run(cfg: RunConfig, sweep_id: str, trials: list[Trial], kfp_run_id: str = "", engine: str = "kfp") -> str:
+def start_sweep_run(
+    cfg: RunConfig, sweep_id: str, trials: list[Trial], kfp_run_id: str = "", engine: str = "kfp"
+) -> str:
     """Open the sweep's parent run (left RUNNING; the pipeline's exit handler closes it)."""
     tags = {
         SWEEP_TAG: sweep_id,
@@ -55,7 +57,10 @@ def start_sweep_run(cfg: RunConfig, sweep_id: str, trials: list[Trial], kfp_run_
     if kfp_run_id:
         tags["kfp.run_id"] = kfp_run_id
     run_id = tracking.start_parent_run(
-        cfg.tracking.experiment, run_name=f"{cfg.name}-{sweep_id}", config=cfg.model_dump(mode="json"), tags=tags
+        cfg.tracking.experiment,
+        run_name=f"{cfg.name}-{sweep_id}",
+        config=cfg.model_dump(mode="json"),
+        tags=tags,
     )
     tracking.StepRun(tracking._client(), run_id).log_params(sweep_params(cfg))
     return run_id
@@ -116,7 +121,9 @@ def mark_best(sweep_run_id: str, best: TrialResult, results: list[TrialResult], 
     for result in results:
         if result.run_id:
             client.set_tag(result.run_id, "sdtune.best_trial", "true" if result is best else "false")
-    parent.set_tags({"sdtune.best_trial_run": best.run_id, "sdtune.best_trial": best.name, "sdtune.sweep.metric": metric})
+    parent.set_tags(
+        {"sdtune.best_trial_run": best.run_id, "sdtune.best_trial": best.name, "sdtune.sweep.metric": metric}
+    )
     failed = sum(not r.ok for r in results)
     parent.log_metrics({**best.metrics, "sweep_trials": len(results), "sweep_failed": failed})
 

@@ -62,8 +62,12 @@ def failure_reason(exc: BaseException, tail: deque[str] | list[str]) -> str:
     detail = ""
     for line in reversed(list(tail)):
         text = line.strip()
-        if text.startswith("error:") or (text and not text.startswith(("File ", "^", "~")) and ":" in text
-                                         and text.split(":", 1)[0].replace(".", "").isidentifier()):
+        if text.startswith("error:") or (
+            text
+            and not text.startswith(("File ", "^", "~"))
+            and ":" in text
+            and text.split(":", 1)[0].replace(".", "").isidentifier()
+        ):
             detail = text
             break
     return f"{reason} ({detail})" if detail and detail not in reason else reason
@@ -93,7 +97,9 @@ def run_trial(
     except Exception as exc:  # a value valid at compile time but not with this run's config parameter
         config_error = f"{exc.__class__.__name__}: {exc}"
     run_id = sweep_tracking.open_trial_run(sweep_run_id, trial, cfg)
-    result = TrialResult(trial.index, trial.name, trial.overrides, "FAILED", run_id=run_id, error=config_error)
+    result = TrialResult(
+        trial.index, trial.name, trial.overrides, "FAILED", run_id=run_id, error=config_error
+    )
     if cfg is not None:
         with stderr_tail() as tail:
             try:
@@ -111,7 +117,9 @@ def run_trial(
                     metrics = evaluate_step(cfg.to_param(), run_id, data, model_dir, evaluation_dir)
                 metric = cfg.sweep.metric
                 if metric not in metrics:
-                    raise KeyError(f"evaluation has no metric {metric!r} (it has: {', '.join(sorted(metrics))})")
+                    raise KeyError(
+                        f"evaluation has no metric {metric!r} (it has: {', '.join(sorted(metrics))})"
+                    )
                 result.metrics, result.status = metrics, "FINISHED"
                 result.train_run_id = str(summary.get("mlflow_run_id", ""))
             except Exception as exc:
@@ -158,8 +166,14 @@ def run_standalone_trial(
     if trial_label:
         trial = Trial(trial.index, trial.overrides, label=trial_label)
     result = run_trial(
-        config, sweep_run_id, trial.to_json(), dirs["preprocessed"], dirs["captioned"], dirs["model"],
-        dirs["evaluation"], ingested_dir=dirs["ingested"],
+        config,
+        sweep_run_id,
+        trial.to_json(),
+        dirs["preprocessed"],
+        dirs["captioned"],
+        dirs["model"],
+        dirs["evaluation"],
+        ingested_dir=dirs["ingested"],
     )
     if trial_label and result.run_id:
         sweep_tracking.set_tags(result.run_id, {"katib.trial": trial_label})

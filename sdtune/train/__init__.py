@@ -8,6 +8,9 @@
   :mod:`~sdtune.train.runtime`, :mod:`~sdtune.train.embeddings`, :mod:`~sdtune.train.export`: caching,
   objectives, output files and model card, accelerator/logging helpers, new tokens, kohya/A1111 formats.
 - :mod:`sdtune.train.launch`: run a recipe as a subprocess (``torchrun`` for N processes).
+- :mod:`sdtune.train.checkpoint`: atomic checkpoints (local or S3) and bit-exact resume, shared by every recipe.
+- :mod:`sdtune.train.parallel`: FSDP2 applied to a plain UNet (``train.parallelism=fsdp``).
+- :mod:`sdtune.train.plan`: parameter counts, memory per GPU, time and cost before any GPU is touched.
 
 :func:`run` picks the recipe named by ``train.method``.
 """
@@ -21,8 +24,26 @@ from sdtune.tracking import MetricLogger
 
 
 def run(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None):
-    """Train with the recipe for ``cfg.train.method``; returns its ``TrainResult``."""
+    """Train with the recipe for ``cfg.train.method``; returns its ``TrainResult``.
+
+    Exit codes of ``sdtune train`` (docs/distributed.md): 2 bad config/data/incompatible checkpoint, 3 loss
+    not finite, 5 out of accelerator memory — permanent; 75 preempted (checkpoint written) — retry.
+    """
     from importlib import import_module
 
+    import torch
+
+    from sdtune.errors import ConfigError, OutOfMemory
+
+    if cfg.train.parallelism == "fsdp" and cfg.train.method != "dreambooth":
+        raise ConfigError("train.parallelism=fsdp is for full fine-tunes (train.method=dreambooth); "
+                          f"{cfg.train.method} trains a few MB: use ddp")
+    if cfg.train.parallelism == "fsdp" and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.parallelism=fsdp needs mixed_precision bf16 or no (fp16 needs a sharded grad scaler)")
     recipe = import_module(f"sdtune.train.{cfg.train.method}")
-    return recipe.train(cfg, data_dir, out_dir, logger)
+    try:
+        return recipe.train(cfg, data_dir, out_dir, logger)
+    except torch.OutOfMemoryError as exc:
+        from .plan import out_of_memory_advice
+
+        raise OutOfMemory(out_of_memory_advice(cfg, exc)) from None

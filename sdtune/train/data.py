@@ -190,14 +190,14 @@ class EpochSampler:
         return torch.tensor(batch, dtype=torch.long)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "n": self.n}
+        return {"epoch": self.epoch, "index": self.index, "n": self.n, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["n"] != self.n:
             from sdtune.errors import CheckpointError
 
             raise CheckpointError(f"checkpoint was taken on {state['n']} items per rank, this run has {self.n}")
-        self.epoch, self.index, self._order = state["epoch"], state["index"], None
+        self.epoch, self.index, self.seed, self._order = state["epoch"], state["index"], state["seed"], None
 
 
 class GlobalDraw:

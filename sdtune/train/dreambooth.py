@@ -15,6 +15,9 @@ Features (config key → behaviour):
   under ``<model.cache_dir>/../class-images/<key>`` where the key hashes everything that determines them,
   so a retrain reuses them.
 - Latents and text embeddings of instance and class images are computed once, before the loop.
+- ``train.parallelism``: ``ddp`` (a replica per GPU) or ``fsdp`` (FSDP2: weights, grads and optimizer state
+  sharded over the ranks, :mod:`.parallel`) — the SDXL full fine-tune on 40/80 GB cards.
+- Checkpoints, exact resume and SIGTERM handling as in :mod:`.lora` (FSDP shards are gathered to rank 0).
 
 Writes (rank 0): a full diffusers pipeline folder (``model_index.json``, ``unet/`` …: load it with
 ``from_pretrained``), ``metrics.jsonl``, ``config.yaml``, ``train_summary.json``, ``README.md``.
@@ -22,7 +25,6 @@ Writes (rank 0): a full diffusers pipeline folder (``model_index.json``, ``unet/
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -34,10 +36,21 @@ from sdtune.config import RunConfig
 from sdtune.models.loading import load_components, load_pipeline
 from sdtune.tracking import MetricLogger
 
+from . import checkpoint as C
 from . import data as D
+from . import parallel as P
 from . import losses as L
 from .outputs import TrainResult, write_run_files
-from .runtime import LossTracker, make_accelerator, open_logger, progress, shutdown, weight_dtype
+from .runtime import (
+    LossTracker,
+    PreemptWatch,
+    make_accelerator,
+    make_optimizer,
+    open_logger,
+    progress,
+    shutdown,
+    weight_dtype,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -48,8 +61,11 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
     accelerator = make_accelerator(tc)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = open_logger(accelerator, out_dir, logger)
+    all_records = D.train_records(cfg, data_dir)
+    found = C.find(cfg, out_dir, world, C.data_fingerprint(all_records))  # before any work: refuse early
+    log = open_logger(accelerator, out_dir, logger, resume_step=found.step if found else 0)
     torch.manual_seed(tc.seed)
+    watch = PreemptWatch(accelerator, tc.preempt_grace_s)
 
     try:
         # 1. Class images for prior preservation (generated once, cached by content).
@@ -60,7 +76,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         # 2. Model and data: instance and class images encoded once.
         parts = load_components(cfg)
         dtype = weight_dtype(accelerator)
-        records = D.shard(D.train_records(cfg, data_dir), rank, world)
+        records = D.shard(all_records, rank, world)
         instance = D.encode_records(parts, records, data_dir, cfg, device, dtype)
         prior = None
         if class_paths:
@@ -75,44 +91,56 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         unet.requires_grad_(True)
         if tc.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        fsdp = tc.parallelism == "fsdp" and world > 1
+        if fsdp:
+            P.apply_fsdp(unet)  # before the optimizer: its parameters become this rank's shards
         params = list(unet.parameters())
 
         from diffusers.optimization import get_scheduler
 
-        optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay)
+        optimizer = make_optimizer(tc, params)
         lr_scheduler = get_scheduler(
             tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps, num_training_steps=tc.max_steps
         )
-        unet, optimizer = accelerator.prepare(unet, optimizer)
+        if not fsdp:  # DDP replica (or one process)
+            unet, optimizer = accelerator.prepare(unet, optimizer)
         unet.train()
 
         # 3. Loop: instance batch and class batch go through the UNet together.
-        gen = torch.Generator(device=device).manual_seed(tc.seed * 1000 + rank)
-        batches = D.index_batches(len(instance), tc.batch_size, torch.Generator().manual_seed(tc.seed + rank))
-        class_batches = (
-            D.index_batches(len(prior), tc.batch_size, torch.Generator().manual_seed(tc.seed + 7919 + rank))
-            if prior is not None else None
+        gen = torch.Generator(device=device).manual_seed(tc.seed * 1000)
+        draw = D.GlobalDraw(gen, rank, world)  # the global batch's noise, this rank's slice
+        batches = D.EpochSampler(len(instance), tc.batch_size, tc.seed + rank)
+        samplers = {"instance": batches}
+        class_batches = None
+        if prior is not None:
+            class_batches = samplers["class"] = D.EpochSampler(len(prior), tc.batch_size, tc.seed + 7919 + rank)
+        state = C.TrainState(
+            modules={"unet": unet if fsdp else accelerator.unwrap_model(unet)}, optimizer=optimizer,
+            lr_scheduler=lr_scheduler, generators={"noise": gen}, samplers=samplers, scaler=accelerator.scaler,
+            fsdp=fsdp, data_fingerprint=C.data_fingerprint(all_records),
         )
-        tracker = LossTracker(accelerator)
+        start = C.load(found, state, accelerator) if found else 0
+        tracker = LossTracker(accelerator, names=[r.file for r in records])
+        tracker.last_loss = state.last_loss
         prior_tracker = LossTracker(accelerator)
         bar = progress(accelerator, tc.max_steps, "dreambooth" + (" +prior" if prior is not None else ""))
+        bar.update(start)
         started = time.perf_counter()
-        for step in range(1, tc.max_steps + 1):
+        for step in range(start + 1, tc.max_steps + 1):
             for micro in range(tc.gradient_accumulation_steps):
                 idx = next(batches).to(device)
                 last_micro = micro == tc.gradient_accumulation_steps - 1
-                sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(unet)
-                with sync, accelerator.autocast():
-                    latents = D.scaled_latents(vae_config, instance.latent_mean[idx], instance.latent_std[idx], gen)
+                with P.maybe_no_sync(unet, accelerator, last_micro), accelerator.autocast():
+                    latents = D.scaled_latents(vae_config, instance.latent_mean[idx], instance.latent_std[idx], draw)
                     cond = D.unet_conditioning(instance, idx)
                     n = len(idx)
                     if prior is not None:
                         cidx = next(class_batches).to(device)
-                        class_latents = D.scaled_latents(vae_config, prior.latent_mean[cidx], prior.latent_std[cidx], gen)
+                        class_latents = D.scaled_latents(vae_config, prior.latent_mean[cidx], prior.latent_std[cidx], draw)
                         latents = torch.cat([latents, class_latents])
                         cond = _cat_conditioning(cond, D.unet_conditioning(prior, cidx))
-                    noise = L.sample_noise(latents, gen, tc.noise_offset)
-                    t = L.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, gen, device)
+                    noise = L.sample_noise(latents, draw, tc.noise_offset)
+                    t = L.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, draw, device)
                     noisy = scheduler.add_noise(latents, noise, t)
                     pred = unet(noisy, t, **cond).sample
                     target = L.prediction_target(scheduler, latents, noise, t, prediction_type)
@@ -127,8 +155,8 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                         total = loss + tc.prior_loss_weight * prior_loss
                         prior_tracker.add(prior_loss, step)
                     accelerator.backward(total / tc.gradient_accumulation_steps)
-                tracker.add(loss, step)
-            grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                tracker.add(loss, step, idx)
+            grad_norm = P.clip_grad_norm(unet, params, accelerator, tc.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -142,24 +170,37 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if log is not None:
                     log.log(metrics, step)
+            C.end_of_step(step, cfg, out_dir, state, accelerator, tracker, watch)
         bar.close()
+        watch.close()
         seconds = time.perf_counter() - started
+        trained = tc.max_steps - start
 
         # 4. Save the whole pipeline with the new UNet (rank 0).
         result = TrainResult(
             out_dir=out_dir, method="dreambooth", steps=tc.max_steps, final_loss=tracker.last_loss,
-            seconds=round(seconds, 3), steps_per_sec=round(tc.max_steps / seconds, 3), num_processes=world,
-            extra={"class_images": len(class_paths)},
+            seconds=round(seconds, 3), steps_per_sec=round(trained / max(seconds, 1e-9), 3), num_processes=world,
+            extra={"class_images": len(class_paths), "parallelism": "fsdp" if fsdp else "ddp",
+                   "resumed_from_step": start, "attempt": state.attempt},
         )
+        weights = P.full_state_dict(unet) if fsdp else None  # a collective: every rank takes part
         if accelerator.is_main_process:
-            trained = accelerator.unwrap_model(unet).to(torch.float32).eval()
+            if fsdp:  # a plain UNet from the gathered weights
+                from diffusers import UNet2DConditionModel
+
+                new_unet = UNet2DConditionModel.from_config(unet.config)
+                new_unet.load_state_dict(weights)
+            else:
+                new_unet = accelerator.unwrap_model(unet)
+            new_unet = new_unet.to(torch.float32).eval()
             pipe = load_pipeline(cfg)
-            pipe.unet = trained
-            pipe.register_modules(unet=trained)
+            pipe.unet = new_unet
+            pipe.register_modules(unet=new_unet)
             pipe.save_pretrained(out_dir, safe_serialization=True)
             result.files = ["model_index.json"]
             write_run_files(cfg, out_dir, result)
     finally:
+        watch.close()
         if log is not None:
             log.close()
     shutdown(accelerator)

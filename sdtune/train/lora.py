@@ -53,6 +53,7 @@ from .runtime import (
     make_optimizer,
     open_logger,
     progress,
+    replicas_identical,
     shutdown,
     weight_dtype,
 )
@@ -173,6 +174,9 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             num_processes=world,
             extra={"resumed_from_step": start, "attempt": state.attempt},
         )
+        same = replicas_identical(accelerator.unwrap_model(unet), accelerator)  # all ranks take part
+        if same is not None:
+            result.extra["replicas_identical"] = same
         if accelerator.is_main_process:
             result.files = save_unet_lora(accelerator.unwrap_model(unet), out_dir, cfg)
             write_run_files(cfg, out_dir, result)

@@ -134,6 +134,20 @@ def _all_gather_objects(obj) -> list:
     return out
 
 
+def replicas_identical(module: torch.nn.Module, accelerator) -> bool | None:
+    """DDP: do all ranks hold bit-identical trainable weights? (sha256 of the bytes, compared across ranks;
+    None for one process.) Cheap for a LoRA; run once, at the end."""
+    if accelerator.num_processes == 1:
+        return None
+    import hashlib
+
+    digest = hashlib.sha256()
+    for _, param in sorted(module.named_parameters()):
+        if param.requires_grad:
+            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return len(set(_all_gather_objects(digest.hexdigest()))) == 1
+
+
 class PreemptWatch:
     """SIGTERM (pod eviction, spot reclaim, ``launch_training`` forwarding) → stop at a step boundary.
 

@@ -31,11 +31,21 @@ from sdtune.errors import TrainingError
 from sdtune.models.loading import load_components
 from sdtune.tracking import MetricLogger
 
+from . import checkpoint as C
 from . import data as D
 from . import embeddings as E
 from . import losses as L
 from .outputs import TrainResult, write_run_files
-from .runtime import LossTracker, make_accelerator, open_logger, progress, shutdown, weight_dtype
+from .runtime import (
+    LossTracker,
+    PreemptWatch,
+    make_accelerator,
+    make_optimizer,
+    open_logger,
+    progress,
+    shutdown,
+    weight_dtype,
+)
 
 
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
@@ -44,8 +54,11 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
     accelerator = make_accelerator(tc)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = open_logger(accelerator, out_dir, logger)
+    all_records = D.train_records(cfg, data_dir)
+    found = C.find(cfg, out_dir, world, C.data_fingerprint(all_records))  # before any work: refuse early
+    log = open_logger(accelerator, out_dir, logger, resume_step=found.step if found else 0)
     torch.manual_seed(tc.seed)
+    watch = PreemptWatch(accelerator, tc.preempt_grace_s)
 
     try:
         # 1. Model: new tokens in every tokenizer/text encoder; only their embedding rows train.
@@ -65,7 +78,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             guards.append(E.RowGuard.for_embedding(weight, ids))
 
         # 2. Data: latents cached once; captions tokenized once (with the concept tokens).
-        records = D.shard(D.train_records(cfg, data_dir), rank, world)
+        records = D.shard(all_records, rank, world)
         captions = [E.with_concept_tokens(D.caption_of(r, cfg), cfg.caption.trigger, tokens) for r in records]
         pixels = torch.stack([D.load_image(data_dir / r.file, cfg.preprocess.resolution) for r in records])
         latent_mean, latent_std = D.encode_images(parts.vae, pixels, device)
@@ -82,7 +95,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
 
         from diffusers.optimization import get_scheduler
 
-        optimizer = torch.optim.AdamW(weights, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay)
+        optimizer = make_optimizer(tc, weights)
         lr_scheduler = get_scheduler(
             tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps, num_training_steps=tc.max_steps
         )
@@ -95,12 +108,21 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             enc.train()
 
         # 3. Loop.
-        gen = torch.Generator(device=device).manual_seed(tc.seed * 1000 + rank)
-        batches = D.index_batches(len(records), tc.batch_size, torch.Generator().manual_seed(tc.seed + rank))
-        tracker = LossTracker(accelerator)
+        gen = torch.Generator(device=device).manual_seed(tc.seed * 1000)
+        draw = D.GlobalDraw(gen, rank, world)  # the global batch's noise, this rank's slice
+        batches = D.EpochSampler(len(records), tc.batch_size, tc.seed + rank)
+        state = C.TrainState(
+            modules={f"text_encoder_{i}": accelerator.unwrap_model(e) for i, e in enumerate(text_encoders)},
+            optimizer=optimizer, lr_scheduler=lr_scheduler, generators={"noise": gen}, samplers={"data": batches},
+            scaler=accelerator.scaler, data_fingerprint=C.data_fingerprint(all_records),
+        )
+        start = C.load(found, state, accelerator) if found else 0
+        tracker = LossTracker(accelerator, names=[r.file for r in records])
+        tracker.last_loss = state.last_loss
         bar = progress(accelerator, tc.max_steps, f"textual inversion x{tc.num_vectors}")
+        bar.update(start)
         started = time.perf_counter()
-        for step in range(1, tc.max_steps + 1):
+        for step in range(start + 1, tc.max_steps + 1):
             for micro in range(tc.gradient_accumulation_steps):
                 idx = next(batches).to(device)
                 last_micro = micro == tc.gradient_accumulation_steps - 1
@@ -111,9 +133,9 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                     stack.enter_context(accelerator.autocast())
                     cond = D.text_conditioning(parts, {k: v[idx] for k, v in token_ids.items()},
                                                cfg.preprocess.resolution)
-                    latents = D.scaled_latents(vae_config, latent_mean[idx], latent_std[idx], gen)
-                    noise = L.sample_noise(latents, gen, tc.noise_offset)
-                    t = L.sample_timesteps(len(idx), scheduler.config.num_train_timesteps, gen, device)
+                    latents = D.scaled_latents(vae_config, latent_mean[idx], latent_std[idx], draw)
+                    noise = L.sample_noise(latents, draw, tc.noise_offset)
+                    t = L.sample_timesteps(len(idx), scheduler.config.num_train_timesteps, draw, device)
                     noisy = scheduler.add_noise(latents, noise, t)
                     kwargs = {"encoder_hidden_states": cond["prompt_embeds"].to(dtype)}
                     if "pooled_embeds" in cond:
@@ -126,7 +148,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                         prediction_type=prediction_type,
                     ).mean()
                     accelerator.backward(loss / tc.gradient_accumulation_steps)
-                tracker.add(loss, step)
+                tracker.add(loss, step, idx)
             grad_norm = accelerator.clip_grad_norm_(weights, tc.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
@@ -142,16 +164,20 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if log is not None:
                     log.log(metrics, step)
+            C.end_of_step(step, cfg, out_dir, state, accelerator, tracker, watch)
         bar.close()
+        watch.close()
         seconds = time.perf_counter() - started
+        trained = tc.max_steps - start
 
         # 4. Check and save (rank 0).
         if not all(g.unchanged(w) for g, w in zip(guards, weights, strict=True)):
             raise TrainingError("textual inversion changed embedding rows other than the new tokens")
         result = TrainResult(
             out_dir=out_dir, method="textual_inversion", steps=tc.max_steps, final_loss=tracker.last_loss,
-            seconds=round(seconds, 3), steps_per_sec=round(tc.max_steps / seconds, 3), num_processes=world,
-            extra={"tokens": tokens, "other_embeddings_unchanged": True},
+            seconds=round(seconds, 3), steps_per_sec=round(trained / max(seconds, 1e-9), 3), num_processes=world,
+            extra={"tokens": tokens, "other_embeddings_unchanged": True, "resumed_from_step": start,
+                   "attempt": state.attempt},
         )
         if accelerator.is_main_process:
             names = ["clip_l", "clip_g"]
@@ -159,6 +185,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             result.files = E.save_embeddings(vectors, tokens, out_dir, cfg.caption.trigger)
             write_run_files(cfg, out_dir, result, prompt=cfg.format_prompt("a photo of <{trigger}> {class_noun}"))
     finally:
+        watch.close()
         if log is not None:
             log.close()
     shutdown(accelerator)

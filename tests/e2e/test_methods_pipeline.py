@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.e2e.conftest import sdtune_cli
 from tests.e2e.test_local_pipeline import _env
@@ -32,10 +33,12 @@ def shared_home(tmp_path_factory):
 
 @pytest.mark.parametrize("method", sorted(OUTPUT))
 def test_pipeline_runs_each_method(method, tiny_assets, shared_home):
+    # One of the runs also fans preprocessing out over 3 shards (12 sample images, 4 per shard).
+    shards = ["ingest.shard_size=4"] if method == "textual_inversion" else []
     done = sdtune_cli(
         "run", "--local", "configs/debug/tiny_cpu.yaml",
         f"model.base={tiny_assets['model']}", f"ingest.sources=[{tiny_assets['data']}]",
-        f"train.method={method}", f"name=e2e-{method}", f"register.model_name=e2e-{method}", *FAST,
+        f"train.method={method}", f"name=e2e-{method}", f"register.model_name=e2e-{method}", *FAST, *shards,
         env=_env(shared_home),
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -44,3 +47,10 @@ def test_pipeline_runs_each_method(method, tiny_assets, shared_home):
     assert OUTPUT[method] in files, files
     summary = json.loads((model_dir / "train_summary.json").read_text())
     assert summary["method"] == method and summary["steps"] == 2
+    if shards:
+        uri = f"sqlite:///{shared_home / 'mlflow.db'}"
+        client = MlflowClient(uri, registry_uri=uri)
+        parent = next(line.split()[-1] for line in done.stdout.splitlines() if line.startswith("MLflow run"))
+        steps = {r.info.run_name for r in client.search_runs(
+            [client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")}
+        assert {"preprocess-0000", "preprocess-0001", "preprocess-0002", "merge", "caption"} <= steps

@@ -17,8 +17,13 @@ def test_task_graph_in_order(tmp_path):
     inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     deps = {name: set(task.get("dependentTasks", [])) for name, task in inner.items()}
     assert deps["ingest-op"] == {"start-run-op"}
-    assert deps["preprocess-op"] >= {"ingest-op"}
-    assert deps["caption-op"] >= {"preprocess-op"}
+    fan_out = next(name for name in inner if name.startswith("for-loop"))
+    assert deps[fan_out] >= {"ingest-op"}
+    assert "preprocess-op" in spec["components"][f"comp-{fan_out}"]["dag"]["tasks"]
+    assert inner[fan_out]["parameterIterator"]["items"]["inputParameter"].endswith("ingest-op-Output")
+    assert inner[fan_out]["iteratorPolicy"]["parallelismLimit"] == RunConfig().preprocess.parallel_shards
+    assert deps["merge-op"] >= {fan_out}
+    assert deps["caption-op"] >= {"merge-op"}
     assert deps["train-op"] >= {"caption-op"}
     assert deps["evaluate-op"] >= {"train-op", "caption-op"}
     assert deps["register-op"] >= {"train-op", "evaluate-op"}

@@ -32,11 +32,14 @@ def test_command_torchrun_single_and_multi_node(tmp_path):
     assert "--standalone" not in cmd
 
 
-def test_sigterm_is_forwarded_and_exit_code_returned(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("child_code", "returned"), [(7, 75), (75, 75), (3, 3)])
+def test_sigterm_is_forwarded_and_exit_code_returned(tmp_path, monkeypatch, child_code, returned):
+    """A run stopped by a forwarded SIGTERM is retryable (75: torchrun itself exits 1 on a signal), unless it
+    failed permanently on the way (3: diverged)."""
     ready = tmp_path / "ready"
     child = (
         "import signal, sys, time, pathlib\n"
-        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: sys.exit({child_code}))\n"
         f"pathlib.Path({str(ready)!r}).touch()\n"
         "time.sleep(60)\n"
         "sys.exit(0)\n"
@@ -51,7 +54,7 @@ def test_sigterm_is_forwarded_and_exit_code_returned(tmp_path, monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=send_term, daemon=True).start()
-    assert launch_training(tmp_path / "c.yaml", tmp_path, tmp_path / "o", 1, None) == 7
+    assert launch_training(tmp_path / "c.yaml", tmp_path, tmp_path / "o", 1, None) == returned
     assert signal.getsignal(signal.SIGTERM) is not None  # handler restored (pytest's default)
 
 

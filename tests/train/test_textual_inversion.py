@@ -28,7 +28,8 @@ def ti_run(tmp_path_factory, tiny_sd15, stage_dir) -> tuple[Path, Path]:
 def test_outputs_and_row_check(ti_run):
     _, out = ti_run
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["extra"] == {"tokens": ["<sks>", "<sks>_1"], "other_embeddings_unchanged": True}
+    assert summary["extra"] == {"tokens": ["<sks>", "<sks>_1"], "other_embeddings_unchanged": True,
+                                "resumed_from_step": 0, "attempt": 0}
     assert {"learned_embeds.safetensors", "sks.safetensors", "README.md", "metrics.jsonl"} <= {
         p.name for p in out.iterdir()
     }

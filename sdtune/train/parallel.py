@@ -1,0 +1,71 @@
+"""FSDP2 for full fine-tunes: functions applied to a plain UNet; the model code never knows it is sharded.
+
+``train.parallelism=fsdp`` (dreambooth): every ``BasicTransformerBlock`` and ``ResnetBlock2D`` becomes its
+own FSDP unit, then the root. Each rank holds 1/N of the weights, gradients and optimizer state; a unit's
+full weights exist only while it runs (all-gather before, reduce-scatter of its gradients after). That is
+what lets an SDXL UNet (2.6 G parameters: 10.3 GB fp32 weights + 20.6 GB AdamW state + 10.3 GB grads) train
+on 40 GB cards. DDP stays the default: it is simpler and faster when a replica fits (every LoRA, SD 1.5).
+
+Works on CPU with gloo (the tests), on GPUs with NCCL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def apply_fsdp(unet: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``unet`` in place over the default process group (call after gradient checkpointing is set,
+    before the optimizer is built: its parameters become DTensor shards)."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    from torch.distributed.fsdp import fully_shard
+
+    for module in unet.modules():
+        if isinstance(module, BasicTransformerBlock | ResnetBlock2D):
+            fully_shard(module)
+    fully_shard(unet)  # the rest (conv_in/out, time embedding, norms) as the root unit
+    return unet
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def maybe_no_sync(model, accelerator, sync: bool):
+    """Skip the gradient all-reduce / reduce-scatter on micro-batches that are not the last."""
+    if sync:
+        return contextlib.nullcontext()
+    if is_fsdp(model):
+        return _fsdp_no_sync(model)
+    return accelerator.no_sync(model)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm(model, params, accelerator, max_norm: float) -> torch.Tensor:
+    """Clip and return the global grad norm (FSDP: over all shards, as a plain tensor)."""
+    if is_fsdp(model):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return accelerator.clip_grad_norm_(params, max_norm)
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU: gathered to rank 0 under FSDP (a collective; others get {})."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
