@@ -45,3 +45,18 @@ def mlflow_endpoint(tmp_path_factory, s3_endpoint):
     server = mlflow_server(tmp_path_factory.mktemp("mlflow"), s3_endpoint.url, "mlflow").start(timeout=90)
     yield server
     server.stop()
+
+
+def pytest_runtest_makereport(item, call):
+    """In CI every dependency is installed (`make test` sets them up), so a test that skips itself there
+    is a failure, not a green run: a skip would hide a missing install step."""
+    import pytest as _pytest
+
+    if call.excinfo is None or not os.environ.get("CI"):
+        return None
+    if call.excinfo.errisinstance(_pytest.skip.Exception) and "gpu" not in item.keywords:
+        outcome = _pytest.TestReport.from_item_and_call(item, call)
+        outcome.outcome = "failed"
+        outcome.longrepr = f"skipped in CI, where every dependency must be present: {call.excinfo.value}"
+        return outcome
+    return None

@@ -112,7 +112,7 @@ class Worker:
         return done
 
 
-def bench_training(name: str, root: Path, measured: int) -> dict:
+def bench_training(name: str, root: Path, measured: int, other: str = "reference") -> dict:
     from sdtune.bench.setups import SETUPS, build_model, make_stage, write_config
 
     setup = SETUPS[name]
@@ -127,15 +127,14 @@ def bench_training(name: str, root: Path, measured: int) -> dict:
         "trainer", config, data, work / "out-trainer", setup.window, windows, work / "trainer.log"
     )
     trainer.read()
-    reference = Worker(
-        "reference", config, data, work / "out-ref", setup.window, windows, work / "reference.log"
-    )
+    reference = Worker(other, config, data, work / "out-ref", setup.window, windows, work / "reference.log")
     reference.read()
     for i in range(measured):
         pair = (trainer, reference) if i % 2 == 0 else (reference, trainer)
         for worker in pair:
             worker.go()
     done = {w.impl: w.finish() for w in (trainer, reference)}
+    done["reference"] = done[other]
 
     def stats(worker: Worker) -> dict:
         rates = [setup.window / w["seconds"] for w in worker.windows[1:]]
@@ -157,6 +156,7 @@ def bench_training(name: str, root: Path, measured: int) -> dict:
     spread = statistics.pstdev(r["window_losses"][1:]) if len(r["window_losses"]) > 2 else float("nan")
     return {
         "setup": name,
+        "reference_impl": other,
         "describe": setup.describe,
         "resolution": setup.resolution,
         "window_steps": setup.window,
@@ -315,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="tiny,medium,data,pipeline")
     parser.add_argument("--windows", type=int, default=7, help="measured windows per implementation (≥ 5)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.md")
+    parser.add_argument(
+        "--vs",
+        default="reference",
+        choices=["reference", "trainer+fused_adamw"],
+        help="what the trainer is compared with (an experiment other than the reference implies --no-docs)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -335,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"[bench] training: {name} (trainer vs reference, {args.windows} windows each) …",
                     flush=True,
                 )
-                results[name] = bench_training(name, root, args.windows)
+                results[name] = bench_training(name, root, args.windows, args.vs)
         if "data" in parts:
             print("[bench] data path …", flush=True)
             try:
@@ -350,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     results["total_s"] = round(time.perf_counter() - t0, 1)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
-    if not args.no_docs:
+    if not args.no_docs and args.vs == "reference":
         update_doc(results, command)
     m = results["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, OMP_NUM_THREADS={m['omp_num_threads']}; {m['date']}; "

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 
-def _timed(fn, sink: list[float]):
+def _timed(sink: list[float], fn, *args):
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     sink.append(time.perf_counter() - t0)
     return out
 
@@ -39,19 +39,21 @@ def phase_breakdown(ref, steps: int) -> dict[str, float]:
     gen, sched = ref.generator, ref.noise_scheduler
     for _ in range(steps):
         idx = ref._next_batch()
-        latents = _timed(lambda: ref.vae.encode(ref.pixels[idx]).latent_dist.sample(generator=gen), phases["vae_encode"])
+        latents = _timed(phases["vae_encode"], ref.vae.encode, ref.pixels[idx]).latent_dist.sample(
+            generator=gen
+        )
         latents = latents * ref.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
         noisy = sched.add_noise(latents, noise, t)
-        ehs = _timed(lambda: ref.text_encoder(ref.input_ids[idx], return_dict=False)[0], phases["text_encode"])
-        pred = _timed(lambda: ref.unet(noisy, t, ehs, return_dict=False)[0], phases["unet_forward"])
+        ehs = _timed(phases["text_encode"], ref.text_encoder, ref.input_ids[idx])[0]
+        pred = _timed(phases["unet_forward"], ref.unet, noisy, t, ehs).sample
         loss = F.mse_loss(pred.float(), noise.float())
-        _timed(loss.backward, phases["backward"])
-        _timed(lambda: torch.nn.utils.clip_grad_norm_(ref.params, 1.0), phases["clip"])
-        _timed(ref.optimizer.step, phases["optimizer"])
+        _timed(phases["backward"], loss.backward)
+        _timed(phases["clip"], torch.nn.utils.clip_grad_norm_, ref.params, 1.0)
+        _timed(phases["optimizer"], ref.optimizer.step)
         ref.optimizer.zero_grad(set_to_none=True)
-        _timed(loss.item, phases["item"])
+        _timed(phases["item"], loss.item)
     return {k: round(1000 * statistics.median(v[1:] or v), 2) for k, v in phases.items()}
 
 
@@ -67,7 +69,7 @@ def optimizer_variants(ref, repeats: int = 30) -> dict[str, float]:
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2, **kw)
         times: list[float] = []
         for _ in range(repeats):
-            _timed(opt.step, times)
+            _timed(times, opt.step)
         out[name] = round(1000 * statistics.median(times[3:]), 3)
     out["tensors"] = len(ref.params)
     return out
@@ -123,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in ms.items():
             print(f"  {k:<13} {v:8.2f} ms  {100 * v / total:5.1f} %")
         print(f"  {'total':<13} {total:8.2f} ms")
-        print(f"  removed by caching (vae + text + item): {removed:.2f} ms → bound on the speed-up {total / (total - removed):.2f}×")
+        print(
+            f"  removed by caching (vae + text + item): {removed:.2f} ms → bound on the speed-up {total / (total - removed):.2f}×"
+        )
         print(f"\n## AdamW step over the LoRA tensors (ms): {optimizer_variants(ref)}")
         print(f"\n## {args.setup}: torch.profiler, real trainer, 10 steps, top ops by self CPU time")
         print(trainer_profile(config, data, root / "out", args.rows))

@@ -1,6 +1,6 @@
 """One implementation in its own process (so its peak RSS is its own), timed in windows the parent paces.
 
-``python -m sdtune.bench.worker {trainer|reference} CONFIG DATA OUT --window W --windows K``
+``python -m sdtune.bench.worker {trainer|reference|trainer+fused_adamw} CONFIG DATA OUT --window W --windows K``
 
 Protocol (JSON lines on the original stdout; everything else goes to stderr): after each window of W steps
 the worker writes ``{"window": i, "seconds": s, "loss": mean loss of the window}`` and waits for a line on
@@ -63,7 +63,7 @@ class PacedLogger:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("impl", choices=["trainer", "reference"])
+    p.add_argument("impl", choices=["trainer", "reference", "trainer+fused_adamw"])
     p.add_argument("config")
     p.add_argument("data")
     p.add_argument("out")
@@ -80,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.window * args.windows
     cfg = load_config(args.config, [f"train.max_steps={steps}", f"train.log_every={args.window}"])
 
-    if args.impl == "trainer":
+    if args.impl.startswith("trainer"):
         from sdtune.train.lora import train
+
+        if args.impl == "trainer+fused_adamw":  # an experiment: the trainer with AdamW(fused=True), unedited
+            import functools
+
+            torch.optim.AdamW = functools.partial(torch.optim.AdamW, fused=True)
 
         result = train(cfg, Path(args.data), Path(args.out), logger=PacedLogger(channel))
         final_loss = result.final_loss

@@ -24,11 +24,18 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
-def _register_commands() -> None:
-    from sdtune.cli import cluster, data, pipeline, runs, train
+_registered = False
 
-    for module in (data, train, pipeline, runs, cluster):
+
+def _register_commands() -> None:
+    global _registered
+    if _registered:  # main() may run many times in one process (tests)
+        return
+    from sdtune.cli import cluster, data, pipeline, runs, sweep, train
+
+    for module in (data, train, pipeline, runs, cluster, sweep):
         module.register(app)
+    _registered = True
 
 
 def main(argv: list[str] | None = None) -> int:

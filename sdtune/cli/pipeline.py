@@ -5,9 +5,13 @@ kfp and ``pipelines`` are imported inside the commands: the core never needs the
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -24,8 +28,45 @@ class PipelineError(SdtuneError):
     exit_code = 4
 
 
-def run_local(cfg: RunConfig, pipeline_root: Path | None = None) -> dict:
-    """Run the personalisation pipeline with ``kfp.local`` (each task a subprocess of this interpreter)."""
+class _TaskProgress(io.TextIOBase):
+    """Stands in for stdout while kfp.local runs: everything goes to the log file; the console gets one line
+    per task (started, finished with its time), instead of every task's executor input and output JSON."""
+
+    def __init__(self, log, echo):
+        self._log, self._echo, self._pending = log, echo, ""
+        self._started: dict[str, float] = {}
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._log.write(text)
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self._watch(_strip_ansi(line))
+        return len(text)
+
+    def flush(self) -> None:
+        self._log.flush()
+
+    def _watch(self, line: str) -> None:
+        import re
+
+        if match := re.search(r"Executing task '([^']+)'", line):
+            self._started[match.group(1)] = time.monotonic()
+        elif match := re.search(r"Task '([^']+)' finished with status (\w+)", line):
+            task, state = match.groups()
+            took = time.monotonic() - self._started.get(task, time.monotonic())
+            mark = "[green]✓[/]" if state == "SUCCESS" else "[red]✗[/]"
+            self._echo(f"  {mark} {task.removesuffix('-op'):<28} {took:6.1f} s")
+
+
+def run_local(cfg: RunConfig, pipeline_root: Path | None = None, verbose: bool = False) -> dict:
+    """Run the personalisation pipeline with ``kfp.local`` (each task a subprocess of this interpreter).
+
+    Unless ``verbose``, the tasks' own output goes to ``$SDTUNE_HOME/logs/run-<time>.log`` and the console
+    shows one line per task."""
     from sdtune import tracking
 
     base = Path(cfg.model.base)
@@ -45,26 +86,40 @@ def run_local(cfg: RunConfig, pipeline_root: Path | None = None) -> dict:
 
     from pipelines.personalize import PIPELINE_NAME, build_personalize_pipeline
 
+    # Expected locally, said once in docs: cluster settings are ignored and tasks run in this interpreter
+    # rather than in their images.
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+    warnings.filterwarnings("ignore", message=".*non-Python base image.*")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) if pipeline_root.exists() else set()
     started = time.monotonic()
     started_ms = int(time.time() * 1000)
     pipeline = build_personalize_pipeline(cfg)
+    log_path = tracking.sdtune_home() / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    where = "task logs above" if verbose else f"task logs in {log_path}"
     try:
-        pipeline(config=cfg.to_param())
+        with open(log_path, "w", encoding="utf-8") as log:
+            if not verbose:
+                console.print(f"running {PIPELINE_NAME} locally (task logs: {_short(str(log_path))})", soft_wrap=True)
+            # The echo console holds the real stdout: rich would otherwise follow the redirect into the log.
+            echo = Console(file=sys.stdout, highlight=False).print
+            quiet = contextlib.redirect_stdout(_TaskProgress(log, echo)) if not verbose else contextlib.nullcontext()
+            with quiet:
+                pipeline(config=cfg.to_param())
     except RuntimeError as exc:
         parent = tracking.latest_parent_run(cfg.tracking.experiment, started_ms)
         reason = tracking.failed_step_error(parent) if parent else None
         if not reason:
             reason = _strip_ansi(str(exc).splitlines()[0]) if str(exc) else "pipeline failed"
-        raise PipelineError(f"{reason} (task logs above; artifacts under {pipeline_root})") from None
+        raise PipelineError(f"{reason} ({where}; artifacts under {pipeline_root})") from None
     elapsed = time.monotonic() - started
     run_dirs = sorted(set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before)
     if not run_dirs:
         raise PipelineError(f"pipeline finished but left no run folder under {pipeline_root}")
     run_dir = run_dirs[-1]
     summary = _task_output(run_dir, "register-op")
-    summary.update(run_dir=str(run_dir), seconds=round(elapsed, 1), ui=tracking.ui_command())
+    summary.update(run_dir=str(run_dir), seconds=round(elapsed, 1), ui=tracking.ui_command(), log=str(log_path))
     return summary
 
 
@@ -97,6 +152,7 @@ def print_summary(summary: dict) -> None:
         ("Model files", _short(summary.get("model_dir"))),
         ("Sample grid", _short(summary.get("grid"))),
         ("Pipeline run", f"{_short(summary.get('run_dir'))} ({summary.get('seconds')} s)"),
+        ("Task logs", _short(summary.get("log"))),
     ]
     rows += [(f"  {k}", f"{v:.5g}") for k, v in sorted(summary.get("metrics", {}).items())]
     console.rule("[bold green]sdtune run finished")
@@ -112,12 +168,13 @@ def register(app: typer.Typer) -> None:
         overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=10")] = None,
         local_run: Annotated[bool, typer.Option("--local", help="Run here through kfp.local (no cluster)")] = False,
         pipeline_root: Annotated[Path | None, typer.Option(help="Where local task artifacts go")] = None,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every task's full output")] = False,
     ) -> None:
         """Run the whole pipeline: ingest → preprocess → caption → train → evaluate → register."""
         if not local_run:
             raise SdtuneError("only --local runs here; use `sdtune submit CONFIG --host URL` for a cluster")
         cfg = resolve_local_paths(load_config(config, overrides or []), Path.cwd())
-        print_summary(run_local(cfg, pipeline_root))
+        print_summary(run_local(cfg, pipeline_root, verbose=verbose))
 
     @app.command("compile")
     def compile_command(

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tests.sweep.cli", *args],
+        [sys.executable, "-m", "sdtune.cli", *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -1,0 +1,476 @@
+"""The planner: what a training config needs — parameters, memory per GPU, time, cost — before any GPU is
+touched (``sdtune plan CONFIG --gpu a100-80gb``).
+
+Nothing here loads weights. The UNet (and text encoders/VAE) are built on ``torch.device("meta")`` from
+their configs: the local folder's ``*/config.json``, or for a hub id the real SD 1.5 / SD 2 / SDXL configs
+below. One meta forward pass of the UNet at the training resolution then gives, exactly and for free:
+
+- the activation bytes autograd saves for backward (``saved_tensors_hooks`` add up every saved tensor),
+  per checkpointable block too (gradient checkpointing keeps block inputs plus one block's internals);
+- the forward FLOPs (``FlopCounterMode``).
+
+Memory per GPU = weights + gradients + optimizer state (sharded by N under FSDP) + activations × a
+calibration factor (backward's transient activation-gradients and allocator slack, fitted on CPU against
+measured peak memory: tests/train/test_plan.py, tolerance stated there) + the cached dataset (latents and
+text embeddings stay on the device) + a fixed CUDA context/workspace allowance.
+
+Time per step = training FLOPs / (GPU peak dense bf16 TFLOPS × model FLOPs utilisation) / scaling
+efficiency. Peak TFLOPS come from NVIDIA's datasheets (:data:`GPUS`); the MFU is an assumption
+(:data:`MFU`, typical of UNet training with SDPA) — check it against one real step on the target card
+and pass ``--mfu``. Cost = GPUs × hours × ``--usd-per-gpu-hour``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtune.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Gpu:
+    memory_gb: float  # usable memory as the driver reports it (GiB)
+    bf16_tflops: float  # dense (no sparsity), NVIDIA datasheet
+    fp32_tflops: float  # TF32 dense for Ampere+ (what fp32 matmuls use by default in diffusers' scripts)
+
+
+# Source: NVIDIA datasheets (A100: "NVIDIA A100 Tensor Core GPU" datasheet, SXM; H100/H200: "H100 Tensor
+# Core GPU" / "H200" datasheets, SXM; L4, L40S, A10: product datasheets). Dense figures (half the
+# "with sparsity" ones).
+GPUS: dict[str, Gpu] = {
+    "a100-40gb": Gpu(39.4, 312, 156),
+    "a100-80gb": Gpu(79.2, 312, 156),
+    "h100-80gb": Gpu(79.1, 989, 495),
+    "h200-141gb": Gpu(139.8, 989, 495),
+    "l40s-48gb": Gpu(44.4, 362, 183),
+    "l4-24gb": Gpu(22.0, 121, 60),
+    "a10-24gb": Gpu(22.0, 125, 62),
+}
+MFU = 0.35  # assumed model-FLOPs utilisation of a UNet training step in bf16 (fp32: same share of TF32)
+SCALING = {"ddp": 0.95, "fsdp": 0.88}  # per-GPU efficiency once N > 1 (gradient all-reduce / gathers)
+CUDA_OVERHEAD_GB = 1.0  # CUDA context, cuBLAS/cuDNN workspaces
+ACTIVATION_FACTOR = 1.30  # peak / saved activations; fitted on CPU (tests/train/test_plan.py)
+HALF_ACTIVATION_SHARE = 0.55  # bf16/fp16 autocast: most saved tensors halve, norms/softmax stats stay fp32
+
+# The real UNet/text-encoder configs for hub ids (diffusers' config.json of each model, abridged to the
+# keys that differ from the defaults).
+SD15_UNET = {
+    "sample_size": 64, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+    "cross_attention_dim": 768, "attention_head_dim": 8,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD2_UNET = {**SD15_UNET, "sample_size": 96, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True}
+SDXL_UNET = {
+    "sample_size": 128, "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+    "cross_attention_dim": 2048, "attention_head_dim": [5, 10, 20], "transformer_layers_per_block": [1, 2, 10],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+          "vocab_size": 49408, "max_position_embeddings": 77, "projection_dim": 768}
+OPENCLIP_H = {**CLIP_L, "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+              "num_hidden_layers": 23, "projection_dim": 1024}
+OPENCLIP_BIGG = {**CLIP_L, "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+                 "num_hidden_layers": 32, "projection_dim": 1280}
+VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+       "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+HUB = {
+    "sd15": (SD15_UNET, [CLIP_L]),
+    "sd2": (SD2_UNET, [OPENCLIP_H]),
+    "sdxl": (SDXL_UNET, [CLIP_L, OPENCLIP_BIGG]),
+}
+GB = 1024**3
+
+
+@dataclass
+class Plan:
+    """Every number ``sdtune plan`` prints (bytes per GPU unless named otherwise)."""
+
+    method: str
+    arch: str
+    gpu: str
+    num_gpus: int
+    parallelism: str
+    precision: str
+    resolution: int
+    batch_per_gpu: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    params_unet: int
+    params_text_encoders: int
+    params_vae: int
+    params_trainable: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    data_cache: float
+    overhead: float
+    total: float
+    capacity: float
+    fits: bool
+    fwd_tflop_per_sample: float
+    seconds_per_step: float
+    steps: int
+    hours: float
+    usd: float
+    usd_per_gpu_hour: float
+    mfu: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------- model configs
+
+
+def model_configs(cfg: RunConfig) -> tuple[dict, list[dict], dict]:
+    """(unet, text encoders, vae) config dicts: from the local folder when there is one, else the hub table."""
+    base = Path(cfg.model.base)
+    if (base / "unet" / "config.json").is_file():
+        unet = json.loads((base / "unet" / "config.json").read_text())
+        encoders = [json.loads((base / d / "config.json").read_text())
+                    for d in ("text_encoder", "text_encoder_2") if (base / d / "config.json").is_file()]
+        vae = json.loads((base / "vae" / "config.json").read_text()) if (base / "vae" / "config.json").is_file() else VAE
+        return unet, encoders, vae
+    unet, encoders = HUB[cfg.model.arch]
+    return unet, encoders, VAE
+
+
+def meta_unet(unet_config: dict):
+    from diffusers import UNet2DConditionModel
+
+    keys = {k: v for k, v in unet_config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(keys)
+
+
+def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def encoder_params(config: dict) -> int:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    keys = {k: v for k, v in config.items() if k in CLIPTextConfig().to_dict()}
+    with torch.device("meta"):
+        cls = CLIPTextModelWithProjection if config.get("projection_dim") and "hidden_act" not in config else CLIPTextModel
+        if config.get("architectures") == ["CLIPTextModelWithProjection"]:
+            cls = CLIPTextModelWithProjection
+        return count_params(cls(CLIPTextConfig(**keys)))
+
+
+def vae_params(config: dict) -> int:
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return count_params(AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")}))
+
+
+def lora_params(unet, cfg: RunConfig) -> int:
+    from peft import LoraConfig
+
+    tc = cfg.train
+    unet.add_adapter(LoraConfig(r=tc.rank, lora_alpha=tc.alpha or tc.rank, target_modules=tc.target_modules))
+    return count_params(unet, trainable_only=True)
+
+
+# ------------------------------------------------------------------------------------ meta forward pass
+
+
+@dataclass
+class ForwardProfile:
+    saved_bytes: int  # everything autograd keeps for backward (fp32)
+    max_block_bytes: int  # the largest checkpointable block's share
+    boundary_bytes: int  # inputs of checkpointable blocks (what gradient checkpointing keeps)
+    flops: int  # forward FLOPs of the batch
+
+
+def profile_forward(unet_config: dict, resolution: int, batch: int, encoder_dim: int | None = None,
+                    lora: RunConfig | None = None) -> ForwardProfile:
+    """One UNet forward on the meta device: saved-activation bytes, per block, and FLOPs."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = meta_unet(unet_config)
+    if lora is not None:
+        lora_params(unet, lora)
+    else:
+        unet.requires_grad_(True)
+    cfg = unet.config
+    latent = resolution // 8
+    dim = encoder_dim or cfg.cross_attention_dim
+    with torch.device("meta"):
+        x = torch.empty(batch, cfg.in_channels, latent, latent)
+        t = torch.zeros(batch, dtype=torch.long)
+        ctx = torch.empty(batch, 77, dim)
+        kwargs = {}
+        if cfg.addition_embed_type == "text_time":
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled), "time_ids": torch.empty(batch, 6)}
+
+    saved = [0]
+    block_stack: list[list[int]] = []
+    blocks: list[int] = []
+    boundary = [0]
+
+    # Count each storage once (views and tensors saved by several ops share it) and never the weights
+    # (resident anyway: they are counted as weights).
+    seen = {p.untyped_storage()._cdata for p in unet.parameters()}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            size = storage.nbytes()
+            saved[0] += size
+            if block_stack:
+                block_stack[-1][0] += size
+        return tensor
+
+    def pre(module, args):
+        block_stack.append([0])
+        boundary[0] += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+
+    def post(module, args, output):
+        blocks.append(block_stack.pop()[0])
+
+    hooks = []
+    for module in unet.modules():
+        if isinstance(module, BasicTransformerBlock | ResnetBlock2D):
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    counter = FlopCounterMode(display=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter, _flash_attention():
+        unet(x, t, encoder_hidden_states=ctx, **kwargs)
+    for h in hooks:
+        h.remove()
+    return ForwardProfile(saved[0], max(blocks or [0]), boundary[0], counter.get_total_flops())
+
+
+class _SavesLikeFlash(torch.autograd.Function):
+    """What a fused attention kernel keeps for backward: q, k, v, the output and the row log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, out):
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1]))
+        return out.view_as(out)
+
+
+@contextlib.contextmanager
+def _flash_attention():
+    """On the meta device SDPA falls back to the math kernel, which saves the whole attention matrix; GPUs
+    (flash / memory-efficient kernels) and CPUs (the flash CPU kernel) do not. Count FLOPs with the real op
+    under no_grad and the saved tensors of a fused kernel."""
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, *args, **kwargs):
+        with torch.no_grad():
+            out = real(q, k, v, *args, **kwargs)
+        return _SavesLikeFlash.apply(q, k, v, out)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def estimate(
+    cfg: RunConfig,
+    gpu: str = "a100-80gb",
+    num_gpus: int | None = None,
+    usd_per_gpu_hour: float = 2.0,
+    num_images: int = 1000,
+    mfu: float = MFU,
+) -> Plan:
+    """The plan for ``cfg`` on ``num_gpus`` (default ``train.num_processes``) × ``gpu``."""
+    from sdtune.errors import ConfigError
+
+    if gpu not in GPUS:
+        raise ConfigError(f"unknown --gpu {gpu!r}; one of {', '.join(GPUS)}")
+    card = GPUS[gpu]
+    tc = cfg.train
+    n = num_gpus or tc.num_processes
+    res = cfg.preprocess.resolution
+    unet_cfg, enc_cfgs, vae_cfg = model_configs(cfg)
+    p_unet = count_params(meta_unet(unet_cfg))
+    p_enc = [encoder_params(c) for c in enc_cfgs]
+    p_vae = vae_params(vae_cfg)
+    half = tc.mixed_precision in ("bf16", "fp16")
+    wbytes = 2 if half else 4
+    fsdp = tc.parallelism == "fsdp" and n > 1
+    notes: list[str] = []
+
+    # What trains, and what stays resident during the loop (VAE/text encoders are freed after caching,
+    # except textual inversion/pivotal, whose text encoders run every step).
+    encoder_dim = sum(c["hidden_size"] for c in enc_cfgs) if cfg.model.arch == "sdxl" and enc_cfgs else None
+    if tc.method == "dreambooth":
+        trainable = p_unet
+        weights = 4 * p_unet  # fp32 master weights; autocast does the half-precision maths
+    elif tc.method == "textual_inversion":
+        trainable = tc.num_vectors * sum(c["hidden_size"] for c in enc_cfgs)
+        weights = wbytes * p_unet + 4 * sum(p_enc)
+    else:
+        trainable = lora_params(meta_unet(unet_cfg), cfg)
+        if tc.method == "pivotal":
+            trainable += tc.num_vectors * sum(c["hidden_size"] for c in enc_cfgs)
+        weights = wbytes * p_unet + 4 * (trainable if tc.method == "lora" else sum(p_enc))
+    grads = 4 * trainable
+    optimizer = (8 if tc.optimizer == "adamw" else 0) * trainable
+    if fsdp:
+        weights, grads, optimizer = weights / n, grads / n, optimizer / n
+        weights += 4 * p_unet / 40  # the unit being all-gathered (largest SDXL transformer block ≈ 1/40)
+        notes.append("FSDP2: weights, gradients and AdamW state sharded over the GPUs")
+
+    # Activations from the meta forward (instance + class batch under prior preservation).
+    batch = tc.batch_size * (2 if tc.method == "dreambooth" and tc.with_prior_preservation else 1)
+    prof = profile_forward(unet_cfg, res, batch, encoder_dim,
+                           lora=cfg if tc.method in ("lora", "pivotal") else None)
+    saved = prof.boundary_bytes + prof.max_block_bytes if tc.gradient_checkpointing else prof.saved_bytes
+    activations = saved * ACTIVATION_FACTOR * (HALF_ACTIVATION_SHARE if half else 1.0)
+
+    # The cached dataset lives on the device: latent mean+std and the text conditioning, per image.
+    latent = (res // 8) ** 2 * 4 * 2
+    text = 77 * (encoder_dim or unet_cfg.get("cross_attention_dim", 768))
+    per_image = (latent + text) * wbytes
+    images_here = math.ceil(num_images / n)
+    data_cache = per_image * images_here * (1 if tc.method != "dreambooth" or not tc.with_prior_preservation else 2)
+    if data_cache > 0.1 * card.memory_gb * GB:
+        notes.append(f"the cached dataset ({data_cache / GB:.1f} GiB per GPU) stays on the device: "
+                     "shard it over more GPUs or train on a subset")
+    overhead = CUDA_OVERHEAD_GB * GB
+    total = weights + grads + optimizer + activations + data_cache + overhead
+    capacity = card.memory_gb * GB
+
+    # Time: forward FLOPs × (1 forward + 2 backward for weights and inputs; LoRA/TI skip most weight grads)
+    # + 1 forward recompute under gradient checkpointing.
+    fwd = prof.flops / batch
+    passes = 3.0 if tc.method == "dreambooth" else 2.0
+    passes += 1.0 if tc.gradient_checkpointing else 0.0
+    flops_step = fwd * passes * batch * tc.gradient_accumulation_steps
+    peak = (card.bf16_tflops if half else card.fp32_tflops) * 1e12
+    seconds = flops_step / (peak * mfu)
+    if n > 1:
+        seconds /= SCALING["fsdp" if fsdp else "ddp"]
+    hours = seconds * tc.max_steps / 3600
+    return Plan(
+        method=tc.method, arch=cfg.model.arch, gpu=gpu, num_gpus=n, parallelism="fsdp" if fsdp else "ddp",
+        precision=tc.mixed_precision, resolution=res, batch_per_gpu=tc.batch_size,
+        grad_accum=tc.gradient_accumulation_steps, gradient_checkpointing=tc.gradient_checkpointing,
+        params_unet=p_unet, params_text_encoders=sum(p_enc), params_vae=p_vae, params_trainable=trainable,
+        weights=weights, grads=grads, optimizer=optimizer, activations=activations, data_cache=data_cache,
+        overhead=overhead, total=total, capacity=capacity, fits=total <= capacity,
+        fwd_tflop_per_sample=fwd / 1e12, seconds_per_step=seconds, steps=tc.max_steps, hours=hours,
+        usd=hours * n * usd_per_gpu_hour, usd_per_gpu_hour=usd_per_gpu_hour, mfu=mfu, notes=notes,
+    )
+
+
+def fitting_settings(cfg: RunConfig, gpu: str, num_gpus: int | None = None, num_images: int = 1000) -> list[str]:
+    """Override sets (``key=value …``) that the planner says fit ``gpu``, cheapest change first."""
+    from sdtune.config import config_from_dict
+
+    tc = cfg.train
+    n = num_gpus or tc.num_processes
+    tries: list[list[str]] = []
+    if not tc.gradient_checkpointing:
+        tries.append(["train.gradient_checkpointing=true"])
+    if tc.mixed_precision == "no":
+        tries.append(["train.mixed_precision=bf16", "train.gradient_checkpointing=true"])
+    b = tc.batch_size
+    while b > 1:
+        b //= 2
+        accum = tc.gradient_accumulation_steps * (tc.batch_size // b)
+        tries.append([f"train.batch_size={b}", f"train.gradient_accumulation_steps={accum}",
+                      "train.gradient_checkpointing=true"])
+    if tc.method == "dreambooth" and n > 1 and tc.parallelism != "fsdp":
+        tries.append(["train.parallelism=fsdp", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
+                      "train.batch_size=1", f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps * tc.batch_size}"])
+    fits = []
+    base = cfg.model_dump(mode="json")
+    for overrides in tries:
+        try:
+            if estimate(config_from_dict(base, overrides), gpu, n, num_images=num_images).fits:
+                fits.append(" ".join(overrides))
+        except Exception:  # an estimate that cannot be made is not advice
+            continue
+        if len(fits) == 2:
+            break
+    return fits
+
+
+def gpu_name_to_key(total_bytes: int) -> str:
+    """The table entry closest in memory to a device (for advice after a real OOM)."""
+    gib = total_bytes / GB
+    return min(GPUS, key=lambda k: abs(GPUS[k].memory_gb - gib))
+
+
+def out_of_memory_advice(cfg: RunConfig, exc: BaseException) -> str:
+    """One paragraph for an OOM: what ran out, and settings the planner says would fit this card."""
+    gpu = "a100-80gb"
+    if torch.cuda.is_available():
+        gpu = gpu_name_to_key(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    try:
+        plan = estimate(cfg, gpu)
+        fits = fitting_settings(cfg, gpu)
+        need = f"the planner estimates {plan.total / GB:.1f} GiB per GPU for {plan.capacity / GB:.0f} GiB ({gpu})"
+    except Exception as err:  # advice must never hide the OOM itself
+        fits, need = [], f"planner unavailable: {err}"
+    advice = "; try: " + " | ".join(fits) if fits else "; no single change fits: use more GPUs with FSDP or a bigger card"
+    first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+    return f"out of accelerator memory ({first}); {need}{advice} (see `sdtune plan`)"
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def report(plan: Plan) -> str:
+    def gib(x: float) -> str:
+        return f"{x / GB:8.2f} GiB"
+
+    lines = [
+        f"{plan.method} · {plan.arch} · {plan.resolution} px · {plan.num_gpus}× {plan.gpu} · {plan.parallelism} · "
+        f"{plan.precision} · batch {plan.batch_per_gpu}×{plan.grad_accum} per GPU"
+        + (" · gradient checkpointing" if plan.gradient_checkpointing else ""),
+        "",
+        "parameters",
+        f"  UNet            {plan.params_unet / 1e6:10.1f} M",
+        f"  text encoders   {plan.params_text_encoders / 1e6:10.1f} M",
+        f"  VAE             {plan.params_vae / 1e6:10.1f} M",
+        f"  trainable       {plan.params_trainable / 1e6:10.3f} M",
+        "",
+        "memory per GPU (training loop)",
+        f"  weights         {gib(plan.weights)}",
+        f"  gradients       {gib(plan.grads)}",
+        f"  optimizer       {gib(plan.optimizer)}",
+        f"  activations     {gib(plan.activations)}",
+        f"  cached data     {gib(plan.data_cache)}",
+        f"  CUDA overhead   {gib(plan.overhead)}",
+        f"  total           {gib(plan.total)} of {plan.capacity / GB:.0f} GiB → "
+        + ("fits" if plan.fits else "DOES NOT FIT"),
+        "",
+        "time and cost",
+        f"  forward         {plan.fwd_tflop_per_sample:8.2f} TFLOP per sample",
+        f"  per step        {plan.seconds_per_step:8.2f} s (MFU {plan.mfu:.0%} of datasheet peak)",
+        f"  {plan.steps} steps     {plan.hours:8.1f} h ({plan.hours / 24:.1f} days)",
+        f"  cost            ${plan.usd:,.0f} at ${plan.usd_per_gpu_hour:.2f}/GPU-hour × {plan.num_gpus} GPUs",
+    ]
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
