@@ -194,6 +194,9 @@ def parse_task_times(log: str) -> dict[str, float]:
             starts[task] = _seconds(m)
         elif m.group(7) and task in starts:
             durations[task] = round((_seconds(m) - starts[task]) % 86400, 3)
+    if not durations:  # only the console's one line per task: "✓ train    12.3 s"
+        for m in re.finditer(r"^\s*[✓✗]\s+([\w-]+)\s+([\d.]+) s\s*$", clean, flags=re.M):
+            durations[m.group(1)] = float(m.group(2))
     return durations
 
 
@@ -216,6 +219,8 @@ def bench_pipeline(root: Path) -> dict:
     (work / "run.log").write_text(log, encoding="utf-8")
     if proc.returncode:
         raise RuntimeError(f"sdtune run --local failed ({proc.returncode}):\n{log[-3000:]}")
+    for task_log in sorted((work / "home" / "logs").glob("*.log")):  # `sdtune run` keeps task logs in a file
+        log += "\n" + task_log.read_text(encoding="utf-8", errors="replace")
     tasks = parse_task_times(log)
     in_loop = None
     for summary in (work / "root").glob("*/train-op/model/train_summary.json"):
@@ -338,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("tiny", "medium"):
             if name in parts:
                 print(
-                    f"[bench] training: {name} (trainer vs reference, {args.windows} windows each) …",
+                    f"[bench] training: {name} (trainer vs {args.vs}, {args.windows} windows each) …",
                     flush=True,
                 )
                 results[name] = bench_training(name, root, args.windows, args.vs)

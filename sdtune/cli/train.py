@@ -1,4 +1,4 @@
-"""Model and training commands: ``models tiny``, ``train``, ``evaluate``.
+"""Model and training commands: ``models tiny``, ``train``, ``evaluate``, ``plan``.
 
 Heavy imports (torch, diffusers) happen inside the commands so ``sdtune --help`` stays fast.
 """
@@ -12,7 +12,9 @@ from typing import Annotated
 
 import typer
 
-models_app = typer.Typer(help="Base models: build tiny offline ones for tests and the CPU demo.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Base models: build tiny offline ones for tests and the CPU demo.", no_args_is_help=True
+)
 
 
 @models_app.command("tiny")
@@ -30,12 +32,16 @@ def models_tiny(
 
 def train_command(
     config: Annotated[Path, typer.Option("--config", help="YAML preset (configs/...).")],
-    data: Annotated[Path, typer.Option("--data", help="Stage directory with manifest.jsonl (captioned images).")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Stage directory with manifest.jsonl (captioned images).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output folder for weights, metrics and summary.")],
     mlflow_run_id: Annotated[
         str | None, typer.Option("--mlflow-run-id", help="Also log metrics to this MLflow run.")
     ] = None,
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=10")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=10")
+    ] = None,
 ) -> None:
     """Train with the method named by train.method (1 process, or N under torchrun)."""
     from sdtune.config import load_config
@@ -58,7 +64,9 @@ def train_command(
 
 def evaluate_command(
     config: Annotated[Path, typer.Option("--config", help="YAML preset (configs/...).")],
-    data: Annotated[Path, typer.Option("--data", help="Stage directory (holdout records are used for the loss).")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Stage directory (holdout records are used for the loss).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output folder: metrics.json, grid.png, samples/.")],
     lora: Annotated[Path | None, typer.Option("--lora", help="Training output folder to evaluate.")] = None,
     base_model: Annotated[
@@ -75,7 +83,50 @@ def evaluate_command(
     typer.echo(json.dumps(metrics, indent=2, sort_keys=True))
 
 
+def plan_command(
+    config: Annotated[Path, typer.Argument(help="YAML preset (configs/...).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+    gpu: Annotated[
+        str,
+        typer.Option(
+            "--gpu", help="a100-40gb, a100-80gb, h100-80gb, h200-141gb, l40s-48gb, l4-24gb, a10-24gb"
+        ),
+    ] = "a100-80gb",
+    num_gpus: Annotated[
+        int | None, typer.Option("--num-gpus", help="GPUs in all (default: train.num_processes).")
+    ] = None,
+    usd_per_gpu_hour: Annotated[float, typer.Option("--usd-per-gpu-hour")] = 2.0,
+    images: Annotated[
+        int, typer.Option("--images", help="Training images (the cache stays on the GPUs).")
+    ] = 1000,
+    mfu: Annotated[
+        float | None, typer.Option("--mfu", help="Measured model-FLOPs utilisation (0-1).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Parameters, memory per GPU, time and cost of a training config — without touching a GPU.
+    Exit 0 when it fits, 1 when it does not (the report names settings that would)."""
+    from sdtune.config import load_config
+    from sdtune.train.plan import estimate, fitting_settings, report
+
+    cfg = load_config(config, overrides or [])
+    plan = estimate(cfg, gpu, num_gpus, usd_per_gpu_hour, images, mfu)
+    if as_json:
+        typer.echo(json.dumps(plan.to_json(), indent=2))
+    else:
+        typer.echo(report(plan))
+    if not plan.fits:
+        fits = fitting_settings(cfg, gpu, num_gpus, images)
+        typer.echo(
+            "would fit: "
+            + (" | ".join(fits) if fits else "nothing simple: more GPUs with FSDP, or a bigger card"),
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
     app.command("train")(train_command)
     app.command("evaluate")(evaluate_command)
+    app.command("plan")(plan_command)

@@ -34,7 +34,9 @@ KINDS = {
     "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
 }
 SUCCEEDED, FAILED, RUNNING = "Succeeded", "Failed", "Running"
-NON_RETRYABLE_EXIT_CODES = frozenset({2})  # ConfigError / DatasetError: a retry would fail the same way
+# 2 config/data/incompatible checkpoint, 3 diverged (non-finite loss), 5 out of GPU memory: a retry would fail
+# the same way (sdtune.errors.PERMANENT_TRAINING_EXIT_CODES). 75 (preempted, checkpoint written) is retried.
+NON_RETRYABLE_EXIT_CODES = frozenset({2, 3, 5})
 
 
 def job_state(obj: dict[str, Any]) -> tuple[str, str]:

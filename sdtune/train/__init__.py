@@ -36,10 +36,14 @@ def run(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | No
     from sdtune.errors import ConfigError, OutOfMemory
 
     if cfg.train.parallelism == "fsdp" and cfg.train.method != "dreambooth":
-        raise ConfigError("train.parallelism=fsdp is for full fine-tunes (train.method=dreambooth); "
-                          f"{cfg.train.method} trains a few MB: use ddp")
+        raise ConfigError(
+            "train.parallelism=fsdp is for full fine-tunes (train.method=dreambooth); "
+            f"{cfg.train.method} trains a few MB: use ddp"
+        )
     if cfg.train.parallelism == "fsdp" and cfg.train.mixed_precision == "fp16":
-        raise ConfigError("train.parallelism=fsdp needs mixed_precision bf16 or no (fp16 needs a sharded grad scaler)")
+        raise ConfigError(
+            "train.parallelism=fsdp needs mixed_precision bf16 or no (fp16 needs a sharded grad scaler)"
+        )
     recipe = import_module(f"sdtune.train.{cfg.train.method}")
     try:
         return recipe.train(cfg, data_dir, out_dir, logger)

@@ -56,10 +56,18 @@ META = "meta.json"
 PREFIX = "step-"
 
 # Train keys that never change what a step computes: a resumed run may change them freely.
-OPERATIONAL_TRAIN_KEYS = frozenset({
-    "log_every", "checkpoint_every", "keep_checkpoints", "checkpoint_dir", "resume", "preempt_grace_s",
-    "export_kohya", "num_processes",
-})
+OPERATIONAL_TRAIN_KEYS = frozenset(
+    {
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "checkpoint_dir",
+        "resume",
+        "preempt_grace_s",
+        "export_kohya",
+        "num_processes",
+    }
+)
 
 
 @dataclass
@@ -145,10 +153,17 @@ def save(cfg: RunConfig, out_dir: Path, step: int, state: TrainState, accelerato
     if accelerator.is_main_process:
         root = checkpoint_root(cfg, out_dir)
         meta = {
-            "step": step, "world_size": accelerator.num_processes, "attempt": state.attempt,
-            "config_hash": config_hash(cfg), "math_fields": math_fields(cfg), "method": cfg.train.method,
-            "data_fingerprint": state.data_fingerprint, "last_loss": state.last_loss,
-            "config": cfg.model_dump(mode="json"), "time": time.time(), "torch": torch.__version__,
+            "step": step,
+            "world_size": accelerator.num_processes,
+            "attempt": state.attempt,
+            "config_hash": config_hash(cfg),
+            "math_fields": math_fields(cfg),
+            "method": cfg.train.method,
+            "data_fingerprint": state.data_fingerprint,
+            "last_loss": state.last_loss,
+            "config": cfg.model_dump(mode="json"),
+            "time": time.time(),
+            "torch": torch.__version__,
         }
         staging = Path(root) if not _is_s3(root) else Path(tempfile.mkdtemp(prefix="sdtune-ckpt-"))
         staging.mkdir(parents=True, exist_ok=True)
@@ -166,7 +181,9 @@ def save(cfg: RunConfig, out_dir: Path, step: int, state: TrainState, accelerato
             manifest = json.dumps({"step": step, "files": files}, indent=1)
             (tmp / MANIFEST).write_text(manifest, encoding="utf-8")  # last: its presence means "complete"
             _fsync(tmp / MANIFEST)
-            location = _commit_s3(tmp, root, step, manifest) if _is_s3(root) else _commit_local(tmp, root, step)
+            location = (
+                _commit_s3(tmp, root, step, manifest) if _is_s3(root) else _commit_local(tmp, root, step)
+            )
         finally:
             if _is_s3(root):
                 shutil.rmtree(staging, ignore_errors=True)
@@ -218,7 +235,9 @@ def prune(root: str, keep: int) -> None:
         return
     for path in Path(root).iterdir():
         step = _step_of(path.name)
-        torn = path.name.startswith((".tmp-", ".old-")) or (step is not None and not (path / MANIFEST).is_file())
+        torn = path.name.startswith((".tmp-", ".old-")) or (
+            step is not None and not (path / MANIFEST).is_file()
+        )
         if path.is_dir() and (torn or step in doomed):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -294,7 +313,9 @@ def load(found: Found, state: TrainState, accelerator) -> int:
                 mine = {k: p for k, p in module.named_parameters() if p.requires_grad}
                 theirs = _strip(weights, name)
                 if set(mine) != set(theirs):
-                    raise CheckpointError(f"checkpoint {found.location}: trainable weights of {name} do not match")
+                    raise CheckpointError(
+                        f"checkpoint {found.location}: trainable weights of {name} do not match"
+                    )
                 for key, param in mine.items():
                     param.copy_(theirs[key])
         state.optimizer.load_state_dict(optim["optimizer"])
@@ -485,7 +506,9 @@ def _put_text(client, bucket: str, key: str, text: str) -> None:
     client.put_object(bucket, key, io.BytesIO(data), len(data))
 
 
-def end_of_step(step: int, cfg: RunConfig, out_dir: Path, state: TrainState, accelerator, tracker, watch) -> None:
+def end_of_step(
+    step: int, cfg: RunConfig, out_dir: Path, state: TrainState, accelerator, tracker, watch
+) -> None:
     """Called by every rank after each optimizer step: checkpoint when due, or when any rank got SIGTERM —
     then also stop with :class:`~sdtune.errors.Preempted` (exit 75, retryable)."""
     from sdtune.errors import Preempted

@@ -67,7 +67,9 @@ class EncodedData:
 
 
 @torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor, device, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_images(
+    vae, pixels: torch.Tensor, device, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE latent distribution (mean, std) of ``pixels``. The VAE runs in fp32 (SDXL's VAE overflows in fp16)."""
     vae.to(device)  # loaded in fp32; never cast to half here
     means, stds = [], []
@@ -80,7 +82,11 @@ def encode_images(vae, pixels: torch.Tensor, device, batch_size: int = 8) -> tup
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
 
 
@@ -196,7 +202,9 @@ class EpochSampler:
         if state["n"] != self.n:
             from sdtune.errors import CheckpointError
 
-            raise CheckpointError(f"checkpoint was taken on {state['n']} items per rank, this run has {self.n}")
+            raise CheckpointError(
+                f"checkpoint was taken on {state['n']} items per rank, this run has {self.n}"
+            )
         self.epoch, self.index, self.seed, self._order = state["epoch"], state["index"], state["seed"], None
 
 
@@ -221,11 +229,15 @@ class GlobalDraw:
         return self._slice(full, n)
 
     def randint(self, high: int, n: int, device) -> torch.Tensor:
-        full = torch.randint(0, high, (n * self.world,), generator=self.generator, device=device, dtype=torch.long)
+        full = torch.randint(
+            0, high, (n * self.world,), generator=self.generator, device=device, dtype=torch.long
+        )
         return self._slice(full, n)
 
 
-def scaled_latents(vae_config, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | GlobalDraw) -> torch.Tensor:
+def scaled_latents(
+    vae_config, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | GlobalDraw
+) -> torch.Tensor:
     """Sample from the cached latent distribution and scale it the way the UNet expects."""
     if isinstance(generator, GlobalDraw):
         eps = generator.randn(mean.shape, mean.device, mean.dtype)

@@ -38,8 +38,8 @@ from sdtune.tracking import MetricLogger
 
 from . import checkpoint as C
 from . import data as D
-from . import parallel as P
 from . import losses as L
+from . import parallel as P
 from .outputs import TrainResult, write_run_files
 from .runtime import (
     LossTracker,
@@ -113,11 +113,18 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         samplers = {"instance": batches}
         class_batches = None
         if prior is not None:
-            class_batches = samplers["class"] = D.EpochSampler(len(prior), tc.batch_size, tc.seed + 7919 + rank)
+            class_batches = samplers["class"] = D.EpochSampler(
+                len(prior), tc.batch_size, tc.seed + 7919 + rank
+            )
         state = C.TrainState(
-            modules={"unet": unet if fsdp else accelerator.unwrap_model(unet)}, optimizer=optimizer,
-            lr_scheduler=lr_scheduler, generators={"noise": gen}, samplers=samplers, scaler=accelerator.scaler,
-            fsdp=fsdp, data_fingerprint=C.data_fingerprint(all_records),
+            modules={"unet": unet if fsdp else accelerator.unwrap_model(unet)},
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            generators={"noise": gen},
+            samplers=samplers,
+            scaler=accelerator.scaler,
+            fsdp=fsdp,
+            data_fingerprint=C.data_fingerprint(all_records),
         )
         start = C.load(found, state, accelerator) if found else 0
         tracker = LossTracker(accelerator, names=[r.file for r in records])
@@ -131,21 +138,31 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 idx = next(batches).to(device)
                 last_micro = micro == tc.gradient_accumulation_steps - 1
                 with P.maybe_no_sync(unet, accelerator, last_micro), accelerator.autocast():
-                    latents = D.scaled_latents(vae_config, instance.latent_mean[idx], instance.latent_std[idx], draw)
+                    latents = D.scaled_latents(
+                        vae_config, instance.latent_mean[idx], instance.latent_std[idx], draw
+                    )
                     cond = D.unet_conditioning(instance, idx)
                     n = len(idx)
                     if prior is not None:
                         cidx = next(class_batches).to(device)
-                        class_latents = D.scaled_latents(vae_config, prior.latent_mean[cidx], prior.latent_std[cidx], draw)
+                        class_latents = D.scaled_latents(
+                            vae_config, prior.latent_mean[cidx], prior.latent_std[cidx], draw
+                        )
                         latents = torch.cat([latents, class_latents])
                         cond = _cat_conditioning(cond, D.unet_conditioning(prior, cidx))
                     noise = L.sample_noise(latents, draw, tc.noise_offset)
-                    t = L.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, draw, device)
+                    t = L.sample_timesteps(
+                        latents.shape[0], scheduler.config.num_train_timesteps, draw, device
+                    )
                     noisy = scheduler.add_noise(latents, noise, t)
                     pred = unet(noisy, t, **cond).sample
                     target = L.prediction_target(scheduler, latents, noise, t, prediction_type)
                     per_sample = L.diffusion_loss(
-                        pred, target, timesteps=t, scheduler=scheduler, snr_gamma=tc.snr_gamma,
+                        pred,
+                        target,
+                        timesteps=t,
+                        scheduler=scheduler,
+                        snr_gamma=tc.snr_gamma,
                         prediction_type=prediction_type,
                     )
                     loss = per_sample[:n].mean()
@@ -178,10 +195,19 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
 
         # 4. Save the whole pipeline with the new UNet (rank 0).
         result = TrainResult(
-            out_dir=out_dir, method="dreambooth", steps=tc.max_steps, final_loss=tracker.last_loss,
-            seconds=round(seconds, 3), steps_per_sec=round(trained / max(seconds, 1e-9), 3), num_processes=world,
-            extra={"class_images": len(class_paths), "parallelism": "fsdp" if fsdp else "ddp",
-                   "resumed_from_step": start, "attempt": state.attempt},
+            out_dir=out_dir,
+            method="dreambooth",
+            steps=tc.max_steps,
+            final_loss=tracker.last_loss,
+            seconds=round(seconds, 3),
+            steps_per_sec=round(trained / max(seconds, 1e-9), 3),
+            num_processes=world,
+            extra={
+                "class_images": len(class_paths),
+                "parallelism": "fsdp" if fsdp else "ddp",
+                "resumed_from_step": start,
+                "attempt": state.attempt,
+            },
         )
         weights = P.full_state_dict(unet) if fsdp else None  # a collective: every rank takes part
         if accelerator.is_main_process:
@@ -211,7 +237,8 @@ def _cat_conditioning(a: dict, b: dict) -> dict:
     out = {"encoder_hidden_states": torch.cat([a["encoder_hidden_states"], b["encoder_hidden_states"]])}
     if "added_cond_kwargs" in a:
         out["added_cond_kwargs"] = {
-            k: torch.cat([a["added_cond_kwargs"][k], b["added_cond_kwargs"][k]]) for k in a["added_cond_kwargs"]
+            k: torch.cat([a["added_cond_kwargs"][k], b["added_cond_kwargs"][k]])
+            for k in a["added_cond_kwargs"]
         }
     return out
 
@@ -232,8 +259,13 @@ def class_images_key(cfg: RunConfig) -> str:
             b"".join(p.read_bytes() for p in sorted(weights.glob("*.safetensors")))
         ).hexdigest()
     spec = {
-        "model": fingerprint, "revision": cfg.model.revision, "arch": cfg.model.arch, "prompt": class_prompt(cfg),
-        "n": cfg.train.num_class_images, "res": cfg.preprocess.resolution, "steps": cfg.train.class_image_steps,
+        "model": fingerprint,
+        "revision": cfg.model.revision,
+        "arch": cfg.model.arch,
+        "prompt": class_prompt(cfg),
+        "n": cfg.train.num_class_images,
+        "res": cfg.preprocess.resolution,
+        "steps": cfg.train.class_image_steps,
         "seed": cfg.train.seed,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -250,13 +282,18 @@ def class_images(cfg: RunConfig, accelerator) -> list[Path]:
     names = [folder / f"class_{i:05d}.png" for i in range(tc.num_class_images)]
     if not (folder / ".complete").is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        todo = [i for i in range(accelerator.process_index, tc.num_class_images, accelerator.num_processes)
-                if not names[i].is_file()]
+        todo = [
+            i
+            for i in range(accelerator.process_index, tc.num_class_images, accelerator.num_processes)
+            if not names[i].is_file()
+        ]
         if todo:
             _generate(cfg, accelerator.device, [(i, names[i]) for i in todo])
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (folder / ".complete").write_text(json.dumps({"prompt": class_prompt(cfg), "n": len(names)}) + "\n")
+            (folder / ".complete").write_text(
+                json.dumps({"prompt": class_prompt(cfg), "n": len(names)}) + "\n"
+            )
         accelerator.wait_for_everyone()
     return names
 

@@ -85,7 +85,9 @@ def trainable_embeddings(text_encoder) -> torch.nn.Parameter:
     return weight
 
 
-def save_embeddings(vectors: dict[str, torch.Tensor], tokens: list[str], out_dir: Path, trigger: str) -> list[str]:
+def save_embeddings(
+    vectors: dict[str, torch.Tensor], tokens: list[str], out_dir: Path, trigger: str
+) -> list[str]:
     """``vectors``: encoder name (``clip_l``, and ``clip_g`` for SDXL) → ``[n, dim]``.
 
     Writes ``learned_embeds.safetensors`` (diffusers: ``{"<sks>": [n, dim]}`` for SD 1.x;
@@ -101,7 +103,9 @@ def save_embeddings(vectors: dict[str, torch.Tensor], tokens: list[str], out_dir
         diffusers_state, a1111_state = {tokens[0]: cpu["clip_l"]}, {"emb_params": cpu["clip_l"]}
     else:
         diffusers_state = a1111_state = cpu
-    save_file(diffusers_state, str(out_dir / EMBEDDINGS), metadata={"format": "pt", "tokens": " ".join(tokens)})
+    save_file(
+        diffusers_state, str(out_dir / EMBEDDINGS), metadata={"format": "pt", "tokens": " ".join(tokens)}
+    )
     save_file(a1111_state, str(out_dir / f"{trigger}.safetensors"), metadata={"format": "pt"})
     return [EMBEDDINGS, f"{trigger}.safetensors"]
 
@@ -116,7 +120,9 @@ def load_into_pipeline(pipe, path: Path, tokens_hint: str | None = None) -> str:
         tokens = ((fh.metadata() or {}).get("tokens") or tokens_hint or "").split()
     if "clip_g" in state:
         token = tokens[0]
-        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(
+            state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
         pipe.load_textual_inversion(
             state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
         )

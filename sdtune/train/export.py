@@ -20,7 +20,9 @@ import torch
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
-def peft_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float, component: str = "unet") -> dict[str, torch.Tensor]:
+def peft_to_kohya(
+    state_dict: dict[str, torch.Tensor], alpha: float, component: str = "unet"
+) -> dict[str, torch.Tensor]:
     """peft LoRA weights of one model (``…to_q.lora_A.weight`` keys, as ``get_peft_model_state_dict`` gives
     them) → kohya keys, with an ``alpha`` entry per module. ``component``: unet, text_encoder, text_encoder_2."""
     prefix = KOHYA_PREFIX[component]
@@ -28,7 +30,10 @@ def peft_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float, component: 
         prefix = "lora_te_"  # SD 1.x spelling; te1 is SDXL's
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        for peft_part, kohya_part in ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight")):
+        for peft_part, kohya_part in (
+            (".lora_A.weight", ".lora_down.weight"),
+            (".lora_B.weight", ".lora_up.weight"),
+        ):
             if key.endswith(peft_part):
                 module = key[: -len(peft_part)]
                 for strip in ("base_model.model.", "unet.", "text_encoder.", "text_encoder_2."):
@@ -43,7 +48,9 @@ def peft_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float, component: 
 
 
 def save_kohya_lora(
-    parts: dict[str, tuple[dict[str, torch.Tensor], float]], path: Path, metadata: dict[str, str] | None = None
+    parts: dict[str, tuple[dict[str, torch.Tensor], float]],
+    path: Path,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """``parts``: component name → (peft state dict, alpha). Writes one kohya-format safetensors file."""
     from safetensors.torch import save_file

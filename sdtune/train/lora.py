@@ -117,8 +117,12 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         draw = D.GlobalDraw(gen, rank, world)
         batches = D.EpochSampler(len(cache), tc.batch_size, tc.seed + rank)
         state = C.TrainState(
-            modules={"unet": accelerator.unwrap_model(unet)}, optimizer=optimizer, lr_scheduler=lr_scheduler,
-            generators={"noise": gen}, samplers={"data": batches}, scaler=accelerator.scaler,
+            modules={"unet": accelerator.unwrap_model(unet)},
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            generators={"noise": gen},
+            samplers={"data": batches},
+            scaler=accelerator.scaler,
             data_fingerprint=C.data_fingerprint(all_records),
         )
         start = C.load(found, state, accelerator) if found else 0
@@ -133,14 +137,20 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 last_micro = micro == tc.gradient_accumulation_steps - 1
                 sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(unet)
                 with sync, accelerator.autocast():
-                    latents = D.scaled_latents(vae_config, cache.latent_mean[idx], cache.latent_std[idx], draw)
+                    latents = D.scaled_latents(
+                        vae_config, cache.latent_mean[idx], cache.latent_std[idx], draw
+                    )
                     noise = L.sample_noise(latents, draw, tc.noise_offset)
                     t = L.sample_timesteps(len(idx), scheduler.config.num_train_timesteps, draw, device)
                     noisy = scheduler.add_noise(latents, noise, t)
                     pred = unet(noisy, t, **D.unet_conditioning(cache, idx)).sample
                     target = L.prediction_target(scheduler, latents, noise, t, prediction_type)
                     loss = L.diffusion_loss(
-                        pred, target, timesteps=t, scheduler=scheduler, snr_gamma=tc.snr_gamma,
+                        pred,
+                        target,
+                        timesteps=t,
+                        scheduler=scheduler,
+                        snr_gamma=tc.snr_gamma,
                         prediction_type=prediction_type,
                     ).mean()
                     accelerator.backward(loss / tc.gradient_accumulation_steps)

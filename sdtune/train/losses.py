@@ -55,7 +55,9 @@ def diffusion_loss(
     prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """Per-sample MSE (shape ``[batch]``), min-SNR-γ weighted when ``snr_gamma`` is set (Hang et al. 2023)."""
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
+        dim=list(range(1, pred.ndim))
+    )
     if snr_gamma is None:
         return per_sample
     ratio = snr(scheduler, timesteps)

@@ -60,8 +60,12 @@ def save_unet_lora(unet, out_dir: Path, cfg: RunConfig) -> list[str]:
     if cfg.train.export_kohya:
         from .export import save_kohya_lora
 
-        meta = {"ss_base_model_version": cfg.model.arch, "ss_network_dim": str(lora_config.r),
-                "ss_network_alpha": str(lora_config.lora_alpha), "sdtune_trigger": cfg.caption.trigger}
+        meta = {
+            "ss_base_model_version": cfg.model.arch,
+            "ss_network_dim": str(lora_config.r),
+            "ss_network_alpha": str(lora_config.lora_alpha),
+            "sdtune_trigger": cfg.caption.trigger,
+        }
         save_kohya_lora({"unet": (peft_state, lora_config.lora_alpha)}, out_dir / KOHYA_LORA, meta)
         files.append(KOHYA_LORA)
     return files
@@ -75,25 +79,38 @@ def write_run_files(cfg: RunConfig, out_dir: Path, result: TrainResult, prompt: 
 
 
 HOW_TO_LOAD = {
-    LORA_WEIGHTS: "pipe.load_lora_weights(\"{dir}\")",
-    KOHYA_LORA: "AUTOMATIC1111 / ComfyUI `models/Lora/`, or pipe.load_lora_weights(\"{dir}\", weight_name=\"{file}\")",
-    EMBEDDINGS: "pipe.load_textual_inversion(\"{dir}/{file}\")",
-    "model_index.json": "StableDiffusionPipeline.from_pretrained(\"{dir}\")",
+    LORA_WEIGHTS: 'pipe.load_lora_weights("{dir}")',
+    KOHYA_LORA: 'AUTOMATIC1111 / ComfyUI `models/Lora/`, or pipe.load_lora_weights("{dir}", weight_name="{file}")',
+    EMBEDDINGS: 'pipe.load_textual_inversion("{dir}/{file}")',
+    "model_index.json": 'StableDiffusionPipeline.from_pretrained("{dir}")',
 }
 
 
-def model_card(cfg: RunConfig, result: TrainResult, metrics: dict[str, float] | None = None, prompt: str | None = None) -> str:
+def model_card(
+    cfg: RunConfig, result: TrainResult, metrics: dict[str, float] | None = None, prompt: str | None = None
+) -> str:
     """A Markdown model card: base model, method, trigger, example prompt, hyperparameters, metrics."""
     tc = cfg.train
     prompt = prompt or cfg.format_prompt("a photo of {trigger} {class_noun}")
     hyper = {
-        "steps": tc.max_steps, "batch size (per process)": tc.batch_size, "processes": result.num_processes,
-        "gradient accumulation": tc.gradient_accumulation_steps, "learning rate": tc.learning_rate,
-        "lr schedule": f"{tc.lr_scheduler} (warmup {tc.lr_warmup_steps})", "resolution": cfg.preprocess.resolution,
-        "mixed precision": tc.mixed_precision, "seed": tc.seed,
+        "steps": tc.max_steps,
+        "batch size (per process)": tc.batch_size,
+        "processes": result.num_processes,
+        "gradient accumulation": tc.gradient_accumulation_steps,
+        "learning rate": tc.learning_rate,
+        "lr schedule": f"{tc.lr_scheduler} (warmup {tc.lr_warmup_steps})",
+        "resolution": cfg.preprocess.resolution,
+        "mixed precision": tc.mixed_precision,
+        "seed": tc.seed,
     }
     if tc.method in ("lora", "pivotal"):
-        hyper.update({"LoRA rank": tc.rank, "LoRA alpha": tc.alpha or tc.rank, "LoRA targets": ", ".join(tc.target_modules)})
+        hyper.update(
+            {
+                "LoRA rank": tc.rank,
+                "LoRA alpha": tc.alpha or tc.rank,
+                "LoRA targets": ", ".join(tc.target_modules),
+            }
+        )
     if tc.method in ("textual_inversion", "pivotal"):
         hyper.update({"vectors per token": tc.num_vectors})
     if tc.snr_gamma:

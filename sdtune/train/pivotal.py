@@ -99,8 +99,12 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         from peft import LoraConfig
 
         unet.add_adapter(
-            LoraConfig(r=tc.rank, lora_alpha=tc.alpha or tc.rank, init_lora_weights="gaussian",
-                       target_modules=tc.target_modules)
+            LoraConfig(
+                r=tc.rank,
+                lora_alpha=tc.alpha or tc.rank,
+                init_lora_weights="gaussian",
+                target_modules=tc.target_modules,
+            )
         )
         lora_params = [p for p in unet.parameters() if p.requires_grad]
         for p in lora_params:
@@ -108,10 +112,13 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
 
         from diffusers.optimization import get_scheduler
 
-        optimizer = make_optimizer(tc, [
-            {"params": weights, "lr": tc.embedding_learning_rate or tc.learning_rate},
-            {"params": lora_params, "lr": tc.learning_rate},
-        ])
+        optimizer = make_optimizer(
+            tc,
+            [
+                {"params": weights, "lr": tc.embedding_learning_rate or tc.learning_rate},
+                {"params": lora_params, "lr": tc.learning_rate},
+            ],
+        )
         lr_scheduler = get_scheduler(
             tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps, num_training_steps=tc.max_steps
         )
@@ -130,10 +137,17 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         draw = D.GlobalDraw(gen, rank, world)  # the global batch's noise, this rank's slice
         batches = D.EpochSampler(len(records), tc.batch_size, tc.seed + rank)
         modules = {"unet": accelerator.unwrap_model(unet)}
-        modules.update({f"text_encoder_{i}": accelerator.unwrap_model(e) for i, e in enumerate(text_encoders)})
+        modules.update(
+            {f"text_encoder_{i}": accelerator.unwrap_model(e) for i, e in enumerate(text_encoders)}
+        )
         state = C.TrainState(
-            modules=modules, optimizer=optimizer, lr_scheduler=lr_scheduler, generators={"noise": gen},
-            samplers={"data": batches}, scaler=accelerator.scaler, data_fingerprint=C.data_fingerprint(all_records),
+            modules=modules,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            generators={"noise": gen},
+            samplers={"data": batches},
+            scaler=accelerator.scaler,
+            data_fingerprint=C.data_fingerprint(all_records),
         )
         start = C.load(found, state, accelerator) if found else 0
         tracker = LossTracker(accelerator, names=[r.file for r in records])
@@ -153,20 +167,27 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                             stack.enter_context(accelerator.no_sync(model))
                     stack.enter_context(accelerator.autocast())
                     with torch.set_grad_enabled(train_embeddings):
-                        cond = D.text_conditioning(parts, {k: v[idx] for k, v in token_ids.items()},
-                                                   cfg.preprocess.resolution)
+                        cond = D.text_conditioning(
+                            parts, {k: v[idx] for k, v in token_ids.items()}, cfg.preprocess.resolution
+                        )
                     latents = D.scaled_latents(vae_config, latent_mean[idx], latent_std[idx], draw)
                     noise = L.sample_noise(latents, draw, tc.noise_offset)
                     t = L.sample_timesteps(len(idx), scheduler.config.num_train_timesteps, draw, device)
                     noisy = scheduler.add_noise(latents, noise, t)
                     kwargs = {"encoder_hidden_states": cond["prompt_embeds"].to(dtype)}
                     if "pooled_embeds" in cond:
-                        kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled_embeds"].to(dtype),
-                                                       "time_ids": cond["time_ids"].to(dtype)}
+                        kwargs["added_cond_kwargs"] = {
+                            "text_embeds": cond["pooled_embeds"].to(dtype),
+                            "time_ids": cond["time_ids"].to(dtype),
+                        }
                     pred = unet(noisy.to(dtype), t, **kwargs).sample
                     target = L.prediction_target(scheduler, latents, noise, t, prediction_type)
                     loss = L.diffusion_loss(
-                        pred, target, timesteps=t, scheduler=scheduler, snr_gamma=tc.snr_gamma,
+                        pred,
+                        target,
+                        timesteps=t,
+                        scheduler=scheduler,
+                        snr_gamma=tc.snr_gamma,
                         prediction_type=prediction_type,
                     ).mean()
                     accelerator.backward(loss / tc.gradient_accumulation_steps)
@@ -196,17 +217,29 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         if not all(g.unchanged(w) for g, w in zip(guards, weights, strict=True)):
             raise TrainingError("textual inversion changed embedding rows other than the new tokens")
         result = TrainResult(
-            out_dir=out_dir, method="pivotal", steps=tc.max_steps, final_loss=tracker.last_loss,
-            seconds=round(seconds, 3), steps_per_sec=round(trained / max(seconds, 1e-9), 3), num_processes=world,
-            extra={"tokens": tokens, "other_embeddings_unchanged": True, "embedding_steps": embedding_steps,
-                   "resumed_from_step": start, "attempt": state.attempt},
+            out_dir=out_dir,
+            method="pivotal",
+            steps=tc.max_steps,
+            final_loss=tracker.last_loss,
+            seconds=round(seconds, 3),
+            steps_per_sec=round(trained / max(seconds, 1e-9), 3),
+            num_processes=world,
+            extra={
+                "tokens": tokens,
+                "other_embeddings_unchanged": True,
+                "embedding_steps": embedding_steps,
+                "resumed_from_step": start,
+                "attempt": state.attempt,
+            },
         )
         if accelerator.is_main_process:
             names = ["clip_l", "clip_g"]
             vectors = {names[i]: w[ids] for i, (w, ids) in enumerate(zip(weights, new_ids, strict=True))}
             result.files = E.save_embeddings(vectors, tokens, out_dir, cfg.caption.trigger)
             result.files += save_unet_lora(accelerator.unwrap_model(unet), out_dir, cfg)
-            write_run_files(cfg, out_dir, result, prompt=cfg.format_prompt("a photo of <{trigger}> {class_noun}"))
+            write_run_files(
+                cfg, out_dir, result, prompt=cfg.format_prompt("a photo of <{trigger}> {class_noun}")
+            )
     finally:
         watch.close()
         if log is not None:

@@ -9,14 +9,15 @@ below. One meta forward pass of the UNet at the training resolution then gives, 
   per checkpointable block too (gradient checkpointing keeps block inputs plus one block's internals);
 - the forward FLOPs (``FlopCounterMode``).
 
-Memory per GPU = weights + gradients + optimizer state (sharded by N under FSDP) + activations × a
-calibration factor (backward's transient activation-gradients and allocator slack, fitted on CPU against
-measured peak memory: tests/train/test_plan.py, tolerance stated there) + the cached dataset (latents and
-text embeddings stay on the device) + a fixed CUDA context/workspace allowance.
+Memory per GPU = weights + optimizer state (sharded by N under FSDP) + the backward peak of gradients and
+activations (they overlap: backward frees each block's activations as its gradients appear, so the peak is
+``max(a, g) + GRAD_OVERLAP × min(a, g)``, fitted on CPU against measured peak memory of the tiny and a
+medium UNet: tests/train/test_plan.py, within ±25 %) + the cached dataset (latents and text embeddings stay on
+the device) + a fixed CUDA context/workspace allowance.
 
 Time per step = training FLOPs / (GPU peak dense bf16 TFLOPS × model FLOPs utilisation) / scaling
 efficiency. Peak TFLOPS come from NVIDIA's datasheets (:data:`GPUS`); the MFU is an assumption
-(:data:`MFU`, typical of UNet training with SDPA) — check it against one real step on the target card
+(:data:`MFU_BIG` / :data:`MFU_SMALL`, by batch size) — check it against one real step on the target card
 and pass ``--mfu``. Cost = GPUs × hours × ``--usd-per-gpu-hour``.
 """
 
@@ -53,38 +54,88 @@ GPUS: dict[str, Gpu] = {
     "l4-24gb": Gpu(22.0, 121, 60),
     "a10-24gb": Gpu(22.0, 125, 62),
 }
-MFU = 0.35  # assumed model-FLOPs utilisation of a UNet training step in bf16 (fp32: same share of TF32)
+# Assumed model-FLOPs utilisation of a UNet training step (bf16; fp32: the same share of TF32): small
+# batches leave the GPU launch- and memory-bound. MFU_BIG at ≥ 8 × 64² latents per GPU step, MFU_SMALL at
+# one 64² latent, log-linear between. Assumptions, not measurements: pass --mfu after timing one real step.
+MFU_BIG, MFU_SMALL = 0.30, 0.12
 SCALING = {"ddp": 0.95, "fsdp": 0.88}  # per-GPU efficiency once N > 1 (gradient all-reduce / gathers)
 CUDA_OVERHEAD_GB = 1.0  # CUDA context, cuBLAS/cuDNN workspaces
-ACTIVATION_FACTOR = 1.30  # peak / saved activations; fitted on CPU (tests/train/test_plan.py)
+ACTIVATION_FACTOR = 1.0  # peak / saved activations, fitted on CPU (tests/train/test_plan.py): the meta count
+# already models fused attention, so nothing is left over
+GRAD_OVERLAP = 0.3  # backward frees activations as it creates gradients: peak ≈ max + 0.3 × min of the two
 HALF_ACTIVATION_SHARE = 0.55  # bf16/fp16 autocast: most saved tensors halve, norms/softmax stats stay fp32
 
 # The real UNet/text-encoder configs for hub ids (diffusers' config.json of each model, abridged to the
 # keys that differ from the defaults).
 SD15_UNET = {
-    "sample_size": 64, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
-    "cross_attention_dim": 768, "attention_head_dim": 8,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "sample_size": 64,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
-SD2_UNET = {**SD15_UNET, "sample_size": 96, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
-            "use_linear_projection": True}
+SD2_UNET = {
+    **SD15_UNET,
+    "sample_size": 96,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],
+    "use_linear_projection": True,
+}
 SDXL_UNET = {
-    "sample_size": 128, "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
-    "cross_attention_dim": 2048, "attention_head_dim": [5, 10, 20], "transformer_layers_per_block": [1, 2, 10],
+    "sample_size": 128,
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 2048,
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,
 }
-CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
-          "vocab_size": 49408, "max_position_embeddings": 77, "projection_dim": 768}
-OPENCLIP_H = {**CLIP_L, "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
-              "num_hidden_layers": 23, "projection_dim": 1024}
-OPENCLIP_BIGG = {**CLIP_L, "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
-                 "num_hidden_layers": 32, "projection_dim": 1280}
-VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
-       "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
+    "architectures": ["CLIPTextModel"],
+}
+OPENCLIP_H = {
+    **CLIP_L,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "projection_dim": 1024,
+}
+OPENCLIP_BIGG = {
+    **CLIP_L,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "architectures": ["CLIPTextModelWithProjection"],
+}
+VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
 HUB = {
     "sd15": (SD15_UNET, [CLIP_L]),
     "sd2": (SD2_UNET, [OPENCLIP_H]),
@@ -115,6 +166,7 @@ class Plan:
     grads: float
     optimizer: float
     activations: float
+    backward_peak: float  # gradients and activations together, as they overlap
     data_cache: float
     overhead: float
     total: float
@@ -141,9 +193,16 @@ def model_configs(cfg: RunConfig) -> tuple[dict, list[dict], dict]:
     base = Path(cfg.model.base)
     if (base / "unet" / "config.json").is_file():
         unet = json.loads((base / "unet" / "config.json").read_text())
-        encoders = [json.loads((base / d / "config.json").read_text())
-                    for d in ("text_encoder", "text_encoder_2") if (base / d / "config.json").is_file()]
-        vae = json.loads((base / "vae" / "config.json").read_text()) if (base / "vae" / "config.json").is_file() else VAE
+        encoders = [
+            json.loads((base / d / "config.json").read_text())
+            for d in ("text_encoder", "text_encoder_2")
+            if (base / d / "config.json").is_file()
+        ]
+        vae = (
+            json.loads((base / "vae" / "config.json").read_text())
+            if (base / "vae" / "config.json").is_file()
+            else VAE
+        )
         return unet, encoders, vae
     unet, encoders = HUB[cfg.model.arch]
     return unet, encoders, VAE
@@ -166,9 +225,8 @@ def encoder_params(config: dict) -> int:
 
     keys = {k: v for k, v in config.items() if k in CLIPTextConfig().to_dict()}
     with torch.device("meta"):
-        cls = CLIPTextModelWithProjection if config.get("projection_dim") and "hidden_act" not in config else CLIPTextModel
-        if config.get("architectures") == ["CLIPTextModelWithProjection"]:
-            cls = CLIPTextModelWithProjection
+        with_projection = config.get("architectures") == ["CLIPTextModelWithProjection"]
+        cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
         return count_params(cls(CLIPTextConfig(**keys)))
 
 
@@ -176,7 +234,9 @@ def vae_params(config: dict) -> int:
     from diffusers import AutoencoderKL
 
     with torch.device("meta"):
-        return count_params(AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")}))
+        return count_params(
+            AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        )
 
 
 def lora_params(unet, cfg: RunConfig) -> int:
@@ -198,8 +258,13 @@ class ForwardProfile:
     flops: int  # forward FLOPs of the batch
 
 
-def profile_forward(unet_config: dict, resolution: int, batch: int, encoder_dim: int | None = None,
-                    lora: RunConfig | None = None) -> ForwardProfile:
+def profile_forward(
+    unet_config: dict,
+    resolution: int,
+    batch: int,
+    encoder_dim: int | None = None,
+    lora: RunConfig | None = None,
+) -> ForwardProfile:
     """One UNet forward on the meta device: saved-activation bytes, per block, and FLOPs."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
@@ -220,7 +285,10 @@ def profile_forward(unet_config: dict, resolution: int, batch: int, encoder_dim:
         kwargs = {}
         if cfg.addition_embed_type == "text_time":
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled), "time_ids": torch.empty(batch, 6)}
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.empty(batch, pooled),
+                "time_ids": torch.empty(batch, 6),
+            }
 
     saved = [0]
     block_stack: list[list[int]] = []
@@ -293,13 +361,27 @@ def _flash_attention():
 # ---------------------------------------------------------------------------------------------- the plan
 
 
+def backward_peak(activations: float, grads: float) -> float:
+    return max(activations, grads) + GRAD_OVERLAP * min(activations, grads)
+
+
+def mfu_for(batch: int, resolution: int) -> float:
+    """The assumed MFU for ``batch`` images of ``resolution`` px per GPU step (see MFU_BIG/MFU_SMALL)."""
+    work = batch * (resolution / 512) ** 2  # in 64×64-latent units
+    if work >= 8:
+        return MFU_BIG
+    if work <= 1:
+        return MFU_SMALL
+    return MFU_SMALL + (MFU_BIG - MFU_SMALL) * math.log(work) / math.log(8)
+
+
 def estimate(
     cfg: RunConfig,
     gpu: str = "a100-80gb",
     num_gpus: int | None = None,
     usd_per_gpu_hour: float = 2.0,
     num_images: int = 1000,
-    mfu: float = MFU,
+    mfu: float | None = None,
 ) -> Plan:
     """The plan for ``cfg`` on ``num_gpus`` (default ``train.num_processes``) × ``gpu``."""
     from sdtune.errors import ConfigError
@@ -342,8 +424,9 @@ def estimate(
 
     # Activations from the meta forward (instance + class batch under prior preservation).
     batch = tc.batch_size * (2 if tc.method == "dreambooth" and tc.with_prior_preservation else 1)
-    prof = profile_forward(unet_cfg, res, batch, encoder_dim,
-                           lora=cfg if tc.method in ("lora", "pivotal") else None)
+    prof = profile_forward(
+        unet_cfg, res, batch, encoder_dim, lora=cfg if tc.method in ("lora", "pivotal") else None
+    )
     saved = prof.boundary_bytes + prof.max_block_bytes if tc.gradient_checkpointing else prof.saved_bytes
     activations = saved * ACTIVATION_FACTOR * (HALF_ACTIVATION_SHARE if half else 1.0)
 
@@ -352,12 +435,17 @@ def estimate(
     text = 77 * (encoder_dim or unet_cfg.get("cross_attention_dim", 768))
     per_image = (latent + text) * wbytes
     images_here = math.ceil(num_images / n)
-    data_cache = per_image * images_here * (1 if tc.method != "dreambooth" or not tc.with_prior_preservation else 2)
+    data_cache = (
+        per_image * images_here * (1 if tc.method != "dreambooth" or not tc.with_prior_preservation else 2)
+    )
     if data_cache > 0.1 * card.memory_gb * GB:
-        notes.append(f"the cached dataset ({data_cache / GB:.1f} GiB per GPU) stays on the device: "
-                     "shard it over more GPUs or train on a subset")
+        notes.append(
+            f"the cached dataset ({data_cache / GB:.1f} GiB per GPU) stays on the device: "
+            "shard it over more GPUs or train on a subset"
+        )
     overhead = CUDA_OVERHEAD_GB * GB
-    total = weights + grads + optimizer + activations + data_cache + overhead
+    peak = backward_peak(activations, grads)
+    total = weights + optimizer + peak + data_cache + overhead
     capacity = card.memory_gb * GB
 
     # Time: forward FLOPs × (1 forward + 2 backward for weights and inputs; LoRA/TI skip most weight grads)
@@ -366,24 +454,51 @@ def estimate(
     passes = 3.0 if tc.method == "dreambooth" else 2.0
     passes += 1.0 if tc.gradient_checkpointing else 0.0
     flops_step = fwd * passes * batch * tc.gradient_accumulation_steps
-    peak = (card.bf16_tflops if half else card.fp32_tflops) * 1e12
-    seconds = flops_step / (peak * mfu)
+    tflops = (card.bf16_tflops if half else card.fp32_tflops) * 1e12
+    mfu = mfu if mfu is not None else mfu_for(tc.batch_size, res)
+    seconds = flops_step / (tflops * mfu)
     if n > 1:
         seconds /= SCALING["fsdp" if fsdp else "ddp"]
     hours = seconds * tc.max_steps / 3600
     return Plan(
-        method=tc.method, arch=cfg.model.arch, gpu=gpu, num_gpus=n, parallelism="fsdp" if fsdp else "ddp",
-        precision=tc.mixed_precision, resolution=res, batch_per_gpu=tc.batch_size,
-        grad_accum=tc.gradient_accumulation_steps, gradient_checkpointing=tc.gradient_checkpointing,
-        params_unet=p_unet, params_text_encoders=sum(p_enc), params_vae=p_vae, params_trainable=trainable,
-        weights=weights, grads=grads, optimizer=optimizer, activations=activations, data_cache=data_cache,
-        overhead=overhead, total=total, capacity=capacity, fits=total <= capacity,
-        fwd_tflop_per_sample=fwd / 1e12, seconds_per_step=seconds, steps=tc.max_steps, hours=hours,
-        usd=hours * n * usd_per_gpu_hour, usd_per_gpu_hour=usd_per_gpu_hour, mfu=mfu, notes=notes,
+        method=tc.method,
+        arch=cfg.model.arch,
+        gpu=gpu,
+        num_gpus=n,
+        parallelism="fsdp" if fsdp else "ddp",
+        precision=tc.mixed_precision,
+        resolution=res,
+        batch_per_gpu=tc.batch_size,
+        grad_accum=tc.gradient_accumulation_steps,
+        gradient_checkpointing=tc.gradient_checkpointing,
+        params_unet=p_unet,
+        params_text_encoders=sum(p_enc),
+        params_vae=p_vae,
+        params_trainable=trainable,
+        weights=weights,
+        grads=grads,
+        optimizer=optimizer,
+        activations=activations,
+        backward_peak=peak,
+        data_cache=data_cache,
+        overhead=overhead,
+        total=total,
+        capacity=capacity,
+        fits=total <= capacity,
+        fwd_tflop_per_sample=fwd / 1e12,
+        seconds_per_step=seconds,
+        steps=tc.max_steps,
+        hours=hours,
+        usd=hours * n * usd_per_gpu_hour,
+        usd_per_gpu_hour=usd_per_gpu_hour,
+        mfu=mfu,
+        notes=notes,
     )
 
 
-def fitting_settings(cfg: RunConfig, gpu: str, num_gpus: int | None = None, num_images: int = 1000) -> list[str]:
+def fitting_settings(
+    cfg: RunConfig, gpu: str, num_gpus: int | None = None, num_images: int = 1000
+) -> list[str]:
     """Override sets (``key=value …``) that the planner says fit ``gpu``, cheapest change first."""
     from sdtune.config import config_from_dict
 
@@ -398,11 +513,23 @@ def fitting_settings(cfg: RunConfig, gpu: str, num_gpus: int | None = None, num_
     while b > 1:
         b //= 2
         accum = tc.gradient_accumulation_steps * (tc.batch_size // b)
-        tries.append([f"train.batch_size={b}", f"train.gradient_accumulation_steps={accum}",
-                      "train.gradient_checkpointing=true"])
+        tries.append(
+            [
+                f"train.batch_size={b}",
+                f"train.gradient_accumulation_steps={accum}",
+                "train.gradient_checkpointing=true",
+            ]
+        )
     if tc.method == "dreambooth" and n > 1 and tc.parallelism != "fsdp":
-        tries.append(["train.parallelism=fsdp", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
-                      "train.batch_size=1", f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps * tc.batch_size}"])
+        tries.append(
+            [
+                "train.parallelism=fsdp",
+                "train.mixed_precision=bf16",
+                "train.gradient_checkpointing=true",
+                "train.batch_size=1",
+                f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps * tc.batch_size}",
+            ]
+        )
     fits = []
     base = cfg.model_dump(mode="json")
     for overrides in tries:
@@ -433,7 +560,11 @@ def out_of_memory_advice(cfg: RunConfig, exc: BaseException) -> str:
         need = f"the planner estimates {plan.total / GB:.1f} GiB per GPU for {plan.capacity / GB:.0f} GiB ({gpu})"
     except Exception as err:  # advice must never hide the OOM itself
         fits, need = [], f"planner unavailable: {err}"
-    advice = "; try: " + " | ".join(fits) if fits else "; no single change fits: use more GPUs with FSDP or a bigger card"
+    advice = (
+        "; try: " + " | ".join(fits)
+        if fits
+        else "; no single change fits: use more GPUs with FSDP or a bigger card"
+    )
     first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
     return f"out of accelerator memory ({first}); {need}{advice} (see `sdtune plan`)"
 
@@ -461,6 +592,7 @@ def report(plan: Plan) -> str:
         f"  gradients       {gib(plan.grads)}",
         f"  optimizer       {gib(plan.optimizer)}",
         f"  activations     {gib(plan.activations)}",
+        f"  grads+act peak  {gib(plan.backward_peak)}  (backward frees activations as gradients appear)",
         f"  cached data     {gib(plan.data_cache)}",
         f"  CUDA overhead   {gib(plan.overhead)}",
         f"  total           {gib(plan.total)} of {plan.capacity / GB:.0f} GiB → "
@@ -469,8 +601,10 @@ def report(plan: Plan) -> str:
         "time and cost",
         f"  forward         {plan.fwd_tflop_per_sample:8.2f} TFLOP per sample",
         f"  per step        {plan.seconds_per_step:8.2f} s (MFU {plan.mfu:.0%} of datasheet peak)",
-        f"  {plan.steps} steps     {plan.hours:8.1f} h ({plan.hours / 24:.1f} days)",
-        f"  cost            ${plan.usd:,.0f} at ${plan.usd_per_gpu_hour:.2f}/GPU-hour × {plan.num_gpus} GPUs",
+        f"  {plan.steps} steps: {plan.hours * 60:.0f} min"
+        if plan.hours < 1
+        else f"  {plan.steps} steps: {plan.hours:.1f} h ({plan.hours / 24:.1f} days)",
+        f"  cost            ${plan.usd:,.2f} at ${plan.usd_per_gpu_hour:.2f}/GPU-hour × {plan.num_gpus} GPU(s)",
     ]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -50,8 +50,11 @@ def open_logger(
     if resume_step and path.is_file():
         import json
 
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        kept = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= resume_step
+        ]
         path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     else:
         path.unlink(missing_ok=True)

@@ -113,8 +113,12 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         batches = D.EpochSampler(len(records), tc.batch_size, tc.seed + rank)
         state = C.TrainState(
             modules={f"text_encoder_{i}": accelerator.unwrap_model(e) for i, e in enumerate(text_encoders)},
-            optimizer=optimizer, lr_scheduler=lr_scheduler, generators={"noise": gen}, samplers={"data": batches},
-            scaler=accelerator.scaler, data_fingerprint=C.data_fingerprint(all_records),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            generators={"noise": gen},
+            samplers={"data": batches},
+            scaler=accelerator.scaler,
+            data_fingerprint=C.data_fingerprint(all_records),
         )
         start = C.load(found, state, accelerator) if found else 0
         tracker = LossTracker(accelerator, names=[r.file for r in records])
@@ -126,25 +130,34 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             for micro in range(tc.gradient_accumulation_steps):
                 idx = next(batches).to(device)
                 last_micro = micro == tc.gradient_accumulation_steps - 1
-                syncs = [contextlib.nullcontext() if last_micro else accelerator.no_sync(e) for e in text_encoders]
+                syncs = [
+                    contextlib.nullcontext() if last_micro else accelerator.no_sync(e) for e in text_encoders
+                ]
                 with contextlib.ExitStack() as stack:
                     for ctx in syncs:
                         stack.enter_context(ctx)
                     stack.enter_context(accelerator.autocast())
-                    cond = D.text_conditioning(parts, {k: v[idx] for k, v in token_ids.items()},
-                                               cfg.preprocess.resolution)
+                    cond = D.text_conditioning(
+                        parts, {k: v[idx] for k, v in token_ids.items()}, cfg.preprocess.resolution
+                    )
                     latents = D.scaled_latents(vae_config, latent_mean[idx], latent_std[idx], draw)
                     noise = L.sample_noise(latents, draw, tc.noise_offset)
                     t = L.sample_timesteps(len(idx), scheduler.config.num_train_timesteps, draw, device)
                     noisy = scheduler.add_noise(latents, noise, t)
                     kwargs = {"encoder_hidden_states": cond["prompt_embeds"].to(dtype)}
                     if "pooled_embeds" in cond:
-                        kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled_embeds"].to(dtype),
-                                                       "time_ids": cond["time_ids"].to(dtype)}
+                        kwargs["added_cond_kwargs"] = {
+                            "text_embeds": cond["pooled_embeds"].to(dtype),
+                            "time_ids": cond["time_ids"].to(dtype),
+                        }
                     pred = unet(noisy.to(dtype), t, **kwargs).sample
                     target = L.prediction_target(scheduler, latents, noise, t, prediction_type)
                     loss = L.diffusion_loss(
-                        pred, target, timesteps=t, scheduler=scheduler, snr_gamma=tc.snr_gamma,
+                        pred,
+                        target,
+                        timesteps=t,
+                        scheduler=scheduler,
+                        snr_gamma=tc.snr_gamma,
                         prediction_type=prediction_type,
                     ).mean()
                     accelerator.backward(loss / tc.gradient_accumulation_steps)
@@ -174,16 +187,27 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         if not all(g.unchanged(w) for g, w in zip(guards, weights, strict=True)):
             raise TrainingError("textual inversion changed embedding rows other than the new tokens")
         result = TrainResult(
-            out_dir=out_dir, method="textual_inversion", steps=tc.max_steps, final_loss=tracker.last_loss,
-            seconds=round(seconds, 3), steps_per_sec=round(trained / max(seconds, 1e-9), 3), num_processes=world,
-            extra={"tokens": tokens, "other_embeddings_unchanged": True, "resumed_from_step": start,
-                   "attempt": state.attempt},
+            out_dir=out_dir,
+            method="textual_inversion",
+            steps=tc.max_steps,
+            final_loss=tracker.last_loss,
+            seconds=round(seconds, 3),
+            steps_per_sec=round(trained / max(seconds, 1e-9), 3),
+            num_processes=world,
+            extra={
+                "tokens": tokens,
+                "other_embeddings_unchanged": True,
+                "resumed_from_step": start,
+                "attempt": state.attempt,
+            },
         )
         if accelerator.is_main_process:
             names = ["clip_l", "clip_g"]
             vectors = {names[i]: w[ids] for i, (w, ids) in enumerate(zip(weights, new_ids, strict=True))}
             result.files = E.save_embeddings(vectors, tokens, out_dir, cfg.caption.trigger)
-            write_run_files(cfg, out_dir, result, prompt=cfg.format_prompt("a photo of <{trigger}> {class_noun}"))
+            write_run_files(
+                cfg, out_dir, result, prompt=cfg.format_prompt("a photo of <{trigger}> {class_noun}")
+            )
     finally:
         watch.close()
         if log is not None:

@@ -38,3 +38,7 @@ def test_parse_task_times():
         "00:00:01.000 - INFO - Task 'train-op' finished with status SUCCESS\n"
     )
     assert parse_task_times(log) == {"start-run-op": 10.517, "train-op": 1.5}
+    assert parse_task_times("running …\n  ✓ ingest     8.6 s\n  ✓ train-x   48.6 s\n") == {
+        "ingest": 8.6,
+        "train-x": 48.6,
+    }

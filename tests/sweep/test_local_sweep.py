@@ -70,7 +70,8 @@ def test_local_sweep_picks_and_registers_the_best(tiny_assets, tmp_path):
     assert "sdtune sweep finished" in done.stdout
     print(f"4-trial local sweep: {seconds:.0f} s")
 
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
     experiment = client.get_experiment_by_name("sweep-e2e")
     runs = client.search_runs([experiment.experiment_id], "tags.`sdtune.sweep_id` = 'sweep-e2e-1'")
     parents = [r for r in runs if r.data.tags.get("sdtune.role") == "parent"]

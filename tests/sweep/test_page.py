@@ -82,7 +82,7 @@ def test_select_step_logs_the_page_and_applies_max_failed(sdtune_home, tmp_path)
         cfg.to_param(), parent, "sweep-unit-1", [r.to_json() for r in results], tmp_path / "page.html"
     )
     assert best["name"] == "trial-001"
-    client = MlflowClient(tracking.tracking_uri())
+    client = MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
     assert client.get_run(results[1].run_id).data.tags["sdtune.best_trial"] == "true"
     assert client.get_run(results[0].run_id).data.tags["sdtune.best_trial"] == "false"
     failed = client.get_run(results[2].run_id)

@@ -1,7 +1,7 @@
 """Measure the peak memory of one UNet training step on CPU (run as a script in a fresh process).
 
-Prints JSON: the peak RSS rise during one step (forward, backward, optimizer step) above the resident
-model, and the planner's matching estimate. glibc is told to serve every allocation ≥ 64 KiB with mmap
+Prints JSON: the peak RSS rise during a steady-state step (forward, backward, optimizer step; weights and
+optimizer state already resident) and the planner's matching terms, gradients + activations. glibc is told to serve every allocation ≥ 64 KiB with mmap
 (``MALLOC_MMAP_THRESHOLD_``, set by the caller), so freed tensors leave RSS and the high-water mark
 (``VmHWM``, reset through ``/proc/self/clear_refs``) is the step's own peak.
 """
@@ -15,9 +15,10 @@ import torch
 
 
 def vm(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
     raise KeyError(key)
 
 
@@ -49,19 +50,24 @@ def main() -> None:
     x = torch.randn(batch, unet.config.in_channels, latent, latent)
     t = torch.randint(0, 1000, (batch,))
     ctx = torch.randn(batch, 77, unet.config.cross_attention_dim)
-    with torch.no_grad():  # load kernels, warm allocator paths: not part of the step's peak
-        unet(x, t, encoder_hidden_states=ctx)
+
+    def step() -> None:
+        loss = torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=ctx).sample, torch.randn_like(x))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # the first step creates the optimizer state: from then on it is resident, like the weights
     base = vm("VmRSS")
-    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
-    loss = torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=ctx).sample, torch.randn_like(x))
-    loss.backward()
-    opt.step()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset VmHWM to the current RSS
+    step()
     measured = vm("VmHWM") - base
 
     prof = P.profile_forward(unet_cfg, res, batch, lora=cfg if method == "lora" else None)
     trainable = sum(p.numel() for p in params)
     saved = prof.boundary_bytes + prof.max_block_bytes if gc else prof.saved_bytes
-    estimate = 4 * trainable + 8 * trainable + saved * P.ACTIVATION_FACTOR
+    estimate = P.backward_peak(saved * P.ACTIVATION_FACTOR, 4 * trainable)  # the planner's backward peak
     print(json.dumps({"measured": measured, "estimate": estimate, "saved": saved, "trainable": trainable}))
 
 

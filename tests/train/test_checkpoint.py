@@ -41,8 +41,11 @@ def toy_state(seed: int = 0) -> C.TrainState:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return C.TrainState(
-        modules={"m": model}, optimizer=opt, lr_scheduler=sched,
-        generators={"noise": torch.Generator().manual_seed(seed)}, samplers={"data": EpochSampler(5, 2, seed)},
+        modules={"m": model},
+        optimizer=opt,
+        lr_scheduler=sched,
+        generators={"noise": torch.Generator().manual_seed(seed)},
+        samplers={"data": EpochSampler(5, 2, seed)},
     )
 
 
@@ -57,7 +60,9 @@ def toy_step(state: C.TrainState) -> None:
 
 
 def toy_cfg(tmp_path: Path, **train):
-    return config_from_dict({"train": {"checkpoint_dir": str(tmp_path / "ck"), "keep_checkpoints": 5, **train}})
+    return config_from_dict(
+        {"train": {"checkpoint_dir": str(tmp_path / "ck"), "keep_checkpoints": 5, **train}}
+    )
 
 
 def test_save_resume_is_exact_and_prunes(tmp_path):
@@ -108,11 +113,20 @@ def test_torn_checkpoints_are_never_used(tmp_path):
         found = C.find(cfg, tmp_path, 1, "")
     assert found.step == 4
     with pytest.raises(CheckpointError, match="not a usable checkpoint .*sha256"):
-        C.find(cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": str(root / "step-00000006")})}),
-               tmp_path, 1, "")
+        C.find(
+            cfg.model_copy(
+                update={"train": cfg.train.model_copy(update={"resume": str(root / "step-00000006")})}
+            ),
+            tmp_path,
+            1,
+            "",
+        )
     C.save(cfg, tmp_path, 12, state, OneProcess())  # the next save cleans the unfinished leftovers
     assert sorted(p.name for p in root.iterdir() if p.name != "latest") == [
-        "step-00000002", "step-00000004", "step-00000006", "step-00000012"  # 6: damaged, kept for a look
+        "step-00000002",
+        "step-00000004",
+        "step-00000006",
+        "step-00000012",  # 6: damaged, kept for a look
     ]
 
 
@@ -126,7 +140,9 @@ def test_incompatible_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="written by 1 processes, this run has 2"):
         C.find(cfg, tmp_path, 2, "")
     assert C.find(toy_cfg(tmp_path, resume="never"), tmp_path, 1, "") is None
-    assert C.find(toy_cfg(tmp_path, max_steps=9999, checkpoint_every=3), tmp_path, 1, "").step == 2  # constant lr
+    assert (
+        C.find(toy_cfg(tmp_path, max_steps=9999, checkpoint_every=3), tmp_path, 1, "").step == 2
+    )  # constant lr
 
 
 def test_checkpoints_on_s3(tmp_path, s3_endpoint, monkeypatch):
@@ -143,13 +159,18 @@ def test_checkpoints_on_s3(tmp_path, s3_endpoint, monkeypatch):
         toy_step(state)
         C.save(cfg, tmp_path, step, state, OneProcess())
     client = client_from_env()
-    keys = sorted(o.object_name for o in client.list_objects("ckpt", prefix="run1/checkpoints/", recursive=True))
+    keys = sorted(
+        o.object_name for o in client.list_objects("ckpt", prefix="run1/checkpoints/", recursive=True)
+    )
     assert not any("step-00000002" in k for k in keys)  # pruned after step 6 completed
     assert "run1/checkpoints/step-00000006/COMPLETE" in keys
     assert client.get_object("ckpt", "run1/checkpoints/latest").read().decode().strip() == "step-00000006"
     # A torn upload (files, no COMPLETE marker) is not a checkpoint.
-    client.fput_object("ckpt", "run1/checkpoints/step-00000008/trainable.safetensors",
-                       str(Path(C.fetch("s3://ckpt/run1/checkpoints/step-00000006/")) / C.WEIGHTS))
+    client.fput_object(
+        "ckpt",
+        "run1/checkpoints/step-00000008/trainable.safetensors",
+        str(Path(C.fetch("s3://ckpt/run1/checkpoints/step-00000006/")) / C.WEIGHTS),
+    )
     resumed = toy_state(seed=5)
     found = C.find(cfg, tmp_path, 1, "")
     assert found.step == 6 and found.location == "s3://ckpt/run1/checkpoints/step-00000006/"
@@ -183,7 +204,9 @@ def test_changed_config_refuses_to_resume_exit_2(tmp_path, tiny_sd15, stage_dir,
     assert main([*args, "train.rank=8", "train.resume=never"]) == 0
 
 
-def test_non_finite_loss_writes_no_checkpoint_and_names_the_batch(tmp_path, tiny_config, stage_dir, monkeypatch, capsys):
+def test_non_finite_loss_writes_no_checkpoint_and_names_the_batch(
+    tmp_path, tiny_config, stage_dir, monkeypatch, capsys
+):
     import sdtune.train.losses as losses
 
     real = losses.diffusion_loss
@@ -197,17 +220,43 @@ def test_non_finite_loss_writes_no_checkpoint_and_names_the_batch(tmp_path, tiny
     monkeypatch.setattr(losses, "diffusion_loss", poisoned)
     out = tmp_path / "o"
     # log_every=4 (the first host check after the NaN) but a checkpoint due at step 2: it must not be written.
-    code = main(["train", "--config", str(tiny_config), "--data", str(stage_dir), "--out", str(out),
-                 "train.checkpoint_every=2", "train.log_every=4"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(tiny_config),
+            "--data",
+            str(stage_dir),
+            "--out",
+            str(out),
+            "train.checkpoint_every=2",
+            "train.log_every=4",
+        ]
+    )
     assert code == 3
     err = capsys.readouterr().err
-    assert "not finite at step 2" in err and "rank 0 batch ['img_" in err and "without writing a checkpoint" in err
+    assert (
+        "not finite at step 2" in err
+        and "rank 0 batch ['img_" in err
+        and "without writing a checkpoint" in err
+    )
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*"))
 
 
 def _train_cmd(config: Path, data: Path, out: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "sdtune.cli", "train", "--config", str(config), "--data", str(data),
-            "--out", str(out), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "sdtune.cli",
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *overrides,
+    ]
 
 
 def _run_until_step(cmd: list[str], metrics: Path, step: int, sig: int, timeout: float = 120) -> int:
@@ -218,7 +267,9 @@ def _run_until_step(cmd: list[str], metrics: Path, step: int, sig: int, timeout:
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if metrics.is_file():
-                steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+                steps = [
+                    json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()
+                ]
                 if steps and max(steps) >= step:
                     proc.send_signal(sig)
                     break
@@ -236,13 +287,36 @@ def test_killed_at_random_steps_resumes_bit_identical(tmp_path, tiny_sd15, stage
     """SIGKILL, SIGTERM, SIGKILL at three random steps of one run, resumed each time; then compared with an
     uninterrupted run. The kill lands wherever the trainer is (mid-step, mid-checkpoint-write)."""
     steps = 14
-    config = write_config(tmp_path / "c.yaml", tiny_sd15, train={
-        "max_steps": steps, "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 2,
-        "lr_scheduler": "cosine", "lr_warmup_steps": 2, "batch_size": 2, "noise_offset": 0.05,
-    })
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd15,
+        train={
+            "max_steps": steps,
+            "log_every": 1,
+            "checkpoint_every": 3,
+            "keep_checkpoints": 2,
+            "lr_scheduler": "cosine",
+            "lr_warmup_steps": 2,
+            "batch_size": 2,
+            "noise_offset": 0.05,
+        },
+    )
     reference = tmp_path / "reference"
-    assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(reference),
-                 "train.checkpoint_every=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--data",
+                str(stage_dir),
+                "--out",
+                str(reference),
+                "train.checkpoint_every=0",
+            ]
+        )
+        == 0
+    )
 
     out = tmp_path / "interrupted"
     rng = random.Random()
@@ -255,8 +329,12 @@ def test_killed_at_random_steps_resumes_bit_identical(tmp_path, tiny_sd15, stage
         if sig == signal.SIGTERM:  # a checkpoint of the step it stopped after
             newest = C.list_complete(str(out / "checkpoints"))[0][0]
             assert newest >= at, f"SIGTERM at step {at}: newest checkpoint {newest}"
-    final = subprocess.run(_train_cmd(config, stage_dir, out), env={**os.environ, "OMP_NUM_THREADS": "1"},
-                           capture_output=True, timeout=180)
+    final = subprocess.run(
+        _train_cmd(config, stage_dir, out),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        timeout=180,
+    )
     assert final.returncode == 0, final.stderr.decode()[-2000:]
     _assert_bit_identical(_weights(reference), _weights(out), f"kills at steps {kills}")
     summary = json.loads((out / "train_summary.json").read_text())

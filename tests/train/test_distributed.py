@@ -29,13 +29,34 @@ def one_record(tmp_path_factory):
 
 
 def test_ddp_two_ranks_equal_one_rank_double_batch(tmp_path, tiny_sd15, one_record):
-    config = write_config(tmp_path / "c.yaml", tiny_sd15, train={
-        "optimizer": "sgd", "learning_rate": 0.5, "max_steps": 3, "log_every": 3, "checkpoint_every": 0,
-        "adam_weight_decay": 0.0,
-    })
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd15,
+        train={
+            "optimizer": "sgd",
+            "learning_rate": 0.5,
+            "max_steps": 3,
+            "log_every": 3,
+            "checkpoint_every": 0,
+            "adam_weight_decay": 0.0,
+        },
+    )
     single = tmp_path / "single"
-    assert main(["train", "--config", str(config), "--data", str(one_record), "--out", str(single),
-                 "train.batch_size=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--data",
+                str(one_record),
+                "--out",
+                str(single),
+                "train.batch_size=2",
+            ]
+        )
+        == 0
+    )
     ddp = tmp_path / "ddp"
     assert launch_training(config, one_record, ddp, 2, None, ["train.batch_size=1"]) == 0
 
@@ -49,11 +70,21 @@ def test_ddp_two_ranks_equal_one_rank_double_batch(tmp_path, tiny_sd15, one_reco
 
 
 def test_fsdp_full_finetune_saves_loadable_model_and_resumes_exactly(tmp_path, tiny_sd15, stage_dir):
-    config = write_config(tmp_path / "c.yaml", tiny_sd15, train={
-        "method": "dreambooth", "parallelism": "fsdp", "with_prior_preservation": False, "max_steps": 3,
-        "learning_rate": 1e-3, "log_every": 1, "checkpoint_every": 2, "gradient_accumulation_steps": 2,
-        "gradient_checkpointing": True,
-    })
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd15,
+        train={
+            "method": "dreambooth",
+            "parallelism": "fsdp",
+            "with_prior_preservation": False,
+            "max_steps": 3,
+            "learning_rate": 1e-3,
+            "log_every": 1,
+            "checkpoint_every": 2,
+            "gradient_accumulation_steps": 2,
+            "gradient_checkpointing": True,
+        },
+    )
     out = tmp_path / "fsdp"
     assert launch_training(config, stage_dir, out, 2, None) == 0
     summary = json.loads((out / "train_summary.json").read_text())
@@ -63,7 +94,10 @@ def test_fsdp_full_finetune_saves_loadable_model_and_resumes_exactly(tmp_path, t
 
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     base = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet", local_files_only=True)
-    moved = max(float((p - q).detach().abs().max()) for p, q in zip(pipe.unet.parameters(), base.parameters(), strict=True))
+    moved = max(
+        float((p - q).detach().abs().max())
+        for p, q in zip(pipe.unet.parameters(), base.parameters(), strict=True)
+    )
     assert moved > 0, "the full UNet trained"
 
     # The sharded state was gathered into one checkpoint; resuming it on 2 ranks gives the same model.
@@ -97,5 +131,7 @@ def test_sigterm_through_launch_training_checkpoints_and_exits_75(tmp_path, tiny
     assert step >= 3
     meta = json.loads((C.fetch(location) / C.META).read_text())
     assert meta["world_size"] == 2
-    assert len(torch.load(C.fetch(location) / C.RNG, weights_only=True)) == 2  # both ranks' RNG and data position
+    assert (
+        len(torch.load(C.fetch(location) / C.RNG, weights_only=True)) == 2
+    )  # both ranks' RNG and data position
     # (resuming from it, bit for bit, is test_checkpoint.py's kill/resume test; on 2 ranks, the FSDP test's)

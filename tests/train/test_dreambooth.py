@@ -14,10 +14,19 @@ def test_dreambooth_with_prior_preservation(tmp_path, tiny_sd15, stage_dir):
     from diffusers import StableDiffusionPipeline
 
     cache = tmp_path / "cache" / "models"
-    config = write_config(tmp_path / "c.yaml", tiny_sd15, model={"cache_dir": str(cache)}, train={
-        "method": "dreambooth", "max_steps": 3, "learning_rate": 1e-3, "num_class_images": 3,
-        "class_image_steps": 2, "log_every": 1,
-    })
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd15,
+        model={"cache_dir": str(cache)},
+        train={
+            "method": "dreambooth",
+            "max_steps": 3,
+            "learning_rate": 1e-3,
+            "num_class_images": 3,
+            "class_image_steps": 2,
+            "log_every": 1,
+        },
+    )
     out = tmp_path / "out"
     args = ["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]
     assert main(args) == 0
@@ -37,22 +46,51 @@ def test_dreambooth_with_prior_preservation(tmp_path, tiny_sd15, stage_dir):
     for pipe in (base, tuned):
         pipe.set_progress_bar_config(disable=True)
     images = [
-        p("a photo of sks toy robot", num_inference_steps=2, height=64, width=64,
-          generator=torch.Generator().manual_seed(0), output_type="pt").images
+        p(
+            "a photo of sks toy robot",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
         for p in (base, tuned)
     ]
     assert (images[0] - images[1]).abs().max() > 1e-3
 
     eval_dir = tmp_path / "eval"
-    assert main(["evaluate", "--config", str(config), "--data", str(stage_dir), "--lora", str(out),
-                 "--out", str(eval_dir), "evaluate.seeds=[0]"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(config),
+                "--data",
+                str(stage_dir),
+                "--lora",
+                str(out),
+                "--out",
+                str(eval_dir),
+                "evaluate.seeds=[0]",
+            ]
+        )
+        == 0
+    )
     assert "loss_tuned_trigger" in json.loads((eval_dir / "metrics.json").read_text())
 
 
 def test_dreambooth_without_prior_sdxl(tmp_path, tiny_sdxl, stage_dir):
-    config = write_config(tmp_path / "c.yaml", tiny_sdxl, model={"arch": "sdxl"}, train={
-        "method": "dreambooth", "max_steps": 2, "learning_rate": 1e-3, "with_prior_preservation": False,
-    })
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_sdxl,
+        model={"arch": "sdxl"},
+        train={
+            "method": "dreambooth",
+            "max_steps": 2,
+            "learning_rate": 1e-3,
+            "with_prior_preservation": False,
+        },
+    )
     out = tmp_path / "out"
     assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()

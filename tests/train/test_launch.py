@@ -15,10 +15,22 @@ from sdtune.train.launch import launch_training, training_command
 
 
 def test_command_one_process(tmp_path):
-    cmd = training_command(tmp_path / "c.yaml", tmp_path / "d", tmp_path / "o", 1, "run123", ["train.rank=8"], env={})
+    cmd = training_command(
+        tmp_path / "c.yaml", tmp_path / "d", tmp_path / "o", 1, "run123", ["train.rank=8"], env={}
+    )
     assert cmd[:3] == [sys.executable, "-m", "sdtune.cli"]
-    assert cmd[3:] == ["train", "--config", str(tmp_path / "c.yaml"), "--data", str(tmp_path / "d"),
-                       "--out", str(tmp_path / "o"), "--mlflow-run-id", "run123", "train.rank=8"]
+    assert cmd[3:] == [
+        "train",
+        "--config",
+        str(tmp_path / "c.yaml"),
+        "--data",
+        str(tmp_path / "d"),
+        "--out",
+        str(tmp_path / "o"),
+        "--mlflow-run-id",
+        "run123",
+        "train.rank=8",
+    ]
 
 
 def test_command_torchrun_single_and_multi_node(tmp_path):
@@ -68,6 +80,10 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_config, stage_dir):
     assert summary["num_processes"] == 2 and summary["steps"] == 4
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # not duplicated by rank 1
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.yaml", "lora_kohya.safetensors", "metrics.jsonl", "pytorch_lora_weights.safetensors",
+        "README.md",
+        "config.yaml",
+        "lora_kohya.safetensors",
+        "metrics.jsonl",
+        "pytorch_lora_weights.safetensors",
         "train_summary.json",
     ]

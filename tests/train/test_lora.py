@@ -27,8 +27,12 @@ def trained(tmp_path_factory, tiny_sd15, stage_dir) -> tuple[Path, Path]:
 def test_train_writes_outputs(trained):
     _, out = trained
     assert {p.name for p in out.iterdir()} >= {
-        "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "metrics.jsonl", "config.yaml",
-        "train_summary.json", "README.md",
+        "pytorch_lora_weights.safetensors",
+        "lora_kohya.safetensors",
+        "metrics.jsonl",
+        "config.yaml",
+        "train_summary.json",
+        "README.md",
     }
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "`sks`" in card and "LoRA rank | 4" in card
@@ -55,8 +59,14 @@ def test_lora_loads_and_changes_the_image(trained, tiny_sd15):
     pipe.set_progress_bar_config(disable=True)
 
     def generate():
-        return pipe("a photo of sks toy robot", num_inference_steps=2, height=64, width=64,
-                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+        return pipe(
+            "a photo of sks toy robot",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
 
     before = generate()
     pipe.load_lora_weights(out, adapter_name="diffusers")
@@ -79,9 +89,23 @@ def test_overrides_and_alpha(tmp_path, tiny_sd15, stage_dir):
     config = write_config(tmp_path / "c.yaml", tiny_sd15)
     out = tmp_path / "out"
     args = ["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]
-    assert main([*args, "train.max_steps=2", "train.rank=2", "train.alpha=8", "train.lr_scheduler=cosine",
-                 "train.lr_warmup_steps=1", "train.gradient_accumulation_steps=2", "train.snr_gamma=5",
-                 "train.noise_offset=0.05", "train.prediction_type=v_prediction"]) == 0
+    assert (
+        main(
+            [
+                *args,
+                "train.max_steps=2",
+                "train.rank=2",
+                "train.alpha=8",
+                "train.lr_scheduler=cosine",
+                "train.lr_warmup_steps=1",
+                "train.gradient_accumulation_steps=2",
+                "train.snr_gamma=5",
+                "train.noise_offset=0.05",
+                "train.prediction_type=v_prediction",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 2
     with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as fh:
         meta = json.loads(fh.metadata()["lora_adapter_metadata"])
@@ -98,21 +122,34 @@ def test_overrides_and_alpha(tmp_path, tiny_sd15, stage_dir):
     ],
 )
 def test_config_errors_exit_2(tmp_path, tiny_config, stage_dir, capsys, extra, message):
-    args = ["train", "--config", str(tiny_config), "--data", str(stage_dir), "--out", str(tmp_path / "o"), *extra]
+    args = [
+        "train",
+        "--config",
+        str(tiny_config),
+        "--data",
+        str(stage_dir),
+        "--out",
+        str(tmp_path / "o"),
+        *extra,
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
 def test_missing_config_file_exit_2(tmp_path, stage_dir, capsys):
-    code = main(["train", "--config", str(tmp_path / "nope.yaml"), "--data", str(stage_dir), "--out", str(tmp_path)])
+    code = main(
+        ["train", "--config", str(tmp_path / "nope.yaml"), "--data", str(stage_dir), "--out", str(tmp_path)]
+    )
     assert code == 2
     assert "config file not found" in capsys.readouterr().err
 
 
 def test_missing_base_model_exit_2(tmp_path, stage_dir, capsys):
     config = write_config(tmp_path / "c.yaml", tmp_path / "missing-model")
-    assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "base model folder not found" in capsys.readouterr().err
 
 
@@ -137,21 +174,45 @@ def test_non_finite_loss_names_the_step(tmp_path, tiny_config, stage_dir, monkey
 
 def test_no_train_records_is_a_dataset_error(tmp_path, tiny_config, capsys):
     stage = make_stage(tmp_path / "allholdout", n=2, holdout=2)
-    assert main(["train", "--config", str(tiny_config), "--data", str(stage), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["train", "--config", str(tiny_config), "--data", str(stage), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "no records with split 'train'" in capsys.readouterr().err
 
 
 def test_evaluate_writes_metrics_and_grid(trained, stage_dir, tmp_path, capsys):
     config, out = trained
     eval_dir = tmp_path / "eval"
-    assert main(["evaluate", "--config", str(config), "--data", str(stage_dir), "--lora", str(out),
-                 "--out", str(eval_dir)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(config),
+                "--data",
+                str(stage_dir),
+                "--lora",
+                str(out),
+                "--out",
+                str(eval_dir),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((eval_dir / "metrics.json").read_text())
-    for key in ("loss_base_trigger", "loss_tuned_trigger", "loss_base_class", "loss_tuned_class",
-                "loss_delta_trigger", "loss_delta_class"):
+    for key in (
+        "loss_base_trigger",
+        "loss_tuned_trigger",
+        "loss_base_class",
+        "loss_tuned_class",
+        "loss_delta_trigger",
+        "loss_delta_class",
+    ):
         assert math.isfinite(metrics[key]), key
     assert metrics["loss_split"] == "holdout" and metrics["loss_records"] == 1.0
-    assert metrics["loss_delta_trigger"] == pytest.approx(metrics["loss_tuned_trigger"] - metrics["loss_base_trigger"])
+    assert metrics["loss_delta_trigger"] == pytest.approx(
+        metrics["loss_tuned_trigger"] - metrics["loss_base_trigger"]
+    )
     from PIL import Image
 
     with Image.open(eval_dir / "grid.png") as grid:
@@ -166,7 +227,9 @@ def test_evaluate_without_holdout_says_so(trained, tmp_path):
 
     config, out = trained
     stage = make_stage(tmp_path / "noholdout", n=2, holdout=0)
-    cfg = load_config(config, ["evaluate.prompts=['a photo of {trigger} {class_noun}']", "evaluate.seeds=[0]"])
+    cfg = load_config(
+        config, ["evaluate.prompts=['a photo of {trigger} {class_noun}']", "evaluate.seeds=[0]"]
+    )
     metrics = evaluate(cfg, cfg.model.base, out, stage, tmp_path / "eval")
     assert metrics["loss_on_train_records"] == 1.0
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -189,14 +252,33 @@ def test_sdxl_lora_trains_and_loads(tmp_path, tiny_sdxl, stage_dir):
 
     config = write_config(tmp_path / "c.yaml", tiny_sdxl, model={"arch": "sdxl"})
     out = tmp_path / "out"
-    assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out),
-                 "train.max_steps=3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--data",
+                str(stage_dir),
+                "--out",
+                str(out),
+                "train.max_steps=3",
+            ]
+        )
+        == 0
+    )
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
 
     def generate():
-        return pipe("a photo of sks toy robot", num_inference_steps=2, height=64, width=64,
-                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+        return pipe(
+            "a photo of sks toy robot",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
 
     before = generate()
     pipe.load_lora_weights(out)

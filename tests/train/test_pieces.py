@@ -63,7 +63,9 @@ def test_load_image_resizes_and_crops(tmp_path):
     assert pixels.shape == (3, 32, 32) and pixels[0].min() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("preset", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml")))
+@pytest.mark.parametrize(
+    "preset", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
+)
 def test_presets_load_and_name_a_launch_command(preset):
     cfg = load_config(REPO / preset)
     text = (REPO / preset).read_text()

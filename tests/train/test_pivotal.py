@@ -14,17 +14,31 @@ from tests.train.conftest import write_config
 def test_pivotal_trains_both_and_they_load_together(tmp_path, tiny_sd15, stage_dir):
     from diffusers import StableDiffusionPipeline
 
-    config = write_config(tmp_path / "c.yaml", tiny_sd15, train={
-        "method": "pivotal", "num_vectors": 2, "max_steps": 4, "embedding_train_fraction": 0.5,
-        "embedding_learning_rate": 5e-2, "learning_rate": 3e-2, "log_every": 1,
-    })
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd15,
+        train={
+            "method": "pivotal",
+            "num_vectors": 2,
+            "max_steps": 4,
+            "embedding_train_fraction": 0.5,
+            "embedding_learning_rate": 5e-2,
+            "learning_rate": 3e-2,
+            "log_every": 1,
+        },
+    )
     out = tmp_path / "out"
     assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["method"] == "pivotal" and summary["extra"]["embedding_steps"] == 2
     assert summary["extra"]["other_embeddings_unchanged"] is True
-    assert {"learned_embeds.safetensors", "sks.safetensors", "pytorch_lora_weights.safetensors",
-            "lora_kohya.safetensors", "README.md"} <= set(summary["files"]) | {"README.md"}
+    assert {
+        "learned_embeds.safetensors",
+        "sks.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "lora_kohya.safetensors",
+        "README.md",
+    } <= set(summary["files"]) | {"README.md"}
     norms = [json.loads(line)["embedding_norm"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert norms[1] != norms[0] and norms[3] == norms[2] == norms[1]  # embeddings frozen after step 2
 
@@ -32,19 +46,42 @@ def test_pivotal_trains_both_and_they_load_together(tmp_path, tiny_sd15, stage_d
     pipe.set_progress_bar_config(disable=True)
 
     def generate():
-        return pipe("a photo of <sks> toy robot", num_inference_steps=2, height=64, width=64,
-                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+        return pipe(
+            "a photo of <sks> toy robot",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
 
     pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"))
     ids = pipe.tokenizer.convert_tokens_to_ids(["<sks>", "<sks>_1"])
-    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids],
-                       load_file(out / "learned_embeds.safetensors")["<sks>"])
+    assert torch.equal(
+        pipe.text_encoder.get_input_embeddings().weight[ids],
+        load_file(out / "learned_embeds.safetensors")["<sks>"],
+    )
     embeds_only = generate()
     pipe.load_lora_weights(out)
     assert (generate() - embeds_only).abs().max() > 1e-3
 
     eval_dir = tmp_path / "eval"
-    assert main(["evaluate", "--config", str(config), "--data", str(stage_dir), "--lora", str(out),
-                 "--out", str(eval_dir), "evaluate.seeds=[0]"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(config),
+                "--data",
+                str(stage_dir),
+                "--lora",
+                str(out),
+                "--out",
+                str(eval_dir),
+                "evaluate.seeds=[0]",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["loss_delta_class"] != 0.0  # the LoRA touches every prompt

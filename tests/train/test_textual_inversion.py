@@ -18,8 +18,11 @@ from tests.train.conftest import write_config
 @pytest.fixture(scope="module")
 def ti_run(tmp_path_factory, tiny_sd15, stage_dir) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("ti")
-    config = write_config(root / "c.yaml", tiny_sd15, train={"method": "textual_inversion", "num_vectors": 2,
-                                                             "max_steps": 4, "learning_rate": 5e-2})
+    config = write_config(
+        root / "c.yaml",
+        tiny_sd15,
+        train={"method": "textual_inversion", "num_vectors": 2, "max_steps": 4, "learning_rate": 5e-2},
+    )
     out = root / "out"
     assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
     return config, out
@@ -28,8 +31,12 @@ def ti_run(tmp_path_factory, tiny_sd15, stage_dir) -> tuple[Path, Path]:
 def test_outputs_and_row_check(ti_run):
     _, out = ti_run
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["extra"] == {"tokens": ["<sks>", "<sks>_1"], "other_embeddings_unchanged": True,
-                                "resumed_from_step": 0, "attempt": 0}
+    assert summary["extra"] == {
+        "tokens": ["<sks>", "<sks>_1"],
+        "other_embeddings_unchanged": True,
+        "resumed_from_step": 0,
+        "attempt": 0,
+    }
     assert {"learned_embeds.safetensors", "sks.safetensors", "README.md", "metrics.jsonl"} <= {
         p.name for p in out.iterdir()
     }
@@ -52,7 +59,10 @@ def test_embeddings_load_in_both_formats(ti_run, tiny_sd15):
     weight = pipe.text_encoder.get_input_embeddings().weight
     assert torch.equal(weight[ids], vectors)
     assert not torch.allclose(vectors[0], init)  # training moved them away from the initializer
-    assert pipe.maybe_convert_prompt("a photo of <sks> toy robot", pipe.tokenizer) == "a photo of <sks> <sks>_1 toy robot"
+    assert (
+        pipe.maybe_convert_prompt("a photo of <sks> toy robot", pipe.tokenizer)
+        == "a photo of <sks> <sks>_1 toy robot"
+    )
 
     a1111 = StableDiffusionPipeline.from_pretrained(tiny_sd15, local_files_only=True)
     a1111.load_textual_inversion(str(out / "sks.safetensors"), token="<sks>")
@@ -92,8 +102,23 @@ def test_caption_tokens():
 
 def test_evaluate_uses_the_learned_token(ti_run, stage_dir, tmp_path):
     config, out = ti_run
-    assert main(["evaluate", "--config", str(config), "--data", str(stage_dir), "--lora", str(out),
-                 "--out", str(tmp_path / "eval"), "evaluate.seeds=[0]"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(config),
+                "--data",
+                str(stage_dir),
+                "--lora",
+                str(out),
+                "--out",
+                str(tmp_path / "eval"),
+                "evaluate.seeds=[0]",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["loss_delta_class"] == 0.0  # the class prompt does not use the new token
     assert metrics["loss_delta_trigger"] != 0.0
@@ -102,8 +127,12 @@ def test_evaluate_uses_the_learned_token(ti_run, stage_dir, tmp_path):
 def test_sdxl_textual_inversion(tmp_path, tiny_sdxl, stage_dir):
     from diffusers import StableDiffusionXLPipeline
 
-    config = write_config(tmp_path / "c.yaml", tiny_sdxl, model={"arch": "sdxl"},
-                          train={"method": "textual_inversion", "max_steps": 2})
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_sdxl,
+        model={"arch": "sdxl"},
+        train={"method": "textual_inversion", "max_steps": 2},
+    )
     out = tmp_path / "out"
     assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
     state = load_file(out / "learned_embeds.safetensors")
