@@ -169,6 +169,7 @@ def train_step(
                           "sdtune.cache_source_run": summary.get("mlflow_run_id", "")})
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
+            cfg, config_yaml = _durable_checkpoints(cfg, config_yaml, kfp_run_id)
             if cfg.cluster.launcher == "single_node":
                 code = _train_in_task(config_yaml, cfg, data_dir, out_dir, run.run_id)
             else:
@@ -183,6 +184,19 @@ def train_step(
         run.log_artifact(out_dir, "model")
         run.set_tags({"sdtune.method": cfg.train.method})
         return summary
+
+
+def _durable_checkpoints(cfg: RunConfig, config_yaml: str, kfp_run_id: str) -> tuple[RunConfig, str]:
+    """On a cluster, checkpoints go to ``<cluster.staging_uri>/<KFP run id>/checkpoints`` unless the config
+    names a place: a retried task (new pod, empty disk) or a re-created job then resumes where it stopped.
+    Locally (no KFP pod) they stay in the output folder."""
+    import os
+
+    if cfg.train.checkpoint_dir or not kfp_run_id or not os.environ.get("KFP_POD_NAME"):
+        return cfg, config_yaml
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.checkpoint_dir = f"{cfg.cluster.staging_uri.rstrip('/')}/{kfp_run_id}/checkpoints"
+    return cfg, cfg.to_param()
 
 
 def _train_in_task(config_yaml: str, cfg: RunConfig, data_dir: Path, out_dir: Path, mlflow_run_id: str) -> int:

@@ -1,7 +1,7 @@
 """`sdtune` command line: every stage, the tiny models, and running/compiling/submitting the pipeline.
 
 Each group of commands lives in its own module and registers itself on :data:`app`; bad input ends with one
-``error: …`` line and the error's exit code (see ``docs/exit-codes.md``), never a traceback.
+``error: …`` line and the error's exit code (the table in ``docs/distributed.md``), never a traceback.
 """
 
 from __future__ import annotations

@@ -77,6 +77,8 @@ class JobSpec:
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     trainjob_runtime: str = "torch-distributed"
     timeout_s: int | None = None
+    # Time between SIGTERM and SIGKILL: the trainer needs its preemption grace to write a checkpoint.
+    termination_grace_s: int = 120
 
 
 def spec_from_config(
@@ -107,6 +109,7 @@ def spec_from_config(
         tolerations=tolerations,
         trainjob_runtime=cl.trainjob_runtime,
         timeout_s=cl.job_timeout_s,
+        termination_grace_s=int(cfg.train.preempt_grace_s) + 60,
     )
 
 
@@ -172,6 +175,7 @@ def render_trainjob(spec: JobSpec) -> dict[str, Any]:
     ``runtimePatches`` (the v2.3 replacement of podSpecOverrides) onto the runtime's ``node`` job.
     """
     pod_spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": spec.termination_grace_s,
         "securityContext": _pod_security(),
         "volumes": [_shm_volume(spec)],
         "containers": [
@@ -256,6 +260,7 @@ def _pytorch_replica(spec: JobSpec, replicas: int) -> dict[str, Any]:
         "securityContext": _container_security(),
     }
     pod_spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": spec.termination_grace_s,
         "securityContext": _pod_security(),
         "automountServiceAccountToken": False,  # training code never talks to the API server
         "volumes": [_shm_volume(spec)],

@@ -64,9 +64,13 @@ def open_logger(
 def make_optimizer(tc: TrainConfig, params):
     """AdamW (real runs) or plain SGD (``train.optimizer=sgd``: no momentum, so N ranks × batch b and one rank ×
     batch N·b give the same weights to fp32 round-off; Adam's normalisation amplifies that round-off)."""
+    params = list(params)
     if tc.optimizer == "sgd":
         return torch.optim.SGD(params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay)
-    return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay)
+    # The fused kernel turns the per-parameter update loop into a few launches: on a GPU, where the LoRA
+    # step is launch-bound, that is measurable (docs/performance.md); on CPU it is within noise.
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay, fused=fused or None)
 
 
 class LossTracker:

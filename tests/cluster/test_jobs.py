@@ -113,3 +113,15 @@ def test_step_override_keeps_the_other_step_defaults():
     train = cfg.cluster.step("train")
     assert train.gpus == 8 and train.memory_request == "64Gi" and train.shm
     assert cfg.cluster.step("finish_run").gpus == 0  # steps without a section get the light defaults
+
+
+def test_pods_get_the_preemption_grace_before_sigkill():
+    cfg = _cfg(2)
+    cfg.train.preempt_grace_s = 300
+    spec = spec_from_config(cfg, run_id=RUN_ID, attempt=0, image="img", args=["x"], namespace="team")
+    trainjob = render_trainjob(spec)
+    patch = trainjob["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]
+    pod = patch["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 360  # the trainer's grace + time to exit
+    for replica in render_pytorchjob(spec)["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["terminationGracePeriodSeconds"] == 360
