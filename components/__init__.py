@@ -7,4 +7,11 @@ from components.train import evaluate_op, register_op, train_op
 __all__ = [
     "start_run_op",
     "finish_run_op",
-    "ingest_op", "preprocess_op", "merge_op", "caption_op", "train_op", "evaluate_op", "register_op"]
+    "ingest_op",
+    "preprocess_op",
+    "merge_op",
+    "caption_op",
+    "train_op",
+    "evaluate_op",
+    "register_op",
+]

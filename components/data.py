@@ -19,7 +19,11 @@ def ingest_op(
 
 @dsl.component(base_image=SDTUNE_IMAGE, install_kfp_package=False)
 def preprocess_op(
-    config: str, kfp_run_id: str, images: dsl.Input[dsl.Dataset], shard: int, dataset: dsl.Output[dsl.Dataset],
+    config: str,
+    kfp_run_id: str,
+    images: dsl.Input[dsl.Dataset],
+    shard: int,
+    dataset: dsl.Output[dsl.Dataset],
     report: dsl.Output[dsl.Markdown],
 ):
     """Crop, resize and upscale one shard to the training resolution.
@@ -43,7 +47,9 @@ def merge_op(
 
 
 @dsl.component(base_image=SDTUNE_IMAGE, install_kfp_package=False)
-def caption_op(config: str, parent_run_id: str, images: dsl.Input[dsl.Dataset], dataset: dsl.Output[dsl.Dataset]):
+def caption_op(
+    config: str, parent_run_id: str, images: dsl.Input[dsl.Dataset], dataset: dsl.Output[dsl.Dataset]
+):
     """Caption every image and split off the held-out images."""
     from sdtune.steps import caption_step
 

@@ -7,7 +7,11 @@ from components._images import SDTUNE_TRAIN_IMAGE
 
 @dsl.component(base_image=SDTUNE_TRAIN_IMAGE, install_kfp_package=False)
 def train_op(
-    config: str, parent_run_id: str, kfp_run_id: str, dataset: dsl.Input[dsl.Dataset], model: dsl.Output[dsl.Model]
+    config: str,
+    parent_run_id: str,
+    kfp_run_id: str,
+    dataset: dsl.Input[dsl.Dataset],
+    model: dsl.Output[dsl.Model],
 ) -> str:
     """Train in a subprocess (torchrun with ``train.num_processes`` ranks) or as a multi-node job; returns the
     summary as JSON."""
@@ -22,8 +26,13 @@ def train_op(
 
 @dsl.component(base_image=SDTUNE_TRAIN_IMAGE, install_kfp_package=False)
 def evaluate_op(
-    config: str, parent_run_id: str, dataset: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model],
-    evaluation: dsl.Output[dsl.Artifact], metrics: dsl.Output[dsl.Metrics], report: dsl.Output[dsl.HTML],
+    config: str,
+    parent_run_id: str,
+    dataset: dsl.Input[dsl.Dataset],
+    model: dsl.Input[dsl.Model],
+    evaluation: dsl.Output[dsl.Artifact],
+    metrics: dsl.Output[dsl.Metrics],
+    report: dsl.Output[dsl.HTML],
 ):
     """Held-out loss (base vs tuned) and a sample grid; metrics go to the KFP UI and MLflow."""
     from sdtune.steps import evaluate_step, write_evaluation_html
@@ -35,7 +44,9 @@ def evaluate_op(
 
 
 @dsl.component(base_image=SDTUNE_TRAIN_IMAGE, install_kfp_package=False)
-def register_op(config: str, parent_run_id: str, model: dsl.Input[dsl.Model], evaluation: dsl.Input[dsl.Artifact]) -> str:
+def register_op(
+    config: str, parent_run_id: str, model: dsl.Input[dsl.Model], evaluation: dsl.Input[dsl.Artifact]
+) -> str:
     """Register the model version in MLflow and set its alias; returns the run summary as JSON."""
     import json
 

@@ -51,14 +51,22 @@ def build_personalize_pipeline(cfg: RunConfig):
             parent_id = parent.output
             ingest = step(ingest_op(config=config, parent_run_id=parent_id), "ingest", "Ingest")
             # Fan out over ingest's shards (one shard for a handful of photos, many for a catalogue).
-            with dsl.ParallelFor(ingest.outputs["Output"], parallelism=cfg.preprocess.parallel_shards) as shard:
+            with dsl.ParallelFor(
+                ingest.outputs["Output"], parallelism=cfg.preprocess.parallel_shards
+            ) as shard:
                 preprocess = step(
-                    preprocess_op(config=config, kfp_run_id=run_id, images=ingest.outputs["dataset"], shard=shard),
+                    preprocess_op(
+                        config=config, kfp_run_id=run_id, images=ingest.outputs["dataset"], shard=shard
+                    ),
                     "preprocess",
                     "Preprocess shard",
                 )
             merge = step(
-                merge_op(config=config, parent_run_id=parent_id, shards=dsl.Collected(preprocess.outputs["dataset"])),
+                merge_op(
+                    config=config,
+                    parent_run_id=parent_id,
+                    shards=dsl.Collected(preprocess.outputs["dataset"]),
+                ),
                 "merge",
                 "Merge shards",
             )
@@ -69,7 +77,10 @@ def build_personalize_pipeline(cfg: RunConfig):
             )
             train = step(
                 train_op(
-                    config=config, parent_run_id=parent_id, kfp_run_id=run_id, dataset=caption.outputs["dataset"]
+                    config=config,
+                    parent_run_id=parent_id,
+                    kfp_run_id=run_id,
+                    dataset=caption.outputs["dataset"],
                 ),
                 "train",
                 "Train",

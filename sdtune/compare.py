@@ -10,8 +10,15 @@ from typing import Any
 
 from sdtune import tracking
 
-KEY_PARAMS = ("train.method", "train.learning_rate", "train.rank", "train.max_steps", "train.batch_size",
-              "caption.trigger", "model.base")
+KEY_PARAMS = (
+    "train.method",
+    "train.learning_rate",
+    "train.rank",
+    "train.max_steps",
+    "train.batch_size",
+    "caption.trigger",
+    "model.base",
+)
 
 
 @dataclass
@@ -35,14 +42,25 @@ def list_runs(experiment: str, max_results: int = 50, sweep_id: str | None = Non
     query = "tags.`sdtune.role` = 'parent'"
     if sweep_id:
         query = f"tags.`sdtune.sweep_id` = '{sweep_id}'"
-    runs = client.search_runs([found.experiment_id], filter_string=query, max_results=max_results,
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=query,
+        max_results=max_results,
+        order_by=["attributes.start_time DESC"],
+    )
     champions: dict[str, str] = {}
     rows = []
     for run in runs:
         tags = run.data.tags
-        row = RunRow(run.info.run_id, run.info.run_name or "", run.info.status, run.info.start_time or 0,
-                     dict(run.data.params), dict(run.data.metrics), dict(tags))
+        row = RunRow(
+            run.info.run_id,
+            run.info.run_name or "",
+            run.info.status,
+            run.info.start_time or 0,
+            dict(run.data.params),
+            dict(run.data.metrics),
+            dict(tags),
+        )
         name, version = tags.get("sdtune.model_name"), tags.get("sdtune.model_version")
         if name and version:
             if name not in champions:
@@ -64,8 +82,15 @@ def get_rows(run_ids: list[str]) -> list[RunRow]:
     rows = []
     for run_id in run_ids:
         run = client.get_run(run_id)
-        row = RunRow(run_id, run.info.run_name or "", run.info.status, run.info.start_time or 0,
-                     dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+        row = RunRow(
+            run_id,
+            run.info.run_name or "",
+            run.info.status,
+            run.info.start_time or 0,
+            dict(run.data.params),
+            dict(run.data.metrics),
+            dict(run.data.tags),
+        )
         children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
         row.children = {c.info.run_name: c.info.run_id for c in children}
         name, version = row.tags.get("sdtune.model_name"), row.tags.get("sdtune.model_version")
@@ -110,11 +135,17 @@ def compare_html(rows: list[RunRow], out: Path, workdir: Path) -> Path:
             cells.append("<td>(no grid)</td>")
     body = [f"<tr><th>samples</th>{''.join(cells)}</tr>"]
     for key in params:
-        body.append(f"<tr><th>{html.escape(key)}</th>"
-                    + "".join(f"<td>{html.escape(r.params.get(key, ''))}</td>" for r in rows) + "</tr>")
+        body.append(
+            f"<tr><th>{html.escape(key)}</th>"
+            + "".join(f"<td>{html.escape(r.params.get(key, ''))}</td>" for r in rows)
+            + "</tr>"
+        )
     for key in metrics:
-        body.append(f"<tr><th>{html.escape(key)}</th>" + "".join(
-            f"<td>{r.metrics[key]:.5g}</td>" if key in r.metrics else "<td></td>" for r in rows) + "</tr>")
+        body.append(
+            f"<tr><th>{html.escape(key)}</th>"
+            + "".join(f"<td>{r.metrics[key]:.5g}</td>" if key in r.metrics else "<td></td>" for r in rows)
+            + "</tr>"
+        )
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>sdtune run comparison</title>"
         "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"

@@ -104,7 +104,7 @@ class CaptionConfig(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["lora", "textual_inversion", "pivotal", "dreambooth"] = "lora"
+    method: Literal["lora", "textual_inversion", "pivotal", "dreambooth", "inpaint", "full"] = "lora"
     max_steps: int = Field(500, ge=1)
     batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -125,6 +125,26 @@ class TrainConfig(Section):
     noise_offset: float = Field(0.0, ge=0)  # e.g. 0.05: helps very dark/bright images
     gradient_checkpointing: bool = False
     export_kohya: bool = True  # also write lora_kohya.safetensors (A1111/ComfyUI/kohya)
+    # lora: also a LoRA on the text encoder(s) (its own lr; embeddings are then computed every step), DoRA
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = Field(None, gt=0)  # default: learning_rate
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    use_dora: bool = False  # weight-decomposed LoRA (peft); no kohya file (kohya's format has no DoRA)
+    # Validation during training: every N optimizer steps (0: off) rank 0 samples evaluate.prompts ×
+    # evaluate.seeds with the current weights → <out>/validation/step_NNNNNN.png (+ the tracking logger).
+    validation_every: int = Field(0, ge=0)
+    validation_inference_steps: int = Field(20, ge=1)
+    # inpaint: 9-channel inpainting UNet; LoRA (default) or the whole UNet
+    inpaint_full_unet: bool = False
+    inpaint_masks: Literal["random", "supplied", "both"] = "both"  # supplied: <file>.mask.png from preprocess
+    inpaint_masks_per_image: int = Field(4, ge=1)  # random masks drawn (seeded) and encoded once per image
+    # full (and dreambooth): EMA of the UNet weights, saved instead of the raw ones; latents cached on disk
+    use_ema: bool = False
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    cache_shard_size: int = Field(256, ge=1)  # images per <out>/cache/latents-NNNNN.safetensors shard
+    export_single_file: bool = True  # dreambooth/full: also model.safetensors in the original SD layout
     # textual_inversion / pivotal: the concept is <trigger> (+ <trigger>_1 …), num_vectors tokens in all
     num_vectors: int = Field(1, ge=1)
     initializer_token: str | None = None  # default: the last word of caption.class_noun
@@ -138,7 +158,8 @@ class TrainConfig(Section):
     class_data_dir: str | None = None  # images of the class; generated with the base model when missing
     class_image_steps: int = Field(25, ge=1)  # inference steps for generated class images
     # Optimizer: AdamW for real runs; plain SGD (no momentum) makes N×b vs 1×(N·b) equal to fp32 round-off.
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    # adamw8bit: bitsandbytes' 8-bit AdamW (needs the package and a CUDA GPU).
+    optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
     # Scale-out (docs/distributed.md): DDP replicates the model; FSDP2 shards weights, grads and optimizer
     # state over the ranks (dreambooth only: a LoRA's trainable part is too small to be worth sharding).
     parallelism: Literal["ddp", "fsdp"] = "ddp"

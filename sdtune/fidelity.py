@@ -78,8 +78,11 @@ class ClipScorer:
 
         with torch.no_grad():
             tokens = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True)
-            return _normalise(self.model.get_text_features(input_ids=tokens["input_ids"],
-                                                           attention_mask=tokens.get("attention_mask")))
+            return _normalise(
+                self.model.get_text_features(
+                    input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask")
+                )
+            )
 
 
 class DinoScorer:
@@ -141,8 +144,10 @@ def fidelity_metrics(cfg: RunConfig, evaluation_dir: Path, data_dir: Path) -> Me
     if not ev.fid_model:
         notes.append("FID/KID skipped: evaluate.fid_model is not set")
     elif min(len(holdout), len(tuned)) < ev.fid_min_images:
-        notes.append(f"FID/KID skipped: need ≥ {ev.fid_min_images} held-out and generated images "
-                     f"(have {len(holdout)} and {len(tuned)})")
+        notes.append(
+            f"FID/KID skipped: need ≥ {ev.fid_min_images} held-out and generated images "
+            f"(have {len(holdout)} and {len(tuned)})"
+        )
     else:
         encoder = DinoScorer(_resolve(cfg, ev.fid_model))
         real = encoder.images(holdout).numpy().astype(np.float64)

@@ -59,7 +59,9 @@ def _table(rows: dict[str, Any]) -> str:
     return f"<table>{''.join(cells)}</table>"
 
 
-def evaluation_report(evaluation_dir: Path, model_dir: Path | None = None, data_dir: Path | None = None) -> str:
+def evaluation_report(
+    evaluation_dir: Path, model_dir: Path | None = None, data_dir: Path | None = None
+) -> str:
     evaluation_dir = Path(evaluation_dir)
     metrics = json.loads((evaluation_dir / "metrics.json").read_text())
     numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
@@ -70,7 +72,9 @@ def evaluation_report(evaluation_dir: Path, model_dir: Path | None = None, data_
     grid = evaluation_dir / "grid.png"
     if grid.is_file():
         data = base64.b64encode(grid.read_bytes()).decode("ascii")
-        parts.append("<h2>Samples</h2><p>Top row: base model. Bottom row: fine-tuned. Same seed per column.</p>")
+        parts.append(
+            "<h2>Samples</h2><p>Top row: base model. Bottom row: fine-tuned. Same seed per column.</p>"
+        )
         parts.append(f"<img alt='sample grid' src='data:image/png;base64,{data}'>")
     parts.append("<h2>Metrics</h2>" + _table(numeric))
     for key in ("loss_split", "fidelity_note"):

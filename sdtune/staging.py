@@ -28,7 +28,7 @@ def download_prefix(uri: str, local: Path) -> int:
     local = Path(local).resolve()
     count = 0
     for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
-        relative = obj.object_name[len(prefix):]
+        relative = obj.object_name[len(prefix) :]
         target = (local / relative).resolve()
         if not relative or not target.is_relative_to(local):
             continue

@@ -29,7 +29,9 @@ def start_run(config_yaml: str, kfp_run_id: str = "", pipeline_name: str = "pers
     }
     if kfp_run_id:
         tags["kfp.run_id"] = kfp_run_id
-    return tracking.start_parent_run(cfg.tracking.experiment, run_name=cfg.name, config=cfg.model_dump(mode="json"), tags=tags)
+    return tracking.start_parent_run(
+        cfg.tracking.experiment, run_name=cfg.name, config=cfg.model_dump(mode="json"), tags=tags
+    )
 
 
 def finish_run(config_yaml: str, kfp_run_id: str, pipeline_state: str, error: str = "") -> str | None:
@@ -65,7 +67,13 @@ def _cache_key(cfg: RunConfig, step: str, **parts: Any) -> str | None:
 
 
 def _run_stage(
-    cfg: RunConfig, parent_run_id: str, step: str, out_dir: Path, key: str | None, produce, cache_step: str = ""
+    cfg: RunConfig,
+    parent_run_id: str,
+    step: str,
+    out_dir: Path,
+    key: str | None,
+    produce,
+    cache_step: str = "",
 ) -> Summary:
     """Run a data stage, or restore its output from the cache, and log it either way."""
     from sdtune.manifest import read_manifest, read_report
@@ -90,8 +98,12 @@ def ingest_step(config_yaml: str, parent_run_id: str, out_dir: str | Path) -> Su
     cfg = config_from_yaml(config_yaml)
     out_dir = Path(out_dir)
     sources = [cache.source_digest(s) for s in cfg.ingest.sources]
-    key = _cache_key(cfg, "ingest", sources=None if None in sources else sources, ingest=cfg.ingest.model_dump(mode="json"))
-    return _run_stage(cfg, parent_run_id, "ingest", out_dir, key, lambda: ingest(cfg.ingest.sources, out_dir, cfg.ingest))
+    key = _cache_key(
+        cfg, "ingest", sources=None if None in sources else sources, ingest=cfg.ingest.model_dump(mode="json")
+    )
+    return _run_stage(
+        cfg, parent_run_id, "ingest", out_dir, key, lambda: ingest(cfg.ingest.sources, out_dir, cfg.ingest)
+    )
 
 
 def preprocess_step(
@@ -114,10 +126,19 @@ def preprocess_step(
     sharded = shard is not None and len(read_shards(in_dir)) > 1
     name = f"preprocess-{shard:04d}" if sharded else "preprocess"
     key = _cache_key(
-        cfg, "preprocess", data=manifest_digest(in_dir), shard=shard, preprocess=cfg.preprocess.model_dump(mode="json")
+        cfg,
+        "preprocess",
+        data=manifest_digest(in_dir),
+        shard=shard,
+        preprocess=cfg.preprocess.model_dump(mode="json"),
     )
     return _run_stage(
-        cfg, parent_run_id, name, out_dir, key, lambda: preprocess_dir(in_dir, out_dir, cfg.preprocess, shard=shard),
+        cfg,
+        parent_run_id,
+        name,
+        out_dir,
+        key,
+        lambda: preprocess_dir(in_dir, out_dir, cfg.preprocess, shard=shard),
         cache_step="preprocess",
     )
 
@@ -128,13 +149,17 @@ def list_shards(stage_dir: str | Path) -> list[int]:
     return read_shards(Path(stage_dir))
 
 
-def merge_step(config_yaml: str, parent_run_id: str, stage_dirs: list[str | Path], out_dir: str | Path) -> Summary:
+def merge_step(
+    config_yaml: str, parent_run_id: str, stage_dirs: list[str | Path], out_dir: str | Path
+) -> Summary:
     """Join the preprocessed shards into one stage directory (one shard: a cheap copy by hard links)."""
     from sdtune.data.shards import merge_stages
 
     cfg = config_from_yaml(config_yaml)
     dirs = [Path(d) for d in stage_dirs]
-    return _run_stage(cfg, parent_run_id, "merge", Path(out_dir), None, lambda: merge_stages(dirs, Path(out_dir)))
+    return _run_stage(
+        cfg, parent_run_id, "merge", Path(out_dir), None, lambda: merge_stages(dirs, Path(out_dir))
+    )
 
 
 def caption_step(config_yaml: str, parent_run_id: str, in_dir: str | Path, out_dir: str | Path) -> Summary:
@@ -142,8 +167,12 @@ def caption_step(config_yaml: str, parent_run_id: str, in_dir: str | Path, out_d
 
     cfg = config_from_yaml(config_yaml)
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    key = _cache_key(cfg, "caption", data=manifest_digest(in_dir), caption=cfg.caption.model_dump(mode="json"))
-    return _run_stage(cfg, parent_run_id, "caption", out_dir, key, lambda: caption_dir(in_dir, out_dir, cfg.caption))
+    key = _cache_key(
+        cfg, "caption", data=manifest_digest(in_dir), caption=cfg.caption.model_dump(mode="json")
+    )
+    return _run_stage(
+        cfg, parent_run_id, "caption", out_dir, key, lambda: caption_dir(in_dir, out_dir, cfg.caption)
+    )
 
 
 def train_step(
@@ -156,8 +185,12 @@ def train_step(
     cfg = config_from_yaml(config_yaml)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     key = _cache_key(
-        cfg, "train", data=manifest_digest(data_dir), train=cfg.train.model_dump(mode="json"),
-        resolution=cfg.preprocess.resolution, model=cache.model_identity(cfg.model.base, cfg.model.revision),
+        cfg,
+        "train",
+        data=manifest_digest(data_dir),
+        train=cfg.train.model_dump(mode="json"),
+        resolution=cfg.preprocess.resolution,
+        model=cache.model_identity(cfg.model.base, cfg.model.revision),
         arch=cfg.model.arch,
     )
     store = cache.StepCache()
@@ -165,8 +198,13 @@ def train_step(
         run.log_params(tracking.flatten_params({"train": cfg.train.model_dump(mode="json")}))
         summary = store.restore("train", key, out_dir) if key else None
         if summary is not None:
-            run.set_tags({"sdtune.cache": "hit", "sdtune.cache_key": key,
-                          "sdtune.cache_source_run": summary.get("mlflow_run_id", "")})
+            run.set_tags(
+                {
+                    "sdtune.cache": "hit",
+                    "sdtune.cache_key": key,
+                    "sdtune.cache_source_run": summary.get("mlflow_run_id", ""),
+                }
+            )
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
             cfg, config_yaml = _durable_checkpoints(cfg, config_yaml, kfp_run_id)
@@ -199,7 +237,9 @@ def _durable_checkpoints(cfg: RunConfig, config_yaml: str, kfp_run_id: str) -> t
     return cfg, cfg.to_param()
 
 
-def _train_in_task(config_yaml: str, cfg: RunConfig, data_dir: Path, out_dir: Path, mlflow_run_id: str) -> int:
+def _train_in_task(
+    config_yaml: str, cfg: RunConfig, data_dir: Path, out_dir: Path, mlflow_run_id: str
+) -> int:
     from sdtune.train.launch import launch_training
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,7 +248,9 @@ def _train_in_task(config_yaml: str, cfg: RunConfig, data_dir: Path, out_dir: Pa
         return launch_training(config_path, data_dir, out_dir, cfg.train.num_processes, mlflow_run_id)
 
 
-def _train_as_job(cfg: RunConfig, data_dir: Path, out_dir: Path, mlflow_run_id: str, job_run_id: str, **api) -> int:
+def _train_as_job(
+    cfg: RunConfig, data_dir: Path, out_dir: Path, mlflow_run_id: str, job_run_id: str, **api
+) -> int:
     """Stage the dataset to S3, run a TrainJob/PyTorchJob of ``torchrun -m sdtune.remote_train``, fetch the
     outputs. The job is get-or-create by run id, so a retried task re-attaches instead of starting another."""
     import os
@@ -223,8 +265,16 @@ def _train_as_job(cfg: RunConfig, data_dir: Path, out_dir: Path, mlflow_run_id: 
     prefix = f"{cfg.cluster.staging_uri.rstrip('/')}/{job_run_id}"
     upload_dir(data_dir, f"{prefix}/data")
     args = [
-        "-m", "sdtune.remote_train", "--config-json", cfg.to_param(),
-        "--data", f"{prefix}/data", "--out", f"{prefix}/out", "--mlflow-run-id", mlflow_run_id,
+        "-m",
+        "sdtune.remote_train",
+        "--config-json",
+        cfg.to_param(),
+        "--data",
+        f"{prefix}/data",
+        "--out",
+        f"{prefix}/out",
+        "--mlflow-run-id",
+        mlflow_run_id,
     ]
     launch_job(cfg, run_id=job_run_id, image=image, args=args, **api)
     if download_prefix(f"{prefix}/out", out_dir) == 0:
@@ -242,9 +292,14 @@ def evaluate_step(
     cfg = config_from_yaml(config_yaml)
     data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
     key = _cache_key(
-        cfg, "evaluate", data=manifest_digest(data_dir), trained=cache.tree_digest(model_dir),
-        evaluate=cfg.evaluate.model_dump(mode="json"), resolution=cfg.preprocess.resolution,
-        model=cache.model_identity(cfg.model.base, cfg.model.revision), arch=cfg.model.arch,
+        cfg,
+        "evaluate",
+        data=manifest_digest(data_dir),
+        trained=cache.tree_digest(model_dir),
+        evaluate=cfg.evaluate.model_dump(mode="json"),
+        resolution=cfg.preprocess.resolution,
+        model=cache.model_identity(cfg.model.base, cfg.model.revision),
+        arch=cfg.model.arch,
     )
     store = cache.StepCache()
     with tracking.step_run(parent_run_id, "evaluate") as run:
@@ -271,7 +326,9 @@ def evaluate_step(
     return numeric
 
 
-def register_step(config_yaml: str, parent_run_id: str, model_dir: str | Path, evaluation_dir: str | Path) -> Summary:
+def register_step(
+    config_yaml: str, parent_run_id: str, model_dir: str | Path, evaluation_dir: str | Path
+) -> Summary:
     """Register the trained model in the MLflow model registry and point the alias at it."""
     from sdtune.registry import register_model
 
@@ -286,7 +343,9 @@ def register_step(config_yaml: str, parent_run_id: str, model_dir: str | Path, e
     if parent_run_id:  # so `sdtune runs list` can mark the champion without walking every child
         tags = {"sdtune.model_name": result["name"], "sdtune.model_version": str(result["version"])}
         tracking.StepRun(tracking._client(), parent_run_id).set_tags(tags)
-        gate_values = {k: result["gate"][k] for k in ("candidate", "champion") if result["gate"][k] is not None}
+        gate_values = {
+            k: result["gate"][k] for k in ("candidate", "champion") if result["gate"][k] is not None
+        }
         run.log_metrics({f"gate_{k}": v for k, v in gate_values.items()})
     return {
         **result,

@@ -45,7 +45,9 @@ def ui_command() -> str:
     """The command a person runs to look at what was tracked."""
     if uses_embedded_store():
         home = sdtune_home()
-        return f"mlflow ui --backend-store-uri {tracking_uri()} --default-artifact-root {home / 'mlartifacts'}"
+        return (
+            f"mlflow ui --backend-store-uri {tracking_uri()} --default-artifact-root {home / 'mlartifacts'}"
+        )
     return f"open {tracking_uri()}"
 
 
@@ -112,7 +114,9 @@ def run_tags() -> dict[str, str]:
     return tags
 
 
-def start_parent_run(experiment: str, run_name: str, config: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
+def start_parent_run(
+    experiment: str, run_name: str, config: Mapping[str, Any], tags: Mapping[str, str] | None = None
+) -> str:
     """Create the pipeline run's parent MLflow run and return its id (left RUNNING; steps nest under it)."""
     client = _client()
     experiment_id = ensure_experiment(experiment)
@@ -130,7 +134,8 @@ def find_parent_run(experiment: str, kfp_run_id: str) -> str | None:
     if found is None or not kfp_run_id:
         return None
     runs = client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and tags.`sdtune.role` = 'parent'",
+        [found.experiment_id],
+        filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and tags.`sdtune.role` = 'parent'",
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
@@ -357,7 +362,9 @@ class MLflowLogger:
         except Exception as exc:  # any transport or server error: keep the data, back off
             if self._failures == 0:
                 self.outages += 1
-                _warn(f"tracking server unavailable ({exc.__class__.__name__}); buffering {self.pending} items")
+                _warn(
+                    f"tracking server unavailable ({exc.__class__.__name__}); buffering {self.pending} items"
+                )
             self._failures += 1
             delay = min(self._retry_max_s, self._retry_base_s * 2 ** (self._failures - 1))
             self._retry_at = time.monotonic() + delay
@@ -386,7 +393,9 @@ class MLflowLogger:
             "artifacts": self._artifacts,
         }
         path.write_text(json.dumps(payload))
-        _warn(f"tracking server still unavailable: {self.pending} items saved to {path} (replay_spool sends them)")
+        _warn(
+            f"tracking server still unavailable: {self.pending} items saved to {path} (replay_spool sends them)"
+        )
 
 
 def _start_system_metrics(run_id: str):

@@ -60,3 +60,19 @@ def pytest_runtest_makereport(item, call):
         outcome.longrepr = f"skipped in CI, where every dependency must be present: {call.excinfo.value}"
         return outcome
     return None
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict[str, Path]:
+    """The tiny SD 1.x model and the sample dataset, built once per session through the real CLI."""
+    from tests.e2e.conftest import sdtune_cli
+
+    root = tmp_path_factory.mktemp("assets")
+    model, data = root / "tiny-sd15", root / "sample-data"
+    for args in (
+        ("models", "tiny", "--arch", "sd15", "--out", str(model)),
+        ("sample-data", "--out", str(data)),
+    ):
+        done = sdtune_cli(*args)
+        assert done.returncode == 0, done.stderr
+    return {"model": model, "data": data}

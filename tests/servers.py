@@ -74,8 +74,12 @@ class Server:
 def s3_server(workdir: Path, port: int | None = None) -> Server:
     port = port or free_port()
     return Server(
-        "s3", port, [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        dict(os.environ), "/moto-api/", workdir / f"s3-{port}.log",
+        "s3",
+        port,
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        dict(os.environ),
+        "/moto-api/",
+        workdir / f"s3-{port}.log",
     )
 
 
@@ -90,10 +94,18 @@ def mlflow_server(workdir: Path, s3_url: str, bucket: str, port: int | None = No
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
     )
     argv = [
-        str(BIN / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{workdir / 'mlflow-server.db'}",
-        "--artifacts-destination", f"s3://{bucket}/mlartifacts",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'mlflow-server.db'}",
+        "--artifacts-destination",
+        f"s3://{bucket}/mlartifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
     ]
     return Server("mlflow", port, argv, env, "/health", workdir / f"mlflow-{port}.log")
 
@@ -101,7 +113,12 @@ def mlflow_server(workdir: Path, s3_url: str, bucket: str, port: int | None = No
 def make_bucket(s3_url: str, bucket: str) -> None:
     from minio import Minio
 
-    client = Minio(s3_url.split("://", 1)[1], access_key=ACCESS_KEY, secret_key=SECRET_KEY, secure=False,
-                   region="us-east-1")
+    client = Minio(
+        s3_url.split("://", 1)[1],
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        secure=False,
+        region="us-east-1",
+    )
     if not client.bucket_exists(bucket):
         client.make_bucket(bucket)

@@ -71,10 +71,14 @@ def run_local(cfg: RunConfig, pipeline_root: Path | None = None, verbose: bool =
 
     base = Path(cfg.model.base)
     if base.is_absolute() and not base.exists():
-        raise SdtuneError(f"base model folder not found: {base} (make one with `sdtune models tiny --out {base}`)")
+        raise SdtuneError(
+            f"base model folder not found: {base} (make one with `sdtune models tiny --out {base}`)"
+        )
     for source in cfg.ingest.sources:
         if Path(source).is_absolute() and not Path(source).exists():
-            raise SdtuneError(f"data source not found: {source} (make sample data with `sdtune sample-data --out {source}`)")
+            raise SdtuneError(
+                f"data source not found: {source} (make sample data with `sdtune sample-data --out {source}`)"
+            )
     if not cfg.ingest.sources:
         raise SdtuneError("no data: set ingest.sources in the config or pass ingest.sources=[DIR]")
 
@@ -90,7 +94,9 @@ def run_local(cfg: RunConfig, pipeline_root: Path | None = None, verbose: bool =
     # rather than in their images.
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
+    )
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) if pipeline_root.exists() else set()
     started = time.monotonic()
     started_ms = int(time.time() * 1000)
@@ -101,10 +107,16 @@ def run_local(cfg: RunConfig, pipeline_root: Path | None = None, verbose: bool =
     try:
         with open(log_path, "w", encoding="utf-8") as log:
             if not verbose:
-                console.print(f"running {PIPELINE_NAME} locally (task logs: {_short(str(log_path))})", soft_wrap=True)
+                console.print(
+                    f"running {PIPELINE_NAME} locally (task logs: {_short(str(log_path))})", soft_wrap=True
+                )
             # The echo console holds the real stdout: rich would otherwise follow the redirect into the log.
             echo = Console(file=sys.stdout, highlight=False).print
-            quiet = contextlib.redirect_stdout(_TaskProgress(log, echo)) if not verbose else contextlib.nullcontext()
+            quiet = (
+                contextlib.redirect_stdout(_TaskProgress(log, echo))
+                if not verbose
+                else contextlib.nullcontext()
+            )
             with quiet:
                 pipeline(config=cfg.to_param())
     except RuntimeError as exc:
@@ -119,7 +131,9 @@ def run_local(cfg: RunConfig, pipeline_root: Path | None = None, verbose: bool =
         raise PipelineError(f"pipeline finished but left no run folder under {pipeline_root}")
     run_dir = run_dirs[-1]
     summary = _task_output(run_dir, "register-op")
-    summary.update(run_dir=str(run_dir), seconds=round(elapsed, 1), ui=tracking.ui_command(), log=str(log_path))
+    summary.update(
+        run_dir=str(run_dir), seconds=round(elapsed, 1), ui=tracking.ui_command(), log=str(log_path)
+    )
     return summary
 
 
@@ -164,11 +178,19 @@ def print_summary(summary: dict) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_command(
-        config: Annotated[Path, typer.Argument(help="Run config (YAML preset), e.g. configs/debug/tiny_cpu.yaml")],
-        overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=10")] = None,
-        local_run: Annotated[bool, typer.Option("--local", help="Run here through kfp.local (no cluster)")] = False,
+        config: Annotated[
+            Path, typer.Argument(help="Run config (YAML preset), e.g. configs/debug/tiny_cpu.yaml")
+        ],
+        overrides: Annotated[
+            list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=10")
+        ] = None,
+        local_run: Annotated[
+            bool, typer.Option("--local", help="Run here through kfp.local (no cluster)")
+        ] = False,
         pipeline_root: Annotated[Path | None, typer.Option(help="Where local task artifacts go")] = None,
-        verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every task's full output")] = False,
+        verbose: Annotated[
+            bool, typer.Option("--verbose", "-v", help="Show every task's full output")
+        ] = False,
     ) -> None:
         """Run the whole pipeline: ingest → preprocess → caption → train → evaluate → register."""
         if not local_run:
@@ -178,7 +200,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("compile")
     def compile_command(
-        config: Annotated[Path | None, typer.Option("--config", help="Run config whose values become the defaults")] = None,
+        config: Annotated[
+            Path | None, typer.Option("--config", help="Run config whose values become the defaults")
+        ] = None,
         out: Annotated[Path, typer.Option(help="Output YAML file")] = Path("dist/pipelines/personalize.yaml"),
         overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
     ) -> None:

@@ -23,7 +23,9 @@ def register(app: typer.Typer) -> None:
     @runs.command("list")
     def list_command(
         experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "sdtune",
-        metric: Annotated[list[str] | None, typer.Option(help="Metric columns (default: every metric)")] = None,
+        metric: Annotated[
+            list[str] | None, typer.Option(help="Metric columns (default: every metric)")
+        ] = None,
         limit: Annotated[int, typer.Option(help="Newest N runs")] = 20,
         sweep: Annotated[str | None, typer.Option(help="Only the trials of this sweep id")] = None,
     ) -> None:
@@ -42,7 +44,11 @@ def register(app: typer.Typer) -> None:
         for r in rows:
             started = datetime.fromtimestamp(r.start_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
             table.add_row(
-                "★" if r.champion else "", r.run_id[:8], r.name, r.status, started,
+                "★" if r.champion else "",
+                r.run_id[:8],
+                r.name,
+                r.status,
+                started,
                 *(r.params.get(p, "") for p in params),
                 *(f"{r.metrics[m]:.4g}" if m in r.metrics else "" for m in metrics),
             )
@@ -51,7 +57,9 @@ def register(app: typer.Typer) -> None:
     @runs.command("compare")
     def compare_command(
         run_ids: Annotated[list[str], typer.Argument(help="Parent run ids (from `sdtune runs list`)")],
-        html: Annotated[Path | None, typer.Option(help="Also write a side-by-side page with the sample grids")] = None,
+        html: Annotated[
+            Path | None, typer.Option(help="Also write a side-by-side page with the sample grids")
+        ] = None,
     ) -> None:
         """Side by side: the params that differ and every metric."""
         from mlflow.exceptions import MlflowException

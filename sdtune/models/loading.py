@@ -154,15 +154,34 @@ def load_components(cfg: RunConfig, base: str | None = None) -> SDComponents:
     return parts
 
 
-def load_pipeline(cfg: RunConfig, base: str | None = None, torch_dtype: Any = None) -> Any:
-    """The inference pipeline for ``cfg.model.arch`` (no safety checker: evaluation only)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def pipeline_class_for(arch: str, source: str | None = None) -> Any:
+    """The diffusers pipeline class for ``arch``; a local inpainting folder (``model_index.json`` names an
+    inpaint pipeline) gets ``StableDiffusionInpaintPipeline``."""
+    import json
+
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if arch == "sdxl":
+        return StableDiffusionXLPipeline
+    index = Path(source) / "model_index.json" if source else None
+    if index is not None and index.is_file():
+        if "Inpaint" in json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""):
+            return StableDiffusionInpaintPipeline
+    return StableDiffusionPipeline
+
+
+def load_pipeline(cfg: RunConfig, base: str | None = None, torch_dtype: Any = None, **components: Any) -> Any:
+    """The inference pipeline for ``cfg.model.arch`` (no safety checker: evaluation only).
+
+    ``components`` (``unet=…``, ``text_encoder=…``) replace the stored ones without loading them — how
+    validation during training samples with the weights being trained."""
+    from diffusers import StableDiffusionXLPipeline
 
     source = resolve_base(base or cfg.model.base, cfg.model.cache_dir, cfg.model.revision)
-    cls = StableDiffusionXLPipeline if cfg.model.arch == "sdxl" else StableDiffusionPipeline
+    cls = pipeline_class_for(cfg.model.arch, source)
     kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    if cls is StableDiffusionPipeline:
+    if cls is not StableDiffusionXLPipeline:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = _from_pretrained(cls, source, cfg.model.revision, **kwargs)
+    pipe = _from_pretrained(cls, source, cfg.model.revision, **kwargs, **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -66,6 +66,9 @@ OPERATIONAL_TRAIN_KEYS = frozenset(
         "preempt_grace_s",
         "export_kohya",
         "num_processes",
+        "validation_every",
+        "validation_inference_steps",
+        "export_single_file",
     }
 )
 

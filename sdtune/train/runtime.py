@@ -62,15 +62,40 @@ def open_logger(
 
 
 def make_optimizer(tc: TrainConfig, params):
-    """AdamW (real runs) or plain SGD (``train.optimizer=sgd``: no momentum, so N ranks × batch b and one rank ×
-    batch N·b give the same weights to fp32 round-off; Adam's normalisation amplifies that round-off)."""
+    """AdamW (real runs), 8-bit AdamW (``train.optimizer=adamw8bit``: bitsandbytes on a GPU) or plain SGD
+    (``train.optimizer=sgd``: no momentum, so N ranks × batch b and one rank × batch N·b give the same weights
+    to fp32 round-off; Adam's normalisation amplifies that round-off).
+
+    ``params``: tensors, or param groups (dicts with ``params`` and their own ``lr``)."""
     params = list(params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     if tc.optimizer == "sgd":
         return torch.optim.SGD(params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay)
+    if tc.optimizer == "adamw8bit":
+        return _adamw8bit(tc, params, tensors)
     # The fused kernel turns the per-parameter update loop into a few launches: on a GPU, where the LoRA
     # step is launch-bound, that is measurable (docs/performance.md); on CPU it is within noise.
-    fused = bool(params) and all(p.is_cuda for p in params)
+    fused = bool(tensors) and all(p.is_cuda for p in tensors)
     return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay, fused=fused or None)
+
+
+def _adamw8bit(tc: TrainConfig, params, tensors):
+    """bitsandbytes' AdamW8bit, or one ConfigError line saying why it cannot be used here."""
+    from sdtune.errors import ConfigError
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(
+            "train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes), which is not installed; "
+            "use train.optimizer=adamw"
+        ) from None
+    if not torch.cuda.is_available() or not all(p.is_cuda for p in tensors):
+        raise ConfigError(
+            "train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit states live on the GPU); "
+            "this run is on CPU: use train.optimizer=adamw"
+        )
+    return bnb.optim.AdamW8bit(params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay)
 
 
 class LossTracker:

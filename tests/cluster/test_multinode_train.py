@@ -14,7 +14,6 @@ from sdtune.config import load_config
 from sdtune.data.caption import caption_dir
 from sdtune.data.ingest import ingest
 from sdtune.data.preprocess import preprocess_dir
-from tests.e2e.conftest import tiny_assets  # noqa: F401 - fixture
 from tests.servers import ACCESS_KEY, SECRET_KEY, make_bucket
 
 pytestmark = pytest.mark.slow
@@ -66,15 +65,23 @@ class LocalPods:
         return Stream()
 
 
-def test_trainjob_path_stages_data_runs_the_job_and_fetches_outputs(tiny_assets, s3_endpoint, tmp_path, monkeypatch):  # noqa: F811
+def test_trainjob_path_stages_data_runs_the_job_and_fetches_outputs(
+    tiny_assets, s3_endpoint, tmp_path, monkeypatch
+):
     monkeypatch.setenv("S3_ENDPOINT_URL", s3_endpoint.url)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     make_bucket(s3_endpoint.url, "mlpipeline")
-    cfg = load_config("configs/debug/tiny_cpu.yaml", [
-        f"model.base={tiny_assets['model']}", "train.max_steps=3", "cluster.launcher=trainjob",
-        "cluster.train_image=registry.example/sdtune-train:test", "cluster.namespace=team-a",
-    ])
+    cfg = load_config(
+        "configs/debug/tiny_cpu.yaml",
+        [
+            f"model.base={tiny_assets['model']}",
+            "train.max_steps=3",
+            "cluster.launcher=trainjob",
+            "cluster.train_image=registry.example/sdtune-train:test",
+            "cluster.namespace=team-a",
+        ],
+    )
     stage = tmp_path / "stage"
     ingest([str(tiny_assets["data"])], stage / "ingested", cfg.ingest)
     preprocess_dir(stage / "ingested", stage / "pre", cfg.preprocess)
@@ -82,8 +89,17 @@ def test_trainjob_path_stages_data_runs_the_job_and_fetches_outputs(tiny_assets,
 
     jobs = LocalJobApi()
     out = tmp_path / "out"
-    code = steps._train_as_job(cfg, stage / "captioned", out, "", "run-abc",
-                               custom_api=jobs, core_api=LocalPods(jobs), poll_s=0.01, handle_signals=False)
+    code = steps._train_as_job(
+        cfg,
+        stage / "captioned",
+        out,
+        "",
+        "run-abc",
+        custom_api=jobs,
+        core_api=LocalPods(jobs),
+        poll_s=0.01,
+        handle_signals=False,
+    )
     assert code == 0, jobs.log[-2000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "train_summary.json").is_file()

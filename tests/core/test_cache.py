@@ -64,7 +64,9 @@ def test_ingest_hits_on_same_content_and_misses_on_new_images(sdtune_home, tmp_p
     assert ingest_once("first")[0] == "miss"
     status, summary = ingest_once("again")
     assert status == "hit" and summary["images"] == 8
-    assert (tmp_path / "again" / "manifest.jsonl").read_bytes() == (tmp_path / "first" / "manifest.jsonl").read_bytes()
+    assert (tmp_path / "again" / "manifest.jsonl").read_bytes() == (
+        tmp_path / "first" / "manifest.jsonl"
+    ).read_bytes()
 
     # same folder path, one new image under it: must not hit the stale entry
     write_sample_dataset(tmp_path / "more", count=9)

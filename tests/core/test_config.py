@@ -1,4 +1,3 @@
-
 import pytest
 
 from sdtune.config import RunConfig, config_from_yaml, load_config, parse_overrides, resolve_local_paths
@@ -55,7 +54,9 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_resolve_local_paths_keeps_hub_ids_and_urls(tmp_path):
     (tmp_path / "data").mkdir()
-    cfg = load_config(None, ["model.base=org/some-model", "ingest.sources=[data, 's3://b/p', 'https://x/y.zip']"])
+    cfg = load_config(
+        None, ["model.base=org/some-model", "ingest.sources=[data, 's3://b/p', 'https://x/y.zip']"]
+    )
     fixed = resolve_local_paths(cfg, tmp_path)
     assert fixed.model.base == "org/some-model"
     assert fixed.ingest.sources == [str(tmp_path / "data"), "s3://b/p", "https://x/y.zip"]

@@ -16,7 +16,9 @@ from sdtune.manifest import (
 
 
 def _record(i: int) -> Record:
-    return Record(file=f"{i:06d}.png", caption=f"c{i}", width=8, height=8, sha256=f"{i:064x}", source=f"src/{i}.jpg")
+    return Record(
+        file=f"{i:06d}.png", caption=f"c{i}", width=8, height=8, sha256=f"{i:064x}", source=f"src/{i}.jpg"
+    )
 
 
 def test_write_and_read_back(tmp_path):

@@ -12,8 +12,12 @@ def test_report_is_self_contained(tmp_path):
         d.mkdir()
     (ev / "metrics.json").write_text(json.dumps({"loss_tuned_trigger": 0.5, "loss_split": "holdout"}))
     Image.new("RGB", (8, 4), "red").save(ev / "grid.png")
-    (model / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 6)))
-    (data / "report.json").write_text(json.dumps({"stage": "caption", "counts": {"kept": 7}, "reasons": {"corrupt": 1}}))
+    (model / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 6))
+    )
+    (data / "report.json").write_text(
+        json.dumps({"stage": "caption", "counts": {"kept": 7}, "reasons": {"corrupt": 1}})
+    )
 
     page = evaluation_report(ev, model, data)
     assert "data:image/png;base64," in page

@@ -13,7 +13,9 @@ from sdtune.config import RunConfig
 
 def test_parent_and_nested_runs(sdtune_home):
     cfg = RunConfig(name="unit")
-    parent = tracking.start_parent_run("exp-unit", "unit", cfg.model_dump(mode="json"), tags={"kfp.run_id": "k1"})
+    parent = tracking.start_parent_run(
+        "exp-unit", "unit", cfg.model_dump(mode="json"), tags={"kfp.run_id": "k1"}
+    )
     with tracking.step_run(parent, "train") as run:
         run.log_metrics({"loss": 0.5}, step=3)
         run.log_text("hello", "notes/hello.txt")
@@ -28,8 +30,9 @@ def test_parent_and_nested_runs(sdtune_home):
     assert client.get_metric_history(run.run_id, "loss")[0].step == 3
     assert client.get_run(parent).data.params["train.rank"] == str(cfg.train.rank)
     assert (sdtune_home / "mlflow.db").exists()
-    local = mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path="notes/hello.txt",
-                                                tracking_uri=tracking.tracking_uri())
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.run_id, artifact_path="notes/hello.txt", tracking_uri=tracking.tracking_uri()
+    )
     assert Path(local).read_text() == "hello"
 
 
@@ -37,7 +40,12 @@ def test_failed_step_marks_run_failed(sdtune_home):
     parent = tracking.start_parent_run("exp-unit", "unit", {}, tags={})
     with pytest.raises(RuntimeError), tracking.step_run(parent, "ingest") as run:
         raise RuntimeError("boom")
-    assert MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri()).get_run(run.run_id).info.status == "FAILED"
+    assert (
+        MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
+        .get_run(run.run_id)
+        .info.status
+        == "FAILED"
+    )
 
 
 def test_no_parent_means_no_tracking(sdtune_home):
@@ -49,7 +57,11 @@ def test_no_parent_means_no_tracking(sdtune_home):
 
 def test_params_are_an_allowlist():
     params = tracking.flatten_params(
-        {"train": {"rank": 4, "target_modules": ["a", "b"]}, "cluster": {"secrets": "s3cr3t"}, "ingest": {"sources": ["s3://k:v@b"]}}
+        {
+            "train": {"rank": 4, "target_modules": ["a", "b"]},
+            "cluster": {"secrets": "s3cr3t"},
+            "ingest": {"sources": ["s3://k:v@b"]},
+        }
     )
     assert params == {"train.rank": "4", "train.target_modules": json.dumps(["a", "b"])}
 

@@ -32,9 +32,15 @@ def test_pipeline_end_to_end_against_real_servers(tiny_assets, tmp_path, mlflow_
     """The whole pipeline, tracked by a real MLflow server with S3 artifacts; then an unchanged retrain."""
     home = tmp_path / "home"
     args = (
-        "run", "--local", "configs/debug/tiny_cpu.yaml",
-        f"model.base={tiny_assets['model']}", f"ingest.sources=[{tiny_assets['data']}]",
-        "name=e2e", "register.model_name=e2e-lora", "train.max_steps=8", "tracking.experiment=e2e",
+        "run",
+        "--local",
+        "configs/debug/tiny_cpu.yaml",
+        f"model.base={tiny_assets['model']}",
+        f"ingest.sources=[{tiny_assets['data']}]",
+        "name=e2e",
+        "register.model_name=e2e-lora",
+        "train.max_steps=8",
+        "tracking.experiment=e2e",
     )
     done = sdtune_cli(*args, env=_env(home, mlflow_endpoint.url))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -50,13 +56,17 @@ def test_pipeline_end_to_end_against_real_servers(tiny_assets, tmp_path, mlflow_
     assert parent.data.params["train.max_steps"] == "8"
     assert "loss_tuned_trigger" in parent.data.metrics
 
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert set(children) >= STEPS
     assert all(children[s].info.status == "FINISHED" for s in STEPS)
 
     losses = client.get_metric_history(children["train"].info.run_id, "loss")
     assert sorted(m.step for m in losses)[-1] == 8
-    evaluate_files = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "samples/step_000008")}
+    evaluate_files = {
+        a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "samples/step_000008")
+    }
     assert "samples/step_000008/grid.png" in evaluate_files
     model_files = {a.path for a in client.list_artifacts(children["train"].info.run_id, "model")}
     assert "model/pytorch_lora_weights.safetensors" in model_files
@@ -81,11 +91,15 @@ def test_pipeline_end_to_end_against_real_servers(tiny_assets, tmp_path, mlflow_
     # A retrain with unchanged content re-uses every expensive step and keeps the champion.
     again = sdtune_cli(*args, env=_env(home, mlflow_endpoint.url))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    second = next(r for r in client.search_runs([experiment.experiment_id], "tags.`sdtune.role` = 'parent'")
-                  if r.info.run_id != parent.info.run_id)
+    second = next(
+        r
+        for r in client.search_runs([experiment.experiment_id], "tags.`sdtune.role` = 'parent'")
+        if r.info.run_id != parent.info.run_id
+    )
     cached = _children(client, experiment.experiment_id, second.info.run_id)
     assert {s: cached[s].data.tags.get("sdtune.cache") for s in STEPS - {"register"}} == dict.fromkeys(
-        STEPS - {"register"}, "hit")
+        STEPS - {"register"}, "hit"
+    )
     assert str(client.get_model_version_by_alias("e2e-lora", "candidate").version) == "2"
     assert str(client.get_model_version_by_alias("e2e-lora", "champion").version) == "1"
 
@@ -93,8 +107,11 @@ def test_pipeline_end_to_end_against_real_servers(tiny_assets, tmp_path, mlflow_
 def test_failed_pipeline_is_one_line_and_marks_the_run_failed(tiny_assets, tmp_path):
     home = tmp_path / "home"
     done = sdtune_cli(
-        "run", "--local", "configs/debug/tiny_cpu.yaml",
-        f"model.base={tiny_assets['model']}", f"ingest.sources=[{tiny_assets['data']}]",
+        "run",
+        "--local",
+        "configs/debug/tiny_cpu.yaml",
+        f"model.base={tiny_assets['model']}",
+        f"ingest.sources=[{tiny_assets['data']}]",
         "ingest.min_images=500",
         env=_env(home),
     )
@@ -109,8 +126,13 @@ def test_failed_pipeline_is_one_line_and_marks_the_run_failed(tiny_assets, tmp_p
 
 
 def test_missing_base_model_is_a_clear_error(tmp_path):
-    done = sdtune_cli("run", "--local", "configs/debug/tiny_cpu.yaml", f"model.base={tmp_path / 'none'}",
-                      env=_env(tmp_path / "home"))
+    done = sdtune_cli(
+        "run",
+        "--local",
+        "configs/debug/tiny_cpu.yaml",
+        f"model.base={tmp_path / 'none'}",
+        env=_env(tmp_path / "home"),
+    )
     assert done.returncode != 0
     assert "base model folder not found" in done.stderr
     assert "Traceback" not in done.stderr

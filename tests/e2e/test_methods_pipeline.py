@@ -20,9 +20,14 @@ OUTPUT = {
     "dreambooth": "model_index.json",
 }
 FAST = [
-    "train.max_steps=2", "evaluate.prompts=['a photo of {trigger} {class_noun}']", "evaluate.seeds=[0]",
-    "evaluate.num_inference_steps=1", "evaluate.loss_seeds=[0]", "evaluate.loss_timesteps=[500]",
-    "train.num_class_images=2", "train.class_image_steps=1",
+    "train.max_steps=2",
+    "evaluate.prompts=['a photo of {trigger} {class_noun}']",
+    "evaluate.seeds=[0]",
+    "evaluate.num_inference_steps=1",
+    "evaluate.loss_seeds=[0]",
+    "evaluate.loss_timesteps=[500]",
+    "train.num_class_images=2",
+    "train.class_image_steps=1",
 ]
 
 
@@ -36,13 +41,22 @@ def test_pipeline_runs_each_method(method, tiny_assets, shared_home):
     # One of the runs also fans preprocessing out over 3 shards (12 sample images, 4 per shard).
     shards = ["ingest.shard_size=4"] if method == "textual_inversion" else []
     done = sdtune_cli(
-        "run", "--local", "configs/debug/tiny_cpu.yaml",
-        f"model.base={tiny_assets['model']}", f"ingest.sources=[{tiny_assets['data']}]",
-        f"train.method={method}", f"name=e2e-{method}", f"register.model_name=e2e-{method}", *FAST, *shards,
+        "run",
+        "--local",
+        "configs/debug/tiny_cpu.yaml",
+        f"model.base={tiny_assets['model']}",
+        f"ingest.sources=[{tiny_assets['data']}]",
+        f"train.method={method}",
+        f"name=e2e-{method}",
+        f"register.model_name=e2e-{method}",
+        *FAST,
+        *shards,
         env=_env(shared_home),
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    model_dir = Path(next(line.split()[-1] for line in done.stdout.splitlines() if line.startswith("Model files")))
+    model_dir = Path(
+        next(line.split()[-1] for line in done.stdout.splitlines() if line.startswith("Model files"))
+    )
     files = {p.name for p in model_dir.iterdir()}
     assert OUTPUT[method] in files, files
     summary = json.loads((model_dir / "train_summary.json").read_text())
@@ -51,6 +65,10 @@ def test_pipeline_runs_each_method(method, tiny_assets, shared_home):
         uri = f"sqlite:///{shared_home / 'mlflow.db'}"
         client = MlflowClient(uri, registry_uri=uri)
         parent = next(line.split()[-1] for line in done.stdout.splitlines() if line.startswith("MLflow run"))
-        steps = {r.info.run_name for r in client.search_runs(
-            [client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")}
+        steps = {
+            r.info.run_name
+            for r in client.search_runs(
+                [client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"
+            )
+        }
         assert {"preprocess-0000", "preprocess-0001", "preprocess-0002", "merge", "caption"} <= steps

@@ -31,18 +31,42 @@ def encoders(tmp_path_factory):
     tiny = build_tiny("sd15", root / "sd")
     tokenizer = CLIPTokenizer.from_pretrained(tiny / "tokenizer")
     torch.manual_seed(0)
-    clip = CLIPModel(CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 77},
-        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 37,
-                       "num_hidden_layers": 1, "num_attention_heads": 2},
-        projection_dim=16,
-    ))
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 77,
+            },
+            vision_config={
+                "image_size": 32,
+                "patch_size": 8,
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            },
+            projection_dim=16,
+        )
+    )
     clip.save_pretrained(root / "clip")
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(root / "clip")
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=37)).save_pretrained(root / "vit")
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    ).save_pretrained(root / "clip")
+    ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+        )
+    ).save_pretrained(root / "vit")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "vit")
     return root
 
@@ -53,8 +77,16 @@ def _evaluation_dir(tmp_path):
     records = []
     for i, colour in enumerate(["red", "orange", "teal", "navy", "olive"]):
         Image.new("RGB", (32, 32), colour).save(data / f"{i}.png")
-        records.append(Record(file=f"{i}.png", width=32, height=32, sha256=str(i), source=str(i),
-                              split="holdout" if i == 4 else "train"))
+        records.append(
+            Record(
+                file=f"{i}.png",
+                width=32,
+                height=32,
+                sha256=str(i),
+                source=str(i),
+                split="holdout" if i == 4 else "train",
+            )
+        )
     write_stage(data, records, StageReport(stage="caption"))
     for row, colour in (("base", "gray"), ("tuned", "red")):
         (ev / "samples" / row).mkdir(parents=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from tests.cluster.conftest import manifests_check
-from tests.e2e.conftest import tiny_assets  # noqa: F401  (re-exported fixture)
 
 
 @pytest.fixture(scope="session")

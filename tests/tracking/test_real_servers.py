@@ -45,8 +45,14 @@ def test_outage_mid_run_loses_nothing(tmp_path, s3_endpoint, monkeypatch):
     try:
         parent = tracking.start_parent_run("outage", "p", {})
         with tracking.step_run(parent, "train") as run:
-            logger = tracking.MLflowLogger(run.run_id, flush_every=5, retry_base_s=0.2, retry_max_s=1.0,
-                                           close_timeout_s=60, spool_dir=tmp_path / "spool")
+            logger = tracking.MLflowLogger(
+                run.run_id,
+                flush_every=5,
+                retry_base_s=0.2,
+                retry_max_s=1.0,
+                close_timeout_s=60,
+                spool_dir=tmp_path / "spool",
+            )
             for step in range(1, 21):
                 logger.log({"loss": 1.0 / step}, step)
             server.stop()  # the server goes away mid-run
@@ -79,7 +85,9 @@ def test_server_down_at_close_spools_then_replays(tmp_path, s3_endpoint, monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     try:
         parent = tracking.start_parent_run("spool", "p", {})
-        logger = tracking.MLflowLogger(parent, flush_every=1000, close_timeout_s=0.5, spool_dir=tmp_path / "spool")
+        logger = tracking.MLflowLogger(
+            parent, flush_every=1000, close_timeout_s=0.5, spool_dir=tmp_path / "spool"
+        )
         for step in range(1, 11):
             logger.log({"loss": float(step)}, step)
         server.stop()
@@ -88,7 +96,10 @@ def test_server_down_at_close_spools_then_replays(tmp_path, s3_endpoint, monkeyp
         assert len(spooled) == 1
         server = mlflow_server(workdir, s3_endpoint.url, "mlflow", port=port).start(timeout=90)
         assert tracking.replay_spool(spooled[0]) == 10
-        steps = {m.step for m in MlflowClient(server.url, registry_uri=server.url).get_metric_history(parent, "loss")}
+        steps = {
+            m.step
+            for m in MlflowClient(server.url, registry_uri=server.url).get_metric_history(parent, "loss")
+        }
         assert steps == set(range(1, 11))
         assert not spooled[0].exists()
     finally:
