@@ -129,13 +129,19 @@ def start_parent_run(
 
 def find_parent_run(experiment: str, kfp_run_id: str) -> str | None:
     """The parent run opened for a KFP run (looked up by tag, so exit handlers need no task outputs)."""
+    return find_parent_run_by_tag(experiment, "kfp.run_id", kfp_run_id)
+
+
+def find_parent_run_by_tag(experiment: str, tag: str, value: str) -> str | None:
+    """The oldest parent run whose ``tag`` equals ``value`` (oldest: if a race ever created two)."""
     client = _client()
     found = client.get_experiment_by_name(experiment)
-    if found is None or not kfp_run_id:
+    if found is None or not value:
         return None
     runs = client.search_runs(
         [found.experiment_id],
-        filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and tags.`sdtune.role` = 'parent'",
+        filter_string=f"tags.`{tag}` = '{value}' and tags.`sdtune.role` = 'parent'",
+        order_by=["attributes.start_time ASC"],
         max_results=1,
     )
     return runs[0].info.run_id if runs else None

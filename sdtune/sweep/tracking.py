@@ -67,18 +67,8 @@ def start_sweep_run(
 
 
 def find_sweep_run(experiment: str, sweep_id: str) -> str | None:
-    """The parent run of a sweep (oldest, if a race ever created two)."""
-    client = tracking._client()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs(
-        [found.experiment_id],
-        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`sdtune.role` = 'parent'",
-        order_by=["attributes.start_time ASC"],
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
+    """The parent run of a sweep."""
+    return tracking.find_parent_run_by_tag(experiment, SWEEP_TAG, sweep_id)
 
 
 def open_trial_run(sweep_run_id: str, trial: Trial, cfg: RunConfig | None, sweep_id: str = "") -> str:

@@ -250,7 +250,18 @@ def scaled_latents(
 
 def unet_conditioning(data: EncodedData, idx: torch.Tensor) -> dict:
     """Keyword arguments for the UNet call for the batch ``idx``."""
-    kwargs: dict = {"encoder_hidden_states": data.prompt_embeds[idx]}
-    if data.pooled_embeds is not None:
-        kwargs["added_cond_kwargs"] = {"text_embeds": data.pooled_embeds[idx], "time_ids": data.time_ids[idx]}
+    return unet_kwargs(
+        {
+            "prompt_embeds": data.prompt_embeds[idx],
+            "pooled_embeds": data.pooled_embeds[idx] if data.pooled_embeds is not None else None,
+            "time_ids": data.time_ids[idx] if data.time_ids is not None else None,
+        }
+    )
+
+
+def unet_kwargs(text: dict) -> dict:
+    """UNet keyword arguments from :func:`text_conditioning`'s output (SDXL: plus the added conditioning)."""
+    kwargs: dict = {"encoder_hidden_states": text["prompt_embeds"]}
+    if text.get("pooled_embeds") is not None:
+        kwargs["added_cond_kwargs"] = {"text_embeds": text["pooled_embeds"], "time_ids": text["time_ids"]}
     return kwargs

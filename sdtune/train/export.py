@@ -21,13 +21,13 @@ KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder
 
 
 def peft_to_kohya(
-    state_dict: dict[str, torch.Tensor], alpha: float, component: str = "unet"
+    state_dict: dict[str, torch.Tensor], alpha: float, component: str = "unet", sdxl: bool = False
 ) -> dict[str, torch.Tensor]:
     """peft LoRA weights of one model (``…to_q.lora_A.weight`` keys, as ``get_peft_model_state_dict`` gives
     them) → kohya keys, with an ``alpha`` entry per module. ``component``: unet, text_encoder, text_encoder_2."""
     prefix = KOHYA_PREFIX[component]
-    if component == "text_encoder":
-        prefix = "lora_te_"  # SD 1.x spelling; te1 is SDXL's
+    if component == "text_encoder" and not sdxl:
+        prefix = "lora_te_"  # SD 1.x/2.x spelling; te1 is SDXL's
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         for peft_part, kohya_part in (
@@ -51,13 +51,14 @@ def save_kohya_lora(
     parts: dict[str, tuple[dict[str, torch.Tensor], float]],
     path: Path,
     metadata: dict[str, str] | None = None,
+    sdxl: bool = False,
 ) -> Path:
     """``parts``: component name → (peft state dict, alpha). Writes one kohya-format safetensors file."""
     from safetensors.torch import save_file
 
     merged: dict[str, torch.Tensor] = {}
     for component, (state_dict, alpha) in parts.items():
-        merged.update(peft_to_kohya(state_dict, alpha, component))
+        merged.update(peft_to_kohya(state_dict, alpha, component, sdxl=sdxl))
     save_file(merged, str(path), metadata={"format": "pt", **(metadata or {})})
     return path
 

@@ -10,7 +10,11 @@ Features (config key → behaviour):
 
 - ``model.base`` / ``model.arch``: local folder, ``s3://`` or hub id; ``sdxl`` adds the second text encoder
   and size/crop conditioning.
-- ``train.rank``, ``train.alpha`` (default = rank), ``train.target_modules``: the peft ``LoraConfig``.
+- ``train.rank``, ``train.alpha`` (default = rank), ``train.target_modules``: the peft ``LoraConfig``;
+  ``train.use_dora``: weight-decomposed LoRA (DoRA; diffusers file only, kohya has no DoRA format).
+- ``train.train_text_encoder``: a LoRA on the text encoder(s) too (``text_encoder_target_modules``), at
+  ``text_encoder_lr``; captions are then tokenized once and encoded every step (the encoder changes).
+- ``train.validation_every``: sample grids with the current weights (:mod:`sdtune.train.validation`).
 - Data: the ``split == "train"`` records of the stage directory at ``preprocess.resolution``, sharded by
   rank; VAE latents and text embeddings are computed ONCE before the loop (see :mod:`sdtune.train.data`).
 - ``train.batch_size`` per process, ``gradient_accumulation_steps``, ``max_grad_norm``, AdamW
@@ -22,7 +26,7 @@ Features (config key → behaviour):
   scalar all_reduce per step so every rank sees a SIGTERM at the same step).
 - ``train.checkpoint_every`` / ``keep_checkpoints`` / ``checkpoint_dir`` / ``resume``: atomic checkpoints and
   bit-exact resume (:mod:`sdtune.train.checkpoint`); SIGTERM → checkpoint + exit 75 within ``preempt_grace_s``.
-- ``train.optimizer``: adamw, or sgd (for exact multi-process equivalence checks).
+- ``train.optimizer``: adamw, adamw8bit (bitsandbytes, GPU), or sgd (for exact multi-process equivalence checks).
 
 Writes (rank 0): ``pytorch_lora_weights.safetensors`` (diffusers), ``lora_kohya.safetensors`` (kohya/A1111/
 ComfyUI, unless ``train.export_kohya=false``), ``metrics.jsonl``, ``config.yaml``, ``train_summary.json``,
@@ -46,6 +50,7 @@ from . import checkpoint as C
 from . import data as D
 from . import losses as L
 from .outputs import TrainResult, save_unet_lora, write_run_files
+from .validation import Validator
 from .runtime import (
     LossTracker,
     PreemptWatch,
@@ -80,9 +85,18 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         scheduler = parts.noise_scheduler
         prediction_type = tc.prediction_type or scheduler.config.prediction_type
         vae_config = parts.vae.config
-        del parts.vae, parts.text_encoder, parts.text_encoder_2  # everything they compute is cached
+        del parts.vae  # the latents are cached; the text encoders too unless they train
+        encoders: dict[str, torch.nn.Module] = {}
+        if tc.train_text_encoder:
+            token_ids = {
+                k: v.to(device)
+                for k, v in D.tokenize_prompts(parts, [D.caption_of(r, cfg) for r in records]).items()
+            }
+            encoders = {k: getattr(parts, k) for k in ("text_encoder", "text_encoder_2") if getattr(parts, k)}
+        else:
+            del parts.text_encoder, parts.text_encoder_2
 
-        # 2. LoRA adapter on the UNet's attention projections; only its weights train (in fp32).
+        # 2. LoRA adapters on the UNet's attention projections (and the text encoders'); only they train (fp32).
         from peft import LoraConfig
 
         unet = parts.unet.to(device)
@@ -94,22 +108,44 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 lora_alpha=tc.alpha or tc.rank,
                 init_lora_weights="gaussian",
                 target_modules=tc.target_modules,
+                use_dora=tc.use_dora,
             )
         )
         params = [p for p in unet.parameters() if p.requires_grad]
-        for p in params:
+        te_params: list[torch.nn.Parameter] = []
+        for encoder in encoders.values():
+            encoder.to(device, dtype)
+            encoder.add_adapter(
+                LoraConfig(
+                    r=tc.rank,
+                    lora_alpha=tc.alpha or tc.rank,
+                    init_lora_weights="gaussian",
+                    target_modules=tc.text_encoder_target_modules,
+                    use_dora=tc.use_dora,
+                )
+            )
+            te_params += [p for p in encoder.parameters() if p.requires_grad]
+        for p in params + te_params:
             p.data = p.data.float()
         if tc.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
 
         from diffusers.optimization import get_scheduler
 
-        optimizer = make_optimizer(tc, params)
+        groups = [{"params": params, "lr": tc.learning_rate}]
+        if te_params:
+            groups.append({"params": te_params, "lr": tc.text_encoder_lr or tc.learning_rate})
+        optimizer = make_optimizer(tc, groups)
         lr_scheduler = get_scheduler(
             tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps, num_training_steps=tc.max_steps
         )
+        # The text encoders stay unwrapped: their LoRA gradients are averaged over ranks by hand below (SDXL's
+        # first encoder feeds its penultimate layer, so its last layer gets no gradient, which DDP rejects).
         unet, optimizer = accelerator.prepare(unet, optimizer)
         unet.train()
+        for encoder in encoders.values():
+            encoder.train()
+        validate = Validator(cfg, out_dir, log, accelerator)
 
         # 3. Loop: one optimizer step per `step`, over `gradient_accumulation_steps` micro-batches. Every rank
         # draws the randomness of the global batch (same seed) and keeps its slice (see data.GlobalDraw).
@@ -117,7 +153,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         draw = D.GlobalDraw(gen, rank, world)
         batches = D.EpochSampler(len(cache), tc.batch_size, tc.seed + rank)
         state = C.TrainState(
-            modules={"unet": accelerator.unwrap_model(unet)},
+            modules={"unet": accelerator.unwrap_model(unet), **encoders},
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             generators={"noise": gen},
@@ -143,7 +179,12 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                     noise = L.sample_noise(latents, draw, tc.noise_offset)
                     t = L.sample_timesteps(len(idx), scheduler.config.num_train_timesteps, draw, device)
                     noisy = scheduler.add_noise(latents, noise, t)
-                    pred = unet(noisy, t, **D.unet_conditioning(cache, idx)).sample
+                    if encoders:  # the trainable encoders run every step
+                        ids = {k: v[idx] for k, v in token_ids.items()}
+                        cond = D.unet_kwargs(D.text_conditioning(parts, ids, cfg.preprocess.resolution))
+                    else:
+                        cond = D.unet_conditioning(cache, idx)
+                    pred = unet(noisy, t, **cond).sample
                     target = L.prediction_target(scheduler, latents, noise, t, prediction_type)
                     loss = L.diffusion_loss(
                         pred,
@@ -155,7 +196,9 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                     ).mean()
                     accelerator.backward(loss / tc.gradient_accumulation_steps)
                 tracker.add(loss, step, idx)
-            grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+            if te_params and world > 1:
+                _average_gradients(te_params)
+            grad_norm = accelerator.clip_grad_norm_(params + te_params, tc.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -167,8 +210,10 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if log is not None:
                     log.log(metrics, step)
+            validate(step, unet=accelerator.unwrap_model(unet), **encoders)
             C.end_of_step(step, cfg, out_dir, state, accelerator, tracker, watch)
         bar.close()
+        validate.close()
         watch.close()
         seconds = time.perf_counter() - started
         trained = tc.max_steps - start
@@ -182,13 +227,19 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             seconds=round(seconds, 3),
             steps_per_sec=round(trained / max(seconds, 1e-9), 3),
             num_processes=world,
-            extra={"resumed_from_step": start, "attempt": state.attempt},
+            extra={
+                "resumed_from_step": start,
+                "attempt": state.attempt,
+                "text_encoder_lora": sorted(encoders),
+                "dora": tc.use_dora,
+                "validation_grids": [str(p.relative_to(out_dir)) for p in validate.files],
+            },
         )
         same = replicas_identical(accelerator.unwrap_model(unet), accelerator)  # all ranks take part
         if same is not None:
             result.extra["replicas_identical"] = same
         if accelerator.is_main_process:
-            result.files = save_unet_lora(accelerator.unwrap_model(unet), out_dir, cfg)
+            result.files = save_unet_lora(accelerator.unwrap_model(unet), out_dir, cfg, text_encoders=encoders)
             write_run_files(cfg, out_dir, result)
     finally:
         watch.close()
@@ -196,3 +247,15 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             log.close()
     shutdown(accelerator)
     return result
+
+
+def _average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Mean of each gradient over the ranks (a parameter that got none counts as zero), one all_reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset : offset + g.numel()].view_as(g)
+        offset += g.numel()

@@ -36,28 +36,38 @@ class TrainResult:
         return data
 
 
-def pipeline_class(arch: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def pipeline_class(arch: str, inpaint: bool = False):
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    if arch == "sdxl":
+        return StableDiffusionXLPipeline
+    return StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
 
 
-def save_unet_lora(unet, out_dir: Path, cfg: RunConfig) -> list[str]:
-    """Diffusers-format LoRA (with the adapter config as metadata, so alpha ≠ rank loads right) and, when
-    ``train.export_kohya``, the same weights in kohya/A1111/ComfyUI format. Returns the file names."""
+def save_unet_lora(unet, out_dir: Path, cfg: RunConfig, text_encoders: dict | None = None) -> list[str]:
+    """Diffusers-format LoRA (with the adapter configs as metadata, so alpha ≠ rank loads right) and, when
+    ``train.export_kohya`` (and not DoRA, which kohya's format cannot hold), the same weights in
+    kohya/A1111/ComfyUI format. ``text_encoders``: ``{"text_encoder": module, "text_encoder_2": module}``
+    with LoRA adapters (``train.train_text_encoder``). Returns the file names."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     peft_state = get_peft_model_state_dict(unet)
     lora_config = unet.peft_config["default"]
-    pipeline_class(cfg.model.arch).save_lora_weights(
-        out_dir,
-        unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
-        unet_lora_adapter_metadata=lora_config.to_dict(),
-        safe_serialization=True,
-    )
+    kwargs: dict = {
+        "unet_lora_layers": convert_state_dict_to_diffusers(peft_state),
+        "unet_lora_adapter_metadata": lora_config.to_dict(),
+    }
+    kohya_parts = {"unet": (peft_state, lora_config.lora_alpha)}
+    for name, encoder in (text_encoders or {}).items():
+        te_state = get_peft_model_state_dict(encoder)
+        te_config = encoder.peft_config["default"]
+        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(te_state)
+        kwargs[f"{name}_lora_adapter_metadata"] = te_config.to_dict()
+        kohya_parts[name] = (te_state, te_config.lora_alpha)
+    pipeline_class(cfg.model.arch).save_lora_weights(out_dir, safe_serialization=True, **kwargs)
     files = [LORA_WEIGHTS]
-    if cfg.train.export_kohya:
+    if cfg.train.export_kohya and not cfg.train.use_dora:
         from .export import save_kohya_lora
 
         meta = {
@@ -66,7 +76,7 @@ def save_unet_lora(unet, out_dir: Path, cfg: RunConfig) -> list[str]:
             "ss_network_alpha": str(lora_config.lora_alpha),
             "sdtune_trigger": cfg.caption.trigger,
         }
-        save_kohya_lora({"unet": (peft_state, lora_config.lora_alpha)}, out_dir / KOHYA_LORA, meta)
+        save_kohya_lora(kohya_parts, out_dir / KOHYA_LORA, meta, sdxl=cfg.model.arch == "sdxl")
         files.append(KOHYA_LORA)
     return files
 

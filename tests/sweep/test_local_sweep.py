@@ -5,28 +5,19 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO_ROOT
+from tests.e2e.conftest import sdtune_cli
 from tests.sweep.chromium import assert_renders
 
 pytestmark = pytest.mark.slow
 
 
 def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sdtune.cli", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    return sdtune_cli(*args, env=env, timeout=900)
 
 
 def test_local_sweep_picks_and_registers_the_best(tiny_assets, tmp_path):

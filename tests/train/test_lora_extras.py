@@ -1,0 +1,101 @@
+"""LoRA extras: text-encoder LoRA (diffusers + kohya files), DoRA, validation grids, the 8-bit Adam message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sdtune.cli import main
+from tests.train.conftest import write_config
+
+
+def _generate(pipe, prompt="a photo of sks toy robot"):
+    return pipe(
+        prompt,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+
+
+def _pipe(cls, base):
+    pipe = cls.from_pretrained(base, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_text_encoder_lora_with_validation(tmp_path, tiny_sd15, tiny_sdxl, stage_dir, arch):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    base, cls = (tiny_sd15, StableDiffusionPipeline) if arch == "sd15" else (tiny_sdxl, StableDiffusionXLPipeline)
+    config = write_config(
+        tmp_path / "c.yaml",
+        base,
+        model={"arch": arch},
+        train={
+            "max_steps": 4,
+            "train_text_encoder": True,
+            "text_encoder_lr": 1e-2,
+            "validation_every": 2,
+            "validation_inference_steps": 2,
+        },
+    )
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    encoders = ["text_encoder"] if arch == "sd15" else ["text_encoder", "text_encoder_2"]
+    assert summary["extra"]["text_encoder_lora"] == encoders
+    assert summary["extra"]["validation_grids"] == ["validation/step_000002.png", "validation/step_000004.png"]
+    assert (out / "validation" / "step_000004.png").is_file()
+
+    with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as fh:
+        keys = list(fh.keys())
+    for name in encoders:
+        assert any(k.startswith(f"{name}.") for k in keys), name
+    with safe_open(out / "lora_kohya.safetensors", "pt") as fh:
+        kohya = list(fh.keys())
+    te_prefix = "lora_te_" if arch == "sd15" else "lora_te1_"
+    assert any(k.startswith(te_prefix) and k.endswith(".alpha") for k in kohya)
+
+    pipe = _pipe(cls, base)
+    before = _generate(pipe)
+    pipe.load_lora_weights(out, adapter_name="diffusers")
+    after = _generate(pipe)
+    assert (after - before).abs().max() > 1e-3
+    # Text-encoder LoRA alone changes the image too (it was loaded, not dropped).
+    pipe.set_adapters(["diffusers"])
+    pipe.delete_adapters("diffusers")
+    state, alphas = pipe.lora_state_dict(out, weight_name="lora_kohya.safetensors")
+    assert any(k.startswith("text_encoder.") for k in state) and alphas
+    pipe.load_lora_weights(out, weight_name="lora_kohya.safetensors", adapter_name="kohya")
+    kohya_image = _generate(pipe)
+    assert (kohya_image - after).abs().max() < 0.05 * (after - before).abs().max()
+
+
+def test_dora_trains_and_loads(tmp_path, tiny_sd15, stage_dir):
+    from diffusers import StableDiffusionPipeline
+
+    config = write_config(tmp_path / "c.yaml", tiny_sd15, train={"max_steps": 3, "use_dora": True})
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
+    assert not (out / "lora_kohya.safetensors").exists()  # kohya's format has no DoRA
+    with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as fh:
+        assert any("magnitude" in k for k in fh.keys())  # noqa: SIM118
+    pipe = _pipe(StableDiffusionPipeline, tiny_sd15)
+    before = _generate(pipe)
+    pipe.load_lora_weights(out)
+    assert (_generate(pipe) - before).abs().max() > 1e-3
+
+
+def test_adamw8bit_says_why_not_here(tmp_path, tiny_config, stage_dir, capsys):
+    out = tmp_path / "out"
+    args = ["train", "--config", str(tiny_config), "--data", str(stage_dir), "--out", str(out)]
+    assert main([*args, "train.optimizer=adamw8bit"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "train.optimizer=adamw8bit" in err and ("bitsandbytes" in err or "CUDA" in err)
