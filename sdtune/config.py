@@ -82,6 +82,8 @@ class PreprocessConfig(Section):
     mask_prompt: str | None = None  # e.g. "a dog": CLIPSeg subject masks saved as NNNNNN.mask.png
     mask_model: str | None = None  # CLIPSeg weights: local folder, hub id or s3://bucket/prefix
     mask_threshold: float = Field(0.4, ge=0.0, le=1.0)  # CLIPSeg probability counted as subject
+    # clipseg: masks when mask_prompt is set; face: feathered ellipses over the faces OpenCV finds (faces extra)
+    mask_source: Literal["clipseg", "face"] = "clipseg"
     workers: int | None = Field(None, ge=1)  # processes; None: min(4, CPUs); model steps run in-process
     cache_dir: str = ".sdtune/cache/models"  # where s3:// model weights are downloaded
     parallel_shards: int = Field(8, ge=1)  # preprocess tasks running at once when ingest is sharded
@@ -93,8 +95,10 @@ class CaptionConfig(Section):
     template: str = "a photo of {trigger} {class_noun}"
     use_sidecars: bool = True
     holdout_fraction: float = Field(0.15, ge=0.0, lt=1.0)  # held out for evaluation (≥1 image if ≥5)
-    captioner: Literal["template", "blip"] = "template"  # blip: a captioning model for uncaptioned images
-    captioner_model: str | None = None  # BLIP weights: local folder, hub id or s3://bucket/prefix
+    # blip / blip2 / florence2: a captioning model for uncaptioned images
+    captioner: Literal["template", "blip", "blip2", "florence2"] = "template"
+    captioner_model: str | None = None  # the model's weights: local folder, hub id or s3://bucket/prefix
+    florence2_task: Literal["<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>"] = "<CAPTION>"
     model_template: str = "a photo of {trigger} {class_noun}, {caption}"  # wraps a model's caption
     batch_size: int = Field(8, ge=1)  # images per captioning-model call
     max_new_tokens: int = Field(30, ge=1)  # longest caption the model may generate

@@ -1,7 +1,7 @@
 """``caption_dir``: give every image a caption and a train/holdout split.
 
 A sidecar caption carried from ingest (``name.txt`` beside ``name.jpg``, or a catalogue column) wins when
-``use_sidecars`` is on; otherwise a captioning model (``captioner: blip``, batched, wrapped in
+``use_sidecars`` is on; otherwise a captioning model (``captioner: blip|blip2|florence2``, batched, wrapped in
 ``model_template``) or the template (``"a photo of {trigger} {class_noun}"``) gives one. With ``tokenizer`` set,
 captions longer than the text encoder reads are cut and reported (``caption_truncated``). The
 holdout split is deterministic in the images' *content* (sha256 order), so re-running, or ingesting the same
@@ -50,11 +50,11 @@ def caption_dir(
     records_in = read_manifest(in_dir)
     template = template_caption(cfg)
     captioner = None
-    if cfg.captioner == "blip":
-        from sdtune.data.captioners import BlipCaptioner, wrap_model_caption
+    if cfg.captioner != "template":
+        from sdtune.data.captioners import load_captioner, wrap_model_caption
 
         wrap_model_caption(cfg, "")  # a bad model_template fails before the model loads
-        captioner = BlipCaptioner(cfg)
+        captioner = load_captioner(cfg)
     limit = None
     if cfg.tokenizer:
         from sdtune.data.captioners import TokenLimit
@@ -80,6 +80,8 @@ def caption_dir(
                 if progress:
                     progress(record.file)
         summary = {"images": len(records_in), "holdout": len(held_out), **counts, "template": template}
+        if captioner is not None:
+            summary["captioner"] = cfg.captioner
         return writer.close(summary)
 
 

@@ -17,26 +17,86 @@ from sdtune.data.hfmodels import load_pretrained, resolve_weights
 from sdtune.errors import ConfigError
 
 
-class BlipCaptioner:
-    """BLIP (``BlipForConditionalGeneration``) with its processor, captioning a batch of images at a time."""
+class ModelCaptioner:
+    """A transformers captioning model with its processor, captioning a batch of images at a time.
+
+    Subclasses name the model class; the weights come from ``caption.captioner_model`` (a local folder, a
+    hub id or ``s3://``). The model runs on the GPU when there is one.
+    """
+
+    model_class = ""  # a transformers class name
 
     def __init__(self, cfg: CaptionConfig) -> None:
-        from transformers import AutoProcessor, BlipForConditionalGeneration
+        import torch
+        import transformers
 
         setting = "caption.captioner_model"
-        self.model = load_pretrained(
-            BlipForConditionalGeneration, cfg.captioner_model, setting, cfg.cache_dir
+        model_cls = getattr(transformers, self.model_class)
+        self.model = load_pretrained(model_cls, cfg.captioner_model, setting, cfg.cache_dir)
+        self.processor = load_pretrained(
+            transformers.AutoProcessor, cfg.captioner_model, setting, cfg.cache_dir
         )
-        self.processor = load_pretrained(AutoProcessor, cfg.captioner_model, setting, cfg.cache_dir)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(self.device)
         self.max_new_tokens = cfg.max_new_tokens
+        self.cfg = cfg
+
+    def inputs(self, images: list[Image.Image]) -> dict:
+        return dict(self.processor(images=images, return_tensors="pt"))
 
     def __call__(self, images: list[Image.Image]) -> list[str]:
         import torch
 
-        inputs = self.processor(images=images, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in self.inputs(images).items()}
+        inputs.pop("token_type_ids", None)  # BERT-style tokenizers add them; generate() rejects them
         with torch.inference_mode():
             ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
-        return [" ".join(text.split()) for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
+        texts = self.processor.batch_decode(ids, skip_special_tokens=True)
+        return [clean_caption(text) for text in texts]
+
+
+class BlipCaptioner(ModelCaptioner):
+    """BLIP (``BlipForConditionalGeneration``), e.g. ``Salesforce/blip-image-captioning-base``."""
+
+    model_class = "BlipForConditionalGeneration"
+
+
+class Blip2Captioner(ModelCaptioner):
+    """BLIP-2 (``Blip2ForConditionalGeneration``), e.g. ``Salesforce/blip2-opt-2.7b``.
+
+    With images only, the model's ``generate`` starts the text from its query tokens and BOS; the decoded
+    output of a decoder-only language model repeats that prompt, which ``skip_special_tokens`` removes.
+    """
+
+    model_class = "Blip2ForConditionalGeneration"
+
+
+class Florence2Captioner(ModelCaptioner):
+    """Florence-2 (``Florence2ForConditionalGeneration``, a native transformers class), asked the
+    ``florence2_task`` (``<CAPTION>`` …). It needs weights in the native format, e.g.
+    ``florence-community/Florence-2-base``: ``microsoft/Florence-2-*`` hold remote code, which is never run."""
+
+    model_class = "Florence2ForConditionalGeneration"
+
+    def inputs(self, images: list[Image.Image]) -> dict:
+        task = [self.cfg.florence2_task] * len(images)
+        return dict(self.processor(text=task, images=images, return_tensors="pt"))
+
+
+CAPTIONERS: dict[str, type[ModelCaptioner]] = {
+    "blip": BlipCaptioner,
+    "blip2": Blip2Captioner,
+    "florence2": Florence2Captioner,
+}
+
+
+def load_captioner(cfg: CaptionConfig) -> ModelCaptioner:
+    return CAPTIONERS[cfg.captioner](cfg)
+
+
+def clean_caption(text: str) -> str:
+    """One line of printable text: whitespace runs become one space, control characters go."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
 
 
 class TokenLimit:

@@ -24,7 +24,9 @@ from sdtune.manifest import (
 )
 
 # Summary values that describe the run rather than count things: kept when shards agree, never summed.
-SETTINGS = frozenset({"resolution", "crop", "upscaler", "template", "shard", "workers", "mask_prompt"})
+SETTINGS = frozenset(
+    {"resolution", "crop", "upscaler", "template", "shard", "workers", "mask_prompt", "mask_source", "captioner"}
+)
 
 
 def write_shards(out_dir: Path, n_records: int, shard_size: int) -> list[dict[str, int]]:

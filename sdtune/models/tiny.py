@@ -1,8 +1,11 @@
 """Tiny, seeded, randomly initialised Stable Diffusion pipelines for tests and the CPU demo.
 
 ``build_tiny("sd15", out)`` writes a diffusers folder (UNet, VAE, CLIP text encoder, tokenizer, scheduler,
-no safety checker) that ``StableDiffusionPipeline.from_pretrained(out)`` loads offline; ``"sdxl"`` writes a
-``StableDiffusionXLPipeline`` folder with two text encoders. Sizes follow diffusers' own
+no safety checker) that ``StableDiffusionPipeline.from_pretrained(out)`` loads offline; ``"sd15-inpaint"`` the
+same with a 9-channel UNet (latents + mask + masked-image latents) for ``StableDiffusionInpaintPipeline``;
+``"sd2"`` an SD 2.x-style one (v-prediction scheduler, linear-projection attention with per-block head dims,
+GELU text encoder as in OpenCLIP ViT-H); ``"sdxl"`` a ``StableDiffusionXLPipeline`` folder with two text
+encoders. Sizes follow diffusers' own
 ``get_dummy_components`` (~1.7 M parameters, 64 px images in about a second on a CPU).
 
 The tokenizer is a small BPE trained with ``tokenizers`` on a fixed word list (common prompt words and the
@@ -16,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-ARCHS = ("sd15", "sdxl")
+ARCHS = ("sd15", "sd15-inpaint", "sd2", "sdxl")
 
 # Every word a prompt in tests, presets or the demo may use; characters outside still tokenize (per letter).
 _WORD_TEXT = """
@@ -37,7 +40,7 @@ MAX_LENGTH = 77
 
 
 def build_tiny(arch: str, out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny ``arch`` ("sd15" or "sdxl") diffusers pipeline folder to ``out_dir`` and return it."""
+    """Write a tiny ``arch`` (one of :data:`ARCHS`) diffusers pipeline folder to ``out_dir`` and return it."""
     if arch not in ARCHS:
         from sdtune.errors import ConfigError
 
@@ -52,7 +55,7 @@ def build_tiny(arch: str, out_dir: Path, seed: int = 0) -> Path:
     tokenizer = _write_tokenizer(tok_dir)
     # Each component is seeded on its own: the same seed gives the same bytes whatever ran before.
     with torch.random.fork_rng(devices=[]):
-        pipe = _sd15(tokenizer, seed) if arch == "sd15" else _sdxl(tokenizer, seed)
+        pipe = _sdxl(tokenizer, seed) if arch == "sdxl" else _sd15(tokenizer, seed, variant=arch)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     if arch == "sdxl":
         shutil.rmtree(out_dir / "tokenizer_2", ignore_errors=True)
@@ -139,30 +142,51 @@ def _vae(seed: int):
     )
 
 
-def _sd15(tokenizer, seed: int):
+def _sd15(tokenizer, seed: int, variant: str = "sd15"):
     import torch
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        DDIMScheduler,
+        PNDMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel
 
+    sd2 = variant == "sd2"
+    extra: dict = {"attention_head_dim": (2, 4), "use_linear_projection": True} if sd2 else {}
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=32,
-        in_channels=4,
+        in_channels=9 if variant == "sd15-inpaint" else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         norm_num_groups=32,
+        **extra,
     )
     vae = _vae(seed)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
-    )
-    return StableDiffusionPipeline(
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer), **({"hidden_act": "gelu"} if sd2 else {})))
+    if sd2:  # SD 2.x 768: v-prediction
+        scheduler = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="v_prediction",
+        )
+    else:
+        scheduler = PNDMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+        )
+    cls = StableDiffusionInpaintPipeline if variant == "sd15-inpaint" else StableDiffusionPipeline
+    return cls(
         unet=unet.eval(),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),

@@ -232,6 +232,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 "attempt": state.attempt,
                 "text_encoder_lora": sorted(encoders),
                 "dora": tc.use_dora,
+                "prediction_type": prediction_type,
                 "validation_grids": [str(p.relative_to(out_dir)) for p in validate.files],
             },
         )

@@ -47,6 +47,23 @@ def test_sdxl_loads_and_generates(tiny_sdxl):
     ).images[0]
     assert image.size == (64, 64)
 
+def test_sd2_and_inpaint_variants_load_and_generate(tiny_sd2, tiny_inpaint):
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from PIL import Image
+
+    sd2 = StableDiffusionPipeline.from_pretrained(tiny_sd2, local_files_only=True)
+    assert sd2.scheduler.config.prediction_type == "v_prediction"
+    assert sd2.text_encoder.config.hidden_act == "gelu" and sd2.unet.config.use_linear_projection
+    assert sd2("a photo", num_inference_steps=2, height=64, width=64).images[0].size == (64, 64)
+
+    inpaint = StableDiffusionInpaintPipeline.from_pretrained(tiny_inpaint, local_files_only=True)
+    assert inpaint.unet.config.in_channels == 9
+    image = Image.new("RGB", (64, 64), "gray")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    out = inpaint("a photo", image=image, mask_image=mask, num_inference_steps=2, height=64, width=64)
+    assert out.images[0].size == (64, 64)
+
 
 def test_cli_models_tiny(tmp_path, capsys):
     assert main(["models", "tiny", "--arch", "sd15", "--out", str(tmp_path / "m")]) == 0
