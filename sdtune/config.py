@@ -102,7 +102,9 @@ class CaptionConfig(Section):
     model_template: str = "a photo of {trigger} {class_noun}, {caption}"  # wraps a model's caption
     batch_size: int = Field(8, ge=1)  # images per captioning-model call
     max_new_tokens: int = Field(30, ge=1)  # longest caption the model may generate
-    tokenizer: str | None = None  # training tokenizer (folder, or a diffusers model folder) for the length check
+    tokenizer: str | None = (
+        None  # training tokenizer (folder, or a diffusers model folder) for the length check
+    )
     max_tokens: int = Field(77, ge=2)  # the text encoder's context, special tokens included
     cache_dir: str = ".sdtune/cache/models"  # where s3:// model weights are downloaded
 
@@ -393,9 +395,17 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not key=value")
         try:
             # YAML 1.2 booleans only: `on`, `off`, `yes`, `no` stay strings (`mixed_precision=no`).
-            value = raw if raw.strip().lower() in {"yes", "no", "on", "off", "y", "n"} else yaml.safe_load(raw) if raw != "" else ""
+            value = (
+                raw
+                if raw.strip().lower() in {"yes", "no", "on", "off", "y", "n"}
+                else yaml.safe_load(raw)
+                if raw != ""
+                else ""
+            )
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+            raise ConfigError(
+                f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})"
+            ) from None
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -416,7 +426,9 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, origin: str = "config") -> RunConfig:
+def config_from_dict(
+    data: dict[str, Any], overrides: list[str] | None = None, origin: str = "config"
+) -> RunConfig:
     data = _merge(data or {}, parse_overrides(overrides or []))
     try:
         return RunConfig.model_validate(data)
@@ -464,6 +476,10 @@ def resolve_local_paths(cfg: RunConfig, root: Path) -> RunConfig:
         return value
 
     cfg.model.base = fix(cfg.model.base)
-    cfg.model.cache_dir = str((root / cfg.model.cache_dir).resolve()) if not Path(cfg.model.cache_dir).is_absolute() else cfg.model.cache_dir
+    cfg.model.cache_dir = (
+        str((root / cfg.model.cache_dir).resolve())
+        if not Path(cfg.model.cache_dir).is_absolute()
+        else cfg.model.cache_dir
+    )
     cfg.ingest.sources = [fix(s) for s in cfg.ingest.sources]
     return cfg
