@@ -61,8 +61,14 @@ def evaluate(
         pipe, token = _load_tuned(pipe, cfg, Path(lora_dir), dtype)
         pipe = pipe.to(device)
         # A learned token (textual inversion, pivotal) stands in for the trigger word in the tuned prompts.
-        tuned_cfg = cfg.model_copy(update={"caption": cfg.caption.model_copy(update={"trigger": token})}) if token else cfg
-        tuned_prompts = {k: tuned_cfg.format_prompt(v) for k, v in (("trigger", TRIGGER_PROMPT), ("class", CLASS_PROMPT))}
+        tuned_cfg = (
+            cfg.model_copy(update={"caption": cfg.caption.model_copy(update={"trigger": token})})
+            if token
+            else cfg
+        )
+        tuned_prompts = {
+            k: tuned_cfg.format_prompt(v) for k, v in (("trigger", TRIGGER_PROMPT), ("class", CLASS_PROMPT))
+        }
         for name, value in _denoising_losses(pipe, latents, tuned_prompts, cfg, device).items():
             metrics[f"loss_tuned_{name}"] = value
             metrics[f"loss_delta_{name}"] = value - metrics[f"loss_base_{name}"]
@@ -70,9 +76,7 @@ def evaluate(
 
     metrics["loss_records"] = float(len(records))
     metrics["loss_on_train_records"] = float(loss_split == "train")
-    labels = [
-        f"{cfg.format_prompt(p)} | seed {s}" for p in cfg.evaluate.prompts for s in cfg.evaluate.seeds
-    ]
+    labels = [f"{cfg.format_prompt(p)} | seed {s}" for p in cfg.evaluate.prompts for s in cfg.evaluate.seeds]
     make_grid(rows, labels).save(out_dir / "grid.png")
     info: dict[str, Any] = {
         **metrics,
@@ -111,13 +115,17 @@ def _encode_latents(pipe, records, data_dir: Path, cfg: RunConfig, device) -> to
     """Deterministic latents (the distribution's mean) of the loss images, scaled for the UNet."""
     pixels = torch.stack([D.load_image(Path(data_dir) / r.file, cfg.preprocess.resolution) for r in records])
     vae = pipe.vae
-    means = [vae.encode(pixels[i : i + 8].to(device, vae.dtype)).latent_dist.mean for i in range(0, len(pixels), 8)]
+    means = [
+        vae.encode(pixels[i : i + 8].to(device, vae.dtype)).latent_dist.mean for i in range(0, len(pixels), 8)
+    ]
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((torch.cat(means).float() - shift) * vae.config.scaling_factor).to(device)
 
 
 @torch.no_grad()
-def _denoising_losses(pipe, latents: torch.Tensor, prompts: dict[str, str], cfg: RunConfig, device) -> dict[str, float]:
+def _denoising_losses(
+    pipe, latents: torch.Tensor, prompts: dict[str, str], cfg: RunConfig, device
+) -> dict[str, float]:
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -130,7 +138,9 @@ def _denoising_losses(pipe, latents: torch.Tensor, prompts: dict[str, str], cfg:
     for name, prompt in prompts.items():
         prompt = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)  # "<sks>" → "<sks> <sks>_1 …"
         cond = D.encode_prompts(parts, [prompt], device, cfg.preprocess.resolution)
-        kwargs: dict[str, Any] = {"encoder_hidden_states": cond["prompt_embeds"].repeat(n, 1, 1).to(pipe.unet.dtype)}
+        kwargs: dict[str, Any] = {
+            "encoder_hidden_states": cond["prompt_embeds"].repeat(n, 1, 1).to(pipe.unet.dtype)
+        }
         if "pooled_embeds" in cond:
             kwargs["added_cond_kwargs"] = {
                 "text_embeds": cond["pooled_embeds"].repeat(n, 1).to(pipe.unet.dtype),
@@ -176,7 +186,9 @@ def _load_tuned(pipe, cfg: RunConfig, tuned_dir: Path, dtype: torch.dtype):
 def _samples(pipe, cfg: RunConfig, device, folder: Path) -> list[Image.Image]:
     """``evaluate.prompts`` × ``evaluate.seeds`` in one batch; each image's generator seeded on its own."""
     folder.mkdir(parents=True, exist_ok=True)
-    pairs = [(i, cfg.format_prompt(p), s) for i, p in enumerate(cfg.evaluate.prompts) for s in cfg.evaluate.seeds]
+    pairs = [
+        (i, cfg.format_prompt(p), s) for i, p in enumerate(cfg.evaluate.prompts) for s in cfg.evaluate.seeds
+    ]
     generators = [torch.Generator(device="cpu").manual_seed(s) for _, _, s in pairs]
     res = cfg.preprocess.resolution
     images = pipe(

@@ -59,10 +59,19 @@ class TextToImageModel(_PythonModel):
 
 
 def load_trained_pipeline(cfg: RunConfig, model_dir: Path) -> Any:
-    """The base pipeline with a training run's outputs applied (LoRA weights, learned embeddings)."""
+    """A training run's model: its own pipeline folder (dreambooth, full, full inpaint), or the base pipeline
+    (inpainting pipeline for an inpainting base) with its LoRA weights (UNet and text encoders) and learned
+    embeddings applied."""
     from sdtune.models.loading import load_pipeline
 
+    model_dir = Path(model_dir)
+    if (model_dir / "model_index.json").is_file():
+        return load_pipeline(cfg, str(model_dir))
     pipe = load_pipeline(cfg)
+    if (model_dir / "learned_embeds.safetensors").is_file():
+        from sdtune.train.embeddings import load_into_pipeline
+
+        load_into_pipeline(pipe, model_dir / "learned_embeds.safetensors")
     if (model_dir / "pytorch_lora_weights.safetensors").is_file():
         pipe.load_lora_weights(str(model_dir))
     return pipe

@@ -114,6 +114,10 @@ def preprocess_cmd(
     mask_model: Annotated[
         str | None, typer.Option("--mask-model", help="CLIPSeg weights: folder, hub id or s3://.")
     ] = None,
+    mask_source: Annotated[
+        str | None,
+        typer.Option("--mask-source", help="clipseg (with --mask-prompt) or face (ellipses over faces)."),
+    ] = None,
     workers: Annotated[
         int | None, typer.Option("--workers", help="Processes (default min(4, CPUs)).")
     ] = None,
@@ -134,6 +138,7 @@ def preprocess_cmd(
         upscaler_model=upscaler_model,
         mask_prompt=mask_prompt,
         mask_model=mask_model,
+        mask_source=mask_source,
         workers=workers,
     )
     total = sum(1 for r in iter_manifest(in_dir) if shard is None or record_shard(r) == shard)
@@ -147,9 +152,11 @@ def caption_cmd(
     out: OutOpt,
     trigger: Annotated[str | None, typer.Option("--trigger", help="Trigger token, e.g. sks.")] = None,
     class_noun: Annotated[str | None, typer.Option("--class-noun", help="Class noun, e.g. dog.")] = None,
-    captioner: Annotated[str | None, typer.Option("--captioner", help="template or blip.")] = None,
+    captioner: Annotated[
+        str | None, typer.Option("--captioner", help="template, blip, blip2 or florence2.")
+    ] = None,
     captioner_model: Annotated[
-        str | None, typer.Option("--captioner-model", help="BLIP weights: folder, hub id or s3://.")
+        str | None, typer.Option("--captioner-model", help="Captioner weights: folder, hub id or s3://.")
     ] = None,
     tokenizer: Annotated[
         str | None,

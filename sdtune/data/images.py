@@ -5,6 +5,10 @@ Everything Pillow can be tricked with is handled here, in this order: sniff the 
 lazy decode would let a truncated file through to training), then normalise what can be normalised:
 first frame of an animation, EXIF orientation, ICC/CMYK → sRGB, 16-bit → 8-bit, transparency composited
 onto a background colour.
+
+HEIC/HEIF (iPhone photos) decode through the optional ``pillow-heif`` plugin (``pip install
+'sdtune[heif]'``), registered with Pillow the first time a HEIF file is seen; without it they are skipped
+with ``unsupported_format`` and a detail naming the extra.
 """
 
 from __future__ import annotations
@@ -21,6 +25,23 @@ from PIL import Image, ImageCms, ImageColor, ImageFile, ImageOps
 from sdtune.data.reasons import SkipItem
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+PLUGIN_FORMATS = ("HEIF",)  # allowed when their optional plugin imports
+HEIF_MISSING = "HEIC/HEIF needs the optional plugin: pip install 'sdtune[heif]' (or convert to JPEG or PNG)"
+_heif_ready: bool | None = None  # None: not tried yet
+
+
+def heif_available() -> bool:
+    """Whether HEIF decodes here: registers ``pillow_heif``'s Pillow opener once, on first use."""
+    global _heif_ready
+    if _heif_ready is None:
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            _heif_ready = False
+        else:
+            register_heif_opener()
+            _heif_ready = True
+    return _heif_ready
 
 
 @dataclass
@@ -78,7 +99,9 @@ def decode_image(
         raise SkipItem("not_an_image", "unknown file signature")
     if fmt == "ARCHIVE":
         raise SkipItem("nested_archive", "an archive, not an image")
-    if fmt not in ALLOWED_FORMATS:
+    if fmt == "HEIF" and not heif_available():
+        raise SkipItem("unsupported_format", HEIF_MISSING)
+    if fmt not in ALLOWED_FORMATS + PLUGIN_FORMATS:
         raise SkipItem("unsupported_format", f"{fmt} is not supported; convert to JPEG or PNG")
     # A process-wide flag some libraries flip; with it set, truncated files would decode as grey.
     ImageFile.LOAD_TRUNCATED_IMAGES = False

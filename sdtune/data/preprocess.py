@@ -7,12 +7,13 @@ ratio, resize into a bucket: sides multiples of 64, area about ``resolution²``,
 Images whose crop is smaller than the resolution are *upscaled* (Lanczos, or Swin2SR with
 ``upscaler: swin2sr``): the record keeps ``upscaled_from: [w, h]`` and the report marks the item
 ``normalised``, because upscaled images train worse and users should know which ones they are. With
-``mask_prompt`` set, CLIPSeg writes a subject mask ``NNNNNN.mask.png`` beside each image (``extra.mask``).
+``mask_prompt`` set, CLIPSeg writes a subject mask ``NNNNNN.mask.png`` beside each image (``extra.mask``);
+with ``mask_source: face`` the mask is a feathered ellipse over each face OpenCV finds (no face: no mask).
 
 Speed: JPEG inputs are decoded with ``Image.draft`` (the decoder's own 1/2–1/8 downscale, several times
 faster) when the picture is at least twice the size needed; images are processed in ``workers``
 processes. Model steps (Swin2SR, CLIPSeg) run in this process: torch already uses the cores, and one
-model copy per worker would multiply the memory.
+model copy per worker would multiply the memory. Face masks are cheap and run in the workers.
 """
 
 from __future__ import annotations
@@ -45,7 +46,13 @@ class Tools:
     detector: Callable | None = None
     upscaler: Callable | None = None
     masker: Callable | None = None
+    mask_transform: str = ""
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def has_model(self) -> bool:
+        """Whether a torch model runs (then everything runs in this one process)."""
+        return self.upscaler is not None or self.mask_transform == "mask_clipseg"
 
 
 def build_tools(cfg: PreprocessConfig) -> Tools:
@@ -60,10 +67,14 @@ def build_tools(cfg: PreprocessConfig) -> Tools:
         from sdtune.data.upscale import Swin2SRUpscaler
 
         tools.upscaler = Swin2SRUpscaler(cfg)
-    if cfg.mask_prompt:
+    if cfg.mask_source == "face":
+        from sdtune.data.masks import FaceMasker
+
+        tools.masker, tools.mask_transform = FaceMasker(), "mask_face"
+    elif cfg.mask_prompt:
         from sdtune.data.masks import ClipSegMasker
 
-        tools.masker = ClipSegMasker(cfg)
+        tools.masker, tools.mask_transform = ClipSegMasker(cfg), "mask_clipseg"
     return tools
 
 
@@ -130,12 +141,16 @@ def process_record(
     if cfg.crop == "none":
         extra["bucket"] = list(done.image.size)
     transforms = list(done.transforms)
-    if tools.masker is not None:
-        extra["mask"] = f"{Path(name).stem}.mask.png"
-        write_png(tools.masker(done.image), out_dir / extra["mask"])
-        transforms.append("mask_clipseg")
-    sha = write_png(done.image, out_dir / name)
     notes = ([f"upscaled from {original[0]}x{original[1]}"] if done.upscaled else []) + done.notes
+    if tools.masker is not None:
+        mask = tools.masker(done.image)
+        if mask is None:
+            notes.append("no face found: no mask")
+        else:
+            extra["mask"] = f"{Path(name).stem}.mask.png"
+            write_png(mask, out_dir / extra["mask"])
+            transforms.append(tools.mask_transform)
+    sha = write_png(done.image, out_dir / name)
     out = record.model_copy(
         update={
             "file": name,
@@ -178,21 +193,26 @@ def preprocess_dir(
     tools = build_tools(cfg)
     workers = cfg.workers or default_workers()
     # Starting a process costs about a second of imports: not worth it for a handful of images.
-    if tools.upscaler is not None or tools.masker is not None or len(records) < MIN_PER_WORKER * workers:
+    if tools.has_model or len(records) < MIN_PER_WORKER * workers:
         workers = 1
     summary = {"resolution": cfg.resolution, "crop": cfg.crop, "upscaler": cfg.upscaler, "workers": workers}
+    if tools.masker is not None:
+        summary["mask_source"] = cfg.mask_source
     if shard is not None:
         summary["shard"] = shard
-    n_upscaled = 0
+    n_upscaled = n_masks = 0
     with StageWriter(out_dir, "preprocess") as writer:
         for record, item in _run(records, in_dir, out_dir, cfg, tools, workers):
             writer.add_record(record)
             writer.add_item(item)
             n_upscaled += "upscaled_from" in record.extra
+            n_masks += "mask" in record.extra
             if progress:
                 progress(record.file)
         if tools.notes:
             summary["notes"] = tools.notes
+        if tools.masker is not None:
+            summary["masks"] = n_masks
         return writer.close({"images": len(writer.records), "upscaled": n_upscaled, **summary})
 
 

@@ -25,7 +25,17 @@ from sdtune.manifest import (
 
 # Summary values that describe the run rather than count things: kept when shards agree, never summed.
 SETTINGS = frozenset(
-    {"resolution", "crop", "upscaler", "template", "shard", "workers", "mask_prompt", "mask_source", "captioner"}
+    {
+        "resolution",
+        "crop",
+        "upscaler",
+        "template",
+        "shard",
+        "workers",
+        "mask_prompt",
+        "mask_source",
+        "captioner",
+    }
 )
 
 

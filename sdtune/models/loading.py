@@ -97,7 +97,9 @@ def _minio_client():
 def _from_pretrained(cls: Any, source: str, revision: str | None, **kwargs: Any) -> Any:
     local = Path(source).is_dir()
     try:
-        return cls.from_pretrained(source, revision=None if local else revision, local_files_only=local, **kwargs)
+        return cls.from_pretrained(
+            source, revision=None if local else revision, local_files_only=local, **kwargs
+        )
     except (OSError, ValueError) as exc:
         what = kwargs.get("subfolder") or cls.__name__
         if local:
@@ -144,7 +146,9 @@ def load_components(cfg: RunConfig, base: str | None = None) -> SDComponents:
         noise_scheduler=_from_pretrained(DDPMScheduler, source, rev, subfolder="scheduler"),
     )
     if sdxl:
-        parts.text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection, source, rev, subfolder="text_encoder_2")
+        parts.text_encoder_2 = _from_pretrained(
+            CLIPTextModelWithProjection, source, rev, subfolder="text_encoder_2"
+        )
         parts.tokenizer_2 = _from_pretrained(CLIPTokenizer, source, rev, subfolder="tokenizer_2")
     elif getattr(parts.unet.config, "addition_embed_type", None) == "text_time":
         raise ModelLoadError(f"{source} is an SDXL model: set model.arch=sdxl")
@@ -164,9 +168,12 @@ def pipeline_class_for(arch: str, source: str | None = None) -> Any:
     if arch == "sdxl":
         return StableDiffusionXLPipeline
     index = Path(source) / "model_index.json" if source else None
-    if index is not None and index.is_file():
-        if "Inpaint" in json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""):
-            return StableDiffusionInpaintPipeline
+    if (
+        index is not None
+        and index.is_file()
+        and "Inpaint" in json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    ):
+        return StableDiffusionInpaintPipeline
     return StableDiffusionPipeline
 
 

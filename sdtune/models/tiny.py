@@ -60,7 +60,9 @@ def build_tiny(arch: str, out_dir: Path, seed: int = 0) -> Path:
     if arch == "sdxl":
         shutil.rmtree(out_dir / "tokenizer_2", ignore_errors=True)
         shutil.copytree(tok_dir, out_dir / "tokenizer_2")
-    (out_dir / "sdtune_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed}) + "\n", encoding="utf-8")
+    (out_dir / "sdtune_tiny.json").write_text(
+        json.dumps({"arch": arch, "seed": seed}) + "\n", encoding="utf-8"
+    )
     return out_dir
 
 
@@ -183,7 +185,11 @@ def _sd15(tokenizer, seed: int, variant: str = "sd15"):
         )
     else:
         scheduler = PNDMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            skip_prk_steps=True,
+            steps_offset=1,
         )
     cls = StableDiffusionInpaintPipeline if variant == "sd15-inpaint" else StableDiffusionPipeline
     return cls(

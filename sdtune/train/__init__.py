@@ -4,6 +4,10 @@
 - :mod:`sdtune.train.textual_inversion`: new multi-vector tokens, all other embedding rows bit-identical.
 - :mod:`sdtune.train.pivotal`: textual inversion + UNet LoRA together.
 - :mod:`sdtune.train.dreambooth`: full UNet with prior preservation (class images generated and cached).
+- :mod:`sdtune.train.inpaint`: 9-channel inpainting UNet (LoRA or full), random/supplied masks.
+- :mod:`sdtune.train.full`: full UNet fine-tune over a large captioned catalogue (EMA, latents sharded on disk).
+- :mod:`sdtune.train.validation`: step-tagged sample grids during training; :mod:`~sdtune.train.masks`:
+  inpainting masks; :mod:`~sdtune.train.single_file`: the original-SD-layout ``model.safetensors``.
 - :mod:`sdtune.train.data`, :mod:`~sdtune.train.losses`, :mod:`~sdtune.train.outputs`,
   :mod:`~sdtune.train.runtime`, :mod:`~sdtune.train.embeddings`, :mod:`~sdtune.train.export`: caching,
   objectives, output files and model card, accelerator/logging helpers, new tokens, kohya/A1111 formats.
@@ -35,9 +39,9 @@ def run(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | No
 
     from sdtune.errors import ConfigError, OutOfMemory
 
-    if cfg.train.parallelism == "fsdp" and cfg.train.method != "dreambooth":
+    if cfg.train.parallelism == "fsdp" and cfg.train.method not in ("dreambooth", "full"):
         raise ConfigError(
-            "train.parallelism=fsdp is for full fine-tunes (train.method=dreambooth); "
+            "train.parallelism=fsdp is for full fine-tunes (train.method=dreambooth or full); "
             f"{cfg.train.method} trains a few MB: use ddp"
         )
     if cfg.train.parallelism == "fsdp" and cfg.train.mixed_precision == "fp16":

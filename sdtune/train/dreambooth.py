@@ -20,7 +20,8 @@ Features (config key → behaviour):
 - Checkpoints, exact resume and SIGTERM handling as in :mod:`.lora` (FSDP shards are gathered to rank 0).
 
 Writes (rank 0): a full diffusers pipeline folder (``model_index.json``, ``unet/`` …: load it with
-``from_pretrained``), ``metrics.jsonl``, ``config.yaml``, ``train_summary.json``, ``README.md``.
+``from_pretrained``), ``model.safetensors`` in the original SD layout (SD 1.x, ``train.export_single_file``:
+``from_single_file``, A1111, ComfyUI), ``metrics.jsonl``, ``config.yaml``, ``train_summary.json``, ``README.md``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from . import checkpoint as C
 from . import data as D
 from . import losses as L
 from . import parallel as P
-from .outputs import TrainResult, write_run_files
+from .outputs import TrainResult, save_full_pipeline, write_run_files
 from .runtime import (
     LossTracker,
     PreemptWatch,
@@ -51,6 +52,7 @@ from .runtime import (
     shutdown,
     weight_dtype,
 )
+from .validation import Validator
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -105,6 +107,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         if not fsdp:  # DDP replica (or one process)
             unet, optimizer = accelerator.prepare(unet, optimizer)
         unet.train()
+        validate = Validator(cfg, out_dir, log, accelerator, all_ranks=fsdp)  # FSDP forwards are collectives
 
         # 3. Loop: instance batch and class batch go through the UNet together.
         gen = torch.Generator(device=device).manual_seed(tc.seed * 1000)
@@ -187,8 +190,10 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if log is not None:
                     log.log(metrics, step)
+            validate(step, unet=unet if fsdp else accelerator.unwrap_model(unet))
             C.end_of_step(step, cfg, out_dir, state, accelerator, tracker, watch)
         bar.close()
+        validate.close()
         watch.close()
         seconds = time.perf_counter() - started
         trained = tc.max_steps - start
@@ -207,6 +212,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 "parallelism": "fsdp" if fsdp else "ddp",
                 "resumed_from_step": start,
                 "attempt": state.attempt,
+                "validation_grids": [str(p.relative_to(out_dir)) for p in validate.files],
             },
         )
         weights = P.full_state_dict(unet) if fsdp else None  # a collective: every rank takes part
@@ -219,11 +225,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             else:
                 new_unet = accelerator.unwrap_model(unet)
             new_unet = new_unet.to(torch.float32).eval()
-            pipe = load_pipeline(cfg)
-            pipe.unet = new_unet
-            pipe.register_modules(unet=new_unet)
-            pipe.save_pretrained(out_dir, safe_serialization=True)
-            result.files = ["model_index.json"]
+            result.files = save_full_pipeline(cfg, new_unet, out_dir)
             write_run_files(cfg, out_dir, result)
     finally:
         watch.close()

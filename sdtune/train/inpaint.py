@@ -145,7 +145,9 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 idx = next(batches).to(device)
                 last_micro = micro == tc.gradient_accumulation_steps - 1
                 with P.maybe_no_sync(unet, accelerator, last_micro), accelerator.autocast():
-                    latents = D.scaled_latents(vae_config, cache.latent_mean[idx], cache.latent_std[idx], draw)
+                    latents = D.scaled_latents(
+                        vae_config, cache.latent_mean[idx], cache.latent_std[idx], draw
+                    )
                     variant = draw.randint(n_variants, len(idx), device)
                     mask = mask_lat[idx, variant]
                     masked = masked_lat[idx, variant]
@@ -205,7 +207,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         )
         if accelerator.is_main_process:
             new_unet = accelerator.unwrap_model(unet)
-            if tc.inpaint_full_unet:
+            if tc.inpaint_full_unet:  # the diffusers folder only: the single-file writer is for text-to-image
                 pipe = load_pipeline(cfg, unet=new_unet.to(torch.float32).eval())
                 pipe.save_pretrained(out_dir, safe_serialization=True)
                 result.files = ["model_index.json"]
@@ -240,7 +242,9 @@ def _encode_mask_variants(parts, records, data_dir: Path, cfg: RunConfig, device
                 "preprocess.mask_prompt, or use inpaint_masks=both)"
             )
         if tc.inpaint_masks != "supplied":
-            masks += [M.random_mask(res, M.mask_seed(tc.seed, record.sha256, j)) for j in range(k - len(masks))]
+            masks += [
+                M.random_mask(res, M.mask_seed(tc.seed, record.sha256, j)) for j in range(k - len(masks))
+            ]
         masks = (masks * k)[:k]  # supplied only: the one mask, repeated
         all_masks.append(torch.stack(masks))
         all_pixels.append(torch.stack([M.masked_image(pixels, m) for m in masks]))

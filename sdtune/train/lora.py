@@ -50,7 +50,6 @@ from . import checkpoint as C
 from . import data as D
 from . import losses as L
 from .outputs import TrainResult, save_unet_lora, write_run_files
-from .validation import Validator
 from .runtime import (
     LossTracker,
     PreemptWatch,
@@ -62,6 +61,7 @@ from .runtime import (
     shutdown,
     weight_dtype,
 )
+from .validation import Validator
 
 
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
@@ -240,7 +240,9 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         if same is not None:
             result.extra["replicas_identical"] = same
         if accelerator.is_main_process:
-            result.files = save_unet_lora(accelerator.unwrap_model(unet), out_dir, cfg, text_encoders=encoders)
+            result.files = save_unet_lora(
+                accelerator.unwrap_model(unet), out_dir, cfg, text_encoders=encoders
+            )
             write_run_files(cfg, out_dir, result)
     finally:
         watch.close()

@@ -29,7 +29,12 @@ def random_mask(size: int, seed: int) -> torch.Tensor:
             for _ in range(rng.integers(2, 6)):
                 angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.4) * size
                 x, y = points[-1]
-                points.append((int(np.clip(x + length * np.cos(angle), 0, size - 1)), int(np.clip(y + length * np.sin(angle), 0, size - 1))))
+                points.append(
+                    (
+                        int(np.clip(x + length * np.cos(angle), 0, size - 1)),
+                        int(np.clip(y + length * np.sin(angle), 0, size - 1)),
+                    )
+                )
             width = max(1, int(rng.uniform(0.05, 0.15) * size))
             draw.line(points, fill=255, width=width, joint="curve")
             for x, y in points:

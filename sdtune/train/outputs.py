@@ -81,6 +81,23 @@ def save_unet_lora(unet, out_dir: Path, cfg: RunConfig, text_encoders: dict | No
     return files
 
 
+def save_full_pipeline(cfg: RunConfig, unet, out_dir: Path) -> list[str]:
+    """The base pipeline with the trained ``unet`` as a diffusers folder (``from_pretrained``), plus
+    ``model.safetensors`` in the original SD layout (``from_single_file``, A1111, ComfyUI) when
+    ``train.export_single_file`` and the architecture has a writer (SD 1.x). Returns the file names."""
+    from sdtune.models.loading import load_pipeline
+
+    pipe = load_pipeline(cfg, unet=unet)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    files = ["model_index.json"]
+    if cfg.train.export_single_file and cfg.model.arch == "sd15":
+        from .single_file import SINGLE_FILE, save_single_file
+
+        save_single_file(pipe, out_dir / SINGLE_FILE)
+        files.append(SINGLE_FILE)
+    return files
+
+
 def write_run_files(cfg: RunConfig, out_dir: Path, result: TrainResult, prompt: str | None = None) -> None:
     """``config.yaml``, ``train_summary.json`` and the model card ``README.md``."""
     (out_dir / CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
@@ -93,6 +110,8 @@ HOW_TO_LOAD = {
     KOHYA_LORA: 'AUTOMATIC1111 / ComfyUI `models/Lora/`, or pipe.load_lora_weights("{dir}", weight_name="{file}")',
     EMBEDDINGS: 'pipe.load_textual_inversion("{dir}/{file}")',
     "model_index.json": 'StableDiffusionPipeline.from_pretrained("{dir}")',
+    "model.safetensors": "AUTOMATIC1111 / ComfyUI `models/Stable-diffusion/`, or "
+    'StableDiffusionPipeline.from_single_file("{dir}/{file}", config="{dir}")',
 }
 
 

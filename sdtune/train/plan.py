@@ -404,9 +404,13 @@ def estimate(
     # What trains, and what stays resident during the loop (VAE/text encoders are freed after caching,
     # except textual inversion/pivotal, whose text encoders run every step).
     encoder_dim = sum(c["hidden_size"] for c in enc_cfgs) if cfg.model.arch == "sdxl" and enc_cfgs else None
-    if tc.method == "dreambooth":
+    full_unet = tc.method in ("dreambooth", "full") or (tc.method == "inpaint" and tc.inpaint_full_unet)
+    if full_unet:
         trainable = p_unet
         weights = 4 * p_unet  # fp32 master weights; autocast does the half-precision maths
+        if tc.use_ema and tc.method == "full":
+            weights += 4 * p_unet  # the EMA copy
+            notes.append("EMA: one more fp32 copy of the UNet")
     elif tc.method == "textual_inversion":
         trainable = tc.num_vectors * sum(c["hidden_size"] for c in enc_cfgs)
         weights = wbytes * p_unet + 4 * sum(p_enc)
@@ -416,7 +420,7 @@ def estimate(
             trainable += tc.num_vectors * sum(c["hidden_size"] for c in enc_cfgs)
         weights = wbytes * p_unet + 4 * (trainable if tc.method == "lora" else sum(p_enc))
     grads = 4 * trainable
-    optimizer = (8 if tc.optimizer == "adamw" else 0) * trainable
+    optimizer = {"adamw": 8, "adamw8bit": 2}.get(tc.optimizer, 0) * trainable
     if fsdp:
         weights, grads, optimizer = weights / n, grads / n, optimizer / n
         weights += 4 * p_unet / 40  # the unit being all-gathered (largest SDXL transformer block ≈ 1/40)
@@ -438,6 +442,8 @@ def estimate(
     data_cache = (
         per_image * images_here * (1 if tc.method != "dreambooth" or not tc.with_prior_preservation else 2)
     )
+    if tc.method == "full":  # latents are cached on disk in shards and read a batch at a time
+        data_cache = per_image * tc.batch_size
     if data_cache > 0.1 * card.memory_gb * GB:
         notes.append(
             f"the cached dataset ({data_cache / GB:.1f} GiB per GPU) stays on the device: "
@@ -451,7 +457,7 @@ def estimate(
     # Time: forward FLOPs × (1 forward + 2 backward for weights and inputs; LoRA/TI skip most weight grads)
     # + 1 forward recompute under gradient checkpointing.
     fwd = prof.flops / batch
-    passes = 3.0 if tc.method == "dreambooth" else 2.0
+    passes = 3.0 if full_unet else 2.0
     passes += 1.0 if tc.gradient_checkpointing else 0.0
     flops_step = fwd * passes * batch * tc.gradient_accumulation_steps
     tflops = (card.bf16_tflops if half else card.fp32_tflops) * 1e12
@@ -520,7 +526,7 @@ def fitting_settings(
                 "train.gradient_checkpointing=true",
             ]
         )
-    if tc.method == "dreambooth" and n > 1 and tc.parallelism != "fsdp":
+    if tc.method in ("dreambooth", "full") and n > 1 and tc.parallelism != "fsdp":
         tries.append(
             [
                 "train.parallelism=fsdp",

@@ -76,7 +76,9 @@ def make_optimizer(tc: TrainConfig, params):
     # The fused kernel turns the per-parameter update loop into a few launches: on a GPU, where the LoRA
     # step is launch-bound, that is measurable (docs/performance.md); on CPU it is within noise.
     fused = bool(tensors) and all(p.is_cuda for p in tensors)
-    return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay, fused=fused or None)
+    return torch.optim.AdamW(
+        params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay, fused=fused or None
+    )
 
 
 def _adamw8bit(tc: TrainConfig, params, tensors):

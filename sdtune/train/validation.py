@@ -22,7 +22,9 @@ FOLDER = "validation"
 
 
 class Validator:
-    def __init__(self, cfg: RunConfig, out_dir: Path, log, accelerator, all_ranks: bool = False, **pipe_kwargs):
+    def __init__(
+        self, cfg: RunConfig, out_dir: Path, log, accelerator, all_ranks: bool = False, **pipe_kwargs
+    ):
         self.cfg, self.out_dir, self.log, self.acc = cfg, Path(out_dir), log, accelerator
         self.all_ranks = all_ranks
         self.pipe_kwargs = pipe_kwargs  # extra pipeline call arguments (inpainting: image, mask_image)

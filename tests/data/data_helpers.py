@@ -102,3 +102,73 @@ def tiny_blip(folder: Path) -> Path:
     images = BlipImageProcessorPil(size={"height": 32, "width": 32})
     BlipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def _word_tokenizer(folder: Path, extra_words: list[str], **special):
+    """A word-level BERT tokenizer over :data:`BLIP_WORDS` (+ extra words) with ``<image>`` as image token."""
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(BLIP_WORDS + ["<image>", *extra_words]) + "\n")
+    return BertTokenizer.from_pretrained(folder, extra_special_tokens={"image_token": "<image>"}, **special)
+
+
+def _scramble(model) -> None:
+    """Widen the random weights: at the default 0.02 init a tiny model only ever generates special tokens."""
+    import torch
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.5)
+
+
+def tiny_blip2(folder: Path) -> Path:
+    """A randomly initialised BLIP-2 (32-px ViT, 1-layer Q-Former, 4 query tokens, 2-layer OPT) with its processor."""
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tokenizer = _word_tokenizer(folder, [], bos_token="[DEC]", eos_token="[SEP]")
+    text = dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=16, bos_token_id=5,
+                eos_token_id=3, pad_token_id=0)  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8)  # fmt: skip
+    qformer = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                   num_attention_heads=2, encoder_hidden_size=16, max_position_embeddings=64)  # fmt: skip
+    config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=4,
+                         image_token_index=tokenizer.image_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(config)
+    _scramble(model)
+    model.save_pretrained(folder)
+    images = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    Blip2Processor(image_processor=images, tokenizer=tokenizer, num_query_tokens=4).save_pretrained(folder)
+    return folder
+
+
+def tiny_florence2(folder: Path) -> Path:
+    """A randomly initialised Florence-2 (4-stage DaViT on 64 px: 2×2 patches + 1 pooled = 5 image tokens,
+    1+1-layer BART) with its processor."""
+    import torch
+    from transformers import Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = _word_tokenizer(folder, ["<s>", "</s>"], bos_token="<s>", eos_token="</s>")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    text = dict(model_type="bart", vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                max_position_embeddings=64, bos_token_id=bos, eos_token_id=eos, pad_token_id=0,
+                decoder_start_token_id=eos, forced_eos_token_id=eos)  # fmt: skip
+    vision = dict(depths=[1, 1, 1, 1], embed_dim=[8, 8, 16, 16], num_heads=[1, 1, 2, 2], num_groups=[1, 1, 2, 2],
+                  window_size=2, projection_dim=16, drop_path_rate=0.0, max_position_embeddings=8)  # fmt: skip
+    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(config)
+    _scramble(model)
+    model.save_pretrained(folder)
+    images = CLIPImageProcessorPil(size={"height": 64, "width": 64}, do_center_crop=False, image_seq_length=5)
+    Florence2Processor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

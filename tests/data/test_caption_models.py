@@ -1,10 +1,18 @@
-"""Captioning with a model (tiny random BLIP: the words are nonsense, the plumbing is real) and the
-training tokenizer's length check."""
+"""Captioning with a model (tiny random BLIP, BLIP-2 and Florence-2: the words are nonsense, the plumbing
+is real) and the training tokenizer's length check."""
 
 from __future__ import annotations
 
 import pytest
-from data_helpers import BLIP_WORDS, encode, pattern, tiny_blip, tiny_clip_tokenizer
+from data_helpers import (
+    BLIP_WORDS,
+    encode,
+    pattern,
+    tiny_blip,
+    tiny_blip2,
+    tiny_clip_tokenizer,
+    tiny_florence2,
+)
 
 from sdtune.config import CaptionConfig, IngestConfig
 from sdtune.data import captioners
@@ -49,6 +57,52 @@ def test_blip_captions_uncaptioned_images_in_batches(five, tmp_path, monkeypatch
     transforms = [i.transforms for i in result.report.items]
     assert transforms == [["caption_sidecar"]] + [["caption_model"]] * 4
     assert result.report.summary["from_model"] == 4 and result.report.summary["from_sidecar"] == 1
+
+
+@pytest.mark.parametrize(
+    ("captioner", "build", "cls"),
+    [
+        ("blip2", tiny_blip2, captioners.Blip2Captioner),
+        ("florence2", tiny_florence2, captioners.Florence2Captioner),
+    ],
+)
+def test_blip2_and_florence2_caption_in_batches(five, tmp_path, monkeypatch, captioner, build, cls):
+    calls = []
+    real = cls.__call__
+
+    def spy(self, images):
+        calls.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(cls, "__call__", spy)
+    cfg = CaptionConfig(
+        trigger="zwx", class_noun="dog", captioner=captioner, captioner_model=str(build(tmp_path / captioner)),
+        batch_size=3, max_new_tokens=4, model_template="{trigger} {class_noun}, {caption}",
+    )  # fmt: skip
+    result = caption_dir(five, tmp_path / "cap", cfg)
+    assert calls == [2, 2]
+    assert result.records[0].caption == "my own words about a dog"
+    specials = {"[PAD]", "[CLS]", "[SEP]", "[UNK]", "<image>", "<s>", "</s>"}
+    sources = [i.transforms for i in result.report.items]
+    assert sources[0] == ["caption_sidecar"] and sources.count(["caption_model"]) >= 2
+    for record, source in zip(result.records[1:], sources[1:], strict=True):
+        if source == ["caption_template"]:  # the random model generated only special tokens
+            assert record.caption == "a photo of zwx dog"
+            continue
+        prefix, _, words = record.caption.partition(", ")
+        assert prefix == "zwx dog" and 1 <= len(words.split()) <= 4
+        assert set(words.split()) <= set(BLIP_WORDS) - specials
+    summary = result.report.summary
+    assert summary["from_model"] == sources.count(["caption_model"]) and summary["captioner"] == captioner
+
+
+def test_model_captioner_errors_name_the_class(five, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for captioner, cls in (("blip2", "Blip2"), ("florence2", "Florence2")):
+        cfg = CaptionConfig(captioner=captioner, captioner_model=str(tmp_path / "empty"))
+        with pytest.raises(ConfigError, match=f"cannot load {cls}ForConditionalGeneration"):
+            caption_dir(five, tmp_path / f"cap-{captioner}", cfg)
+    assert captioners.clean_caption(" a\x00dog\n\ton  grass ") == "a dog on grass"
 
 
 def test_bad_model_template_fails_before_loading(five, tmp_path):

@@ -39,7 +39,7 @@ def test_allowed_formats_sniffed_from_bytes(fmt):
     [
         (b"", "empty_file"),
         (b"hello, not an image at all", "not_an_image"),
-        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "unsupported_format"),
+        (b"\x00\x00\x00\x18ftypavif\x00\x00\x00\x00", "unsupported_format"),  # HEIC: test_heif.py
         (b"PK\x03\x04" + b"\x00" * 40, "nested_archive"),
         (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "corrupt"),
     ],

@@ -130,3 +130,48 @@ def test_jpeg_in_png_out_keeps_generated_names(tmp_path):
     result = preprocess_dir(tmp_path / "in", tmp_path / "out", PreprocessConfig(resolution=64))
     assert (tmp_path / "out" / result.records[0].file).read_bytes().startswith(b"\x89PNG")
     assert encode(pattern(seed=1))  # helper sanity
+
+
+def test_face_masks_are_feathered_ellipses_over_the_faces(tmp_path, monkeypatch):
+    from sdtune.data.shards import merge_stages
+
+    answers = [[(100, 100, 200, 200)], []]  # an injected detector: a face on the first image only
+    monkeypatch.setattr("sdtune.data.faces.load_detector", lambda: lambda image: answers.pop(0))
+    stage_of(tmp_path / "in", [pattern(256, 256, seed=1), pattern(200, 200, seed=2)])
+    cfg = PreprocessConfig(resolution=256, mask_source="face", mask_prompt="ignored with face")
+    result = preprocess_dir(tmp_path / "in", tmp_path / "out", cfg)
+    first, second = result.records
+    assert first.extra["mask"] == "000000.mask.png" and "mask" not in second.extra
+    assert result.report.items[0].transforms[-1] == "mask_face"
+    assert "no face found: no mask" in result.report.items[1].detail
+    assert result.report.summary["masks"] == 1 and result.report.summary["mask_source"] == "face"
+    with Image.open(tmp_path / "out" / "000000.mask.png") as im:
+        mask = np.asarray(im)
+        assert im.mode == "L" and im.size == (first.width, first.height)
+    assert mask[150, 150] == 255 and mask[10, 10] == 0 and mask[150, 250] == 0
+    assert mask[150, 100] not in (0, 255)  # feathered at the ellipse's edge, not a hard step
+    assert mask[95, 150] > 0  # the ellipse is taller than the detector's box (forehead)
+    merged = merge_stages([tmp_path / "out"], tmp_path / "merged")  # face masks travel like CLIPSeg ones
+    assert (tmp_path / "merged" / merged.records[0].extra["mask"]).is_file()
+
+
+def test_face_masks_need_opencv(tmp_path, monkeypatch):
+    from sdtune.errors import ConfigError
+
+    monkeypatch.setattr("sdtune.data.faces.load_detector", lambda: None)
+    stage_of(tmp_path / "in", [pattern(seed=1)])
+    with pytest.raises(ConfigError, match=r"mask_source=face needs OpenCV.*sdtune\[faces\]"):
+        preprocess_dir(tmp_path / "in", tmp_path / "out", PreprocessConfig(resolution=64, mask_source="face"))
+
+
+def test_haar_face_mask_covers_the_drawn_face(tmp_path):
+    pytest.importorskip("cv2")
+    stage_of(tmp_path / "in", [drawn_face()])
+    cfg = PreprocessConfig(resolution=300, crop="face", mask_source="face")
+    result = preprocess_dir(tmp_path / "in", tmp_path / "out", cfg)
+    assert result.report.items[0].transforms == ["face_crop", "mask_face"]
+    with Image.open(tmp_path / "out" / result.records[0].extra["mask"]) as im:
+        mask = np.asarray(im)
+    # face_crop keeps x 300–600, so the face (centre 450,150; r 50) sits at (150, 150) in the output
+    assert mask[150, 150] == 255 and mask[150, 20] == 0 and mask[20, 280] == 0
+    assert set(np.unique(mask)) - {0, 255}  # feathered

@@ -18,6 +18,7 @@ OUTPUT = {
     "textual_inversion": "learned_embeds.safetensors",
     "pivotal": "pytorch_lora_weights.safetensors",
     "dreambooth": "model_index.json",
+    "full": "model.safetensors",
 }
 FAST = [
     "train.max_steps=2",

@@ -19,7 +19,10 @@ def test_sd15_is_deterministic_and_loads(tmp_path, tiny_sd15):
     again = _files(build_tiny("sd15", tmp_path / "again"))
     assert again == _files(tiny_sd15)
     other = build_tiny("sd15", tmp_path / "other", seed=1)
-    assert _files(other)["unet/diffusion_pytorch_model.safetensors"] != again["unet/diffusion_pytorch_model.safetensors"]
+    assert (
+        _files(other)["unet/diffusion_pytorch_model.safetensors"]
+        != again["unet/diffusion_pytorch_model.safetensors"]
+    )
 
     from diffusers import StableDiffusionPipeline
 
@@ -29,10 +32,24 @@ def test_sd15_is_deterministic_and_loads(tmp_path, tiny_sd15):
     assert pipe.scheduler.config.steps_offset == 1
     assert pipe.safety_checker is None
     tokens = pipe.tokenizer.tokenize("a photo of sks toy robot on the beach")
-    assert tokens == ["a</w>", "photo</w>", "of</w>", "sks</w>", "toy</w>", "robot</w>", "on</w>", "the</w>", "beach</w>"]
+    assert tokens == [
+        "a</w>",
+        "photo</w>",
+        "of</w>",
+        "sks</w>",
+        "toy</w>",
+        "robot</w>",
+        "on</w>",
+        "the</w>",
+        "beach</w>",
+    ]
     assert len(pipe.tokenizer.tokenize("zebra")) > 1  # out-of-list words still tokenize, in pieces
     image = pipe(
-        "a photo of sks robot", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+        "a photo of sks robot",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.size == (64, 64)
 
@@ -43,9 +60,14 @@ def test_sdxl_loads_and_generates(tiny_sdxl):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
     assert pipe.text_encoder_2 is not None and pipe.tokenizer_2 is not None
     image = pipe(
-        "a photo of sks robot", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+        "a photo of sks robot",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.size == (64, 64)
+
 
 def test_sd2_and_inpaint_variants_load_and_generate(tiny_sd2, tiny_inpaint):
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline

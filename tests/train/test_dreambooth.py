@@ -57,6 +57,20 @@ def test_dreambooth_with_prior_preservation(tmp_path, tiny_sd15, stage_dir):
         for p in (base, tuned)
     ]
     assert (images[0] - images[1]).abs().max() > 1e-3
+    # The single-file checkpoint (original SD layout), read with the BASE configs: the tuned image exactly.
+    single = StableDiffusionPipeline.from_single_file(
+        str(out / "model.safetensors"), config=str(tiny_sd15), local_files_only=True, safety_checker=None
+    )
+    single.set_progress_bar_config(disable=True)
+    image = single(
+        "a photo of sks toy robot",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    assert torch.equal(image, images[1])
 
     eval_dir = tmp_path / "eval"
     assert (

@@ -33,7 +33,9 @@ def _pipe(cls, base):
 def test_text_encoder_lora_with_validation(tmp_path, tiny_sd15, tiny_sdxl, stage_dir, arch):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    base, cls = (tiny_sd15, StableDiffusionPipeline) if arch == "sd15" else (tiny_sdxl, StableDiffusionXLPipeline)
+    base, cls = (
+        (tiny_sd15, StableDiffusionPipeline) if arch == "sd15" else (tiny_sdxl, StableDiffusionXLPipeline)
+    )
     config = write_config(
         tmp_path / "c.yaml",
         base,
@@ -51,7 +53,10 @@ def test_text_encoder_lora_with_validation(tmp_path, tiny_sd15, tiny_sdxl, stage
     summary = json.loads((out / "train_summary.json").read_text())
     encoders = ["text_encoder"] if arch == "sd15" else ["text_encoder", "text_encoder_2"]
     assert summary["extra"]["text_encoder_lora"] == encoders
-    assert summary["extra"]["validation_grids"] == ["validation/step_000002.png", "validation/step_000004.png"]
+    assert summary["extra"]["validation_grids"] == [
+        "validation/step_000002.png",
+        "validation/step_000004.png",
+    ]
     assert (out / "validation" / "step_000004.png").is_file()
 
     with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as fh:
@@ -97,3 +102,17 @@ def test_adamw8bit_says_why_not_here(tmp_path, tiny_config, stage_dir, capsys):
     assert main([*args, "train.optimizer=adamw8bit"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "train.optimizer=adamw8bit" in err and ("bitsandbytes" in err or "CUDA" in err)
+
+
+def test_sd2_v_prediction_lora(tmp_path, tiny_sd2, stage_dir):
+    from diffusers import StableDiffusionPipeline
+
+    config = write_config(tmp_path / "c.yaml", tiny_sd2, model={"arch": "sd2"}, train={"max_steps": 3})
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["extra"]["prediction_type"] == "v_prediction"  # taken from the scheduler config
+    pipe = _pipe(StableDiffusionPipeline, tiny_sd2)
+    before = _generate(pipe)
+    pipe.load_lora_weights(out)
+    assert (_generate(pipe) - before).abs().max() > 1e-3

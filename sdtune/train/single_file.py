@@ -1,0 +1,138 @@
+"""A diffusers SD 1.x pipeline → one ``model.safetensors`` in the original (CompVis/LDM) layout: what
+AUTOMATIC1111, ComfyUI and ``StableDiffusionPipeline.from_single_file(path, config=<diffusers folder>)`` load.
+
+Keys: ``model.diffusion_model.*`` (UNet: ``input_blocks``/``middle_block``/``output_blocks``),
+``first_stage_model.*`` (VAE: ``encoder.down.N.block.M``, ``mid.attn_1.q`` as 1×1 convs …) and
+``cond_stage_model.transformer.*`` (the CLIP text model, unchanged). The renaming follows diffusers' own
+``scripts/convert_diffusers_to_original_stable_diffusion.py``, generalised from SD 1.5's fixed 4 blocks × 2
+layers to any ``block_out_channels`` / ``layers_per_block`` (read from the model configs), so the tiny test
+models convert too. SD 2.x (OpenCLIP text layout) and SDXL are not written yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SINGLE_FILE = "model.safetensors"
+
+_UNET_TOP = [
+    ("time_embed.0.", "time_embedding.linear_1."),
+    ("time_embed.2.", "time_embedding.linear_2."),
+    ("input_blocks.0.0.", "conv_in."),
+    ("out.0.", "conv_norm_out."),
+    ("out.2.", "conv_out."),
+]
+_UNET_RESNET = [
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("skip_connection", "conv_shortcut"),
+]
+_VAE_ATTN = [
+    ("norm.", "group_norm."),
+    ("q.", "to_q."),
+    ("k.", "to_k."),
+    ("v.", "to_v."),
+    ("proj_out.", "to_out.0."),
+]
+
+
+def _unet_layer_map(keys: list[str], n_blocks: int, layers: int) -> list[tuple[str, str]]:
+    """(sd prefix, diffusers prefix) for the blocks of a UNet with ``n_blocks`` levels × ``layers`` layers."""
+    out = []
+    per = layers + 1  # resnets per level in input_blocks (+ the downsample slot) and in output_blocks
+    for i in range(n_blocks):
+        for j in range(layers):
+            out.append((f"input_blocks.{per * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
+            out.append((f"input_blocks.{per * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
+        for j in range(per):
+            out.append((f"output_blocks.{per * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
+            out.append((f"output_blocks.{per * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
+        if i < n_blocks - 1:
+            out.append((f"input_blocks.{per * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+            has_attn = any(k.startswith(f"up_blocks.{i}.attentions.") for k in keys)
+            out.append(
+                (f"output_blocks.{per * i + layers}.{2 if has_attn else 1}.", f"up_blocks.{i}.upsamplers.0.")
+            )
+    out.append(("middle_block.1.", "mid_block.attentions.0."))
+    out += [(f"middle_block.{2 * j}.", f"mid_block.resnets.{j}.") for j in range(2)]
+    return out
+
+
+def convert_unet(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    layers = config.layers_per_block
+    if not isinstance(layers, int):
+        raise ValueError("single-file export needs the same layers_per_block in every block")
+    layer_map = _unet_layer_map(list(state), len(config.block_out_channels), layers)
+    out = {}
+    for key, value in state.items():
+        new = key
+        for sd, hf in _UNET_TOP:
+            if new.startswith(hf):
+                new = sd + new[len(hf) :]
+        if "resnets" in key:
+            for sd, hf in _UNET_RESNET:
+                new = new.replace(hf, sd)
+        for sd, hf in layer_map:
+            new = new.replace(hf, sd)
+        out[new] = value
+    return out
+
+
+def convert_vae(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    n = len(config.block_out_channels)
+    mapping = [
+        ("nin_shortcut", "conv_shortcut"),
+        ("norm_out", "conv_norm_out"),
+        ("mid.attn_1.", "mid_block.attentions.0."),
+    ]
+    for i in range(n):
+        for j in range(config.layers_per_block):
+            mapping.append((f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}."))
+        for j in range(config.layers_per_block + 1):
+            mapping.append((f"decoder.up.{n - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}."))
+        if i < n - 1:
+            mapping.append((f"encoder.down.{i}.downsample.", f"encoder.down_blocks.{i}.downsamplers.0."))
+            mapping.append((f"decoder.up.{n - 1 - i}.upsample.", f"decoder.up_blocks.{i}.upsamplers.0."))
+    mapping += [(f"mid.block_{j + 1}.", f"mid_block.resnets.{j}.") for j in range(2)]
+    out = {}
+    for key, value in state.items():
+        new = key
+        for sd, hf in mapping:
+            new = new.replace(hf, sd)
+        if "mid.attn_1." in new:
+            head, _, tail = new.partition("mid.attn_1.")
+            for sd, hf in _VAE_ATTN:
+                if tail.startswith(hf):
+                    tail = sd + tail[len(hf) :]
+                    break
+            new = head + "mid.attn_1." + tail
+            if new.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")) and value.ndim == 2:
+                value = value.reshape(*value.shape, 1, 1)  # linear → 1×1 conv, as the LDM VAE stores it
+        out[new] = value
+    return out
+
+
+def original_state_dict(pipe) -> dict[str, torch.Tensor]:
+    """UNet + VAE + text encoder of an SD 1.x pipeline under the original checkpoint's keys (fp32, CPU)."""
+    cpu = {k: v.detach().to("cpu", torch.float32) for k, v in pipe.unet.state_dict().items()}
+    out = {f"model.diffusion_model.{k}": v for k, v in convert_unet(cpu, pipe.unet.config).items()}
+    vae = {k: v.detach().to("cpu", torch.float32) for k, v in pipe.vae.state_dict().items()}
+    out.update({f"first_stage_model.{k}": v for k, v in convert_vae(vae, pipe.vae.config).items()})
+    for k, v in pipe.text_encoder.state_dict().items():
+        # transformers ≥ 5.6 flattened CLIPTextModel (no ``text_model.`` level); the original layout has it.
+        k = k if k.startswith("text_model.") else f"text_model.{k}"
+        out[f"cond_stage_model.transformer.{k}"] = v.detach().to("cpu", torch.float32)
+    return out
+
+
+def save_single_file(pipe, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in original_state_dict(pipe).items()}
+    save_file(tensors, str(path), metadata={"format": "pt", "sdtune_layout": "ldm-sd1"})
+    return path
