@@ -77,7 +77,9 @@ def load_trained_pipeline(cfg: RunConfig, model_dir: Path) -> Any:
     return pipe
 
 
-def register_model(cfg: RunConfig, model_dir: Path, metrics: dict[str, float], run_id: str | None) -> dict[str, Any]:
+def register_model(
+    cfg: RunConfig, model_dir: Path, metrics: dict[str, float], run_id: str | None
+) -> dict[str, Any]:
     """Log the model under ``run_id``, create a registered version, set ``cfg.register.alias`` on it."""
     import mlflow
 
@@ -138,7 +140,9 @@ class GateDecision:
         }
 
 
-def decide(candidate: float | None, champion: float | None, direction: str, margin: float) -> tuple[bool, str]:
+def decide(
+    candidate: float | None, champion: float | None, direction: str, margin: float
+) -> tuple[bool, str]:
     """The gate rule itself, kept pure so it is easy to test and to explain."""
     if champion is None:
         return True, "no champion yet"
@@ -146,7 +150,10 @@ def decide(candidate: float | None, champion: float | None, direction: str, marg
         return False, "candidate has no value for the gate metric"
     better = candidate < champion - margin if direction == "minimize" else candidate > champion + margin
     word = "beats" if better else "does not beat"
-    return better, f"candidate {candidate:.6g} {word} champion {champion:.6g} ({direction}, margin {margin:g})"
+    return (
+        better,
+        f"candidate {candidate:.6g} {word} champion {champion:.6g} ({direction}, margin {margin:g})",
+    )
 
 
 def gate(client: Any, cfg: RunConfig, candidate_version: str, metrics: dict[str, float]) -> GateDecision:
@@ -162,10 +169,20 @@ def gate(client: Any, cfg: RunConfig, candidate_version: str, metrics: dict[str,
         champion_value = float(raw) if raw not in (None, "") else None
         if champion_value is None:
             # A champion without the metric cannot be compared: never replace it silently.
-            return GateDecision(False, f"champion v{champion_version} has no {reg.gate_metric}", reg.gate_metric,
-                                metrics.get(reg.gate_metric), None, champion_version)
-    promote, reason = decide(metrics.get(reg.gate_metric), champion_value, reg.gate_direction, reg.gate_margin)
-    return GateDecision(promote, reason, reg.gate_metric, metrics.get(reg.gate_metric), champion_value, champion_version)
+            return GateDecision(
+                False,
+                f"champion v{champion_version} has no {reg.gate_metric}",
+                reg.gate_metric,
+                metrics.get(reg.gate_metric),
+                None,
+                champion_version,
+            )
+    promote, reason = decide(
+        metrics.get(reg.gate_metric), champion_value, reg.gate_direction, reg.gate_margin
+    )
+    return GateDecision(
+        promote, reason, reg.gate_metric, metrics.get(reg.gate_metric), champion_value, champion_version
+    )
 
 
 def _new_run(cfg: RunConfig):
