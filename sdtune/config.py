@@ -176,6 +176,12 @@ class TrainConfig(Section):
     checkpoint_dir: str | None = None
     resume: str = "auto"  # auto: the newest complete checkpoint, if any; never; or a checkpoint path/URI
     preempt_grace_s: float = Field(60.0, gt=0)  # SIGTERM → checkpoint written and exit 75 within this
+    # SD3 (model.arch=sd3, method lora): flow matching. Timesteps drawn from a logit-normal density
+    # (SD3 paper: mean 0, std 1) or uniformly; T5 prompt length in tokens (the CLIP encoders keep 77).
+    timestep_density: Literal["logit_normal", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    max_sequence_length: int = Field(77, ge=1, le=512)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

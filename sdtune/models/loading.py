@@ -135,6 +135,10 @@ def load_components(cfg: RunConfig, base: str | None = None) -> SDComponents:
     source = resolve_base(base or cfg.model.base, cfg.model.cache_dir, cfg.model.revision)
     rev = cfg.model.revision
     sdxl = cfg.model.arch == "sdxl"
+    if cfg.model.arch == "sd3":
+        raise ModelLoadError(
+            f"model.arch sd3 is trained by train.method=lora only (sdtune.train.sd3_lora), not {cfg.train.method}"
+        )
     if cfg.model.arch not in ("sd15", "sd2", "sdxl"):
         raise ModelLoadError(f"model.arch {cfg.model.arch!r} is not supported by the training recipes yet")
     parts = SDComponents(
@@ -163,10 +167,17 @@ def pipeline_class_for(arch: str, source: str | None = None) -> Any:
     inpaint pipeline) gets ``StableDiffusionInpaintPipeline``."""
     import json
 
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        StableDiffusion3Pipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     if arch == "sdxl":
         return StableDiffusionXLPipeline
+    if arch == "sd3":
+        return StableDiffusion3Pipeline
     index = Path(source) / "model_index.json" if source else None
     if (
         index is not None
@@ -180,14 +191,14 @@ def pipeline_class_for(arch: str, source: str | None = None) -> Any:
 def load_pipeline(cfg: RunConfig, base: str | None = None, torch_dtype: Any = None, **components: Any) -> Any:
     """The inference pipeline for ``cfg.model.arch`` (no safety checker: evaluation only).
 
-    ``components`` (``unet=…``, ``text_encoder=…``) replace the stored ones without loading them — how
-    validation during training samples with the weights being trained."""
-    from diffusers import StableDiffusionXLPipeline
+    ``components`` (``unet=…``/``transformer=…``, ``text_encoder=…``) replace the stored ones without loading
+    them — how validation during training samples with the weights being trained."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
     source = resolve_base(base or cfg.model.base, cfg.model.cache_dir, cfg.model.revision)
     cls = pipeline_class_for(cfg.model.arch, source)
     kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    if cls is not StableDiffusionXLPipeline:
+    if cls in (StableDiffusionPipeline, StableDiffusionInpaintPipeline):  # SDXL/SD3 have no safety checker
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     pipe = _from_pretrained(cls, source, cfg.model.revision, **kwargs, **components)
     pipe.set_progress_bar_config(disable=True)

@@ -5,7 +5,9 @@ no safety checker) that ``StableDiffusionPipeline.from_pretrained(out)`` loads o
 same with a 9-channel UNet (latents + mask + masked-image latents) for ``StableDiffusionInpaintPipeline``;
 ``"sd2"`` an SD 2.x-style one (v-prediction scheduler, linear-projection attention with per-block head dims,
 GELU text encoder as in OpenCLIP ViT-H); ``"sdxl"`` a ``StableDiffusionXLPipeline`` folder with two text
-encoders. Sizes follow diffusers' own
+encoders; ``"sd3"`` a ``StableDiffusion3Pipeline`` folder (2-layer MMDiT, 16-channel VAE with shift/scaling
+factors, flow-matching Euler scheduler, two CLIP encoders with projections and a tiny T5 encoder whose
+``T5Tokenizer`` is a Unigram vocabulary over the same word list). Sizes follow diffusers' own
 ``get_dummy_components`` (~1.7 M parameters, 64 px images in about a second on a CPU).
 
 The tokenizer is a small BPE trained with ``tokenizers`` on a fixed word list (common prompt words and the
@@ -19,7 +21,7 @@ import json
 import shutil
 from pathlib import Path
 
-ARCHS = ("sd15", "sd15-inpaint", "sd2", "sdxl")
+ARCHS = ("sd15", "sd15-inpaint", "sd2", "sdxl", "sd3")
 
 # Every word a prompt in tests, presets or the demo may use; characters outside still tokenize (per letter).
 _WORD_TEXT = """
@@ -55,9 +57,14 @@ def build_tiny(arch: str, out_dir: Path, seed: int = 0) -> Path:
     tokenizer = _write_tokenizer(tok_dir)
     # Each component is seeded on its own: the same seed gives the same bytes whatever ran before.
     with torch.random.fork_rng(devices=[]):
-        pipe = _sdxl(tokenizer, seed) if arch == "sdxl" else _sd15(tokenizer, seed, variant=arch)
+        if arch == "sdxl":
+            pipe = _sdxl(tokenizer, seed)
+        elif arch == "sd3":
+            pipe = _sd3(tokenizer, _t5_tokenizer(), seed)
+        else:
+            pipe = _sd15(tokenizer, seed, variant=arch)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    if arch == "sdxl":
+    if arch in ("sdxl", "sd3"):
         shutil.rmtree(out_dir / "tokenizer_2", ignore_errors=True)
         shutil.copytree(tok_dir, out_dir / "tokenizer_2")
     (out_dir / "sdtune_tiny.json").write_text(
@@ -248,4 +255,88 @@ def _sdxl(tokenizer, seed: int):
         tokenizer_2=tokenizer,
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
+    )
+
+
+def _t5_tokenizer():
+    """A ``T5Tokenizer`` over a Unigram vocabulary: pad/eos/unk, every word of :data:`WORDS` as one piece,
+    then single characters (so any text tokenizes). Built from the list, no file or download."""
+    from transformers import T5Tokenizer
+
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;()<>[]_/&+\"") | set("".join(WORDS)))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in sorted(set(WORDS))]
+    vocab += [("\u2581", -5.0)] + [(c, -10.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=MAX_LENGTH)
+
+
+def _sd3(tokenizer, tokenizer_3, seed: int):
+    """MMDiT with 2 joint blocks: CLIP-L/G stand-ins (hidden 32 each, concatenated to 64 = the T5 width =
+    ``joint_attention_dim``; projections 32 + 32 = ``pooled_projection_dim``)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,  # = heads × head dim
+        pooled_projection_dim=64,
+        out_channels=16,
+        pos_embed_max_size=32,  # up to 32 × 32 patches: 128 px images
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=16,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,  # SD3's values
+        scaling_factor=1.5305,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32))
+    torch.manual_seed(seed + 4)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=64,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        tokenizer_3=tokenizer_3,
+        scheduler=scheduler,
     )

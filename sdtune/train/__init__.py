@@ -1,6 +1,8 @@
 """Training recipes, one module per method, plus the pure pieces they share.
 
 - :mod:`sdtune.train.lora`: LoRA on the UNet (SD 1.x/2.x/SDXL), diffusers + kohya files.
+- :mod:`sdtune.train.sd3_lora`: LoRA on the SD3 MMDiT transformer, flow matching (``method: lora`` with
+  ``model.arch: sd3``).
 - :mod:`sdtune.train.textual_inversion`: new multi-vector tokens, all other embedding rows bit-identical.
 - :mod:`sdtune.train.pivotal`: textual inversion + UNet LoRA together.
 - :mod:`sdtune.train.dreambooth`: full UNet with prior preservation (class images generated and cached).
@@ -48,7 +50,12 @@ def run(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | No
         raise ConfigError(
             "train.parallelism=fsdp needs mixed_precision bf16 or no (fp16 needs a sharded grad scaler)"
         )
-    recipe = import_module(f"sdtune.train.{cfg.train.method}")
+    name = cfg.train.method
+    if cfg.model.arch == "sd3":
+        if name != "lora":
+            raise ConfigError(f"model.arch=sd3 supports train.method=lora only (not {name}) so far")
+        name = "sd3_lora"
+    recipe = import_module(f"sdtune.train.{name}")
     try:
         return recipe.train(cfg, data_dir, out_dir, logger)
     except torch.OutOfMemoryError as exc:

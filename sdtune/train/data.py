@@ -228,6 +228,10 @@ class GlobalDraw:
         full = torch.randn((n * self.world, *shape[1:]), generator=self.generator, device=device, dtype=dtype)
         return self._slice(full, n)
 
+    def rand(self, n: int, device) -> torch.Tensor:
+        full = torch.rand((n * self.world,), generator=self.generator, device=device)
+        return self._slice(full, n)
+
     def randint(self, high: int, n: int, device) -> torch.Tensor:
         full = torch.randint(
             0, high, (n * self.world,), generator=self.generator, device=device, dtype=torch.long

@@ -1,4 +1,7 @@
-"""Pure functions for the denoising objective: noise, targets, losses. No state, no optimizer, no I/O."""
+"""Pure functions for the denoising objective: noise, targets, losses. No state, no optimizer, no I/O.
+
+DDPM-style (SD 1.x/2.x/SDXL): epsilon / v-prediction targets, min-SNR-γ. Flow matching (SD3):
+:func:`sample_flow_timesteps`, :func:`flow_noisy`, :func:`flow_target`."""
 
 from __future__ import annotations
 
@@ -64,3 +67,34 @@ def diffusion_loss(
     weight = torch.clamp(ratio, max=snr_gamma)
     weight = weight / ratio if prediction_type == "epsilon" else weight / (ratio + 1.0)
     return per_sample * weight
+
+
+def sample_flow_timesteps(
+    n: int, scheduler, generator, device, density: str = "logit_normal", mean: float = 0.0, std: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow-matching (timesteps, sigmas) for ``n`` samples, picked from the training scheduler's own tables
+    (``FlowMatchEulerDiscreteScheduler`` at init: ``num_train_timesteps`` entries, its ``shift`` applied).
+
+    ``density``: ``logit_normal`` (u = sigmoid(N(mean, std)), SD3's default: mid-noise levels more often)
+    or ``uniform``. ``generator``: a ``torch.Generator`` or a :class:`sdtune.train.data.GlobalDraw`."""
+    if density == "logit_normal":
+        z = _randn((n,), generator, device, torch.float32)
+        u = torch.sigmoid(z * std + mean)
+    elif density == "uniform":
+        u = generator.rand(n, device) if hasattr(generator, "rand") else torch.rand(n, generator=generator)
+    else:
+        raise ValueError(f"unsupported timestep density {density!r}")
+    count = scheduler.config.num_train_timesteps
+    index = (u.cpu() * count).long().clamp(0, count - 1)
+    return scheduler.timesteps[index].to(device), scheduler.sigmas[index].to(device)
+
+
+def flow_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow interpolation (1 − σ)·x0 + σ·noise (σ broadcast over the sample's dims)."""
+    s = sigmas.reshape(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+    return (1.0 - s) * latents + s * noise
+
+
+def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity the transformer predicts: noise − x0 (loss weighting "none": plain MSE against it)."""
+    return noise - latents

@@ -40,6 +40,13 @@ def tiny_inpaint(tmp_path_factory) -> Path:
     return build_tiny("sd15-inpaint", tmp_path_factory.mktemp("models") / "tiny-sd15-inpaint")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    from sdtune.models.tiny import build_tiny
+
+    return build_tiny("sd3", tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
 def make_stage(out: Path, n: int = 5, holdout: int = 1, size: int = 64) -> Path:
     """``n`` coloured-blob PNGs, the last ``holdout`` of them in the holdout split."""
     out.mkdir(parents=True, exist_ok=True)
