@@ -9,6 +9,9 @@
   noise is used for both models. Keys: ``loss_{base,tuned}_{trigger,class}`` and ``loss_delta_{trigger,class}``
   (tuned − base; negative means the tuned model denoises the subject better). A healthy run lowers the
   trigger loss a lot more than the class loss (the class prompt drifting too is "language drift").
+  SD3 (``model.arch: sd3``): the flow-matching loss instead — x_σ = (1 − σ)·x0 + σ·noise with
+  σ = t / num_train_timesteps for each ``loss_timesteps`` entry, MSE of the transformer's velocity against
+  noise − x0 (``loss_objective`` in ``metrics.json`` says which).
 - **Samples.** ``evaluate.prompts`` × ``evaluate.seeds`` for the base model (top row) and the tuned model
   (bottom row), same seeds per column: ``samples/{base,tuned}/p{i}_s{seed}.png`` and ``grid.png``.
 
@@ -81,6 +84,7 @@ def evaluate(
     info: dict[str, Any] = {
         **metrics,
         "loss_split": loss_split,
+        "loss_objective": "flow_matching" if cfg.model.arch == "sd3" else "denoising",
         "loss_prompts": prompts,
         "base_model": str(base_model),
         "tuned": str(lora_dir) if lora_dir is not None else None,
@@ -126,6 +130,8 @@ def _encode_latents(pipe, records, data_dir: Path, cfg: RunConfig, device) -> to
 def _denoising_losses(
     pipe, latents: torch.Tensor, prompts: dict[str, str], cfg: RunConfig, device
 ) -> dict[str, float]:
+    if cfg.model.arch == "sd3":
+        return _flow_losses(pipe, latents, prompts, cfg, device)
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -136,7 +142,8 @@ def _denoising_losses(
     n = latents.shape[0]
     out: dict[str, float] = {}
     for name, prompt in prompts.items():
-        prompt = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)  # "<sks>" → "<sks> <sks>_1 …"
+        if hasattr(pipe, "maybe_convert_prompt"):
+            prompt = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)  # "<sks>" → "<sks> <sks>_1 …"
         cond = D.encode_prompts(parts, [prompt], device, cfg.preprocess.resolution)
         kwargs: dict[str, Any] = {
             "encoder_hidden_states": cond["prompt_embeds"].repeat(n, 1, 1).to(pipe.unet.dtype)
@@ -157,6 +164,45 @@ def _denoising_losses(
                 target = prediction_target(scheduler, latents, noise, tt, prediction_type)
                 total += float(diffusion_loss(pred, target).mean())
         out[name] = total / (len(cfg.evaluate.loss_seeds) * len(timesteps))
+    return out
+
+
+@torch.no_grad()
+def _flow_losses(
+    pipe, latents: torch.Tensor, prompts: dict[str, str], cfg: RunConfig, device
+) -> dict[str, float]:
+    """SD3: the flow-matching velocity MSE at σ = t / num_train_timesteps, same noise for base and tuned."""
+    from sdtune.train.losses import flow_noisy, flow_target
+
+    num_t = pipe.scheduler.config.num_train_timesteps
+    sigmas = sorted({min(max(int(t), 1), num_t) / num_t for t in cfg.evaluate.loss_timesteps})
+    n = latents.shape[0]
+    dtype = pipe.transformer.dtype
+    out: dict[str, float] = {}
+    for name, prompt in prompts.items():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompt,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=cfg.train.max_sequence_length,
+        )
+        total = 0.0
+        for seed in cfg.evaluate.loss_seeds:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            noise = torch.randn(latents.shape, generator=gen).to(device)
+            for sigma in sigmas:
+                s = torch.full((n,), sigma, device=device)
+                pred = pipe.transformer(
+                    hidden_states=flow_noisy(latents, noise, s).to(dtype),
+                    timestep=s * num_t,
+                    encoder_hidden_states=embeds.repeat(n, 1, 1).to(dtype),
+                    pooled_projections=pooled.repeat(n, 1).to(dtype),
+                    return_dict=False,
+                )[0]
+                total += float(diffusion_loss(pred, flow_target(latents, noise)).mean())
+        out[name] = total / (len(cfg.evaluate.loss_seeds) * len(sigmas))
     return out
 
 

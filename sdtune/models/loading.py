@@ -164,28 +164,28 @@ def load_components(cfg: RunConfig, base: str | None = None) -> SDComponents:
 
 def pipeline_class_for(arch: str, source: str | None = None) -> Any:
     """The diffusers pipeline class for ``arch``; a local inpainting folder (``model_index.json`` names an
-    inpaint pipeline) gets ``StableDiffusionInpaintPipeline``."""
+    inpaint pipeline) gets ``StableDiffusionInpaintPipeline`` (SDXL: ``StableDiffusionXLInpaintPipeline``)."""
     import json
 
     from diffusers import (
         StableDiffusion3Pipeline,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
+        StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPipeline,
     )
 
-    if arch == "sdxl":
-        return StableDiffusionXLPipeline
     if arch == "sd3":
         return StableDiffusion3Pipeline
     index = Path(source) / "model_index.json" if source else None
-    if (
+    inpaint = (
         index is not None
         and index.is_file()
         and "Inpaint" in json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-    ):
-        return StableDiffusionInpaintPipeline
-    return StableDiffusionPipeline
+    )
+    if arch == "sdxl":
+        return StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
+    return StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
 
 
 def load_pipeline(cfg: RunConfig, base: str | None = None, torch_dtype: Any = None, **components: Any) -> Any:

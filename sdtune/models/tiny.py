@@ -5,7 +5,8 @@ no safety checker) that ``StableDiffusionPipeline.from_pretrained(out)`` loads o
 same with a 9-channel UNet (latents + mask + masked-image latents) for ``StableDiffusionInpaintPipeline``;
 ``"sd2"`` an SD 2.x-style one (v-prediction scheduler, linear-projection attention with per-block head dims,
 GELU text encoder as in OpenCLIP ViT-H); ``"sdxl"`` a ``StableDiffusionXLPipeline`` folder with two text
-encoders; ``"sd3"`` a ``StableDiffusion3Pipeline`` folder (2-layer MMDiT, 16-channel VAE with shift/scaling
+encoders, ``"sdxl-inpaint"`` the same with a 9-channel UNet for ``StableDiffusionXLInpaintPipeline``;
+``"sd3"`` a ``StableDiffusion3Pipeline`` folder (2-layer MMDiT, 16-channel VAE with shift/scaling
 factors, flow-matching Euler scheduler, two CLIP encoders with projections and a tiny T5 encoder whose
 ``T5Tokenizer`` is a Unigram vocabulary over the same word list). Sizes follow diffusers' own
 ``get_dummy_components`` (~1.7 M parameters, 64 px images in about a second on a CPU).
@@ -21,7 +22,7 @@ import json
 import shutil
 from pathlib import Path
 
-ARCHS = ("sd15", "sd15-inpaint", "sd2", "sdxl", "sd3")
+ARCHS = ("sd15", "sd15-inpaint", "sd2", "sdxl", "sdxl-inpaint", "sd3")
 
 # Every word a prompt in tests, presets or the demo may use; characters outside still tokenize (per letter).
 _WORD_TEXT = """
@@ -57,14 +58,14 @@ def build_tiny(arch: str, out_dir: Path, seed: int = 0) -> Path:
     tokenizer = _write_tokenizer(tok_dir)
     # Each component is seeded on its own: the same seed gives the same bytes whatever ran before.
     with torch.random.fork_rng(devices=[]):
-        if arch == "sdxl":
-            pipe = _sdxl(tokenizer, seed)
+        if arch in ("sdxl", "sdxl-inpaint"):
+            pipe = _sdxl(tokenizer, seed, inpaint=arch == "sdxl-inpaint")
         elif arch == "sd3":
             pipe = _sd3(tokenizer, _t5_tokenizer(), seed)
         else:
             pipe = _sd15(tokenizer, seed, variant=arch)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    if arch in ("sdxl", "sd3"):
+    if arch in ("sdxl", "sdxl-inpaint", "sd3"):
         shutil.rmtree(out_dir / "tokenizer_2", ignore_errors=True)
         shutil.copytree(tok_dir, out_dir / "tokenizer_2")
     (out_dir / "sdtune_tiny.json").write_text(
@@ -211,9 +212,14 @@ def _sd15(tokenizer, seed: int, variant: str = "sd15"):
     )
 
 
-def _sdxl(tokenizer, seed: int):
+def _sdxl(tokenizer, seed: int, inpaint: bool = False):
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -221,7 +227,7 @@ def _sdxl(tokenizer, seed: int):
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=32,
-        in_channels=4,
+        in_channels=9 if inpaint else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -246,7 +252,8 @@ def _sdxl(tokenizer, seed: int):
         steps_offset=1,
         timestep_spacing="leading",
     )
-    return StableDiffusionXLPipeline(
+    cls = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
+    return cls(
         unet=unet.eval(),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),

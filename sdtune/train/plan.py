@@ -204,6 +204,10 @@ def model_configs(cfg: RunConfig) -> tuple[dict, list[dict], dict]:
             else VAE
         )
         return unet, encoders, vae
+    if cfg.model.arch not in HUB:
+        from sdtune.errors import ConfigError
+
+        raise ConfigError(f"the planner has no model of model.arch={cfg.model.arch} yet (SD3: not modelled)")
     unet, encoders = HUB[cfg.model.arch]
     return unet, encoders, VAE
 

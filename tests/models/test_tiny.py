@@ -87,6 +87,31 @@ def test_sd2_and_inpaint_variants_load_and_generate(tiny_sd2, tiny_inpaint):
     assert out.images[0].size == (64, 64)
 
 
+def test_sd3_is_deterministic_loads_and_generates(tmp_path, tiny_sd3):
+    """`--arch sd3`: MMDiT + 16-channel VAE + flow-matching scheduler + CLIP-L/G + T5, offline and seeded."""
+    from diffusers import StableDiffusion3Pipeline
+
+    assert main(["models", "tiny", "--arch", "sd3", "--out", str(tmp_path / "again")]) == 0
+    assert _files(tmp_path / "again") == _files(tiny_sd3)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    t = pipe.transformer.config
+    assert (t.in_channels, pipe.vae.config.latent_channels, pipe.vae.config.shift_factor) == (16, 16, 0.0609)
+    assert t.joint_attention_dim == pipe.text_encoder_3.config.d_model
+    projections = pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim
+    assert t.pooled_projection_dim == projections
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.tokenizer_3.tokenize("a photo of sks robot") == ["▁a", "▁photo", "▁of", "▁sks", "▁robot"]
+    image = pipe(
+        "a photo of sks robot",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+
+
 def test_cli_models_tiny(tmp_path, capsys):
     assert main(["models", "tiny", "--arch", "sd15", "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model_index.json").is_file()

@@ -121,3 +121,37 @@ def test_inpaint_refuses_a_4_channel_model_and_missing_masks(
         args = ["train", "--config", str(config), "--data", str(stage_dir), "--out", str(tmp_path / "out")]
         assert main(args) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("full_unet", [False, True], ids=["lora", "full_unet"])
+def test_sdxl_inpaint_trains_and_loads(tmp_path, masked_stage, full_unet):
+    """The tiny 9-channel SDXL model (`--arch sdxl-inpaint`): LoRA and whole-UNet runs load into
+    StableDiffusionXLInpaintPipeline (the registry's loader picks it too) and change the result."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from sdtune.config import load_config
+    from sdtune.models.tiny import build_tiny
+    from sdtune.registry import load_trained_pipeline
+
+    base = build_tiny("sdxl-inpaint", tmp_path / "tiny-sdxl-inpaint")
+    config = write_config(
+        tmp_path / "c.yaml",
+        base,
+        model={"arch": "sdxl"},
+        train={
+            "method": "inpaint",
+            "max_steps": 2,
+            "learning_rate": 1e-3 if full_unet else 3e-2,
+            "inpaint_full_unet": full_unet,
+            "inpaint_masks_per_image": 2,
+        },
+    )
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--data", str(masked_stage), "--out", str(out)]) == 0
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(base, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    before = _inpaint(pipe)
+    loaded = load_trained_pipeline(load_config(config), out)
+    assert type(loaded) is StableDiffusionXLInpaintPipeline and loaded.unet.config.in_channels == 9
+    loaded.set_progress_bar_config(disable=True)
+    assert (_inpaint(loaded) - before).abs().max() > 1e-3
