@@ -20,7 +20,9 @@ models_app = typer.Typer(
 @models_app.command("tiny")
 def models_tiny(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the diffusers pipeline to.")],
-    arch: Annotated[str, typer.Option("--arch", help="sd15, sd15-inpaint, sd2, sdxl, sdxl-inpaint or sd3.")] = "sd15",
+    arch: Annotated[
+        str, typer.Option("--arch", help="sd15, sd15-inpaint, sd2, sdxl, sdxl-inpaint or sd3.")
+    ] = "sd15",
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Write a tiny, seeded, randomly initialised pipeline (~1.7 M parameters) that loads offline."""
