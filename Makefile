@@ -16,7 +16,7 @@ REGISTRY ?= ghcr.io/sdtune
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv run test test-fast lint format compile smoke manifests-check images bench clean
+.PHONY: help venv run test test-fast lint format compile manifests-check images bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'

@@ -6,6 +6,7 @@ Each group of commands lives in its own module and registers itself on :data:`ap
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -38,16 +39,26 @@ def _register_commands() -> None:
     _registered = True
 
 
+def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    """The class from click and from the copy of click that recent typer releases vendor."""
+    modules = [click.exceptions]
+    with contextlib.suppress(ImportError):
+        from typer._click import exceptions as vendored
+
+        modules.append(vendored)
+    return tuple(getattr(m, name) for m in modules if hasattr(m, name))
+
+
 def main(argv: list[str] | None = None) -> int:
     _register_commands()
     try:
         result = app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except _click_exceptions("Exit") as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _click_exceptions("Abort"):
         err_console.print("aborted")
         return 130
-    except click.exceptions.ClickException as exc:
+    except _click_exceptions("ClickException") as exc:  # usage errors: click's own one-line message
         exc.show()
         return exc.exit_code
     except SdtuneError as exc:

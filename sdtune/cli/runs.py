@@ -56,16 +56,29 @@ def register(app: typer.Typer) -> None:
 
     @runs.command("compare")
     def compare_command(
-        run_ids: Annotated[list[str], typer.Argument(help="Parent run ids (from `sdtune runs list`)")],
+        run_ids: Annotated[
+            list[str] | None, typer.Argument(help="Parent run ids (from `sdtune runs list`)")
+        ] = None,
         html: Annotated[
             Path | None, typer.Option(help="Also write a side-by-side page with the sample grids")
         ] = None,
+        sweep: Annotated[
+            str | None, typer.Option(help="Compare the trials of this sweep, ranked by its metric")
+        ] = None,
+        experiment: Annotated[str, typer.Option(help="MLflow experiment (with --sweep)")] = "sdtune",
     ) -> None:
-        """Side by side: the params that differ and every metric."""
+        """Side by side: the params that differ and every metric (or a sweep's trials, ranked)."""
         from mlflow.exceptions import MlflowException
 
         from sdtune.compare import compare_html, differing_params, get_rows
 
+        if sweep:
+            from sdtune.cli.sweep import show_sweep
+
+            show_sweep(sweep, experiment, html=html)
+            return
+        if not run_ids:
+            raise SdtuneError("name the run ids to compare, or --sweep ID")
         try:
             rows = get_rows(run_ids)
         except MlflowException as exc:

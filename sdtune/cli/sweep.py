@@ -151,6 +151,29 @@ def _sweep_settings(experiment: str, sweep_id: str) -> tuple[str, dict[str, str]
     return run_id, dict(run.data.params), dict(run.data.tags)
 
 
+def show_sweep(sweep: str, experiment: str, metric: str | None = None, html: Path | None = None) -> None:
+    """Print a sweep's trials sorted by its metric (★ = best); optionally write the comparison page."""
+    from sdtune.sweep import tracking as sweep_tracking
+    from sdtune.sweep.page import comparison_html
+
+    _, params, tags = _sweep_settings(experiment, sweep)
+    metric = metric or params.get("sweep.metric", "loss_tuned_trigger")
+    direction = params.get("sweep.direction", "minimize")
+    rows = sweep_tracking.trial_rows(experiment, sweep)
+    best = tags.get("sdtune.best_trial")
+    print_trials(rows, metric, direction, best, title=f"sweep {sweep}: trials by {metric} ({direction})")
+    if html:
+        grids = {}
+        for r in rows:
+            png = sweep_tracking.grid_png_bytes(sweep_tracking.child_run_ids(r.run_id).get("evaluate", ""))
+            if png:
+                grids[r.name] = png
+        best_row = next((r for r in rows if r.name == best), None)
+        html.parent.mkdir(parents=True, exist_ok=True)
+        html.write_text(comparison_html(sweep, metric, direction, rows, grids, best_row), encoding="utf-8")
+        console.print(f"wrote {html}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("sweep")
     def sweep_command(
@@ -303,29 +326,7 @@ def register(app: typer.Typer) -> None:
         html: Annotated[Path | None, typer.Option(help="Also write the comparison page here")] = None,
     ) -> None:
         """The trials of a sweep sorted by the metric; ★ marks the best."""
-        from sdtune.sweep import tracking as sweep_tracking
-        from sdtune.sweep.page import comparison_html
-
-        _, params, tags = _sweep_settings(experiment, sweep)
-        metric = metric or params.get("sweep.metric", "loss_tuned_trigger")
-        direction = params.get("sweep.direction", "minimize")
-        rows = sweep_tracking.trial_rows(experiment, sweep)
-        best = tags.get("sdtune.best_trial")
-        print_trials(rows, metric, direction, best, title=f"sweep {sweep}: trials by {metric} ({direction})")
-        if html:
-            grids = {}
-            for r in rows:
-                png = sweep_tracking.grid_png_bytes(
-                    sweep_tracking.child_run_ids(r.run_id).get("evaluate", "")
-                )
-                if png:
-                    grids[r.name] = png
-            best_row = next((r for r in rows if r.name == best), None)
-            html.parent.mkdir(parents=True, exist_ok=True)
-            html.write_text(
-                comparison_html(sweep, metric, direction, rows, grids, best_row), encoding="utf-8"
-            )
-            console.print(f"wrote {html}")
+        show_sweep(sweep, experiment, metric, html)
 
     @sweeps.command("trial")
     def trial_command(
