@@ -116,4 +116,6 @@ def test_local_sweep_picks_and_registers_the_best(tiny_assets, tmp_path):
     # ... and so does `sdtune runs compare --sweep`
     compared = _cli("runs", "compare", "--sweep", "sweep-e2e-1", "--experiment", "sweep-e2e", env=env)
     assert compared.returncode == 0, compared.stderr
-    assert [line.split("│")[3].strip() for line in compared.stdout.splitlines() if "trial-" in line] == expected
+    assert [
+        line.split("│")[3].strip() for line in compared.stdout.splitlines() if "trial-" in line
+    ] == expected
