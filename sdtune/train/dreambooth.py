@@ -49,6 +49,7 @@ from .runtime import (
     make_optimizer,
     open_logger,
     progress,
+    report_step,
     shutdown,
     weight_dtype,
 )
@@ -182,14 +183,18 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
 
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                metrics = tracker.flush(step)
-                if prior is not None:
-                    metrics["prior_loss"] = prior_tracker.flush(step)["loss"]
-                metrics.update(lr=lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if log is not None:
-                    log.log(metrics, step)
+            report_step(
+                step,
+                tc,
+                tracker,
+                lr_scheduler,
+                grad_norm,
+                bar,
+                log,
+                extra=None
+                if prior is None
+                else lambda step=step: {"prior_loss": prior_tracker.flush(step)["loss"]},
+            )
             validate(step, unet=unet if fsdp else accelerator.unwrap_model(unet))
             C.end_of_step(step, cfg, out_dir, state, accelerator, tracker, watch)
         bar.close()

@@ -45,6 +45,7 @@ from .runtime import (
     make_optimizer,
     open_logger,
     progress,
+    report_step,
     shutdown,
     weight_dtype,
 )
@@ -200,13 +201,16 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 guard.restore(weight)  # only the new rows may move
             bar.update(1)
 
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                metrics = tracker.flush(step)
-                metrics.update(lr=lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
-                metrics["embedding_norm"] = float(weights[0].detach()[new_ids[0]].norm(dim=-1).mean())
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if log is not None:
-                    log.log(metrics, step)
+            report_step(
+                step,
+                tc,
+                tracker,
+                lr_scheduler,
+                grad_norm,
+                bar,
+                log,
+                extra=lambda: {"embedding_norm": float(weights[0].detach()[new_ids[0]].norm(dim=-1).mean())},
+            )
             C.end_of_step(step, cfg, out_dir, state, accelerator, tracker, watch)
         bar.close()
         watch.close()

@@ -259,3 +259,17 @@ def shutdown(accelerator) -> None:
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def report_step(step, tc: TrainConfig, tracker, lr_scheduler, grad_norm, bar, log, extra=None) -> None:
+    """Every ``train.log_every`` steps (and the last): read the loss back (the one host sync, which also
+    checks it is finite), add lr/grad-norm and any recipe-specific ``extra()`` metrics, log them."""
+    if step % tc.log_every and step != tc.max_steps:
+        return
+    metrics = tracker.flush(step)
+    metrics.update(lr=lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+    if extra is not None:
+        metrics.update(extra())
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+    if log is not None:
+        log.log(metrics, step)
