@@ -4,13 +4,13 @@
 2. Built-in objects validate against the Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown
    fields fail, because the API server would drop them silently).
 3. Custom resources (TrainJob, PyTorchJob, training runtimes) validate against the CRD schemas in the
-   shared schemas folder, made strict the same way (structural schemas prune unknown fields). The CEL
+   vendored schemas folder (schemas/, upstream versions in schemas/README.md), made strict the same way (structural schemas prune unknown fields). The CEL
    name rule of TrainJob is checked by hand; other CEL rules need an API server.
 4. The TrainJob/PyTorchJob specs the launcher renders (1×8 and 2×8 GPUs) validate the same way.
 5. Policy: containers run non-root without privilege escalation and with requests+limits; Roles have no
    wildcards; no Secret is rendered (references only); the example Secrets hold placeholders only.
 
-Schemas: $SDTUNE_SCHEMAS_DIR, else ../shared/schemas beside the repo (CI layout), else ./shared/schemas.
+Schemas: $SDTUNE_SCHEMAS_DIR, else the repository's own schemas/ (vendored, so a bare clone is enough).
 Exit status 1 on any finding; one line per finding.
 """
 
@@ -37,11 +37,10 @@ POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaS
 
 def schemas_dir() -> Path:
     env = os.environ.get("SDTUNE_SCHEMAS_DIR")
-    candidates = [Path(env)] if env else [ROOT.parent / "shared" / "schemas", ROOT / "shared" / "schemas"]
-    for path in candidates:
-        if path.is_dir():
-            return path
-    raise SystemExit(f"schemas not found (tried {', '.join(map(str, candidates))}); set SDTUNE_SCHEMAS_DIR")
+    path = Path(env) if env else ROOT / "schemas"
+    if not path.is_dir():
+        raise SystemExit(f"schemas not found at {path}; set SDTUNE_SCHEMAS_DIR")
+    return path
 
 
 def render_overlay(path: Path) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Render Kubeflow Trainer v2 TrainJobs and Training Operator v1 PyTorchJobs as plain dicts.
 
 The dicts are what the launcher creates and what tests/tools validate against the CRD schemas in
-``shared/schemas``; nothing here talks to a cluster. Both kinds get the same pod hardening: sidecar
+``schemas/`` (vendored); nothing here talks to a cluster. Both kinds get the same pod hardening: sidecar
 injection off (an Istio sidecar keeps a finished training pod alive forever), a memory-backed /dev/shm
 (NCCL and DataLoader workers outgrow the 64 MiB default), non-root, no privilege escalation.
 """

@@ -1,4 +1,4 @@
-"""Validate recorded KFP REST requests against the v2beta1 swagger files in shared/schemas/kfp."""
+"""Validate recorded KFP REST requests against the v2beta1 swagger files vendored in schemas/kfp."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rendered TrainJob / PyTorchJob specs: valid against the shared CRD schemas, with the pod hardening."""
+"""Rendered TrainJob / PyTorchJob specs: valid against the vendored CRD schemas, with the pod hardening."""
 
 from __future__ import annotations
 
