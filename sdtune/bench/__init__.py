@@ -1,1 +1,1 @@
-"""Benchmarks: the CPU suite (`python -m sdtune.bench`) and the reference loop it compares against."""
+"""Benchmarks, all in one place: the CPU suite (`python -m sdtune.bench`), the reference loop it compares against, the data path (`sdtune.bench.data`) and the GPU script (`python -m sdtune.bench.gpu`)."""

@@ -6,7 +6,7 @@
    (trainer, reference, reference, trainer, …); the first window of each (start-up, first steps) is
    warm-up; steps/s is the median of the other windows. Final loss: each one's mean loss over its last
    window, same step count, same seed.
-2. Data path: :func:`sdtune.data.bench.run_data_bench` when that module exists.
+2. Data path: :func:`sdtune.bench.data.run_data_bench`.
 3. Pipeline overhead: ``sdtune run --local configs/debug/tiny_cpu.yaml`` in a scratch home, its wall time
    against the sum of its tasks' times (read off the kfp.local log).
 
@@ -349,12 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = bench_training(name, root, args.windows, args.vs)
         if "data" in parts:
             print("[bench] data path …", flush=True)
-            try:
-                from sdtune.data.bench import run_data_bench
-            except ImportError as exc:
-                results["data"] = {"skipped": f"sdtune.data.bench.run_data_bench not available ({exc})"}
-            else:
-                results["data"] = run_data_bench()
+            from sdtune.bench.data import run_data_bench
+
+            results["data"] = run_data_bench()
         if "pipeline" in parts:
             print("[bench] pipeline: sdtune run --local (tiny) …", flush=True)
             results["pipeline"] = bench_pipeline(root)

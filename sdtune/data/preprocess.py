@@ -171,7 +171,7 @@ def process_record(
 
 
 MIN_PER_WORKER = 8
-USE_DRAFT = True  # off only to measure what draft saves (sdtune.data.bench)
+USE_DRAFT = True  # off only to measure what draft saves (sdtune.bench.data)
 
 
 def default_workers() -> int:

@@ -1,4 +1,4 @@
-"""bench/gpu.py runs end to end on the CPU at a tiny size, so the GPU benchmark cannot rot between GPU runs."""
+"""sdtune/bench/gpu.py runs end to end on the CPU at a tiny size, so the GPU benchmark cannot rot between GPU runs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_gpu_script():
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "sdtune" / "bench" / "gpu.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

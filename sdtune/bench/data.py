@@ -1,6 +1,6 @@
 """Preprocessing throughput: 1024-px JPEGs → 512-px centre crops, in images/s.
 
-``python -m sdtune.data.bench [--images N]`` prints the figures as JSON; :func:`run_data_bench` returns
+``python -m sdtune.bench.data [--images N]`` prints the figures as JSON; :func:`run_data_bench` returns
 them (``make bench`` calls it). Measured: JPEG inputs with 1 and 2 worker processes, JPEG without
 ``Image.draft`` (what draft saves), and PNG inputs, which is what an ingest stage directory holds.
 Pin threads (``OMP_NUM_THREADS=1``) and say which machine when quoting the numbers.

@@ -1,7 +1,7 @@
 """GPU benchmark of the LoRA step at real sizes: SD 1.5 UNet at 512 px and SDXL UNet at 1024 px.
 
-    python bench/gpu.py --out DIR [--quick] [--budget-s S]   # on a CUDA machine (H100/H200/A100 …)
-    python bench/gpu.py --out DIR --cpu-tiny                  # a tiny UNet on the CPU: keeps the script alive
+    python -m sdtune.bench.gpu --out DIR [--quick] [--budget-s S]   # on a CUDA machine (H100/H200/A100 …)
+    python -m sdtune.bench.gpu --out DIR --cpu-tiny                  # a tiny UNet on the CPU: keeps the script alive
 
 What one step is (the trainer's recipe on a GPU): the UNet from its real config with random weights (no
 download), frozen and cast to bf16; a peft LoRA (rank 4 on to_q/to_k/to_v/to_out.0, like the trainer's
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "peft": peft.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m sdtune.bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
         "lora_rank": args.rank,
         "timing": f"{warmup} warm-up steps, then {windows} windows of {steps} steps; median",
     }
