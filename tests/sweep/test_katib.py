@@ -67,11 +67,12 @@ def test_grid_experiment_validates(tmp_path, experiment_validator):
     assert {p["reference"] for p in template["trialParameters"]} == {*params, "${trialSpec.Name}"}
     container = template["trialSpec"]["spec"]["template"]["spec"]["containers"][0]
     assert container["name"] == template["primaryContainerName"]
-    assert container["command"] == ["python", "-m", "sdtune.cli", "sweeps", "trial"]
+    assert container["command"] == ["python", "-m", "sdtune.sweep.katib"]
     args = container["args"]
-    assert "train.learning_rate=${trialParameters.train_learning_rate}" in args
-    assert args[args.index("caption.template=${trialParameters.caption_template}") - 1] == "--text"
+    assert args[args.index("train.learning_rate") - 1] == "--value"
+    assert args[args.index("caption.template") - 1] == "--text"
     env = {e["name"]: e for e in container["env"]}
+    assert env["SDTUNE_TRIAL_train_learning_rate"]["value"] == "${trialParameters.train_learning_rate}"
     assert RunConfig.model_validate_json(env["SDTUNE_CONFIG"]["value"]).sweep.max_failed == 1
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlpipeline-minio-artifact"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -139,7 +140,7 @@ def test_trial_job_and_trainjob_validate(tmp_path, crds):
     assert manifests_check.validate_object(trainjob, crds) == []
     trainer = trainjob["spec"]["trainer"]
     assert trainer["numNodes"] == 1 and trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 4
-    assert trainer["command"][:3] == ["python", "-m", "sdtune.cli"]
+    assert trainer["command"] == ["python", "-m", "sdtune.sweep.katib"]
     assert template["primaryContainerName"] == "node" and "Complete" in template["successCondition"]
 
 
