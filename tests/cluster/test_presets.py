@@ -1,0 +1,219 @@
+"""Invariants over every preset in configs/: what a platform team's first run depends on, checked on the
+compiled pipeline and the rendered jobs (nothing here needs a cluster)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdtune.cluster.jobs import render, spec_from_config
+from sdtune.cluster.placement import (
+    GPU_PRODUCT_LABEL,
+    GPU_PRODUCTS,
+    KFP_ALLOWED_PREFIXES,
+    check_s3_prefixes,
+    outside_allowed,
+    s3_write_prefixes,
+)
+from sdtune.config import RunConfig, load_config
+from sdtune.errors import ConfigError
+from tests.cluster.conftest import ROOT, manifests_check
+from tests.cluster.kubelet import container_env, expand
+
+PRESETS = sorted((ROOT / "configs").rglob("*.yaml"))
+IDS = [str(p.relative_to(ROOT / "configs")) for p in PRESETS]
+OWNER = ("sdtune-run-train-launcher", "0d1f5c3e-7a2b-4c9d-8e6f-112233445566")
+HARDWARE = re.compile(r"_(\d+)x([a-z0-9]+-\d+gb)$")  # full_8xa100-80gb → 8 GPUs of a100-80gb
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, tuple[RunConfig, dict, dict]]:
+    """preset → (config, pipeline spec, kubernetes platform executors), compiled by the real pipeline."""
+    from pipelines.compile import compile_pipeline
+
+    out = {}
+    for path, name in zip(PRESETS, IDS, strict=True):
+        cfg = load_config(path, [])
+        target = tmp_path_factory.mktemp("compiled") / "p.yaml"
+        docs = list(yaml.safe_load_all(compile_pipeline(cfg, target).read_text()))
+        out[name] = (cfg, docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"])
+    return out
+
+
+def _task(spec: dict, platform: dict, task: str) -> tuple[dict, dict]:
+    """(container, kubernetes settings) of the task named ``task`` (inside the exit handler)."""
+    for component in spec["components"].values():
+        for name, t in ((component.get("dag") or {}).get("tasks") or {}).items():
+            if name == task:
+                executor = spec["components"][t["componentRef"]["name"]]["executorLabel"]
+                return spec["deploymentSpec"]["executors"][executor]["container"], platform[executor]
+    raise KeyError(task)
+
+
+def _job(cfg: RunConfig, kind: str, nodes: int = 2) -> dict:
+    cfg = cfg.model_copy(deep=True)
+    cfg.cluster.launcher, cfg.cluster.num_nodes = kind, nodes
+    spec = spec_from_config(
+        cfg,
+        run_id="run-abc",
+        attempt=0,
+        image="img:1",
+        args=["-m", "sdtune.remote_train", "--config-json", cfg.to_param()],
+        namespace="team-a",
+        owner=OWNER,
+        ephemeral_storage="60Gi",
+    )
+    return render(kind, spec)
+
+
+def _pods(job: dict) -> list[tuple[dict, dict]]:
+    """(pod spec, training container) of each pod template, with TrainJob's trainer merged in."""
+    if job["kind"] == "PyTorchJob":
+        return [
+            (r["template"]["spec"], r["template"]["spec"]["containers"][0])
+            for r in job["spec"]["pytorchReplicaSpecs"].values()
+        ]
+    patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod = patch["template"]["spec"]["template"]["spec"]
+    trainer = job["spec"]["trainer"]
+    container = {**pod["containers"][0], "env": trainer["env"], "resources": trainer["resourcesPerNode"]}
+    return [(pod, container)]
+
+
+@pytest.mark.parametrize("preset", IDS)
+def test_train_task_requests_the_gpus_its_ranks_use(compiled, preset):
+    cfg, spec, platform = compiled[preset]
+    container, k8s = _task(spec, platform, "train-op")
+    accelerator = container["resources"].get("accelerator")
+    gpus = int(accelerator["resourceCount"]) if accelerator else 0
+    wanted = 0 if cfg.cluster.steps.train.gpus == 0 else cfg.train.num_processes
+    assert gpus == wanted, f"{preset}: {cfg.train.num_processes} ranks on {gpus} GPU(s)"
+    if gpus:
+        assert any(t.get("key") == "nvidia.com/gpu" for t in k8s["tolerations"])
+    threads = {e["name"]: e["value"] for e in container.get("env") or []}["OMP_NUM_THREADS"]
+    limit = float(cfg.cluster.steps.train.cpu_limit)
+    assert int(threads) == max(1, int(limit) // cfg.train.num_processes)  # the pod's CPUs, not the host's
+
+
+@pytest.mark.parametrize("preset", IDS)
+def test_named_hardware_is_what_the_pods_get(compiled, preset):
+    cfg, spec, platform = compiled[preset]
+    found = HARDWARE.search(Path(preset).stem)
+    if found:
+        assert cfg.train.num_processes == int(found[1]) and cfg.cluster.gpu_model == found[2]
+    for task in ("train-op", "evaluate-op"):
+        _, k8s = _task(spec, platform, task)
+        if cfg.cluster.gpu_model:
+            terms = [e for a in k8s["nodeAffinity"] for e in a["matchExpressions"]]
+            assert terms == [
+                {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": list(GPU_PRODUCTS[cfg.cluster.gpu_model])}
+            ]
+        else:
+            assert "nodeAffinity" not in k8s
+
+
+def test_eight_gpu_presets_exist_and_get_eight_gpus(compiled):
+    eight = [p for p in IDS if "8xa100" in p]
+    assert len(eight) >= 3
+    for preset in eight:
+        cfg, spec, platform = compiled[preset]
+        container, _ = _task(spec, platform, "train-op")
+        assert container["resources"]["accelerator"]["resourceCount"] == "8"
+        assert cfg.train.num_processes == 8
+
+
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+@pytest.mark.parametrize("preset", IDS)
+def test_jobs_of_every_preset(compiled, crds, preset, kind):
+    cfg = compiled[preset][0]
+    job = _job(cfg, kind)
+    assert manifests_check.validate_object(job, crds) == []
+    assert manifests_check.policy_errors(job) == []
+    # owned by the launcher pod: deleted with it even if the launcher never runs its cleanup
+    (ref,) = job["metadata"]["ownerReferences"]
+    assert (ref["kind"], ref["name"], ref["uid"]) == ("Pod", *OWNER)
+    if kind == "pytorchjob":
+        assert job["spec"]["runPolicy"]["cleanPodPolicy"] in ("Running", "All")
+    grace = cfg.train.preempt_grace_s
+    for pod, container in _pods(job):
+        gpus = container["resources"]["limits"].get("nvidia.com/gpu", 0)
+        assert gpus == (cfg.train.num_processes if cfg.cluster.steps.train.gpus else gpus)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert float(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= grace
+        assert pod["terminationGracePeriodSeconds"] > float(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+        assert pod["serviceAccountName"] == cfg.cluster.job_service_account
+        assert container["resources"]["requests"]["ephemeral-storage"] == "60Gi"
+    if kind == "pytorchjob":
+        workers = job["spec"]["pytorchReplicaSpecs"]
+        assert workers["Master"]["template"]["spec"]["automountServiceAccountToken"] is False
+        assert job["spec"]["nprocPerNode"] == str(cfg.train.num_processes)
+    else:
+        assert job["spec"]["trainer"]["numProcPerNode"] == cfg.train.num_processes
+
+
+@pytest.mark.parametrize("preset", IDS)
+def test_every_s3_write_falls_under_the_namespace_prefixes(compiled, preset):
+    cfg = compiled[preset][0]
+    check_s3_prefixes(cfg)  # as templates, before the namespace is known
+    check_s3_prefixes(cfg, "team-a")
+    for uri in s3_write_prefixes(cfg).values():
+        assert not outside_allowed(uri, KFP_ALLOWED_PREFIXES, "team-a")
+        assert "/team-a/" in uri.replace("{namespace}", "team-a")  # private to the namespace
+
+
+def test_prefix_check_refuses_what_kfp_would_deny():
+    old_default = RunConfig.model_validate({"cluster": {"staging_uri": "s3://mlpipeline/sdtune-staging"}})
+    with pytest.raises(ConfigError, match="outside the namespace's writable S3 prefixes"):
+        check_s3_prefixes(old_default, "team-a")
+    other_ns = RunConfig.model_validate(
+        {"cluster": {"staging_uri": "s3://mlpipeline/private-artifacts/team-b/x"}}
+    )
+    with pytest.raises(ConfigError):
+        check_s3_prefixes(other_ns, "team-a")
+    escape = RunConfig.model_validate(
+        {"cluster": {"staging_uri": "s3://mlpipeline/private-artifacts/team-a/../team-b/x"}}
+    )
+    with pytest.raises(ConfigError):
+        check_s3_prefixes(escape, "team-a")
+    own_bucket = RunConfig.model_validate(
+        {"cluster": {"staging_uri": "s3://ml/stage", "allowed_s3_prefixes": ["s3://ml/"]}}
+    )
+    check_s3_prefixes(own_bucket, "team-a")  # configurable for stores other than KFP's
+    named = RunConfig.model_validate({"cluster": {"namespace": "team-a"}})
+    assert named.cluster.staging_uri == "s3://mlpipeline/private-artifacts/team-a/sdtune/staging"
+
+
+@pytest.mark.parametrize("preset", IDS)
+def test_no_preset_pins_a_checkpoint_path(preset):
+    raw = yaml.safe_load((ROOT / "configs" / preset).read_text())
+    # a fixed path is shared by every run of the preset: the next retrain resumes someone else's run
+    assert (raw.get("train") or {}).get("checkpoint_dir") is None
+
+
+def test_gpu_counts_that_disagree_with_the_ranks_are_refused():
+    from sdtune.cluster.placement import gpus_per_node
+
+    with pytest.raises(ConfigError, match="num_processes=8"):
+        gpus_per_node(RunConfig.model_validate({"train": {"num_processes": 8}, "cluster": {"gpus_per_node": 1}}))
+    with pytest.raises(ConfigError, match="steps.train.gpus=8"):
+        gpus_per_node(RunConfig.model_validate({"cluster": {"steps": {"train": {"gpus": 8}}}}))
+    with pytest.raises(ConfigError, match="unknown GPU model"):
+        load_config(None, ["cluster.gpu_model=a100"])
+
+
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+def test_dollar_paren_in_the_config_stays_text(kind):
+    """Kubernetes expands $(VAR) in args and env values: a prompt must not become the secret."""
+    cfg = RunConfig.model_validate({"caption": {"template": "a $(AWS_SECRET_ACCESS_KEY) {trigger} $$ $x"}})
+    job = _job(cfg, kind, nodes=1)
+    for _, container in _pods(job):
+        env = container_env(container, {"AWS_SECRET_ACCESS_KEY": "s3cr3t"})
+        args = job["spec"]["trainer"]["args"] if kind == "trainjob" else container["args"]
+        expanded = [expand(a, env) for a in args]
+        assert "s3cr3t" not in json.dumps(expanded)
+        config = expanded[expanded.index("--config-json") + 1]
+        assert RunConfig.model_validate(yaml.safe_load(config)).caption.template == cfg.caption.template
