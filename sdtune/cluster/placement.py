@@ -36,14 +36,15 @@ KFP_ALLOWED_PREFIXES = (
 def gpus_per_node(cfg: Any) -> int:
     """GPUs one training pod requests: ``train.num_processes`` (one rank per GPU), 0 for CPU training.
 
-    An explicit ``cluster.gpus_per_node`` or ``cluster.steps.train.gpus`` that disagrees with the ranks is a
-    config error: requesting 1 GPU for 8 ranks (or 8 GPUs for 1 rank) never does what was meant."""
+    ``cluster.steps.train.gpus`` says whether the train task trains on GPUs (0: CPU; its default 1: GPUs);
+    any other count, and a ``cluster.gpus_per_node`` other than the ranks, is a config error: requesting
+    1 GPU for 8 ranks (or 8 GPUs for 1 rank) never does what was meant."""
     cl, ranks = cfg.cluster, cfg.train.num_processes
     train = cl.steps.train
     if cl.launcher == "single_node":
         if train.gpus == 0:
             return 0
-        if "gpus" in train.model_fields_set and train.gpus != ranks:
+        if train.gpus not in (1, ranks):
             raise ConfigError(
                 f"cluster.steps.train.gpus={train.gpus} but train.num_processes={ranks}: "
                 "the train task runs one rank per GPU; set them equal (or drop cluster.steps.train.gpus)"

@@ -17,8 +17,9 @@ expanded). The args hold only shell-safe tokens; values reach the trial untouche
 Katib substitutes the values into the trial spec's JSON text, so a value may not hold ``"``, ``\`` or a
 newline (refused up front); ``$`` is written ``$$`` (Kubernetes' ``$(VAR)`` expansion of env values).
 
-``maxFailedTrialCount``: ``sweep.max_failed`` when set, else a quarter of the trials (at least 1): Katib
-fails the experiment as soon as more trials than that fail, and one flaky node should not end a sweep.
+``maxFailedTrialCount``: ``sweep.max_failed`` when above 0, else (the default 0) a quarter of the trials, at
+least 1: Katib fails the whole experiment, running trials included, as soon as more trials than that fail,
+and one flaky node should not end a sweep.
 The kubernetes client is imported lazily; tests pass a fake ``CustomObjectsApi``.
 """
 
@@ -157,10 +158,8 @@ def trial_env(cfg: RunConfig) -> list[dict[str, str]]:
 
 
 def max_failed(cfg: RunConfig) -> int:
-    """``sweep.max_failed`` when the config sets it, else a quarter of the trials (at least one)."""
-    if "max_failed" in cfg.sweep.model_fields_set:
-        return cfg.sweep.max_failed
-    return max(1, max_trials(cfg) // 4)
+    """``sweep.max_failed`` when above 0, else a quarter of the trials (at least one); see the module doc."""
+    return cfg.sweep.max_failed or max(1, max_trials(cfg) // 4)
 
 
 def trial_argv(argv: list[str], environ: dict[str, str]) -> list[str]:

@@ -201,6 +201,9 @@ def test_gpu_counts_that_disagree_with_the_ranks_are_refused():
         gpus_per_node(RunConfig.model_validate({"train": {"num_processes": 8}, "cluster": {"gpus_per_node": 1}}))
     with pytest.raises(ConfigError, match="steps.train.gpus=8"):
         gpus_per_node(RunConfig.model_validate({"cluster": {"steps": {"train": {"gpus": 8}}}}))
+    # a config that went through to_param() (every field written out) is read the same way
+    eight = RunConfig.model_validate({"train": {"num_processes": 8}})
+    assert gpus_per_node(RunConfig.model_validate(yaml.safe_load(eight.to_param()))) == 8
     with pytest.raises(ConfigError, match="unknown GPU model"):
         load_config(None, ["cluster.gpu_model=a100"])
 
