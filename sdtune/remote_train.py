@@ -52,11 +52,11 @@ def stage_once_per_node(
     return data
 
 
-def release_stage(stage: Path, ranks_on_node: int) -> None:
+def release_stage(stage: Path, local_rank: int, ranks_on_node: int) -> None:
     """Count this rank out; the last one deletes the node's copy of the dataset."""
     done = stage / "done"
     done.mkdir(parents=True, exist_ok=True)
-    (done / str(os.getpid())).touch()
+    (done / str(local_rank)).touch()
     if len(list(done.iterdir())) >= ranks_on_node:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 delete_prefix(args.data)  # the outputs are safe; a retry attaches to this finished job
             return code
     finally:
-        release_stage(data.parent, ranks_on_node)
+        release_stage(data.parent, local_rank, ranks_on_node)
 
 
 if __name__ == "__main__":
