@@ -64,9 +64,10 @@ def apply_task_settings(task: dsl.PipelineTask, step: str, cfg: RunConfig) -> ds
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
         if cl.gpu_model:
             kubernetes.add_node_affinity(
-                task, match_expressions=[
+                task,
+                match_expressions=[
                     {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": list(GPU_PRODUCTS[cl.gpu_model])}
-                ]
+                ],
             )
     task.set_env_variable("OMP_NUM_THREADS", str(max(1, int(cpu_cores(res.cpu_limit)) // ranks)))
     if res.shm:

@@ -340,7 +340,9 @@ class ClusterConfig(Section):
     # Multi-node jobs exchange the dataset and outputs, and in-cluster runs keep their checkpoints, under
     # this prefix. ``{namespace}`` becomes the profile namespace at run time: KFP >= 2.15 lets a namespace
     # write only under ``allowed_s3_prefixes``.
-    staging_uri: str = Field("s3://mlpipeline/private-artifacts/{namespace}/sdtune/staging", validate_default=True)
+    staging_uri: str = Field(
+        "s3://mlpipeline/private-artifacts/{namespace}/sdtune/staging", validate_default=True
+    )
     allowed_s3_prefixes: list[str] = Field(
         default_factory=lambda: [
             "s3://mlpipeline/artifacts/",

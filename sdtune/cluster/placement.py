@@ -67,7 +67,9 @@ def gpu_affinity(cfg: Any) -> dict[str, Any] | None:
     term = {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": list(GPU_PRODUCTS[model])}
     return {
         "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [term]}]}
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [term]}]
+            }
         }
     }
 

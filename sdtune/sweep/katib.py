@@ -14,7 +14,7 @@
 Why env vars: the StdOut collector rewrites the container command into ``sh -c "<command and args joined by
 spaces>"`` without quoting, so a prompt in the args would be split into words (and ``$``/backticks
 expanded). The args hold only shell-safe tokens; values reach the trial untouched through the environment.
-Katib substitutes the values into the trial spec's JSON text, so a value may not hold ``"``, ``\`` or a
+Katib substitutes the values into the trial spec's JSON text, so a value may not hold a double quote, a backslash or a
 newline (refused up front); ``$`` is written ``$$`` (Kubernetes' ``$(VAR)`` expansion of env values).
 
 ``maxFailedTrialCount``: ``sweep.max_failed`` when above 0, else (the default 0) a quarter of the trials, at

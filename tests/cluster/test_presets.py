@@ -110,7 +110,11 @@ def test_named_hardware_is_what_the_pods_get(compiled, preset):
         if cfg.cluster.gpu_model:
             terms = [e for a in k8s["nodeAffinity"] for e in a["matchExpressions"]]
             assert terms == [
-                {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": list(GPU_PRODUCTS[cfg.cluster.gpu_model])}
+                {
+                    "key": GPU_PRODUCT_LABEL,
+                    "operator": "In",
+                    "values": list(GPU_PRODUCTS[cfg.cluster.gpu_model]),
+                }
             ]
         else:
             assert "nodeAffinity" not in k8s
@@ -198,7 +202,9 @@ def test_gpu_counts_that_disagree_with_the_ranks_are_refused():
     from sdtune.cluster.placement import gpus_per_node
 
     with pytest.raises(ConfigError, match="num_processes=8"):
-        gpus_per_node(RunConfig.model_validate({"train": {"num_processes": 8}, "cluster": {"gpus_per_node": 1}}))
+        gpus_per_node(
+            RunConfig.model_validate({"train": {"num_processes": 8}, "cluster": {"gpus_per_node": 1}})
+        )
     with pytest.raises(ConfigError, match="steps.train.gpus=8"):
         gpus_per_node(RunConfig.model_validate({"cluster": {"steps": {"train": {"gpus": 8}}}}))
     # a config that went through to_param() (every field written out) is read the same way

@@ -298,7 +298,9 @@ def test_trial_command_survives_the_stdout_collector_shell(tmp_path, preset):
         assert done.returncode == 0, done.stderr
         argv = json.loads(done.stdout)
         assert argv[argv.index("--text") + 1] == f"caption.template={prompt}"
-        assert "train.learning_rate=5e-05" in argv and argv[argv.index("--trial-name") + 1] == f"sweep-q-{index}"
+        assert (
+            "train.learning_rate=5e-05" in argv and argv[argv.index("--trial-name") + 1] == f"sweep-q-{index}"
+        )
         assert "s3cr3t" not in done.stdout
         trial_cfg = RunConfig.model_validate_json(env["SDTUNE_CONFIG"])
         assert trial_cfg.sweep.prompts == PROMPTS
