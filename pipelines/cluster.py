@@ -26,22 +26,27 @@ from __future__ import annotations
 from kfp import dsl, kubernetes
 
 from sdtune.cluster.jobs import (
+    API_ACCESS_LABEL,
     CACHE_ENV,
     CACHE_MOUNT,
     CONFIG_MAP_KEYS,
     GPU_RESOURCE,
+    INTERNET_ACCESS_LABEL,
     KUEUE_PRIORITY_LABEL,
     KUEUE_QUEUE_LABEL,
-    NO_SIDECAR,
+    PART_OF,
     POD_NAME_ENV,
     POD_UID_ENV,
     UID,
     cpu_cores,
+    mesh_metadata,
 )
 from sdtune.cluster.placement import GPU_PRODUCT_LABEL, GPU_PRODUCTS, gpus_per_node
 from sdtune.config import RunConfig, StepResources
 
 SHM_VOLUME = "dshm"
+# Steps that may fetch from outside the cluster: URL sources, hub models (captioner, upscaler, base model).
+FETCHING_STEPS = frozenset({"ingest", "preprocess", "caption", "train", "evaluate", "register"})
 # The multi-node launcher task only watches the job; the job's own pods get ``cluster.steps.train``.
 LAUNCHER_RESOURCES = StepResources(
     cpu_request="100m", cpu_limit="1", memory_request="256Mi", memory_limit="1Gi"
@@ -98,7 +103,15 @@ def apply_task_settings(task: dsl.PipelineTask, step: str, cfg: RunConfig) -> ds
         )
 
     kubernetes.set_security_context(task, run_as_user=UID, run_as_group=UID, run_as_non_root=True)
-    for key, value in NO_SIDECAR.items():
+    mesh_labels, mesh_annotations = mesh_metadata(cl.istio_sidecar)
+    for key, value in mesh_annotations.items():
+        kubernetes.add_pod_annotation(task, annotation_key=key, annotation_value=value)
+    labels = {**mesh_labels, **PART_OF}
+    if cl.internet_access and step in FETCHING_STEPS:
+        labels[INTERNET_ACCESS_LABEL] = "true"
+    if launches_job:
+        labels[API_ACCESS_LABEL] = "true"
+    for key, value in labels.items():
         kubernetes.add_pod_label(task, label_key=key, label_value=value)
     if cl.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, list(cl.image_pull_secrets))

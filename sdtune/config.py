@@ -331,7 +331,6 @@ class ClusterConfig(Section):
             SecretEnv(
                 name="sdtune-mlflow-auth",
                 env={"MLFLOW_TRACKING_USERNAME": "username", "MLFLOW_TRACKING_PASSWORD": "password"},
-                optional=True,
             ),
             SecretEnv(name="sdtune-hf-token", env={"HF_TOKEN": "token"}, optional=True),
         ]
@@ -363,6 +362,13 @@ class ClusterConfig(Section):
     # Kueue: jobs and GPU tasks carry kueue.x-k8s.io/queue-name (admitted whole or not at all).
     kueue_queue: str | None = None
     kueue_priority_class: str | None = None  # a WorkloadPriorityClass
+    # Egress (manifests/base NetworkPolicies): pods that fetch models or URL sources get HTTPS to the
+    # internet; False keeps every pod inside the cluster (models from s3:// or the cache PVC).
+    internet_access: bool = True
+    # Istio: False (default) keeps task and job pods out of the mesh, like MLflow in manifests/base; True
+    # puts them in with a native sidecar (exits with the pod), for MLflow in the mesh
+    # (manifests/components/istio-mesh). The two must agree (docs/cluster.md, "Istio").
+    istio_sidecar: bool = False
 
     @field_validator("gpu_model")
     @classmethod

@@ -31,6 +31,12 @@ RUN_ID_LABEL = "sdtune.io/run-id"
 ATTEMPT_LABEL = "sdtune.io/attempt"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "sdtune"}
 NO_SIDECAR = {"sidecar.istio.io/inject": "false"}
+IN_MESH = {"sidecar.istio.io/inject": "true"}
+NATIVE_SIDECAR = {"sidecar.istio.io/nativeSidecar": "true"}  # the proxy exits when the pod's work does
+# Selected by the egress NetworkPolicies of manifests/base (default deny + what each pod needs).
+PART_OF = {"app.kubernetes.io/part-of": "sdtune"}
+API_ACCESS_LABEL = "sdtune.io/api-access"
+INTERNET_ACCESS_LABEL = "sdtune.io/hub-access"
 # Keys of the sdtune-env ConfigMap (manifests/base) that training pods need; optional so a missing key
 # does not block the pod.
 CONFIG_MAP_KEYS = (
@@ -141,6 +147,8 @@ class JobSpec:
     # manifests/base: an account with no role bindings and automountServiceAccountToken: false (a TrainJob's
     # runtime patch cannot set automountServiceAccountToken on the pod itself).
     service_account: str = "sdtune-training"
+    internet_access: bool = True
+    istio_sidecar: bool = False
 
 
 def spec_from_config(
@@ -194,6 +202,8 @@ def spec_from_config(
         kueue_queue=cl.kueue_queue,
         kueue_priority_class=cl.kueue_priority_class,
         service_account=cl.job_service_account,
+        internet_access=cl.internet_access,
+        istio_sidecar=cl.istio_sidecar,
     )
 
 
@@ -260,6 +270,21 @@ def _pod_security() -> dict[str, Any]:
         "fsGroup": UID,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def mesh_metadata(istio_sidecar: bool) -> tuple[dict[str, str], dict[str, str]]:
+    """(labels, annotations) putting a pod in or out of the Istio mesh."""
+    if istio_sidecar:
+        return dict(IN_MESH), {**IN_MESH, **NATIVE_SIDECAR}
+    return dict(NO_SIDECAR), dict(NO_SIDECAR)
+
+
+def _pod_metadata(spec: JobSpec) -> dict[str, dict[str, str]]:
+    mesh_labels, annotations = mesh_metadata(spec.istio_sidecar)
+    labels = {**mesh_labels, **PART_OF}
+    if spec.internet_access:
+        labels[INTERNET_ACCESS_LABEL] = "true"
+    return {"labels": labels, "annotations": annotations}
 
 
 def _container_security() -> dict[str, Any]:
@@ -342,10 +367,7 @@ def render_trainjob(spec: JobSpec) -> dict[str, Any]:
                                         "template": {
                                             "spec": {
                                                 "template": {
-                                                    "metadata": {
-                                                        "labels": dict(NO_SIDECAR),
-                                                        "annotations": dict(NO_SIDECAR),
-                                                    },
+                                                    "metadata": _pod_metadata(spec),
                                                     "spec": pod_spec,
                                                 }
                                             }
@@ -390,7 +412,7 @@ def _pytorch_replica(spec: JobSpec, replicas: int) -> dict[str, Any]:
         "replicas": replicas,
         "restartPolicy": "Never",  # a failed rank fails the job; KFP's retry starts a new attempt
         "template": {
-            "metadata": {"labels": dict(NO_SIDECAR), "annotations": dict(NO_SIDECAR)},
+            "metadata": _pod_metadata(spec),
             "spec": pod_spec,
         },
     }
