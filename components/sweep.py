@@ -95,7 +95,7 @@ def select_best_op(
     return json.dumps(select_best_step(config, sweep_run_id, sweep_id, results, comparison.path))
 
 
-@dsl.component(base_image=SDTUNE_TRAIN_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=SDTUNE_IMAGE, install_kfp_package=False)
 def register_best_op(config: str, sweep_run_id: str, best: str) -> str:
     """Register the best trial's model; the champion gate decides whether it is promoted."""
     import json

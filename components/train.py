@@ -1,8 +1,8 @@
-"""Training and evaluation components (CUDA image on a cluster)."""
+"""Training and evaluation components (CUDA image on a cluster); register needs no GPU (CPU image)."""
 
 from kfp import dsl
 
-from components._images import SDTUNE_TRAIN_IMAGE
+from components._images import SDTUNE_IMAGE, SDTUNE_TRAIN_IMAGE
 
 
 @dsl.component(base_image=SDTUNE_TRAIN_IMAGE, install_kfp_package=False)
@@ -43,7 +43,7 @@ def evaluate_op(
     write_evaluation_html(evaluation.path, report.path)
 
 
-@dsl.component(base_image=SDTUNE_TRAIN_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=SDTUNE_IMAGE, install_kfp_package=False)
 def register_op(
     config: str, parent_run_id: str, model: dsl.Input[dsl.Model], evaluation: dsl.Input[dsl.Artifact]
 ) -> str:

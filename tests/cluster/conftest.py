@@ -150,7 +150,9 @@ def _uploaded_yaml(raw: bytes, content_type: str) -> dict:
 
     import yaml
 
-    message = email.parser.BytesParser(policy=email.policy.default).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    message = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+    )
     for part in message.iter_parts():
         if part.get_param("name", header="content-disposition") == "uploadfile":
             return next(yaml.safe_load_all(part.get_payload(decode=True)))

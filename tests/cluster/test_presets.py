@@ -226,3 +226,45 @@ def test_dollar_paren_in_the_config_stays_text(kind):
         assert "s3cr3t" not in json.dumps(expanded)
         config = expanded[expanded.index("--config-json") + 1]
         assert RunConfig.model_validate(yaml.safe_load(config)).caption.template == cfg.caption.template
+
+
+@pytest.mark.parametrize("preset", IDS)
+def test_only_gpu_steps_pull_the_cuda_image(compiled, preset):
+    """register and the data steps run on CPU nodes: the slim image, not the multi-GB CUDA one."""
+    from components._images import SDTUNE_IMAGE, SDTUNE_TRAIN_IMAGE
+
+    cfg, spec, platform = compiled[preset]
+    for task in ("ingest-op", "caption-op", "register-op", "train-op", "evaluate-op"):
+        container, _ = _task(spec, platform, task)
+        gpu = "accelerator" in container["resources"]
+        assert container["image"] == (SDTUNE_TRAIN_IMAGE if gpu or task == "train-op" else SDTUNE_IMAGE), task
+
+
+def test_images_by_digest_when_recorded(tmp_path):
+    import sdtune
+    from components._images import image_ref
+    from images.record_digest import record
+
+    digests = tmp_path / "digests.json"
+    assert image_ref("sdtune-train", digests) == f"ghcr.io/sdtune/sdtune-train:{sdtune.__version__}"
+    metadata = tmp_path / "meta.json"
+    metadata.write_text(json.dumps({"containerimage.digest": "sha256:" + "ab" * 32}))
+    record("sdtune-train", metadata, digests)
+    assert image_ref("sdtune-train", digests) == "ghcr.io/sdtune/sdtune-train@sha256:" + "ab" * 32
+    assert image_ref("sdtune", digests).endswith(f":{sdtune.__version__}")  # only what was recorded
+    stale = json.loads(digests.read_text())
+    stale["sdtune-train"]["version"] = "0.0.0"  # recorded for another release: not used
+    digests.write_text(json.dumps(stale))
+    assert image_ref("sdtune-train", digests).endswith(f":{sdtune.__version__}")
+
+
+def test_image_pull_secrets_reach_tasks_and_jobs(tmp_path):
+    from pipelines.compile import compile_pipeline
+
+    cfg = RunConfig.model_validate({"cluster": {"image_pull_secrets": ["regcred"]}})
+    docs = list(yaml.safe_load_all(compile_pipeline(cfg, tmp_path / "p.yaml").read_text()))
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
+    assert all([s["secretName"] for s in e["imagePullSecret"]] == ["regcred"] for e in executors)
+    for kind in ("trainjob", "pytorchjob"):
+        for pod, _ in _pods(_job(cfg, kind)):
+            assert pod["imagePullSecrets"] == [{"name": "regcred"}]
