@@ -112,10 +112,9 @@ def test_pipeline_config_map_keys_match_what_tasks_read(rendered):
 def test_images_match_the_component_image_names():
     names = {p.parent.name for p in DOCKERFILES}
     assert {"sdtune", "sdtune-train", "sdtune-mlflow"} <= names
-    images = ROOT / "components" / "_images.py"
-    if images.is_file():  # the lead's single source of image references
-        text = images.read_text()
-        assert "/sdtune:" in text and "/sdtune-train:" in text
+    from components._images import SDTUNE_IMAGE, SDTUNE_TRAIN_IMAGE
+
+    assert re.search(r"/sdtune[:@]", SDTUNE_IMAGE) and re.search(r"/sdtune-train[:@]", SDTUNE_TRAIN_IMAGE)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
