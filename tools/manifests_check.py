@@ -8,7 +8,8 @@
    name rule of TrainJob is checked by hand; other CEL rules need an API server.
 4. The TrainJob/PyTorchJob specs the launcher renders (1×8 and 2×8 GPUs) validate the same way.
 5. Istio AuthorizationPolicies and Kueue objects validate against the vendored Istio and Kueue CRDs.
-6. Policy: containers run non-root without privilege escalation and with requests+limits; Roles have no
+6. Policy: containers run non-root without privilege escalation, capabilities or a seccomp profile other
+   than RuntimeDefault, and with requests+limits; Roles have no
    wildcards; no Secret is rendered (references only); the example Secrets hold placeholders only.
 
 Schemas: $SDTUNE_SCHEMAS_DIR, else the repository's own schemas/ (vendored, so a bare clone is enough).
@@ -122,6 +123,15 @@ def _pod_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
         return [spec["template"]["spec"]]
     if kind == "PyTorchJob":
         return [r["template"]["spec"] for r in spec["pytorchReplicaSpecs"].values()]
+    if kind == "TrainJob":  # the pod settings sdtune patches in, with the trainer's resources
+        pods = []
+        for patch in spec.get("runtimePatches") or []:
+            for job in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+                pod = copy.deepcopy(job["template"]["spec"]["template"]["spec"])
+                for c in pod.get("containers", []):
+                    c.setdefault("resources", (spec.get("trainer") or {}).get("resourcesPerNode") or {})
+                pods.append(pod)
+        return pods
     return []
 
 
@@ -139,8 +149,11 @@ def policy_errors(obj: dict[str, Any]) -> list[str]:
     for pod in _pod_specs(obj):
         if not (pod.get("securityContext") or {}).get("runAsNonRoot"):
             errors.append(f"{where}: pod securityContext.runAsNonRoot is not true")
+        pod_seccomp = ((pod.get("securityContext") or {}).get("seccompProfile") or {}).get("type")
         for c in [*pod.get("initContainers", []), *pod.get("containers", [])]:
             sc = c.get("securityContext") or {}
+            if (sc.get("seccompProfile") or {}).get("type", pod_seccomp) != "RuntimeDefault":
+                errors.append(f"{where}/{c['name']}: seccompProfile is not RuntimeDefault")
             if sc.get("allowPrivilegeEscalation") is not False:
                 errors.append(f"{where}/{c['name']}: allowPrivilegeEscalation is not false")
             if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):

@@ -309,3 +309,12 @@ def test_kueue_queue_and_priority_reach_jobs_and_gpu_tasks(rendered, crds, tmp_p
     example = ROOT / "manifests" / "examples" / "kueue.example.yaml"
     priorities = [d for d in yaml.safe_load_all(example.read_text()) if d["kind"] == "WorkloadPriorityClass"]
     assert "sdtune-scheduled" in {p["metadata"]["name"] for p in priorities}
+
+
+def test_only_the_pipeline_account_has_a_token(rendered):
+    """Training job and Katib trial pods run as sdtune-training: no role bindings, no token mounted."""
+    for objs in rendered.values():
+        accounts = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ServiceAccount"}
+        assert accounts["sdtune-training"]["automountServiceAccountToken"] is False
+        bound = {s["name"] for o in objs if o["kind"] == "RoleBinding" for s in o["subjects"]}
+        assert bound == {"sdtune-pipeline"}

@@ -268,3 +268,27 @@ def test_image_pull_secrets_reach_tasks_and_jobs(tmp_path):
     for kind in ("trainjob", "pytorchjob"):
         for pod, _ in _pods(_job(cfg, kind)):
             assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_shared_cache_volume_holds_the_model_and_step_caches(tmp_path):
+    """With cluster.cache_pvc the base model is fetched once per cluster and a retrain hits the step cache."""
+    from pipelines.compile import compile_pipeline
+    from sdtune.cluster.jobs import CACHE_ENV, CACHE_MOUNT
+
+    cfg = RunConfig.model_validate({"cluster": {"cache_pvc": "sdtune-cache"}})
+    docs = list(yaml.safe_load_all(compile_pipeline(cfg, tmp_path / "p.yaml").read_text()))
+    spec, platform = docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for task in ("caption-op", "train-op", "evaluate-op"):
+        container, k8s = _task(spec, platform, task)
+        assert [(m["constant"], m["mountPath"]) for m in k8s["pvcMount"]] == [("sdtune-cache", CACHE_MOUNT)]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert {k: env[k] for k in CACHE_ENV} == CACHE_ENV
+    for kind in ("trainjob", "pytorchjob"):
+        for pod, container in _pods(_job(cfg, kind)):
+            assert {"name": "sdtune-cache", "persistentVolumeClaim": {"claimName": "sdtune-cache"}} in pod[
+                "volumes"
+            ]
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["HF_HOME"] == CACHE_ENV["HF_HOME"]
+    _, k8s = _task(spec, platform, "register-op")
+    assert "pvcMount" not in k8s

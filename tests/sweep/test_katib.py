@@ -132,6 +132,9 @@ def test_trial_job_and_trainjob_validate(tmp_path, crds):
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"] is True
     assert job["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+    assert manifests_check.policy_errors(job) == []  # no escalation, no capabilities, RuntimeDefault seccomp
+    # trials never call the API: an account without bindings, and no token in the pod
+    assert pod["serviceAccountName"] == "sdtune-training" and pod["automountServiceAccountToken"] is False
 
     multi = cfg.model_copy(deep=True)
     multi.cluster.launcher = "trainjob"
