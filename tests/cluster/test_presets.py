@@ -187,6 +187,10 @@ def test_prefix_check_refuses_what_kfp_would_deny():
         {"cluster": {"staging_uri": "s3://ml/stage", "allowed_s3_prefixes": ["s3://ml/"]}}
     )
     check_s3_prefixes(own_bucket, "team-a")  # configurable for stores other than KFP's
+    from pipelines.compile import compile_pipeline
+
+    with pytest.raises(ConfigError, match="cluster.staging_uri"):
+        compile_pipeline(old_default, Path("/nonexistent/never-written.yaml"))
     named = RunConfig.model_validate({"cluster": {"namespace": "team-a"}})
     assert named.cluster.staging_uri == "s3://mlpipeline/private-artifacts/team-a/sdtune/staging"
 
