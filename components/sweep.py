@@ -52,8 +52,11 @@ def sweep_trial_op(
     import html
     import os
 
+    from sdtune.cluster.placement import use_pod_cpu_limit
     from sdtune.sweep.steps import sweep_run_for
     from sdtune.sweep.trial import run_trial
+
+    use_pod_cpu_limit(1)
 
     sweep_run_id = sweep_run_for(config, sweep_id, kfp_run_id)
     result = run_trial(

@@ -13,7 +13,9 @@ Why each setting is here:
   the same way (manifests/base), so the two agree (docs/cluster.md, "Istio");
 * the train task requests exactly the GPUs its ranks use (``sdtune.cluster.placement``), with a node
   affinity on the GPU model when ``cluster.gpu_model`` names one;
-* ``OMP_NUM_THREADS`` from the pod's CPU limit (per rank), not the node's CPU count;
+* ``OMP_NUM_THREADS`` from the pod's CPU limit (per rank), not the node's CPU count: read from the
+  cgroup inside the torch-heavy components (``sdtune.cluster.placement.use_pod_cpu_limit``), not set
+  here, because kfp.local passes task env vars on to local runs;
 * the multi-node launcher gets its pod's name and uid, so the job it creates is owned by (and garbage
   collected with) that pod even when the launcher is killed without a chance to clean up;
 * optional: a shared cache PVC (model and step caches), image pull secrets, a Kueue queue label.
@@ -38,7 +40,6 @@ from sdtune.cluster.jobs import (
     POD_NAME_ENV,
     POD_UID_ENV,
     UID,
-    cpu_cores,
     mesh_metadata,
 )
 from sdtune.cluster.placement import GPU_PRODUCT_LABEL, GPU_PRODUCTS, gpus_per_node
@@ -63,7 +64,6 @@ def apply_task_settings(task: dsl.PipelineTask, step: str, cfg: RunConfig) -> ds
     task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
     trains_here = step == "train" and not launches_job
     gpus = gpus_per_node(cfg) if trains_here else res.gpus
-    ranks = cfg.train.num_processes if trains_here else 1
     gpu = gpus > 0
     if gpu:
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
@@ -74,7 +74,6 @@ def apply_task_settings(task: dsl.PipelineTask, step: str, cfg: RunConfig) -> ds
                     {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": list(GPU_PRODUCTS[cl.gpu_model])}
                 ],
             )
-    task.set_env_variable("OMP_NUM_THREADS", str(max(1, int(cpu_cores(res.cpu_limit)) // ranks)))
     if res.shm:
         kubernetes.empty_dir_mount(
             task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory", size_limit=cl.shm_size

@@ -7,9 +7,13 @@ each). Imports only the standard library and ``sdtune.errors`` (``sdtune.config`
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from sdtune.errors import ConfigError
+
+CGROUP = Path("/sys/fs/cgroup")
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set by NVIDIA GPU feature discovery (GPU Operator)
 # The planner's GPU names (sdtune.train.plan.GPUS) → the product labels GPU feature discovery writes
@@ -109,3 +113,26 @@ def check_s3_prefixes(cfg: Any, namespace: str | None = None) -> None:
                 f"{setting}={uri} is outside the namespace's writable S3 prefixes "
                 f"({', '.join(allowed)}); change it or cluster.allowed_s3_prefixes"
             )
+
+
+def pod_cpu_limit(cgroup: Path = CGROUP) -> float | None:
+    """The container's CPU limit in cores (cgroup v2 ``cpu.max`` or v1 CFS quota); None when unlimited."""
+    try:
+        if (cgroup / "cpu.max").is_file():
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def use_pod_cpu_limit(ranks: int, cgroup: Path = CGROUP) -> None:
+    """``OMP_NUM_THREADS`` = the pod's CPU limit shared by its ranks, unless set or unlimited.
+
+    torch (and torchrun's default) otherwise size thread pools from the host's CPU count, which in a pod
+    limited to 16 of 128 cores oversubscribes the quota and throttles every step."""
+    limit = pod_cpu_limit(cgroup)
+    if limit and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, int(limit) // max(1, ranks)))
