@@ -207,31 +207,19 @@ def test_job_is_owned_by_every_launcher_pod_that_waits_for_it():
         spec = JobSpec(name=job_name("run-1", attempt), namespace="ns", image="img", args=[], owner=first_pod)
         return render_trainjob(spec)
 
-    custom.script[name] = [None, "Complete"]
-    run_training_job(
-        build,
-        custom_api=custom,
-        core_api=FakeCore(),
-        timeout_s=100,
-        poll_s=0.01,
-        out=io.StringIO(),
-        sleep=lambda s: None,
-        owner=first_pod,
-    )
-    refs = custom.objects[name]["metadata"]["ownerReferences"]
-    assert [(r["kind"], r["name"], r["uid"]) for r in refs] == [("Pod", "launcher-a", "uid-a")]
-
-    custom.script[name] = [None, "Complete"]
-    run_training_job(
-        build,
-        custom_api=custom,
-        core_api=FakeCore(),
-        timeout_s=100,
-        poll_s=0.01,
-        out=io.StringIO(),
-        sleep=lambda s: None,
-        owner=second_pod,
-    )
-    refs = custom.objects[name]["metadata"]["ownerReferences"]
+    for pod in (first_pod, second_pod):  # the task, then its retry in a new pod
+        custom.script[name] = [None, "Complete"]
+        run_training_job(
+            build,
+            custom_api=custom,
+            core_api=FakeCore(),
+            timeout_s=100,
+            poll_s=0.01,
+            out=io.StringIO(),
+            sleep=lambda s: None,
+            owner=pod,
+        )
+        refs = custom.objects[name]["metadata"]["ownerReferences"]
+        assert refs[-1]["uid"] == pod[1] and refs[-1]["kind"] == "Pod"
     assert [r["uid"] for r in refs] == ["uid-a", "uid-b"] and custom.created == [name]
     assert all(r["blockOwnerDeletion"] is False for r in refs)  # needs no rights on the pods
