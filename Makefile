@@ -61,9 +61,10 @@ compile: $(STAMP)  ## compile the pipeline to dist/pipelines/personalize.yaml
 manifests-check: $(STAMP)  ## render every kustomize overlay and validate offline against schemas
 	$(PY) tools/manifests_check.py
 
-images:  ## build the container images (needs a Docker engine)
-	@if docker info >/dev/null 2>&1; then \
-	  for d in images/*/; do n=$$(basename $$d); docker buildx build -f $$d/Dockerfile -t $(REGISTRY)/$$n:$$($(PY) -c 'import sdtune; print(sdtune.__version__)') . || exit 1; done; \
+images:  ## build and push the container images, record their digests in images/digests.json (needs Docker)
+	@if docker info >/dev/null 2>&1; then mkdir -p build; \
+	  for d in images/*/; do n=$$(basename $$d); docker buildx build -f $$d/Dockerfile -t $(REGISTRY)/$$n:$$($(PY) -c 'import sdtune; print(sdtune.__version__)') --push --metadata-file build/$$n.json . || exit 1; \
+	    $(PY) images/record_digest.py $$n build/$$n.json || exit 1; done; \
 	else echo "no Docker engine here: skipping image builds (Dockerfiles are linted by 'make lint')"; fi
 
 bench: $(STAMP)  ## CPU benchmark suite (not part of make test)

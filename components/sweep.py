@@ -52,8 +52,11 @@ def sweep_trial_op(
     import html
     import os
 
+    from sdtune.cluster.placement import use_pod_cpu_limit
     from sdtune.sweep.steps import sweep_run_for
     from sdtune.sweep.trial import run_trial
+
+    use_pod_cpu_limit(1)
 
     sweep_run_id = sweep_run_for(config, sweep_id, kfp_run_id)
     result = run_trial(
@@ -95,7 +98,7 @@ def select_best_op(
     return json.dumps(select_best_step(config, sweep_run_id, sweep_id, results, comparison.path))
 
 
-@dsl.component(base_image=SDTUNE_TRAIN_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=SDTUNE_IMAGE, install_kfp_package=False)
 def register_best_op(config: str, sweep_run_id: str, best: str) -> str:
     """Register the best trial's model; the champion gate decides whether it is promoted."""
     import json

@@ -295,15 +295,21 @@ class ClusterConfig(Section):
     """How the pipeline runs on Kubernetes; ignored by local runs (see docs/cluster.md).
 
     ``launcher`` picks the training path: ``single_node`` runs torchrun inside the KFP task with
-    ``train.num_processes`` processes on ``steps.train.gpus`` GPUs; ``trainjob`` / ``pytorchjob`` start a
-    Kubeflow Trainer v2 TrainJob / Training Operator v1 PyTorchJob with ``num_nodes`` × ``gpus_per_node``.
+    ``train.num_processes`` ranks, one GPU each; ``trainjob`` / ``pytorchjob`` start a Kubeflow Trainer v2
+    TrainJob / Training Operator v1 PyTorchJob of ``num_nodes`` nodes × ``train.num_processes`` GPUs
+    (``sdtune.cluster.placement``: the GPUs requested are always the GPUs the ranks use).
     """
 
     namespace: str | None = None  # None: the namespace the pipeline pod runs in
     service_account: str = "sdtune-pipeline"
+    # Training job and Katib trial pods: no role bindings, no token mounted (manifests/base).
+    job_service_account: str = "sdtune-training"
     launcher: Literal["single_node", "trainjob", "pytorchjob"] = "single_node"
     num_nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(8, ge=0)
+    # None: train.num_processes. Set, it must equal train.num_processes (or be 0: CPU-only nodes).
+    gpus_per_node: int | None = Field(None, ge=0)
+    # A planner GPU name (a100-80gb, h100-80gb, …): GPU pods get a node affinity on nvidia.com/gpu.product.
+    gpu_model: str | None = None
     trainjob_runtime: str = "torch-distributed"
     job_timeout_s: int = Field(7 * 24 * 3600, ge=60)
     steps: StepsConfig = Field(default_factory=StepsConfig)
@@ -314,7 +320,8 @@ class ClusterConfig(Section):
     gpu_tolerations: list[Toleration] = Field(
         default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
     )
-    # Default S3 keys: those of the object store Kubeflow Pipelines already runs (synced to profile namespaces).
+    # Default S3 keys: those of the object store Kubeflow Pipelines already runs (synced to profile
+    # namespaces); HF_TOKEN (gated models such as SD3) from an optional Secret.
     secrets: list[SecretEnv] = Field(
         default_factory=lambda: [
             SecretEnv(
@@ -324,17 +331,65 @@ class ClusterConfig(Section):
             SecretEnv(
                 name="sdtune-mlflow-auth",
                 env={"MLFLOW_TRACKING_USERNAME": "username", "MLFLOW_TRACKING_PASSWORD": "password"},
-                optional=True,
             ),
+            SecretEnv(name="sdtune-hf-token", env={"HF_TOKEN": "token"}, optional=True),
         ]
     )
     config_map: str = "sdtune-env"  # MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL (manifests/base)
-    # Multi-node jobs (trainjob/pytorchjob) exchange the dataset and outputs through this prefix; the
-    # default is the bucket of the object store that Kubeflow Pipelines already runs.
-    staging_uri: str = "s3://mlpipeline/sdtune-staging"
+    # Multi-node jobs exchange the dataset and outputs, and in-cluster runs keep their checkpoints, under
+    # this prefix. ``{namespace}`` becomes the profile namespace at run time: KFP >= 2.15 lets a namespace
+    # write only under ``allowed_s3_prefixes``.
+    staging_uri: str = Field(
+        "s3://mlpipeline/private-artifacts/{namespace}/sdtune/staging", validate_default=True
+    )
+    allowed_s3_prefixes: list[str] = Field(
+        default_factory=lambda: [
+            "s3://mlpipeline/artifacts/",
+            "s3://mlpipeline/private-artifacts/{namespace}/",
+            "s3://mlpipeline/private/{namespace}/",
+            "s3://mlpipeline/shared/",
+        ]
+    )
     train_image: str | None = None  # image of the job's pods; the pipeline fills in the train image
     train_retries: int = Field(2, ge=0)
     retry_backoff: str = "120s"
+    # Job pods request ephemeral storage: twice the staged dataset (download + latent cache) plus this.
+    ephemeral_storage_base: str = "50Gi"
+    # A ReadWriteMany PVC mounted at the model cache and the step cache of GPU pods (base model fetched once
+    # per cluster, a retrain hits the step cache); None: per-pod caches.
+    cache_pvc: str | None = None
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    # Kueue: jobs and GPU tasks carry kueue.x-k8s.io/queue-name (admitted whole or not at all).
+    kueue_queue: str | None = None
+    kueue_priority_class: str | None = None  # a WorkloadPriorityClass
+    # Egress (manifests/base NetworkPolicies): pods that fetch models or URL sources get HTTPS to the
+    # internet; False keeps every pod inside the cluster (models from s3:// or the cache PVC).
+    internet_access: bool = True
+    # Istio: False (default) keeps task and job pods out of the mesh, like MLflow in manifests/base; True
+    # puts them in with a native sidecar (exits with the pod), for MLflow in the mesh
+    # (manifests/components/istio-mesh). The two must agree (docs/cluster.md, "Istio").
+    istio_sidecar: bool = False
+
+    @field_validator("gpu_model")
+    @classmethod
+    def _known_gpu(cls, value):
+        from sdtune.cluster.placement import GPU_PRODUCTS
+
+        if value is not None and value not in GPU_PRODUCTS:
+            raise ValueError(f"unknown GPU model {value!r}; one of {', '.join(GPU_PRODUCTS)}")
+        return value
+
+    @field_validator("staging_uri")
+    @classmethod
+    def _namespaced(cls, value, info):
+        # cluster.namespace, or inside a pod its own namespace: a run's prefixes are concrete from then on.
+        if "{namespace}" not in value:
+            return value
+        namespace = info.data.get("namespace")
+        ns_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        if not namespace and ns_file.is_file():
+            namespace = ns_file.read_text().strip()
+        return value.replace("{namespace}", namespace) if namespace else value
 
     def step(self, name: str) -> StepResources:
         """Resources of a pipeline step; a step without its own section gets the light defaults."""

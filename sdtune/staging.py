@@ -36,3 +36,25 @@ def download_prefix(uri: str, local: Path) -> int:
         client.fget_object(bucket, obj.object_name, str(target))
         count += 1
     return count
+
+
+def prefix_size(uri: str) -> int:
+    """Total bytes of the objects under ``uri`` (0 when there are none)."""
+    client = client_from_env()
+    bucket, prefix = split_s3_uri(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    return sum(obj.size or 0 for obj in client.list_objects(bucket, prefix=prefix, recursive=True))
+
+
+def delete_prefix(uri: str) -> int:
+    """Delete every object under ``uri``; returns the count."""
+    from minio.deleteobjects import DeleteObject
+
+    client = client_from_env()
+    bucket, prefix = split_s3_uri(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    names = [o.object_name for o in client.list_objects(bucket, prefix=prefix, recursive=True)]
+    errors = list(client.remove_objects(bucket, (DeleteObject(n) for n in names)))
+    if errors:
+        raise OSError(f"could not delete {len(errors)} object(s) under {uri}: {errors[0]}")
+    return len(names)

@@ -7,7 +7,9 @@
    vendored schemas folder (schemas/, upstream versions in schemas/README.md), made strict the same way (structural schemas prune unknown fields). The CEL
    name rule of TrainJob is checked by hand; other CEL rules need an API server.
 4. The TrainJob/PyTorchJob specs the launcher renders (1×8 and 2×8 GPUs) validate the same way.
-5. Policy: containers run non-root without privilege escalation and with requests+limits; Roles have no
+5. Istio AuthorizationPolicies and Kueue objects validate against the vendored Istio and Kueue CRDs.
+6. Policy: containers run non-root without privilege escalation, capabilities or a seccomp profile other
+   than RuntimeDefault, and with requests+limits; Roles have no
    wildcards; no Secret is rendered (references only); the example Secrets hold placeholders only.
 
 Schemas: $SDTUNE_SCHEMAS_DIR, else the repository's own schemas/ (vendored, so a bare clone is enough).
@@ -80,6 +82,11 @@ def load_crd_schemas(root: Path) -> dict[tuple[str, str], dict[str, Any]]:
             group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]
             for version in doc["spec"]["versions"]:
                 schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
+                # Some CRDs (Istio's) list only spec/status; every object has these three.
+                props = schema.setdefault("properties", {})
+                for key in ("apiVersion", "kind"):
+                    props.setdefault(key, {"type": "string"})
+                props.setdefault("metadata", {"type": "object"})
                 found[(f"{group}/{version['name']}", kind)] = _strict(schema)
     return found
 
@@ -116,6 +123,15 @@ def _pod_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
         return [spec["template"]["spec"]]
     if kind == "PyTorchJob":
         return [r["template"]["spec"] for r in spec["pytorchReplicaSpecs"].values()]
+    if kind == "TrainJob":  # the pod settings sdtune patches in, with the trainer's resources
+        pods = []
+        for patch in spec.get("runtimePatches") or []:
+            for job in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+                pod = copy.deepcopy(job["template"]["spec"]["template"]["spec"])
+                for c in pod.get("containers", []):
+                    c.setdefault("resources", (spec.get("trainer") or {}).get("resourcesPerNode") or {})
+                pods.append(pod)
+        return pods
     return []
 
 
@@ -133,8 +149,11 @@ def policy_errors(obj: dict[str, Any]) -> list[str]:
     for pod in _pod_specs(obj):
         if not (pod.get("securityContext") or {}).get("runAsNonRoot"):
             errors.append(f"{where}: pod securityContext.runAsNonRoot is not true")
+        pod_seccomp = ((pod.get("securityContext") or {}).get("seccompProfile") or {}).get("type")
         for c in [*pod.get("initContainers", []), *pod.get("containers", [])]:
             sc = c.get("securityContext") or {}
+            if (sc.get("seccompProfile") or {}).get("type", pod_seccomp) != "RuntimeDefault":
+                errors.append(f"{where}/{c['name']}: seccompProfile is not RuntimeDefault")
             if sc.get("allowPrivilegeEscalation") is not False:
                 errors.append(f"{where}/{c['name']}: allowPrivilegeEscalation is not false")
             if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
@@ -155,7 +174,9 @@ def example_secret_errors(path: Path) -> list[str]:
             continue
         errors += validate_object(doc, {})
         for key, value in (doc.get("stringData") or {}).items():
-            if re.search(r"pass|secret|key|uri|json", key, re.I) and "PLACEHOLDER" not in str(value):
+            if re.search(r"pass|secret|key|uri|json|token|ini", key, re.I) and "PLACEHOLDER" not in str(
+                value
+            ):
                 errors.append(f"{path.name}: {doc['metadata']['name']}.{key} is not a placeholder")
         if doc.get("data"):
             errors.append(f"{path.name}: {doc['metadata']['name']} uses data:, use placeholder stringData")
@@ -215,6 +236,15 @@ def run(overlays_root: Path, k8s_version: str, out=sys.stdout) -> int:
         print(
             f"{'ok  ' if not errs else 'FAIL'} {example.relative_to(overlays_root.parent.parent)}", file=out
         )
+    kueue = overlays_root.parent / "examples" / "kueue.example.yaml"
+    if kueue.is_file():
+        docs = [d for d in yaml.load_all(kueue.read_text(), Loader=Loader) if d]
+        errs = [e for d in docs for e in validate_object(d, crds, k8s_version)]
+        errs += [
+            f"{kueue.name}: {d['kind']} is not a Kueue object" for d in docs if "kueue" not in d["apiVersion"]
+        ]
+        findings += errs
+        print(f"{'ok  ' if not errs else 'FAIL'} {kueue.relative_to(overlays_root.parent.parent)}", file=out)
     for line in findings:
         print(f"error: {line}", file=out)
     return 1 if findings else 0

@@ -1,13 +1,19 @@
 """Cluster commands over the Kubeflow Pipelines API: submit, schedule (create/list/enable/disable/delete), status.
 
 kfp and ``pipelines`` are imported inside the commands only. Auth follows kfp.Client: ``--token``
-(existing_token), ``--cookie`` (e.g. the ``authservice_session`` cookie behind Dex/oauth2-proxy), a
-service-account token file (``KF_PIPELINES_SA_TOKEN_PATH``, refreshed on every call), or, with no
-``--host``, the in-cluster/kubeconfig discovery kfp.Client does itself.
+(existing_token), ``--cookie`` (Kubeflow >= 1.9 logs in through oauth2-proxy: its ``oauth2_proxy_kubeflow``
+cookie; older Dex installs: ``authservice_session``), or a service-account token file
+(``KF_PIPELINES_SA_TOKEN_PATH``, sent from the first request on and refreshed on every call). The host is
+``--host`` or ``KF_PIPELINES_ENDPOINT``; only inside a pod may both be missing (in-cluster discovery).
+
+``submit`` and ``schedule`` upload the compiled pipeline as a named pipeline version
+(``<config name>-<digest of the compiled spec>``) and point the run or recurring run at it: the KFP UI
+shows which pipeline a run used, and an unchanged pipeline is reused instead of uploaded again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,7 +29,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from sdtune.cluster.errors import ClusterAuthError, ClusterError, ClusterUnreachableError
+from sdtune.cluster.errors import ClusterAuthError, ClusterError, ClusterUnreachableError, NoClusterHost
 from sdtune.config import RunConfig, load_config
 
 console = Console()
@@ -45,7 +51,12 @@ TokenOpt = Annotated[
 ]
 CookieOpt = Annotated[
     str | None,
-    typer.Option("--cookie", envvar="SDTUNE_KFP_COOKIE", help="Cookie header, e.g. 'authservice_session=…'."),
+    typer.Option(
+        "--cookie",
+        envvar="SDTUNE_KFP_COOKIE",
+        help="Cookie header from a logged-in browser: 'oauth2_proxy_kubeflow=…' (Kubeflow >= 1.9, "
+        "oauth2-proxy) or 'authservice_session=…' (older Dex/authservice installs).",
+    ),
 ]
 CaCertOpt = Annotated[
     Path | None, typer.Option("--ssl-ca-cert", help="CA bundle for a private TLS endpoint.")
@@ -97,13 +108,20 @@ def _probe(host: str, token: str | None, cookie: str | None, ca_cert: Path | Non
         ) from None
 
 
+SA_TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
 def _client(
     host: str | None, namespace: str | None, token: str | None, cookie: str | None, ca_cert: Path | None
 ):
+    if not host and not SA_TOKEN_FILE.is_file():
+        # Outside a pod kfp.Client would try a kube config, warn and retry for minutes.
+        raise NoClusterHost("no KFP API host: pass --host URL or set KF_PIPELINES_ENDPOINT")
     import kfp
 
+    token_path = os.environ.get("KF_PIPELINES_SA_TOKEN_PATH")
     if host:
-        _probe(host, token, cookie, ca_cert)
+        _probe(host, token or _read_token(token_path), cookie, ca_cert)
     kwargs: dict[str, Any] = {
         "host": host,
         "existing_token": token,
@@ -112,7 +130,6 @@ def _client(
     }
     if namespace:
         kwargs["namespace"] = namespace
-    token_path = os.environ.get("KF_PIPELINES_SA_TOKEN_PATH")
     if token_path and not token:
         # kfp.Client uses this file only when it discovers the host itself; pass it for --host too.
         from kfp.client import ServiceAccountTokenVolumeCredentials
@@ -120,6 +137,25 @@ def _client(
         kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=token_path)
     with _api_errors(host or "the KFP API"):
         return kfp.Client(**kwargs)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """kfp.Client prints a details link per call; the command prints its own one line."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError as exc:
+        raise ClusterAuthError(f"KF_PIPELINES_SA_TOKEN_PATH={path}: {exc.strerror}") from None
 
 
 @contextmanager
@@ -158,6 +194,31 @@ def _compiled(cfg: RunConfig, tmp: str) -> str:
     return str(_compile(cfg, Path(tmp) / "pipeline.yaml"))
 
 
+def _name_filter(name: str) -> str:
+    return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "string_value": name}]})
+
+
+def pipeline_version(client: Any, package: str, cfg: RunConfig, namespace: str | None) -> tuple[str, str]:
+    """(pipeline id, version id) of the version holding ``package``; uploaded only when not there yet."""
+    import yaml
+
+    text = Path(package).read_text()
+    pipeline_name = next(yaml.safe_load_all(text))["pipelineInfo"]["name"]
+    version_name = f"{cfg.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    found = client.list_pipelines(filter=_name_filter(pipeline_name), namespace=namespace).pipelines or []
+    if found:
+        pipeline_id = found[0].pipeline_id
+        versions = client.list_pipeline_versions(pipeline_id, filter=_name_filter(version_name))
+        if versions.pipeline_versions:
+            return pipeline_id, versions.pipeline_versions[0].pipeline_version_id
+    else:
+        pipeline_id = client.upload_pipeline(
+            package, pipeline_name=pipeline_name, namespace=namespace
+        ).pipeline_id
+    version = client.upload_pipeline_version(package, version_name, pipeline_id=pipeline_id)
+    return pipeline_id, version.pipeline_version_id
+
+
 def submit_cmd(
     config: Annotated[Path, typer.Argument(help="Run config YAML.")],
     overrides: OverridesArg = None,
@@ -172,13 +233,14 @@ def submit_cmd(
     """Compile the pipeline for CONFIG and start one run on the cluster; prints the run URL."""
     cfg = load_config(config, overrides or [])
     client = _client(host, namespace, token, cookie, ssl_ca_cert)
-    with tempfile.TemporaryDirectory() as tmp, _api_errors(host or "the KFP API"):
-        result = client.create_run_from_pipeline_package(
-            _compiled(cfg, tmp),
-            arguments={},
-            run_name=run_name or cfg.name,
-            experiment_name=experiment or cfg.tracking.experiment,
-            namespace=namespace,
+    with tempfile.TemporaryDirectory() as tmp, _api_errors(host or "the KFP API"), _quiet():
+        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, namespace)
+        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=namespace)
+        result = client.run_pipeline(
+            experiment_id=exp.experiment_id,
+            job_name=run_name or cfg.name,
+            pipeline_id=pipeline_id,
+            version_id=version_id,
             service_account=cfg.cluster.service_account,
         )
     console.print(f"run {result.run_id}: {_run_url(client, result.run_id)}", highlight=False, soft_wrap=True)
@@ -210,16 +272,18 @@ def schedule_create_cmd(
         raise ClusterError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 3 * * *'")
     cfg = load_config(config, overrides or [])
     client = _client(host, namespace, token, cookie, ssl_ca_cert)
-    with tempfile.TemporaryDirectory() as tmp, _api_errors(host or "the KFP API"):
+    with tempfile.TemporaryDirectory() as tmp, _api_errors(host or "the KFP API"), _quiet():
+        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, namespace)
         exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=namespace)
         job = client.create_recurring_run(
             experiment_id=exp.experiment_id,
             job_name=name or f"{cfg.name}-schedule",
             cron_expression=cron,
-            max_concurrency=max_concurrency,
+            max_concurrency=str(max_concurrency),  # int64: a string in the API's JSON (swagger)
             no_catchup=not catchup,
             enabled=not paused,
-            pipeline_package_path=_compiled(cfg, tmp),
+            pipeline_id=pipeline_id,
+            version_id=version_id,
             service_account=cfg.cluster.service_account,
         )
     state = "paused" if paused else "enabled"

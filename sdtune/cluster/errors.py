@@ -11,6 +11,12 @@ class ClusterError(SdtuneError):
     exit_code = 4
 
 
+class NoClusterHost(ClusterError):
+    """No KFP API host was given (a usage error: exit 2)."""
+
+    exit_code = 2
+
+
 class ClusterUnreachableError(ClusterError):
     """The KFP API host cannot be reached (DNS, refused connection, TLS, timeout)."""
 

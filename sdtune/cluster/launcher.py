@@ -12,6 +12,9 @@
   (the task fails); no terminal state within ``timeout_s`` → the job is deleted and
   :class:`TrainingJobTimeout` raised.
 * **cancellation**: SIGTERM/SIGINT (a terminated KFP run stops the task pod) deletes the job first.
+* **ownership**: the job is created owned by the launcher pod (``owner``); a retried task that attaches
+  to a running job adds its own pod as a further owner, so the job lives while any launcher does and is
+  garbage-collected after the last one, even when none could run its cleanup (OOM kill, eviction).
 
 The kubernetes client is imported lazily; tests pass fakes for ``custom_api`` and ``core_api``.
 """
@@ -107,6 +110,22 @@ class _Job:
                     return found
             raise
 
+    def adopt(self, obj: dict[str, Any], owner: tuple[str, str] | None) -> dict[str, Any]:
+        """Add ``owner`` (pod name, uid) to the job's ownerReferences unless it is there already."""
+        from sdtune.cluster.jobs import owner_reference
+
+        refs = list((obj.get("metadata") or {}).get("ownerReferences") or [])
+        if owner is None or any(r.get("uid") == owner[1] for r in refs):
+            return obj
+        patch = {"metadata": {"ownerReferences": [*refs, owner_reference(*owner)]}}
+        try:
+            return self.api.patch_namespaced_custom_object(
+                self.group, self.version, self.namespace, self.plural, self.name, patch
+            )
+        except Exception as exc:  # the job still runs; only its cleanup-on-pod-loss is weaker
+            print(f"[sdtune] could not add this pod as owner of {self.name}: {exc.__class__.__name__}")
+            return obj
+
     def delete(self) -> None:
         with contextlib.suppress(Exception):  # best effort: we are already on a failure/exit path
             self.api.delete_namespaced_custom_object(
@@ -169,6 +188,7 @@ def _find_or_create(
     build: Callable[[int], dict[str, Any]],
     max_attempts: int,
     log: Callable[[str], None],
+    owner: tuple[str, str] | None = None,
 ) -> tuple[_Job, dict[str, Any]]:
     for attempt in range(max_attempts):
         job = _Job(api, build(attempt))
@@ -179,7 +199,7 @@ def _find_or_create(
         state, message = job_state(existing)
         if state != FAILED:
             log(f"attaching to existing {job.kind} {job.namespace}/{job.name} ({state.lower()})")
-            return job, existing
+            return job, job.adopt(existing, owner)
         code = master_exit_code(core_api, existing)
         if code in NON_RETRYABLE_EXIT_CODES:
             raise TrainingJobFailed(
@@ -201,6 +221,7 @@ def run_training_job(
     handle_signals: bool = True,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    owner: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Get-or-create the job, stream the master's log, and wait for a terminal state (see module doc)."""
     out = out or sys.stdout
@@ -211,7 +232,7 @@ def run_training_job(
         out.write(f"[sdtune] {msg}\n")
         out.flush()
 
-    job, obj = _find_or_create(custom_api, core_api, build, max_attempts, log)
+    job, obj = _find_or_create(custom_api, core_api, build, max_attempts, log, owner)
     stop = threading.Event()
     restore = _install_cleanup(job, log) if handle_signals else (lambda: None)
     streamer = threading.Thread(

@@ -6,11 +6,20 @@
   (``uniform`` → double, ``loguniform`` → double with ``logUniform``, ``int`` → int), the prompt variants
   (``categorical``);
 * trials: a batch ``Job`` (or, with ``cluster.launcher=trainjob``, a one-node ``TrainJob`` for multi-GPU
-  trials) running ``python -m sdtune.cli sweeps trial``: data stages (content-cached), train, evaluate, then
-  ``name=value`` lines on stdout, which Katib's ``StdOut`` metrics collector reads. The trial's config travels
-  in the ``SDTUNE_CONFIG`` env var (one line of JSON), its values as ``${trialParameters.…}`` arguments.
+  trials) running ``python -m sdtune.sweep.katib`` (→ ``sdtune sweeps trial``): data stages
+  (content-cached), train, evaluate, then ``name=value`` lines on stdout, which Katib's ``StdOut`` metrics
+  collector reads. The trial's config travels in the ``SDTUNE_CONFIG`` env var (one line of JSON), each
+  trial value in an env var of its own (``SDTUNE_TRIAL_<param>`` = ``${trialParameters.<param>}``).
 
-``maxFailedTrialCount`` = ``sweep.max_failed``: Katib fails the experiment when more trials than that fail.
+Why env vars: the StdOut collector rewrites the container command into ``sh -c "<command and args joined by
+spaces>"`` without quoting, so a prompt in the args would be split into words (and ``$``/backticks
+expanded). The args hold only shell-safe tokens; values reach the trial untouched through the environment.
+Katib substitutes the values into the trial spec's JSON text, so a value may not hold a double quote, a backslash or a
+newline (refused up front); ``$`` is written ``$$`` (Kubernetes' ``$(VAR)`` expansion of env values).
+
+``maxFailedTrialCount``: ``sweep.max_failed`` when above 0, else (the default 0) a quarter of the trials, at
+least 1: Katib fails the whole experiment, running trials included, as soon as more trials than that fail,
+and one flaky node should not end a sweep.
 The kubernetes client is imported lazily; tests pass a fake ``CustomObjectsApi``.
 """
 
@@ -41,8 +50,13 @@ CONTAINER = "sdtune-trial"
 CONFIG_ENV = "SDTUNE_CONFIG"
 SWEEP_LABEL = "sdtune.io/sweep-id"
 TRIAL_NAME_PARAM = "trialName"
-TRIAL_COMMAND = ["python", "-m", "sdtune.cli", "sweeps", "trial"]
+TRIAL_COMMAND = ["python", "-m", "sdtune.sweep.katib"]
 TRIAL_WORKDIR = "/tmp/sdtune-trial"
+TRIAL_ENV_PREFIX = "SDTUNE_TRIAL_"
+TRIAL_NAME_ENV = "SDTUNE_TRIAL_NAME"
+# What a Katib-substituted value may not contain (it is spliced into the trial spec's JSON text).
+UNSAFE_IN_TEMPLATE = re.compile(r'["\\\n\r]')
+SHELL_SAFE = re.compile(r"^[A-Za-z0-9_./=:,+-]+$")
 
 
 class KatibError(SdtuneError):
@@ -62,12 +76,27 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _katib_value(key: str, value: Any) -> str:
+    """A feasible value as Katib will splice it into the trial spec (see the module doc)."""
+    text = _as_text(value)
+    if UNSAFE_IN_TEMPLATE.search(text):
+        raise ConfigError(
+            f"sweep value {text!r} of {key}: Katib cannot pass a double quote, backslash or line break; "
+            "use the kfp sweep engine for it"
+        )
+    return text.replace("$", "$$")
+
+
+def trial_env_name(key: str) -> str:
+    return TRIAL_ENV_PREFIX + param_name(key)
+
+
 def parameters(cfg: RunConfig) -> list[dict[str, Any]]:
     """Katib ParameterSpecs for the sweep's lists, prompt variants and ranges."""
     lists, ranges = dimensions(cfg.sweep)
     out: list[dict[str, Any]] = []
     for key, values in lists.items():
-        texts = [_as_text(v) for v in values]
+        texts = [_katib_value(key, v) for v in values]
         if len(set(texts)) != len(texts):
             raise ConfigError(f"sweep values of {key} repeat: {texts}")
         kind = "discrete" if all(_is_number(v) for v in values) else "categorical"
@@ -106,34 +135,68 @@ def max_trials(cfg: RunConfig) -> int:
 
 
 def trial_args(cfg: RunConfig, sweep_id: str) -> list[str]:
-    """The ``sweeps trial`` arguments, with Katib's ``${trialParameters.…}`` placeholders."""
+    """The trial entry's arguments: names only (every one shell-safe), the values come from env vars."""
     lists, ranges = dimensions(cfg.sweep)
-    args = [
-        "--sweep-id",
-        sweep_id,
-        "--trial-name",
-        f"${{trialParameters.{TRIAL_NAME_PARAM}}}",
-        "--workdir",
-        TRIAL_WORKDIR,
-    ]
+    args = ["--sweep-id", sweep_id, "--workdir", TRIAL_WORKDIR]
     for key in [*lists, *ranges]:
-        placeholder = f"${{trialParameters.{param_name(key)}}}"
         # Prompt variants are free text: passed verbatim, never parsed as YAML.
-        args += (
-            ["--text", f"{key}={placeholder}"]
-            if key == cfg.sweep.prompt_key and cfg.sweep.prompts
-            else [f"{key}={placeholder}"]
-        )
+        verbatim = key == cfg.sweep.prompt_key and cfg.sweep.prompts
+        args += ["--text" if verbatim else "--value", key]
+    unsafe = [a for a in args if not SHELL_SAFE.match(a)]
+    if unsafe:
+        raise ConfigError(f"sweep key or id {unsafe[0]!r} is not a plain name (letters, digits, . _ -)")
     return args
+
+
+def trial_env(cfg: RunConfig) -> list[dict[str, str]]:
+    """One env var per trial value, holding Katib's ``${trialParameters.…}`` placeholder."""
+    lists, ranges = dimensions(cfg.sweep)
+    env = [{"name": TRIAL_NAME_ENV, "value": f"${{trialParameters.{TRIAL_NAME_PARAM}}}"}]
+    for key in [*lists, *ranges]:
+        env.append({"name": trial_env_name(key), "value": f"${{trialParameters.{param_name(key)}}}"})
+    return env
+
+
+def max_failed(cfg: RunConfig) -> int:
+    """``sweep.max_failed`` when above 0, else a quarter of the trials (at least one); see the module doc."""
+    return cfg.sweep.max_failed or max(1, max_trials(cfg) // 4)
+
+
+def trial_argv(argv: list[str], environ: dict[str, str]) -> list[str]:
+    """The ``sdtune sweeps trial`` argv for the trial entry's ``argv`` and environment."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sdtune.sweep.katib")
+    parser.add_argument("--sweep-id", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--value", action="append", default=[])
+    parser.add_argument("--text", action="append", default=[])
+    parser.add_argument("--print-argv", action="store_true", help="print the argv as JSON and stop")
+    args = parser.parse_args(argv)
+
+    def value(key: str) -> str:
+        name = trial_env_name(key)
+        if name not in environ:
+            raise ConfigError(f"trial value {key}: env var {name} is not set")
+        return environ[name]
+
+    out = ["sweeps", "trial", "--sweep-id", args.sweep_id, "--workdir", args.workdir]
+    out += ["--trial-name", environ.get(TRIAL_NAME_ENV, "trial")]
+    out += [f"{key}={value(key)}" for key in args.value]
+    for key in args.text:
+        out += ["--text", f"{key}={value(key)}"]
+    return out
 
 
 def _job_spec(cfg: RunConfig, sweep_id: str, image: str, namespace: str) -> JobSpec:
     spec = spec_from_config(
         cfg, run_id=sweep_id, attempt=0, image=image, args=trial_args(cfg, sweep_id), namespace=namespace
     )
-    res = cfg.cluster.steps.train
-    gpus = cfg.cluster.gpus_per_node if cfg.cluster.launcher == "trainjob" else res.gpus
     from dataclasses import replace
+
+    from sdtune.cluster.placement import gpus_per_node
+
+    gpus = gpus_per_node(cfg)
 
     return replace(
         spec,
@@ -154,12 +217,12 @@ def trial_job(cfg: RunConfig, sweep_id: str, image: str, namespace: str) -> dict
     template = render_pytorchjob(spec)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     container = template["spec"]["containers"][0]
     container.update(name=CONTAINER, command=list(TRIAL_COMMAND), args=list(spec.args))
+    container["env"] = [*trial_env(cfg), *container["env"]]
     if not spec.gpus_per_node:
         for part in ("requests", "limits"):
             container["resources"][part].pop(GPU_RESOURCE, None)
     template["spec"]["restartPolicy"] = "Never"
-    template["spec"]["serviceAccountName"] = cfg.cluster.service_account
-    template["spec"].pop("automountServiceAccountToken", None)
+    # The trial never calls the Kubernetes API: the job account (no bindings), no token mounted.
     job_spec: dict[str, Any] = {"backoffLimit": 0, "template": template}
     if cfg.cluster.job_timeout_s:
         job_spec["activeDeadlineSeconds"] = cfg.cluster.job_timeout_s
@@ -171,7 +234,9 @@ def trial_trainjob(cfg: RunConfig, sweep_id: str, image: str, namespace: str) ->
     spec = _job_spec(cfg, sweep_id, image, namespace)
     job = render_trainjob(spec)
     job.pop("metadata", None)  # Katib names the trial's resource
-    job["spec"]["trainer"].update(command=list(TRIAL_COMMAND), args=list(spec.args), numNodes=1)
+    trainer = job["spec"]["trainer"]
+    trainer.update(command=list(TRIAL_COMMAND), args=list(spec.args), numNodes=1)
+    trainer["env"] = [*trial_env(cfg), *trainer["env"]]
     return job
 
 
@@ -222,7 +287,7 @@ def render_experiment(cfg: RunConfig, sweep_id: str, image: str, namespace: str)
             "algorithm": algorithm,
             "parallelTrialCount": sw.parallelism,
             "maxTrialCount": max_trials(cfg),
-            "maxFailedTrialCount": sw.max_failed,
+            "maxFailedTrialCount": max_failed(cfg),
             "metricsCollectorSpec": {"collector": {"kind": "StdOut"}},
             "parameters": params,
             "trialTemplate": template,
@@ -321,3 +386,25 @@ def follow_experiment(
         if clock() >= deadline:
             raise KatibError(f"Katib experiment {name} still running after {timeout_s:.0f}s (left running)")
         sleep(poll_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The trial container's entry (see the module doc): env values → ``sdtune sweeps trial``."""
+    import os
+
+    from sdtune.cli import main as cli_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cli_argv = trial_argv([a for a in argv if a != "--print-argv"], dict(os.environ))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if "--print-argv" in argv:
+        print(json.dumps(cli_argv))
+        return 0
+    return cli_main(cli_argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -44,6 +44,8 @@ class FakeKfp:
         self.experiments: dict[str, dict] = {}
         self.runs: dict[str, dict] = {}
         self.recurring: dict[str, dict] = {}
+        self.pipelines: dict[str, dict] = {}
+        self.versions: dict[str, dict] = {}  # version id → version (with pipeline_id and the spec)
         self.fail_with: int | None = None  # answer every request with this HTTP status
 
     def handle(self, method: str, path: str, query: dict, body: Any) -> tuple[int, Any]:
@@ -64,6 +66,40 @@ class FakeKfp:
             wanted = _filter_value(query)
             found = [e for e in self.experiments.values() if wanted is None or e["display_name"] == wanted]
             return 200, {"experiments": found, "total_size": len(found)} if found else {}
+        if method == "POST" and path in (f"{api}/pipelines/upload", f"{api}/pipelines/upload_version"):
+            name = (query.get("name") or [""])[0]
+            if path.endswith("/upload"):
+                pipeline_id = f"p-{len(self.pipelines) + 1}"
+                self.pipelines[pipeline_id] = {
+                    "pipeline_id": pipeline_id,
+                    "display_name": name,
+                    "created_at": "2026-11-26T10:00:00Z",
+                }
+            else:
+                pipeline_id = query["pipelineid"][0]
+            version = {
+                "pipeline_id": pipeline_id,
+                "pipeline_version_id": f"v-{len(self.versions) + 1}",
+                "display_name": name,
+                "created_at": "2026-11-26T10:00:00Z",
+                "pipeline_spec": body,
+            }
+            self.versions[version["pipeline_version_id"]] = version
+            if path.endswith("/upload"):
+                return 200, self.pipelines[pipeline_id]
+            return 200, version
+        if method == "GET" and path == f"{api}/pipelines":
+            wanted = _filter_value(query)
+            found = [p for p in self.pipelines.values() if wanted is None or p["display_name"] == wanted]
+            return 200, {"pipelines": found, "total_size": len(found)} if found else {}
+        if method == "GET" and (m := re.fullmatch(rf"{api}/pipelines/([^/:]+)/versions", path)):
+            wanted = _filter_value(query)
+            found = [
+                v
+                for v in self.versions.values()
+                if v["pipeline_id"] == m[1] and (wanted is None or v["display_name"] == wanted)
+            ]
+            return 200, {"pipeline_versions": found, "total_size": len(found)} if found else {}
         if method == "POST" and path == f"{api}/runs":
             run = {
                 **body,
@@ -107,6 +143,22 @@ def _filter_value(query: dict) -> str | None:
     return preds[0].get("string_value") or preds[0].get("stringValue") if preds else None
 
 
+def _uploaded_yaml(raw: bytes, content_type: str) -> dict:
+    """The pipeline YAML of a multipart upload (the ``uploadfile`` form field)."""
+    import email.parser
+    import email.policy
+
+    import yaml
+
+    message = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+    )
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "uploadfile":
+            return next(yaml.safe_load_all(part.get_payload(decode=True)))
+    raise AssertionError("upload without an uploadfile field")
+
+
 @pytest.fixture
 def fake_kfp():
     state = FakeKfp()
@@ -116,7 +168,11 @@ def fake_kfp():
             url = urlparse(self.path)
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
-            body = json.loads(raw) if raw else None
+            content_type = self.headers.get("Content-Type") or ""
+            if content_type.startswith("multipart/form-data"):
+                body = _uploaded_yaml(raw, content_type)
+            else:
+                body = json.loads(raw) if raw else None
             query = parse_qs(url.query)
             state.requests.append(
                 {

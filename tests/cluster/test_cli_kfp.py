@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 
 import pytest
 import typer
 import yaml
 from google.protobuf import json_format
-from kfp.pipeline_spec import pipeline_spec_pb2
 
 from sdtune.cli import cluster as cluster_cli
 from sdtune.errors import SdtuneError
+from tests.cluster.conftest import ROOT
 from tests.cluster.kfp_swagger import validate_request
 from tests.cluster.pipeline_stub import compile_stub
 
@@ -71,10 +73,34 @@ def test_submit_sends_the_compiled_spec(cli, fake_kfp, schemas):
     assert body["display_name"] == "nightly"
     assert body["service_account"] == "sdtune-pipeline"
     assert body["experiment_id"] == "exp-1" and fake_kfp.experiments["exp-1"]["display_name"] == "portraits"
-    pipeline_doc, platform_doc = cli.compiled[-1]
-    assert body["pipeline_spec"]["pipeline_spec"] == _normalised(pipeline_doc, pipeline_spec_pb2.PipelineSpec)
-    assert body["pipeline_spec"]["platform_spec"] == _normalised(platform_doc, pipeline_spec_pb2.PlatformSpec)
-    assert "run-1" in out and "/#/runs/details/run-1" in out
+    # the run points at a named pipeline version holding the compiled spec, not an inline copy
+    assert "pipeline_spec" not in body
+    ref = body["pipeline_version_reference"]
+    version = fake_kfp.versions[ref["pipeline_version_id"]]
+    assert version["pipeline_id"] == ref["pipeline_id"]
+    assert re.fullmatch(r"nightly-[0-9a-f]{12}", version["display_name"])
+    assert fake_kfp.pipelines[ref["pipeline_id"]]["display_name"] == "sdtune-stub"
+    assert version["pipeline_spec"] == cli.compiled[-1][0]
+    assert out.strip().splitlines() == [f"run run-1: {fake_kfp.url}/#/runs/details/run-1"]
+
+
+def test_unchanged_pipeline_version_is_reused(cli, fake_kfp, schemas):
+    for _ in range(2):
+        assert cli("submit", cli.config, "--host", fake_kfp.url)[0] == 0
+    assert cli("schedule", cli.config, "--host", fake_kfp.url)[0] == 0
+    uploads = [r for r in fake_kfp.requests if "/pipelines/upload" in r["path"]]
+    assert len(uploads) == 2  # the pipeline (with its first version) and the named version, once
+    refs = [
+        r["body"]["pipeline_version_reference"]
+        for r in fake_kfp.requests
+        if r["method"] == "POST" and r["path"] in ("/apis/v2beta1/runs", "/apis/v2beta1/recurringruns")
+    ]
+    assert len(refs) == 3 and len({json.dumps(r, sort_keys=True) for r in refs}) == 1
+    for req in fake_kfp.requests:
+        validate_request(req, schemas)
+    cli.config.write_text(cli.config.read_text().replace("nightly", "weekly"))
+    assert cli("submit", cli.config, "--host", fake_kfp.url)[0] == 0
+    assert len([r for r in fake_kfp.requests if "/pipelines/upload" in r["path"]]) == 3  # a new version
 
 
 def test_schedule_defaults_no_catchup_one_at_a_time(cli, fake_kfp, schemas):
@@ -85,12 +111,11 @@ def test_schedule_defaults_no_catchup_one_at_a_time(cli, fake_kfp, schemas):
     body = next(r["body"] for r in fake_kfp.requests if r["path"] == "/apis/v2beta1/recurringruns")
     assert body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
     assert body["no_catchup"] is True
-    assert str(body["max_concurrency"]) == "1"
+    assert body["max_concurrency"] == "1"  # int64 is a string in the API's JSON
     assert body["mode"] == "ENABLE"
     assert body["service_account"] == "sdtune-pipeline"
-    assert body["pipeline_spec"]["pipeline_spec"] == _normalised(
-        cli.compiled[-1][0], pipeline_spec_pb2.PipelineSpec
-    )
+    version = fake_kfp.versions[body["pipeline_version_reference"]["pipeline_version_id"]]
+    assert version["pipeline_spec"] == cli.compiled[-1][0]
     assert "rr-1" in out
 
 
@@ -141,8 +166,32 @@ def test_token_is_sent_as_bearer(cli, fake_kfp, tmp_path, monkeypatch):
     monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token_file))
     fake_kfp.requests.clear()
     cli("status", "nope", "--host", fake_kfp.url)
-    api_calls = [r for r in fake_kfp.requests if "healthz" not in r["path"]]
-    assert api_calls and all(r["headers"].get("authorization") == "Bearer from-file" for r in api_calls)
+    # from the first request on (the healthz probe): behind oauth2-proxy a tokenless one gets a login page
+    assert fake_kfp.requests[0]["path"].endswith("/healthz")
+    assert all(r["headers"].get("authorization") == "Bearer from-file" for r in fake_kfp.requests)
+
+
+def test_no_host_is_one_line_naming_both_ways(tmp_path):
+    """Outside a pod, without --host or KF_PIPELINES_ENDPOINT: one line, exit 2, nothing from kfp."""
+    import os
+    import subprocess
+
+    config = tmp_path / "run.yaml"
+    config.write_text("name: nightly\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("KF_PIPELINES_ENDPOINT", "KUBECONFIG")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "sdtune.cli", "submit", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: no KFP API host: pass --host URL or set KF_PIPELINES_ENDPOINT"
+    ]
+    assert done.stdout == ""
 
 
 def test_unreachable_host_is_one_clear_line(cli):
@@ -171,12 +220,13 @@ def test_real_pipeline_through_sdtune_main(fake_kfp, schemas, tmp_path, capsys):
     from sdtune.cli import main
 
     config = tmp_path / "run.yaml"
-    config.write_text("name: e2e\ncluster: {steps: {train: {gpus: 8}}}\ntrain: {num_processes: 8}\n")
+    config.write_text("name: e2e\ntrain: {num_processes: 8}\n")
     assert main(["submit", str(config), "--host", fake_kfp.url]) == 0, capsys.readouterr().err
     for req in fake_kfp.requests:
         validate_request(req, schemas)
     body = next(r["body"] for r in fake_kfp.requests if r["path"] == "/apis/v2beta1/runs")
-    executors = body["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"]
+    version = fake_kfp.versions[body["pipeline_version_reference"]["pipeline_version_id"]]
+    executors = version["pipeline_spec"]["deploymentSpec"]["executors"]
     gpus = [
         e["container"]["resources"].get("accelerator", {}).get("resourceCount") for e in executors.values()
     ]

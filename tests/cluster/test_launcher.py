@@ -51,6 +51,10 @@ class FakeCustom:
         self.objects[name] = dict(body)
         return self._cond(name)
 
+    def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body):
+        self.objects[name]["metadata"].update(body["metadata"])
+        return self.objects[name]
+
     def delete_namespaced_custom_object(
         self, group, version, namespace, plural, name, propagation_policy=None
     ):
@@ -190,3 +194,32 @@ def test_sigterm_deletes_the_job():
     assert exc.value.code == 128 + signal.SIGTERM
     assert custom.deleted == [name]
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+
+
+def test_job_is_owned_by_every_launcher_pod_that_waits_for_it():
+    """Created owned by the first launcher pod; a retried launcher (new pod) adds itself, so the job is
+    garbage-collected only after the last launcher pod is gone, with or without a cleanup handler."""
+    first_pod, second_pod = ("launcher-a", "uid-a"), ("launcher-b", "uid-b")
+    custom = FakeCustom()
+    name = job_name("run-1", 0)
+
+    def build(attempt):
+        spec = JobSpec(name=job_name("run-1", attempt), namespace="ns", image="img", args=[], owner=first_pod)
+        return render_trainjob(spec)
+
+    for pod in (first_pod, second_pod):  # the task, then its retry in a new pod
+        custom.script[name] = [None, "Complete"]
+        run_training_job(
+            build,
+            custom_api=custom,
+            core_api=FakeCore(),
+            timeout_s=100,
+            poll_s=0.01,
+            out=io.StringIO(),
+            sleep=lambda s: None,
+            owner=pod,
+        )
+        refs = custom.objects[name]["metadata"]["ownerReferences"]
+        assert refs[-1]["uid"] == pod[1] and refs[-1]["kind"] == "Pod"
+    assert [r["uid"] for r in refs] == ["uid-a", "uid-b"] and custom.created == [name]
+    assert all(r["blockOwnerDeletion"] is False for r in refs)  # needs no rights on the pods

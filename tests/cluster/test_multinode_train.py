@@ -4,6 +4,7 @@ here (torchrun replaced by the interpreter: one node, one process), and fetches 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,8 @@ from sdtune.config import load_config
 from sdtune.data.caption import caption_dir
 from sdtune.data.ingest import ingest
 from sdtune.data.preprocess import preprocess_dir
+from sdtune.staging import prefix_size
+from tests.cluster.kubelet import expand
 from tests.servers import ACCESS_KEY, SECRET_KEY, make_bucket
 
 pytestmark = pytest.mark.slow
@@ -27,9 +30,12 @@ class LocalJobApi:
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         self.bodies.append(body)
-        args = body["spec"]["trainer"]["args"]
-        assert body["spec"]["trainer"]["command"] == ["torchrun"]
-        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+        trainer = body["spec"]["trainer"]
+        assert trainer["command"] == ["torchrun"]
+        args = [expand(a, {}) for a in trainer["args"]]  # the kubelet's $(VAR) pass
+        env = {**os.environ, **{e["name"]: expand(e["value"], {}) for e in trainer["env"] if "value" in e}}
+        env["OMP_NUM_THREADS"] = "1"
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, env=env)
         self.log = done.stdout + done.stderr
         kind = "Complete" if done.returncode == 0 else "Failed"
         body["status"] = {"conditions": [{"type": kind, "status": "True", "message": self.log[-500:]}]}
@@ -106,4 +112,8 @@ def test_trainjob_path_stages_data_runs_the_job_and_fetches_outputs(
     body = jobs.bodies[0]
     assert body["kind"] == "TrainJob" and body["metadata"]["namespace"] == "team-a"
     assert body["spec"]["trainer"]["image"] == "registry.example/sdtune-train:test"
-    assert "s3://mlpipeline/sdtune-staging/run-abc/data" in body["spec"]["trainer"]["args"]
+    staged = "s3://mlpipeline/private-artifacts/team-a/sdtune/staging/run-abc/data"
+    assert staged in body["spec"]["trainer"]["args"]
+    assert prefix_size(staged) == 0  # deleted once the outputs were safe
+    requests = body["spec"]["trainer"]["resourcesPerNode"]["requests"]
+    assert requests["ephemeral-storage"].endswith("Gi")  # sized from the staged dataset

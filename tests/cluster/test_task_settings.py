@@ -18,7 +18,7 @@ def _compiled(tmp_path, cfg):
 
 
 def _cfg(**cluster):
-    return RunConfig.model_validate({"cluster": {"steps": {"train": {"gpus": 8}}, **cluster}})
+    return RunConfig.model_validate({"train": {"num_processes": 8}, "cluster": cluster})
 
 
 def test_train_step_gets_gpus_shm_secrets_retries(tmp_path):

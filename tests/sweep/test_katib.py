@@ -7,16 +7,20 @@ import copy
 import io
 import json
 import re
+import shlex
+import subprocess
+import sys
 
 import jsonschema
 import pytest
 
 from sdtune.cli.sweep import sweep_config
-from sdtune.config import RunConfig
+from sdtune.config import RunConfig, load_config
 from sdtune.errors import ConfigError
 from sdtune.sweep import katib
 from sdtune.sweep.trial import print_metrics
-from tests.cluster.conftest import manifests_check
+from tests.cluster.conftest import ROOT, manifests_check
+from tests.cluster.kubelet import container_env, expand
 
 # Katib's StdOut metrics collector default filter (pkg/metricscollector/v1beta1/common: DefaultFilter).
 KATIB_FILTER = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
@@ -67,11 +71,12 @@ def test_grid_experiment_validates(tmp_path, experiment_validator):
     assert {p["reference"] for p in template["trialParameters"]} == {*params, "${trialSpec.Name}"}
     container = template["trialSpec"]["spec"]["template"]["spec"]["containers"][0]
     assert container["name"] == template["primaryContainerName"]
-    assert container["command"] == ["python", "-m", "sdtune.cli", "sweeps", "trial"]
+    assert container["command"] == ["python", "-m", "sdtune.sweep.katib"]
     args = container["args"]
-    assert "train.learning_rate=${trialParameters.train_learning_rate}" in args
-    assert args[args.index("caption.template=${trialParameters.caption_template}") - 1] == "--text"
+    assert args[args.index("train.learning_rate") - 1] == "--value"
+    assert args[args.index("caption.template") - 1] == "--text"
     env = {e["name"]: e for e in container["env"]}
+    assert env["SDTUNE_TRIAL_train_learning_rate"]["value"] == "${trialParameters.train_learning_rate}"
     assert RunConfig.model_validate_json(env["SDTUNE_CONFIG"]["value"]).sweep.max_failed == 1
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlpipeline-minio-artifact"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -127,6 +132,9 @@ def test_trial_job_and_trainjob_validate(tmp_path, crds):
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"] is True
     assert job["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+    assert manifests_check.policy_errors(job) == []  # no escalation, no capabilities, RuntimeDefault seccomp
+    # trials never call the API: an account without bindings, and no token in the pod
+    assert pod["serviceAccountName"] == "sdtune-training" and pod["automountServiceAccountToken"] is False
 
     multi = cfg.model_copy(deep=True)
     multi.cluster.launcher = "trainjob"
@@ -139,7 +147,7 @@ def test_trial_job_and_trainjob_validate(tmp_path, crds):
     assert manifests_check.validate_object(trainjob, crds) == []
     trainer = trainjob["spec"]["trainer"]
     assert trainer["numNodes"] == 1 and trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 4
-    assert trainer["command"][:3] == ["python", "-m", "sdtune.cli"]
+    assert trainer["command"] == ["python", "-m", "sdtune.sweep.katib"]
     assert template["primaryContainerName"] == "node" and "Complete" in template["successCondition"]
 
 
@@ -240,3 +248,70 @@ def test_submit_and_follow(tmp_path):
             sleep=lambda s: None,
             clock=lambda: next(ticks),
         )
+
+
+# Katib's StdOut collector (pkg/webhook/v1beta1/pod/inject_webhook.go) replaces the primary container's
+# command with `sh -c "<command and args joined by spaces> 1>/var/log/katib/metrics.log 2>&1 && …"`.
+PROMPTS = [
+    "a photo of {trigger} {class_noun}",
+    "{trigger}'s {class_noun} at $HOME, `uname` & ; | > out (1)",
+    "cost $(AWS_SECRET_ACCESS_KEY) * ?",
+]
+
+
+def _katib_substitute(trial_spec: dict, values: dict[str, str]) -> dict:
+    """What Katib does: the placeholders replaced in the spec's JSON text, then parsed again."""
+    text = json.dumps(trial_spec)
+    for name, value in values.items():
+        text = text.replace(f"${{trialParameters.{name}}}", value)
+    return json.loads(text)
+
+
+PRESETS = sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_trial_command_survives_the_stdout_collector_shell(tmp_path, preset):
+    """Every preset, swept over prompts with spaces, quotes, `$`, backticks: the trial gets them verbatim
+    (each preset runs one of the prompts through a real `sh -c`, in turn; every arg is a plain word)."""
+    path = ROOT / "configs" / preset
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    cfg = sweep_config(
+        load_config(path, []), prompts=prompts, grid=["train.learning_rate=1e-4,5e-5"], parallelism=2
+    )
+    exp = katib.render_experiment(cfg, "sweep-q", "img:1", "team-a")
+    params = {p["name"]: p["feasibleSpace"]["list"] for p in exp["spec"]["parameters"]}
+    template = exp["spec"]["trialTemplate"]
+    assert exp["spec"]["maxFailedTrialCount"] >= 1  # one failed trial does not end the sweep
+    index = PRESETS.index(preset) % len(PROMPTS)
+    for prompt in [PROMPTS[index]]:
+        chosen = {"trialName": f"sweep-q-{index}", "train_learning_rate": params["train_learning_rate"][1]}
+        chosen["caption_template"] = params["caption_template"][index]
+        spec = _katib_substitute(template["trialSpec"], chosen)
+        if spec["kind"] == "TrainJob":
+            container = {**spec["spec"]["trainer"]}
+        else:
+            container = spec["spec"]["template"]["spec"]["containers"][0]
+        env = {**container_env(container, {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}), "PYTHONPATH": str(ROOT)}
+        words = [expand(w, env) for w in [*container["command"], *container["args"]]]
+        assert words[0] == "python" and all(katib.SHELL_SAFE.match(w) for w in words)
+        line = " ".join([shlex.quote(sys.executable), *words[1:], "--print-argv"])  # joined, unquoted
+        done = subprocess.run(["sh", "-c", line], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        argv = json.loads(done.stdout)
+        assert argv[argv.index("--text") + 1] == f"caption.template={prompt}"
+        assert (
+            "train.learning_rate=5e-05" in argv and argv[argv.index("--trial-name") + 1] == f"sweep-q-{index}"
+        )
+        assert "s3cr3t" not in done.stdout
+        trial_cfg = RunConfig.model_validate_json(env["SDTUNE_CONFIG"])
+        assert trial_cfg.sweep.prompts == PROMPTS
+
+
+def test_values_katib_cannot_carry_are_refused(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a "quoted" {trigger}\nplain {trigger}\n')
+    cfg = sweep_config(RunConfig(), prompts=prompts)
+    with pytest.raises(ConfigError, match="double quote"):
+        katib.render_experiment(cfg, "sweep-q", "img:1", "team-a")
