@@ -102,6 +102,14 @@ class Session:
 
     # --------------------------------------------------------------------------------------------- setup
 
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` on the training device, its weights in :attr:`dtype` (half precision under mixed
+        precision: for frozen weights; a full fine-tune keeps fp32 master weights and skips this)."""
+        model.to(self.device)
+        if self.dtype != torch.float32:
+            model.to(self.dtype)
+        return model
+
     def start(
         self,
         models: dict[str, torch.nn.Module],
