@@ -82,6 +82,7 @@ class Session:
         self.dtype = weight_dtype(acc)
         self.records = D.shard(self.all_records, self.rank, self.world)
         self.validator = None
+        self.fsdp = False
         self.step = 0
         self._extra_trackers: dict[str, LossTracker] = {}
         self._loop: Iterator | None = None
@@ -102,6 +103,19 @@ class Session:
 
     # --------------------------------------------------------------------------------------------- setup
 
+    def trainable_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """A full fine-tune's UNet: fp32 master weights on the device (autocast does the half-precision maths),
+        every weight trains; sharded with FSDP2 (:mod:`.parallel`) under ``train.parallelism=fsdp`` with more
+        than one process — before the optimizer is built, so its parameters become this rank's shards."""
+        unet.to(self.device)
+        unet.requires_grad_(True)
+        if self.tc.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.fsdp = self.tc.parallelism == "fsdp" and self.world > 1
+        if self.fsdp:
+            P.apply_fsdp(unet)
+        return unet
+
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` on the training device, its weights in :attr:`dtype` (half precision under mixed
         precision: for frozen weights; a full fine-tune keeps fp32 master weights and skips this)."""
@@ -118,7 +132,6 @@ class Session:
         desc: str,
         groups: list | None = None,
         prepare: list[str] | None = None,
-        fsdp: bool = False,
         ema=None,
         samplers: dict[str, Any] | None = None,
         sampler: str = "data",
@@ -132,7 +145,7 @@ class Session:
         checkpoint and the validation pipeline's components); restores the checkpoint found, if any.
 
         ``params``: what is clipped (``groups``: optimizer param groups, default one group of ``params``).
-        ``prepare``: names of the models wrapped for DDP (default all; none under ``fsdp``, already sharded).
+        ``prepare``: names of the models wrapped for DDP (default all; none under FSDP: already sharded).
         ``average_grads``: trainable parameters of unwrapped models, averaged over ranks by hand.
         ``samplers``: extra resumable samplers (``sampler`` names the main one in the checkpoint).
         ``after_step``: runs after each optimizer step; ``metrics``: extra values for each log row.
@@ -147,13 +160,14 @@ class Session:
             num_warmup_steps=tc.lr_warmup_steps,
             num_training_steps=tc.max_steps,
         )
+        fsdp = self.fsdp
         wrap = [] if fsdp else list(models if prepare is None else prepare)
         if wrap:
             *wrapped, self.optimizer = acc.prepare(*[models[k] for k in wrap], self.optimizer)
             models = {**models, **dict(zip(wrap, wrapped, strict=True))}
         for model in models.values():
             model.train()
-        self.models, self.wrapped, self.fsdp, self.ema = models, [models[k] for k in wrap], fsdp, ema
+        self.models, self.wrapped, self.ema = models, [models[k] for k in wrap], ema
         self.params, self.average_grads = params, average_grads or []
         self.after_step, self.metrics = after_step, metrics
         if fsdp:
