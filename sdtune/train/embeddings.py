@@ -99,6 +99,15 @@ class Concept:
     def caption(self, caption: str) -> str:
         return with_concept_tokens(caption, self.cfg.caption.trigger, self.tokens)
 
+    def encode(self, parts, records, data_dir: Path, device):
+        """The records' latents and their captions' token ids (the trigger replaced by the concept tokens),
+        once: the text encoders run every step, since their input embeddings are what trains."""
+        from .data import caption_of, encode_tokenized
+
+        captions = [self.caption(caption_of(r, self.cfg)) for r in records]
+        paths = [Path(data_dir) / r.file for r in records]
+        return encode_tokenized(parts, paths, captions, self.cfg.preprocess.resolution, device)
+
     def modules(self) -> dict[str, torch.nn.Module]:
         """The text encoders by checkpoint name."""
         return {f"text_encoder_{i}": encoder for i, encoder in enumerate(self.encoders)}

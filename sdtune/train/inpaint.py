@@ -70,8 +70,6 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             unet = session.place(parts.unet)
             params = add_lora(unet, tc, tc.target_modules, use_dora=tc.use_dora)
             to_fp32(params)
-            if tc.gradient_checkpointing:
-                unet.enable_gradient_checkpointing()
         unet = session.start(
             {"unet": unet},
             params,

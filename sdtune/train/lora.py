@@ -79,8 +79,6 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             encoder.to(device, dtype)
             te_params += add_lora(encoder, tc, tc.text_encoder_target_modules, use_dora=tc.use_dora)
         to_fp32(params + te_params)
-        if tc.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
         groups = [{"params": params, "lr": tc.learning_rate}]
         if te_params:
             groups.append({"params": te_params, "lr": tc.text_encoder_lr or tc.learning_rate})

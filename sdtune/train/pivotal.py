@@ -46,14 +46,10 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         concept = E.Concept(parts, cfg, session.device)
 
         # 2. Data: latents cached once; captions tokenized once (with the concept tokens).
-        captions = [concept.caption(D.caption_of(r, cfg)) for r in session.records]
-        paths = [session.data_dir / r.file for r in session.records]
-        data = D.encode_tokenized(parts, paths, captions, cfg.preprocess.resolution, session.device)
+        data = concept.encode(parts, session.records, data_dir, session.device)
         vae_config = parts.vae.config
         del parts.vae
         unet = session.place(parts.unet)
-        if tc.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
         objective = L.Denoising(parts.noise_scheduler, tc)
 
         # 3. A LoRA on the UNet, as in the LoRA recipe; two learning rates.

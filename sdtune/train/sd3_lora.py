@@ -75,8 +75,6 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         transformer = session.place(transformer)
         params = add_lora(transformer, tc, tc.target_modules, use_dora=tc.use_dora)
         to_fp32(params)
-        if tc.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
         groups = [{"params": params, "lr": tc.learning_rate}]
         models = session.start(
             {"transformer": transformer}, params, groups=groups, desc=f"sd3 lora r{tc.rank}"

@@ -117,11 +117,14 @@ class Session:
         return unet
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
-        """``model`` on the training device, its weights in :attr:`dtype` (half precision under mixed
-        precision: for frozen weights; a full fine-tune keeps fp32 master weights and skips this)."""
+        """A frozen base (under adapters or new embeddings) on the training device: its weights in
+        :attr:`dtype` (half precision under mixed precision), gradient checkpointing as configured. A full
+        fine-tune keeps fp32 master weights: :meth:`trainable_unet`."""
         model.to(self.device)
         if self.dtype != torch.float32:
             model.to(self.dtype)
+        if self.tc.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
         return model
 
     def start(
