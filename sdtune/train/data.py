@@ -158,6 +158,32 @@ def encode_files(
     )
 
 
+def encode_records_sd3(pipe, records, data_dir: Path, cfg: RunConfig, device, dtype) -> EncodedData:
+    """VAE latent distributions (fp32 VAE) and SD3 prompt embeddings of this rank's records, once.
+
+    ``prompt_embeds``: [N, 77 + max_sequence_length, joint_attention_dim] (CLIP-L ⊕ CLIP-G penultimate
+    states padded to the T5 width, then the T5 states); ``pooled_embeds``: [N, pooled_projection_dim]."""
+    paths = [Path(data_dir) / r.file for r in records]
+    mean, std = encode_image_files(pipe.vae, paths, cfg.preprocess.resolution, device)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        getattr(pipe, name).to(device)
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=[caption_of(r, cfg) for r in records],
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=cfg.train.max_sequence_length,
+        )
+    return EncodedData(
+        latent_mean=mean.to(dtype),
+        latent_std=std.to(dtype),
+        prompt_embeds=embeds.float().to(dtype),
+        pooled_embeds=pooled.float().to(dtype),
+    )
+
+
 def index_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless batches of indices into ``n`` items: a fresh permutation per epoch, seeded."""
     buffer: list[int] = []
@@ -308,3 +334,14 @@ def unet_kwargs(text: dict, dtype: torch.dtype | None = None) -> dict:
             "time_ids": cast(text["time_ids"]),
         }
     return kwargs
+
+
+def cat_conditioning(a: dict, b: dict) -> dict:
+    """Two batches' UNet keyword arguments (:func:`unet_conditioning`) as one batch."""
+    out = {"encoder_hidden_states": torch.cat([a["encoder_hidden_states"], b["encoder_hidden_states"]])}
+    if "added_cond_kwargs" in a:
+        out["added_cond_kwargs"] = {
+            k: torch.cat([a["added_cond_kwargs"][k], b["added_cond_kwargs"][k]])
+            for k in a["added_cond_kwargs"]
+        }
+    return out

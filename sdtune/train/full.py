@@ -57,7 +57,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             parts, session.records, data_dir, cfg, Path(out_dir) / "cache", rank, world, session.device
         )
         cache = LC.ShardedLatents(shard_paths, session.device, session.dtype)
-        objective = L.Denoising(parts.noise_scheduler, tc)
+        objective = L.objective_for(cfg, parts.noise_scheduler)
         vae_config = parts.vae.config
         del parts.vae, parts.text_encoder, parts.text_encoder_2
 

@@ -29,10 +29,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sdtune.config import RunConfig
-from sdtune.errors import ConfigError, DatasetError
+from sdtune.errors import ConfigError
 from sdtune.models.loading import load_components, load_pipeline
 from sdtune.tracking import MetricLogger
 
@@ -56,9 +55,9 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             )
         device, dtype, records = session.device, session.dtype, session.records
         cache = D.encode_records(parts, records, data_dir, cfg, device, dtype)
-        mask_lat, masked_lat, supplied = _encode_mask_variants(parts, records, data_dir, cfg, device)
+        mask_lat, masked_lat, supplied = M.encode_mask_variants(parts, records, data_dir, cfg, device)
         mask_lat, masked_lat = mask_lat.to(dtype), masked_lat.to(dtype)
-        objective = L.Denoising(parts.noise_scheduler, tc)
+        objective = L.objective_for(cfg, parts.noise_scheduler)
         vae_config = parts.vae.config
         del parts.vae, parts.text_encoder, parts.text_encoder_2
 
@@ -73,7 +72,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         unet = session.start(
             {"unet": unet},
             params,
-            validation_inputs=_validation_inputs(records[0], data_dir, cfg),
+            validation_inputs=M.validation_inputs(records[0], data_dir, cfg),
             desc="inpaint" + (" full" if tc.inpaint_full_unet else " lora"),
         )["unet"]
 
@@ -105,51 +104,3 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             mask_variants_per_image=n_variants,
             supplied_masks=supplied,
         )
-
-
-@torch.no_grad()
-def _encode_mask_variants(parts, records, data_dir: Path, cfg: RunConfig, device):
-    """For each record, ``inpaint_masks_per_image`` masks (supplied first, then seeded random ones) at latent
-    size ``[N, K, 1, h, w]`` and the VAE latents of the masked images ``[N, K, 4, h, w]`` (scaled). Also returns
-    how many supplied masks were used."""
-    tc, res = cfg.train, cfg.preprocess.resolution
-    k = tc.inpaint_masks_per_image
-    all_masks, all_pixels, supplied = [], [], 0
-    for record in records:
-        pixels = D.load_image(Path(data_dir) / record.file, res)
-        masks = []
-        if tc.inpaint_masks in ("supplied", "both") and record.extra.get("mask"):
-            masks.append(M.load_mask(Path(data_dir) / record.extra["mask"], res))
-            supplied += 1
-        elif tc.inpaint_masks == "supplied":
-            raise DatasetError(
-                f"{record.file}: train.inpaint_masks=supplied but the record has no mask (run preprocess with "
-                "preprocess.mask_prompt, or use inpaint_masks=both)"
-            )
-        if tc.inpaint_masks != "supplied":
-            masks += [
-                M.random_mask(res, M.mask_seed(tc.seed, record.sha256, j)) for j in range(k - len(masks))
-            ]
-        masks = (masks * k)[:k]  # supplied only: the one mask, repeated
-        all_masks.append(torch.stack(masks))
-        all_pixels.append(torch.stack([M.masked_image(pixels, m) for m in masks]))
-    masks = torch.stack(all_masks)  # [N, K, 1, H, W]
-    n = masks.shape[0]
-    mean, _ = D.encode_images(parts.vae, torch.cat(all_pixels), device)
-    scale = parts.vae.config.scaling_factor
-    shift = getattr(parts.vae.config, "shift_factor", None) or 0.0
-    masked_latents = ((mean - shift) * scale).reshape(n, k, *mean.shape[1:])
-    small = F.interpolate(masks.flatten(0, 1), size=mean.shape[-2:]).reshape(n, k, 1, *mean.shape[-2:])
-    return small.to(device), masked_latents, supplied
-
-
-def _validation_inputs(record, data_dir: Path, cfg: RunConfig) -> dict:
-    """The first training image with a centred square (half the side) to fill."""
-    from PIL import Image
-
-    res = cfg.preprocess.resolution
-    with Image.open(Path(data_dir) / record.file) as im:
-        image = im.convert("RGB").resize((res, res))
-    mask = Image.new("L", (res, res), 0)
-    mask.paste(255, (res // 4, res // 4, 3 * res // 4, 3 * res // 4))
-    return {"image": image, "mask_image": mask}

@@ -58,7 +58,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         parts = load_components(cfg)
         device, dtype = session.device, session.dtype
         cache = D.encode_records(parts, session.records, data_dir, cfg, device, dtype)
-        objective = L.Denoising(parts.noise_scheduler, tc)
+        objective = L.objective_for(cfg, parts.noise_scheduler)
         vae_config = parts.vae.config
         del parts.vae  # the latents are cached; the text encoders too unless they train
         encoders: dict[str, torch.nn.Module] = {}

@@ -157,3 +157,11 @@ class FlowMatching:
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return diffusion_loss(pred, target)
+
+
+def objective_for(cfg, scheduler) -> Denoising | FlowMatching:
+    """The objective of the model family of ``cfg`` (:mod:`sdtune.models.families`) over its ``scheduler``."""
+    from sdtune.models.families import family_of
+
+    kind = {"denoising": Denoising, "flow_matching": FlowMatching}[family_of(cfg).objective]
+    return kind(scheduler, cfg.train)

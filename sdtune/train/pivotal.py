@@ -50,7 +50,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         vae_config = parts.vae.config
         del parts.vae
         unet = session.place(parts.unet)
-        objective = L.Denoising(parts.noise_scheduler, tc)
+        objective = L.objective_for(cfg, parts.noise_scheduler)
 
         # 3. A LoRA on the UNet, as in the LoRA recipe; two learning rates.
         lora_params = add_lora(unet, tc, tc.target_modules)

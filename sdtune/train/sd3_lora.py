@@ -38,7 +38,7 @@ from sdtune.tracking import MetricLogger
 from . import data as D
 from . import losses as L
 from .adapters import add_lora, to_fp32
-from .outputs import LORA_WEIGHTS, TrainResult
+from .outputs import TrainResult, save_transformer_lora
 from .session import Session
 
 
@@ -65,8 +65,8 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
-        cache = encode_records(pipe, session.records, data_dir, cfg, session.device, session.dtype)
-        objective = L.FlowMatching(pipe.scheduler, tc)  # at init: num_train_timesteps sigmas, shift applied
+        cache = D.encode_records_sd3(pipe, session.records, data_dir, cfg, session.device, session.dtype)
+        objective = L.objective_for(cfg, pipe.scheduler)  # at init: num_train_timesteps sigmas, shift applied
         vae_config = pipe.vae.config
         transformer = pipe.transformer
         del pipe  # the VAE and text encoders are no longer needed
@@ -104,43 +104,3 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             timestep_density=tc.timestep_density,
             dora=tc.use_dora,
         )
-
-
-def encode_records(pipe, records, data_dir: Path, cfg: RunConfig, device, dtype) -> D.EncodedData:
-    """VAE latent distributions (fp32 VAE) and SD3 prompt embeddings of this rank's records, once.
-
-    ``prompt_embeds``: [N, 77 + max_sequence_length, joint_attention_dim] (CLIP-L ⊕ CLIP-G penultimate
-    states padded to the T5 width, then the T5 states); ``pooled_embeds``: [N, pooled_projection_dim]."""
-    paths = [Path(data_dir) / r.file for r in records]
-    mean, std = D.encode_image_files(pipe.vae, paths, cfg.preprocess.resolution, device)
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        getattr(pipe, name).to(device)
-    with torch.no_grad():
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=[D.caption_of(r, cfg) for r in records],
-            prompt_2=None,
-            prompt_3=None,
-            device=device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=cfg.train.max_sequence_length,
-        )
-    return D.EncodedData(
-        latent_mean=mean.to(dtype),
-        latent_std=std.to(dtype),
-        prompt_embeds=embeds.float().to(dtype),
-        pooled_embeds=pooled.float().to(dtype),
-    )
-
-
-def save_transformer_lora(transformer, out_dir: Path) -> list[str]:
-    """The diffusers-format LoRA (``transformer.`` keys, adapter config as metadata so alpha ≠ rank loads)."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
-
-    StableDiffusion3Pipeline.save_lora_weights(
-        out_dir,
-        transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
-        safe_serialization=True,
-    )
-    return [LORA_WEIGHTS]

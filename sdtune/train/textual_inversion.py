@@ -45,7 +45,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         vae_config = parts.vae.config
         del parts.vae
         unet = session.place(parts.unet)
-        objective = L.Denoising(parts.noise_scheduler, tc)
+        objective = L.objective_for(cfg, parts.noise_scheduler)
 
         models = session.start(
             concept.modules(),
