@@ -37,15 +37,15 @@ UNET_METHODS = {
 class Family:
     arch: str  # model.arch
     title: str
-    denoiser: str  # the trained network's pipeline component: "unet" or "transformer"
     text_encoders: tuple[str, ...]  # pipeline component names, in order
-    conditioning: tuple[str, ...]  # extras beside the prompt embeddings the denoiser takes
-    objective: str  # "denoising" (DDPM: epsilon / v-prediction) or "flow_matching"
-    lora_targets: tuple[str, ...]  # attention projections a LoRA adapts by default
     pipeline: str  # diffusers pipeline class for outputs and sampling
     kohya_layout: str | None  # key layout of the kohya/A1111 LoRA file; None: not written
-    single_file: bool  # an original-layout model.safetensors writer exists (sdtune.train.single_file)
-    methods: dict[str, str] = field(default_factory=dict)  # train.method → recipe module in sdtune.train
+    single_file: bool = False  # an original-layout model.safetensors writer exists (sdtune.train.single_file)
+    conditioning: tuple[str, ...] = ()  # extras beside the prompt embeddings the denoiser takes
+    denoiser: str = "unet"  # the trained network's pipeline component: "unet" or "transformer"
+    objective: str = "denoising"  # DDPM (epsilon / v-prediction, from the scheduler) or "flow_matching"
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # adapted by default
+    methods: dict[str, str] = field(default_factory=lambda: dict(UNET_METHODS))  # method → recipe module
 
     def recipe(self, method: str) -> str:
         """The recipe module for ``method`` on this family; one ConfigError line when there is none."""
@@ -57,61 +57,30 @@ class Family:
         return self.methods[method]
 
 
-_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+CLIP_L, CLIP_L_G = ("text_encoder",), ("text_encoder", "text_encoder_2")
 
 FAMILIES: dict[str, Family] = {
     f.arch: f
     for f in (
+        Family("sd15", "SD 1.x", CLIP_L, "StableDiffusionPipeline", "sd1", single_file=True),
+        Family("sd2", "SD 2.x", CLIP_L, "StableDiffusionPipeline", "sd1"),  # v-prediction: scheduler config
         Family(
-            arch="sd15",
-            title="SD 1.x",
-            denoiser="unet",
-            text_encoders=("text_encoder",),
-            conditioning=(),
-            objective="denoising",
-            lora_targets=_ATTENTION,
-            pipeline="StableDiffusionPipeline",
-            kohya_layout="sd1",
-            single_file=True,
-            methods=dict(UNET_METHODS),
-        ),
-        Family(
-            arch="sd2",
-            title="SD 2.x",
-            denoiser="unet",
-            text_encoders=("text_encoder",),
-            conditioning=(),
-            objective="denoising",  # v-prediction at 768 px: the scheduler config says so
-            lora_targets=_ATTENTION,
-            pipeline="StableDiffusionPipeline",
-            kohya_layout="sd1",
-            single_file=False,
-            methods=dict(UNET_METHODS),
-        ),
-        Family(
-            arch="sdxl",
-            title="SDXL",
-            denoiser="unet",
-            text_encoders=("text_encoder", "text_encoder_2"),
+            "sdxl",
+            "SDXL",
+            CLIP_L_G,
+            "StableDiffusionXLPipeline",
+            "sdxl",
             conditioning=("pooled_embeds", "time_ids"),
-            objective="denoising",
-            lora_targets=_ATTENTION,
-            pipeline="StableDiffusionXLPipeline",
-            kohya_layout="sdxl",
-            single_file=False,
-            methods=dict(UNET_METHODS),
         ),
         Family(
-            arch="sd3",
-            title="SD3",
-            denoiser="transformer",
-            text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
-            conditioning=("pooled_embeds",),
-            objective="flow_matching",
-            lora_targets=_ATTENTION,
-            pipeline="StableDiffusion3Pipeline",
+            "sd3",
+            "SD3",
+            (*CLIP_L_G, "text_encoder_3"),
+            "StableDiffusion3Pipeline",
             kohya_layout=None,
-            single_file=False,
+            conditioning=("pooled_embeds",),
+            denoiser="transformer",
+            objective="flow_matching",
             methods={"lora": "sd3_lora"},
         ),
     )

@@ -124,11 +124,18 @@ class Concept:
         for guard, weight in zip(self.guards, self.weights, strict=True):
             guard.restore(weight)
 
-    def check_unchanged(self) -> None:
+    def checked_summary(self) -> dict:
+        """The concept's facts for ``train_summary.json``, once every other row is checked bit for bit."""
         from sdtune.errors import TrainingError
 
         if not all(g.unchanged(w) for g, w in zip(self.guards, self.weights, strict=True)):
             raise TrainingError("textual inversion changed embedding rows other than the new tokens")
+        return {"tokens": self.tokens, "other_embeddings_unchanged": True}
+
+    @property
+    def prompt(self) -> str:
+        """The model card's example prompt (A1111 style: the trigger file's name in angle brackets)."""
+        return self.cfg.format_prompt("a photo of <{trigger}> {class_noun}")
 
     def metrics(self) -> dict[str, float]:
         return {"embedding_norm": float(self.weights[0].detach()[self.new_ids[0]].norm(dim=-1).mean())}

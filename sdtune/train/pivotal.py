@@ -41,11 +41,11 @@ from .session import Session
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
     tc = cfg.train
     with Session(cfg, data_dir, out_dir, logger) as session:
-        # 1. Model: new tokens in every tokenizer/text encoder; only their embedding rows train.
+        # 1. The concept's tokens, exactly as in textual inversion: only their embedding rows train.
         parts = load_components(cfg)
         concept = E.Concept(parts, cfg, session.device)
 
-        # 2. Data: latents cached once; captions tokenized once (with the concept tokens).
+        # 2. Latents and the concept captions' token ids, once; the UNet frozen under its LoRA.
         data = concept.encode(parts, session.records, data_dir, session.device)
         vae_config = parts.vae.config
         del parts.vae
@@ -74,19 +74,18 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         # 4. Loop: the embeddings train for the first `embedding_steps`, then the LoRA alone.
         for idx in session.steps():
             with torch.set_grad_enabled(session.step <= embedding_steps):
-                cond = D.text_conditioning(parts, data.ids(idx), cfg.preprocess.resolution)
+                text = D.text_conditioning(parts, data.ids(idx), cfg.preprocess.resolution)
+                cond = D.unet_kwargs(text, session.dtype)
             latents = D.sample_latents(vae_config, data, idx, session.draw)
             noisy, t, target = objective.add_noise(latents, session.draw)
-            pred = unet(noisy.to(session.dtype), t, **D.unet_kwargs(cond, session.dtype)).sample
+            pred = unet(noisy.to(session.dtype), t, **cond).sample
             session.backward(objective.loss(pred, target, t).mean())
 
-        # 5. Check and save (rank 0).
-        concept.check_unchanged()
+        # 5. Save (rank 0): the embeddings and the LoRA.
         return session.finish(
             "pivotal",
             lambda: concept.save(out_dir) + save_unet_lora(session.plain_models()["unet"], out_dir, cfg),
-            prompt=cfg.format_prompt("a photo of <{trigger}> {class_noun}"),
-            tokens=concept.tokens,
-            other_embeddings_unchanged=True,
+            prompt=concept.prompt,
+            **concept.checked_summary(),  # raises if any other embedding row moved
             embedding_steps=embedding_steps,
         )

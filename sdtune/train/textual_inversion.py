@@ -65,12 +65,10 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             pred = unet(noisy.to(session.dtype), t, **D.unet_kwargs(cond, session.dtype)).sample
             session.backward(objective.loss(pred, target, t).mean())
 
-        # 4. Check and save (rank 0).
-        concept.check_unchanged()
+        # 4. Save (rank 0).
         return session.finish(
             "textual_inversion",
             lambda: concept.save(out_dir),
-            prompt=cfg.format_prompt("a photo of <{trigger}> {class_noun}"),
-            tokens=concept.tokens,
-            other_embeddings_unchanged=True,
+            prompt=concept.prompt,
+            **concept.checked_summary(),  # raises if any other embedding row moved
         )
