@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -294,6 +295,7 @@ class TokenizedData:
     latent_mean: torch.Tensor
     latent_std: torch.Tensor
     token_ids: dict[str, torch.Tensor]  # {"ids": …} plus "ids_2" for SDXL
+    vae_config: Any  # how the latents are scaled for the denoiser
 
     def __len__(self) -> int:
         return self.latent_mean.shape[0]
@@ -306,7 +308,7 @@ def encode_tokenized(parts, paths: list[Path], captions: list[str], resolution: 
     """Latent distributions (fp32) of the images and token ids of the captions, on ``device``."""
     mean, std = encode_image_files(parts.vae, paths, resolution, device)
     token_ids = {k: v.to(device) for k, v in tokenize_prompts(parts, captions).items()}
-    return TokenizedData(mean, std, token_ids)
+    return TokenizedData(mean, std, token_ids, parts.vae.config)
 
 
 def unet_conditioning(data: EncodedData, idx: torch.Tensor) -> dict:

@@ -101,12 +101,15 @@ class Concept:
 
     def encode(self, parts, records, data_dir: Path, device):
         """The records' latents and their captions' token ids (the trigger replaced by the concept tokens),
-        once: the text encoders run every step, since their input embeddings are what trains."""
+        once: the text encoders run every step, since their input embeddings are what trains. The VAE is
+        freed afterwards (``parts.vae`` becomes None; its config stays in the result)."""
         from .data import caption_of, encode_tokenized
 
         captions = [self.caption(caption_of(r, self.cfg)) for r in records]
         paths = [Path(data_dir) / r.file for r in records]
-        return encode_tokenized(parts, paths, captions, self.cfg.preprocess.resolution, device)
+        data = encode_tokenized(parts, paths, captions, self.cfg.preprocess.resolution, device)
+        parts.vae = None
+        return data
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """The text encoders by checkpoint name."""

@@ -46,9 +46,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         concept = E.Concept(parts, cfg, session.device)
 
         # 2. Latents and the concept captions' token ids, once; the UNet frozen under its LoRA.
-        data = concept.encode(parts, session.records, data_dir, session.device)
-        vae_config = parts.vae.config
-        del parts.vae
+        data = concept.encode(parts, session.records, data_dir, session.device)  # then frees the VAE
         unet = session.place(parts.unet)
         objective = L.objective_for(cfg, parts.noise_scheduler)
 
@@ -76,7 +74,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             with torch.set_grad_enabled(session.step <= embedding_steps):
                 text = D.text_conditioning(parts, data.ids(idx), cfg.preprocess.resolution)
                 cond = D.unet_kwargs(text, session.dtype)
-            latents = D.sample_latents(vae_config, data, idx, session.draw)
+            latents = D.sample_latents(data.vae_config, data, idx, session.draw)
             noisy, t, target = objective.add_noise(latents, session.draw)
             pred = unet(noisy.to(session.dtype), t, **cond).sample
             session.backward(objective.loss(pred, target, t).mean())

@@ -41,9 +41,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         concept = E.Concept(parts, cfg, session.device)
 
         # 2. Data: latents cached once; captions tokenized once (with the concept tokens).
-        data = concept.encode(parts, session.records, data_dir, session.device)
-        vae_config = parts.vae.config
-        del parts.vae
+        data = concept.encode(parts, session.records, data_dir, session.device)  # then frees the VAE
         unet = session.place(parts.unet)
         objective = L.objective_for(cfg, parts.noise_scheduler)
 
@@ -60,7 +58,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         # 3. Loop: the text encoders run every step (their input embeddings are what trains).
         for idx in session.steps():
             cond = D.text_conditioning(parts, data.ids(idx), cfg.preprocess.resolution)
-            latents = D.sample_latents(vae_config, data, idx, session.draw)
+            latents = D.sample_latents(data.vae_config, data, idx, session.draw)
             noisy, t, target = objective.add_noise(latents, session.draw)
             pred = unet(noisy.to(session.dtype), t, **D.unet_kwargs(cond, session.dtype)).sample
             session.backward(objective.loss(pred, target, t).mean())
