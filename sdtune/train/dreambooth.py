@@ -87,7 +87,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         new_unet = session.trained_unet(unet)  # FSDP: gathered from the shards (every rank takes part)
         return session.finish(
             "dreambooth",
-            lambda: save_full_pipeline(cfg, new_unet, out_dir),
+            lambda out: save_full_pipeline(cfg, new_unet, out),
             class_images=len(class_paths),
             parallelism="fsdp" if session.fsdp else "ddp",
         )

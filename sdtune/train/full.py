@@ -54,7 +54,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         parts = load_components(cfg)
         rank, world = session.rank, session.world
         shard_paths, written = LC.build(
-            parts, session.records, data_dir, cfg, Path(out_dir) / "cache", rank, world, session.device
+            parts, session.records, data_dir, cfg, session.out_dir / "cache", rank, world, session.device
         )
         cache = LC.ShardedLatents(shard_paths, session.device, session.dtype)
         objective = L.objective_for(cfg, parts.noise_scheduler)
@@ -84,7 +84,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         new_unet = session.trained_unet(unet)  # FSDP: gathered from the shards (every rank takes part)
         return session.finish(
             "full",
-            lambda: save_full_pipeline(cfg, new_unet, out_dir),
+            lambda out: save_full_pipeline(cfg, new_unet, out),
             images=len(session.all_records),
             uncaptioned=sum(1 for r in session.all_records if not r.caption),
             cache_shards=len(shard_paths),

@@ -87,13 +87,13 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             session.backward(objective.loss(pred, target, t).mean())
 
         # 4. Save (rank 0): the LoRA, or the whole inpainting pipeline with the new UNet.
-        def save() -> list[str]:
+        def save(out: Path) -> list[str]:
             new_unet = session.plain_models()["unet"]
             if not tc.inpaint_full_unet:
-                return save_unet_lora(new_unet, out_dir, cfg)
+                return save_unet_lora(new_unet, out, cfg)
             # the diffusers folder only: the single-file writer is for text-to-image
             load_pipeline(cfg, unet=new_unet.to(torch.float32).eval()).save_pretrained(
-                out_dir, safe_serialization=True
+                out, safe_serialization=True
             )
             return ["model_index.json"]
 

@@ -111,7 +111,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         # 4. Save (rank 0 only).
         return session.finish(
             "lora",
-            lambda: save_unet_lora(session.plain_models()["unet"], out_dir, cfg, text_encoders=encoders),
+            lambda out: save_unet_lora(session.plain_models()["unet"], out, cfg, text_encoders=encoders),
             check_replicas=True,
             text_encoder_lora=sorted(encoders),
             dora=tc.use_dora,

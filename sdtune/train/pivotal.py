@@ -82,7 +82,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         # 5. Save (rank 0): the embeddings and the LoRA.
         return session.finish(
             "pivotal",
-            lambda: concept.save(out_dir) + save_unet_lora(session.plain_models()["unet"], out_dir, cfg),
+            lambda out: concept.save(out) + save_unet_lora(session.plain_models()["unet"], out, cfg),
             prompt=concept.prompt,
             **concept.checked_summary(),  # raises if any other embedding row moved
             embedding_steps=embedding_steps,

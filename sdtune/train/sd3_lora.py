@@ -97,7 +97,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         # 4. Save (rank 0 only).
         return session.finish(
             "lora",
-            lambda: save_transformer_lora(session.plain_models()["transformer"], out_dir),
+            lambda out: save_transformer_lora(session.plain_models()["transformer"], out),
             check_replicas=True,
             arch="sd3",
             objective="flow_matching",

@@ -9,7 +9,7 @@ A recipe reads top to bottom::
         for idx in session.steps():                                 # one micro-batch (indices into the shard)
             loss = …                                                # the method's own objective, in view
             session.backward(loss)
-        return session.finish("lora", lambda: save_unet_lora(…))   # summary, files, model card (rank 0)
+        return session.finish("lora", lambda out: save_unet_lora(…, out, cfg))  # rank 0: files, summary, card
 
 What the session owns, in order of a run:
 
@@ -285,13 +285,13 @@ class Session:
     def finish(
         self,
         method: str,
-        save: Callable[[], list[str]],
+        save: Callable[[Path], list[str]],
         *,
         prompt: str | None = None,
         check_replicas: bool = False,
         **extra: Any,
     ) -> TrainResult:
-        """The run's result; rank 0 calls ``save`` (→ the file names written) and writes the run files.
+        """The run's result; rank 0 calls ``save(out_dir)`` (→ the file names written) and writes the run files.
         ``check_replicas``: record whether all DDP ranks hold bit-identical trainable weights."""
         trained = self.tc.max_steps - self.start_step
         extra.update(resumed_from_step=self.start_step, attempt=self.state.attempt)
@@ -313,7 +313,7 @@ class Session:
             if same is not None:
                 result.extra["replicas_identical"] = same
         if self.is_main:
-            result.files = save()
+            result.files = save(self.out_dir)
             write_run_files(self.cfg, self.out_dir, result, prompt=prompt)
         return result
 

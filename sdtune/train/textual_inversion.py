@@ -66,7 +66,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         # 4. Save (rank 0).
         return session.finish(
             "textual_inversion",
-            lambda: concept.save(out_dir),
+            concept.save,
             prompt=concept.prompt,
             **concept.checked_summary(),  # raises if any other embedding row moved
         )

@@ -53,8 +53,9 @@ def _run(cfg, stage, out, calls=None) -> tuple[torch.Tensor, dict]:
         def after_step():
             calls["after_step"] += 1
 
-        def save():
+        def save(out):
             calls["save"] += 1
+            (out / "w.txt").write_text(str(float(model.weight.detach())))
             return ["w.txt"]
 
         model = session.start(
@@ -107,6 +108,7 @@ def test_the_loop_accumulates_clips_steps_logs_and_saves(tmp_path, stage):
     assert all(n > cfg.train.max_grad_norm for n in expected_norms)  # so the clipping did act
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["method"] == "test" and summary["files"] == ["w.txt"]
+    assert (tmp_path / "out" / "w.txt").read_text() == str(float(weight))
     assert summary["extra"] == {"answer": 42, "resumed_from_step": 0, "attempt": 0}
 
 
