@@ -14,11 +14,15 @@
   :mod:`~sdtune.train.runtime`, :mod:`~sdtune.train.embeddings`, :mod:`~sdtune.train.export`: caching,
   objectives, output files and model card, accelerator/logging helpers, new tokens, kohya/A1111 formats.
 - :mod:`sdtune.train.launch`: run a recipe as a subprocess (``torchrun`` for N processes).
+- :mod:`sdtune.train.session`: the training session every recipe runs in (the loop lives there, once).
+- :mod:`sdtune.train.adapters`: the LoRA adapters; :mod:`~sdtune.train.class_images`: DreamBooth's class images.
 - :mod:`sdtune.train.checkpoint`: atomic checkpoints (local or S3) and bit-exact resume, shared by every recipe.
 - :mod:`sdtune.train.parallel`: FSDP2 applied to a plain UNet (``train.parallelism=fsdp``).
 - :mod:`sdtune.train.plan`: parameter counts, memory per GPU, time and cost before any GPU is touched.
 
-:func:`run` picks the recipe named by ``train.method``.
+:func:`run` picks the recipe for ``train.method`` on the model's family (:mod:`sdtune.models.families`).
+Every recipe runs inside one :class:`~sdtune.train.session.Session`, which owns what methods share:
+processes, data shard, resume and preemption, the accumulate/clip/step loop, logging, validation, outputs.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def run(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | No
     import torch
 
     from sdtune.errors import ConfigError, OutOfMemory
+    from sdtune.models.families import family_of
 
     if cfg.train.parallelism == "fsdp" and cfg.train.method not in ("dreambooth", "full"):
         raise ConfigError(
@@ -50,12 +55,7 @@ def run(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | No
         raise ConfigError(
             "train.parallelism=fsdp needs mixed_precision bf16 or no (fp16 needs a sharded grad scaler)"
         )
-    name = cfg.train.method
-    if cfg.model.arch == "sd3":
-        if name != "lora":
-            raise ConfigError(f"model.arch=sd3 supports train.method=lora only (not {name}) so far")
-        name = "sd3_lora"
-    recipe = import_module(f"sdtune.train.{name}")
+    recipe = import_module(f"sdtune.train.{family_of(cfg).recipe(cfg.train.method)}")
     try:
         return recipe.train(cfg, data_dir, out_dir, logger)
     except torch.OutOfMemoryError as exc:

@@ -150,7 +150,9 @@ def save(cfg: RunConfig, out_dir: Path, step: int, state: TrainState, accelerato
     """Write a checkpoint of ``step`` (a collective: every rank calls it). Returns its location on rank 0."""
     from safetensors.torch import save_file
 
-    ranks = _all_gather(_rank_state(state))  # every rank's RNG and data position, in rank order
+    from .runtime import all_gather_objects
+
+    ranks = all_gather_objects(_rank_state(state))  # every rank's RNG and data position, in rank order
     weights, optim = _full_state(state)  # FSDP: gathered to rank 0 (collective); others get {}
     location = None
     if accelerator.is_main_process:
@@ -441,14 +443,6 @@ def _raw(optimizer):
 
 def _strip(weights: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     return {k[len(name) + 1 :]: v for k, v in weights.items() if k.startswith(name + ".")}
-
-
-def _all_gather(obj) -> list:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 def _step_of(name: str) -> int | None:

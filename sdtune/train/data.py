@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,6 +81,11 @@ def encode_images(
     return torch.cat(means), torch.cat(stds)
 
 
+def encode_image_files(vae, paths: list[Path], resolution: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent distribution (mean, std) of each image file, at ``resolution`` (fp32 VAE)."""
+    return encode_images(vae, torch.stack([load_image(p, resolution) for p in paths]), device)
+
+
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(
         prompts,
@@ -142,8 +148,7 @@ def encode_files(
 ) -> EncodedData:
     """Encode images and their captions once (VAE in fp32; tensors stored on ``device`` in ``dtype``)."""
     res = cfg.preprocess.resolution
-    pixels = torch.stack([load_image(p, res) for p in paths])
-    mean, std = encode_images(parts.vae, pixels, device)
+    mean, std = encode_image_files(parts.vae, paths, res, device)
     text = encode_prompts(parts, captions, device, res)
     return EncodedData(
         latent_mean=mean.to(dtype),
@@ -151,6 +156,32 @@ def encode_files(
         prompt_embeds=text["prompt_embeds"].to(dtype),
         pooled_embeds=text["pooled_embeds"].to(dtype) if "pooled_embeds" in text else None,
         time_ids=text["time_ids"].to(dtype) if "time_ids" in text else None,
+    )
+
+
+def encode_records_sd3(pipe, records, data_dir: Path, cfg: RunConfig, device, dtype) -> EncodedData:
+    """VAE latent distributions (fp32 VAE) and SD3 prompt embeddings of this rank's records, once.
+
+    ``prompt_embeds``: [N, 77 + max_sequence_length, joint_attention_dim] (CLIP-L ⊕ CLIP-G penultimate
+    states padded to the T5 width, then the T5 states); ``pooled_embeds``: [N, pooled_projection_dim]."""
+    paths = [Path(data_dir) / r.file for r in records]
+    mean, std = encode_image_files(pipe.vae, paths, cfg.preprocess.resolution, device)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        getattr(pipe, name).to(device)
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=[caption_of(r, cfg) for r in records],
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=cfg.train.max_sequence_length,
+        )
+    return EncodedData(
+        latent_mean=mean.to(dtype),
+        latent_std=std.to(dtype),
+        prompt_embeds=embeds.float().to(dtype),
+        pooled_embeds=pooled.float().to(dtype),
     )
 
 
@@ -252,6 +283,34 @@ def scaled_latents(
     return (sample - shift) * vae_config.scaling_factor
 
 
+def sample_latents(vae_config, data, idx: torch.Tensor, generator) -> torch.Tensor:
+    """:func:`scaled_latents` of rows ``idx`` of a cache (anything with ``latent_mean``/``latent_std``)."""
+    return scaled_latents(vae_config, data.latent_mean[idx], data.latent_std[idx], generator)
+
+
+@dataclass
+class TokenizedData:
+    """Cached latents and token ids, for recipes whose text encoders train (so they run every step)."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    token_ids: dict[str, torch.Tensor]  # {"ids": …} plus "ids_2" for SDXL
+    vae_config: Any  # how the latents are scaled for the denoiser
+
+    def __len__(self) -> int:
+        return self.latent_mean.shape[0]
+
+    def ids(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[idx] for k, v in self.token_ids.items()}
+
+
+def encode_tokenized(parts, paths: list[Path], captions: list[str], resolution: int, device) -> TokenizedData:
+    """Latent distributions (fp32) of the images and token ids of the captions, on ``device``."""
+    mean, std = encode_image_files(parts.vae, paths, resolution, device)
+    token_ids = {k: v.to(device) for k, v in tokenize_prompts(parts, captions).items()}
+    return TokenizedData(mean, std, token_ids, parts.vae.config)
+
+
 def unet_conditioning(data: EncodedData, idx: torch.Tensor) -> dict:
     """Keyword arguments for the UNet call for the batch ``idx``."""
     return unet_kwargs(
@@ -263,9 +322,28 @@ def unet_conditioning(data: EncodedData, idx: torch.Tensor) -> dict:
     )
 
 
-def unet_kwargs(text: dict) -> dict:
-    """UNet keyword arguments from :func:`text_conditioning`'s output (SDXL: plus the added conditioning)."""
-    kwargs: dict = {"encoder_hidden_states": text["prompt_embeds"]}
+def unet_kwargs(text: dict, dtype: torch.dtype | None = None) -> dict:
+    """UNet keyword arguments from :func:`text_conditioning`'s output (SDXL: plus the added conditioning),
+    cast to ``dtype`` when given (text encoders that train run in fp32 next to a half-precision UNet)."""
+
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        return x if dtype is None else x.to(dtype)
+
+    kwargs: dict = {"encoder_hidden_states": cast(text["prompt_embeds"])}
     if text.get("pooled_embeds") is not None:
-        kwargs["added_cond_kwargs"] = {"text_embeds": text["pooled_embeds"], "time_ids": text["time_ids"]}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": cast(text["pooled_embeds"]),
+            "time_ids": cast(text["time_ids"]),
+        }
     return kwargs
+
+
+def cat_conditioning(a: dict, b: dict) -> dict:
+    """Two batches' UNet keyword arguments (:func:`unet_conditioning`) as one batch."""
+    out = {"encoder_hidden_states": torch.cat([a["encoder_hidden_states"], b["encoder_hidden_states"]])}
+    if "added_cond_kwargs" in a:
+        out["added_cond_kwargs"] = {
+            k: torch.cat([a["added_cond_kwargs"][k], b["added_cond_kwargs"][k]])
+            for k in a["added_cond_kwargs"]
+        }
+    return out

@@ -76,6 +76,81 @@ class RowGuard:
         return bool(torch.equal(weight[self.keep], self.original[self.keep]))
 
 
+class Concept:
+    """The concept's new tokens in every tokenizer/text encoder of ``parts`` (SDXL: both), their ids and the
+    embedding matrices that train (fp32), each guarded so only the new rows move."""
+
+    def __init__(self, parts, cfg: RunConfig, device):
+        self.cfg = cfg
+        self.tokens = concept_tokens(cfg)
+        pairs = [(parts.tokenizer, parts.text_encoder)]
+        if parts.is_sdxl:
+            pairs.append((parts.tokenizer_2, parts.text_encoder_2))
+        self.encoders = [encoder for _, encoder in pairs]
+        self.new_ids, self.weights, self.guards = [], [], []
+        for tokenizer, encoder in pairs:
+            ids = add_concept_tokens(tokenizer, encoder, self.tokens, initializer_word(cfg))
+            encoder.to(device)
+            weight = trainable_embeddings(encoder)
+            self.new_ids.append(ids.to(device))
+            self.weights.append(weight)
+            self.guards.append(RowGuard.for_embedding(weight, ids))
+
+    def caption(self, caption: str) -> str:
+        return with_concept_tokens(caption, self.cfg.caption.trigger, self.tokens)
+
+    def encode(self, parts, records, data_dir: Path, device):
+        """The records' latents and their captions' token ids (the trigger replaced by the concept tokens),
+        once: the text encoders run every step, since their input embeddings are what trains. The VAE is
+        freed afterwards (``parts.vae`` becomes None; its config stays in the result)."""
+        from .data import caption_of, encode_tokenized
+
+        captions = [self.caption(caption_of(r, self.cfg)) for r in records]
+        paths = [Path(data_dir) / r.file for r in records]
+        data = encode_tokenized(parts, paths, captions, self.cfg.preprocess.resolution, device)
+        parts.vae = None
+        return data
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by checkpoint name."""
+        return {f"text_encoder_{i}": encoder for i, encoder in enumerate(self.encoders)}
+
+    @staticmethod
+    def use(parts, models: dict[str, torch.nn.Module]) -> None:
+        """Run ``parts``' text conditioning through the (DDP-wrapped) encoders ``models``."""
+        parts.text_encoder = models["text_encoder_0"]
+        if parts.is_sdxl:
+            parts.text_encoder_2 = models["text_encoder_1"]
+
+    def restore(self) -> None:
+        """After each optimizer step: put every row but the new ones back."""
+        for guard, weight in zip(self.guards, self.weights, strict=True):
+            guard.restore(weight)
+
+    def checked_summary(self) -> dict:
+        """The concept's facts for ``train_summary.json``, once every other row is checked bit for bit."""
+        from sdtune.errors import TrainingError
+
+        if not all(g.unchanged(w) for g, w in zip(self.guards, self.weights, strict=True)):
+            raise TrainingError("textual inversion changed embedding rows other than the new tokens")
+        return {"tokens": self.tokens, "other_embeddings_unchanged": True}
+
+    @property
+    def prompt(self) -> str:
+        """The model card's example prompt (A1111 style: the trigger file's name in angle brackets)."""
+        return self.cfg.format_prompt("a photo of <{trigger}> {class_noun}")
+
+    def metrics(self) -> dict[str, float]:
+        return {"embedding_norm": float(self.weights[0].detach()[self.new_ids[0]].norm(dim=-1).mean())}
+
+    def save(self, out_dir: Path) -> list[str]:
+        names = ["clip_l", "clip_g"]
+        vectors = {
+            names[i]: w[ids] for i, (w, ids) in enumerate(zip(self.weights, self.new_ids, strict=True))
+        }
+        return save_embeddings(vectors, self.tokens, out_dir, self.cfg.caption.trigger)
+
+
 def trainable_embeddings(text_encoder) -> torch.nn.Parameter:
     """Freeze the encoder except its token embedding matrix; return that matrix (as fp32)."""
     text_encoder.requires_grad_(False)

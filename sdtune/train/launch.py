@@ -19,6 +19,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sdtune.config import RunConfig
 
 
 def training_command(
@@ -65,8 +69,10 @@ def launch_training(
     num_processes: int,
     mlflow_run_id: str | None,
     overrides: list[str] = [],  # noqa: B006 (read only; the documented signature)
+    cfg: RunConfig | None = None,
 ) -> int:
-    """Run training in a child process (no shell) and return its exit code."""
+    """Run training in a child process (no shell) and return its exit code. ``cfg``: the parsed config
+    (``config_path`` with ``overrides`` applied) when the caller holds it, so it is not parsed again here."""
     cmd = training_command(config_path, data_dir, out_dir, num_processes, mlflow_run_id, list(overrides))
     from sdtune.errors import EXIT_PREEMPTED, PERMANENT_TRAINING_EXIT_CODES
 
@@ -75,7 +81,8 @@ def launch_training(
     if num_processes > 1:
         # torchrun otherwise defaults every rank to 1 thread with a warning; keep an explicit choice.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(_grace_s(config_path, overrides)) + 30))
+        grace_s = cfg.train.preempt_grace_s if cfg is not None else _grace_s(config_path, overrides)
+        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(grace_s) + 30))
     child = subprocess.Popen(cmd, env=env)
     forwarded: list[int] = []
 

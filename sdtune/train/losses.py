@@ -1,9 +1,12 @@
-"""Pure functions for the denoising objective: noise, targets, losses. No state, no optimizer, no I/O.
+"""The denoising objectives: pure functions for noise, targets and losses (no optimizer, no I/O), and the two
+objectives recipes use, :class:`Denoising` and :class:`FlowMatching` (``add_noise`` → :class:`Noised`, ``loss``).
 
 DDPM-style (SD 1.x/2.x/SDXL): epsilon / v-prediction targets, min-SNR-γ. Flow matching (SD3):
 :func:`sample_flow_timesteps`, :func:`flow_noisy`, :func:`flow_target`."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -98,3 +101,67 @@ def flow_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor)
 def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The velocity the transformer predicts: noise − x0 (loss weighting "none": plain MSE against it)."""
     return noise - latents
+
+
+class Noised(NamedTuple):
+    """One training draw: the model's input, its timesteps, and what it should predict."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+class Denoising:
+    """The DDPM objective (SD 1.x/2.x/SDXL): epsilon or v-prediction (``train.prediction_type``, default the
+    scheduler's), ``train.noise_offset``, min-SNR-γ weighting (``train.snr_gamma``)."""
+
+    def __init__(self, scheduler, tc):
+        self.scheduler = scheduler
+        self.prediction_type = tc.prediction_type or scheduler.config.prediction_type
+        self.snr_gamma, self.noise_offset = tc.snr_gamma, tc.noise_offset
+
+    def add_noise(self, latents: torch.Tensor, generator) -> Noised:
+        noise = sample_noise(latents, generator, self.noise_offset)
+        t = sample_timesteps(
+            latents.shape[0], self.scheduler.config.num_train_timesteps, generator, latents.device
+        )
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        return Noised(noisy, t, prediction_target(self.scheduler, latents, noise, t, self.prediction_type))
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss, shape ``[batch]``."""
+        return diffusion_loss(
+            pred,
+            target,
+            timesteps=timesteps,
+            scheduler=self.scheduler,
+            snr_gamma=self.snr_gamma,
+            prediction_type=self.prediction_type,
+        )
+
+
+class FlowMatching:
+    """The rectified-flow objective (SD3): σ from the scheduler's tables at an index drawn from
+    ``train.timestep_density``; the model predicts the velocity noise − x0; plain MSE."""
+
+    def __init__(self, scheduler, tc):
+        self.scheduler = scheduler
+        self.density, self.mean, self.std = tc.timestep_density, tc.logit_mean, tc.logit_std
+
+    def add_noise(self, latents: torch.Tensor, generator) -> Noised:
+        noise = sample_noise(latents, generator)
+        t, sigmas = sample_flow_timesteps(
+            latents.shape[0], self.scheduler, generator, latents.device, self.density, self.mean, self.std
+        )
+        return Noised(flow_noisy(latents, noise, sigmas), t, flow_target(latents, noise))
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return diffusion_loss(pred, target)
+
+
+def objective_for(cfg, scheduler) -> Denoising | FlowMatching:
+    """The objective of the model family of ``cfg`` (:mod:`sdtune.models.families`) over its ``scheduler``."""
+    from sdtune.models.families import family_of
+
+    kind = {"denoising": Denoising, "flow_matching": FlowMatching}[family_of(cfg).objective]
+    return kind(scheduler, cfg.train)

@@ -1,4 +1,5 @@
-"""Inpainting masks: seeded random rectangles and brush strokes, supplied masks, masked images.
+"""Inpainting masks: seeded random rectangles and brush strokes, supplied masks, masked images, and each
+record's mask variants encoded once for the inpainting recipe.
 
 A mask is a ``[1, H, W]`` float tensor, 1 where the model must paint (the StableDiffusionInpaintPipeline
 convention: white = repaint), 0 where the image is kept.
@@ -11,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
+from sdtune.config import RunConfig
+from sdtune.errors import DatasetError
+
+from . import data as D
 
 
 def random_mask(size: int, seed: int) -> torch.Tensor:
@@ -50,12 +57,56 @@ def mask_seed(train_seed: int, image_sha256: str, k: int) -> int:
 
 def load_mask(path: Path, size: int) -> torch.Tensor:
     """A supplied mask (white = repaint), resized like the image (shorter side, centre crop), binarised."""
-    from .data import load_image
-
-    gray = load_image(path, size)[0:1]  # [-1, 1] → the first channel is enough for a grey mask
+    gray = D.load_image(path, size)[0:1]  # [-1, 1] → the first channel is enough for a grey mask
     return (gray > 0.0).float()
 
 
 def masked_image(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The image with the region to paint blanked (0 in [-1, 1] pixel space, as the pipeline does)."""
     return pixels * (mask < 0.5)
+
+
+@torch.no_grad()
+def encode_mask_variants(parts, records, data_dir: Path, cfg: RunConfig, device):
+    """For each record, ``inpaint_masks_per_image`` masks (supplied first, then seeded random ones) at latent
+    size ``[N, K, 1, h, w]`` and the VAE latents of the masked images ``[N, K, 4, h, w]`` (scaled). Also returns
+    how many supplied masks were used."""
+    tc, res = cfg.train, cfg.preprocess.resolution
+    k = tc.inpaint_masks_per_image
+    all_masks, all_pixels, supplied = [], [], 0
+    for record in records:
+        pixels = D.load_image(Path(data_dir) / record.file, res)
+        masks = []
+        if tc.inpaint_masks in ("supplied", "both") and record.extra.get("mask"):
+            masks.append(load_mask(Path(data_dir) / record.extra["mask"], res))
+            supplied += 1
+        elif tc.inpaint_masks == "supplied":
+            raise DatasetError(
+                f"{record.file}: train.inpaint_masks=supplied but the record has no mask (run preprocess with "
+                "preprocess.mask_prompt, or use inpaint_masks=both)"
+            )
+        if tc.inpaint_masks != "supplied":
+            masks += [random_mask(res, mask_seed(tc.seed, record.sha256, j)) for j in range(k - len(masks))]
+        masks = (masks * k)[:k]  # supplied only: the one mask, repeated
+        all_masks.append(torch.stack(masks))
+        all_pixels.append(torch.stack([masked_image(pixels, m) for m in masks]))
+    masks = torch.stack(all_masks)  # [N, K, 1, H, W]
+    n = masks.shape[0]
+    mean, _ = D.encode_images(parts.vae, torch.cat(all_pixels), device)
+    scale = parts.vae.config.scaling_factor
+    shift = getattr(parts.vae.config, "shift_factor", None) or 0.0
+    masked_latents = ((mean - shift) * scale).reshape(n, k, *mean.shape[1:])
+    small = F.interpolate(masks.flatten(0, 1), size=mean.shape[-2:]).reshape(n, k, 1, *mean.shape[-2:])
+    return small.to(device), masked_latents, supplied
+
+
+def validation_inputs(record, data_dir: Path, cfg: RunConfig) -> dict:
+    """The first training image with a centred square (half the side) to fill."""
+    from PIL import Image
+
+    res = cfg.preprocess.resolution
+    with Image.open(Path(data_dir) / record.file) as im:
+        image = im.convert("RGB").resize((res, res))
+    mask = Image.new("L", (res, res), 0)
+    mask.paste(255, (res // 4, res // 4, 3 * res // 4, 3 * res // 4))
+    return {"image": image, "mask_image": mask}

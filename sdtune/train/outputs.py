@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.config import RunConfig
+from sdtune.models.families import family_of
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_LORA = "lora_kohya.safetensors"
@@ -37,11 +38,15 @@ class TrainResult:
 
 
 def pipeline_class(arch: str, inpaint: bool = False):
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The diffusers pipeline class of the family of ``arch`` (SD 1.x/2.x inpainting: the inpaint pipeline)."""
+    import diffusers
 
-    if arch == "sdxl":
-        return StableDiffusionXLPipeline
-    return StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+    from sdtune.models.families import FAMILIES
+
+    name = FAMILIES[arch].pipeline
+    if inpaint and name == "StableDiffusionPipeline":
+        name = "StableDiffusionInpaintPipeline"
+    return getattr(diffusers, name)
 
 
 def save_unet_lora(unet, out_dir: Path, cfg: RunConfig, text_encoders: dict | None = None) -> list[str]:
@@ -67,7 +72,8 @@ def save_unet_lora(unet, out_dir: Path, cfg: RunConfig, text_encoders: dict | No
         kohya_parts[name] = (te_state, te_config.lora_alpha)
     pipeline_class(cfg.model.arch).save_lora_weights(out_dir, safe_serialization=True, **kwargs)
     files = [LORA_WEIGHTS]
-    if cfg.train.export_kohya and not cfg.train.use_dora:
+    layout = family_of(cfg).kohya_layout
+    if cfg.train.export_kohya and not cfg.train.use_dora and layout is not None:
         from .export import save_kohya_lora
 
         meta = {
@@ -76,9 +82,23 @@ def save_unet_lora(unet, out_dir: Path, cfg: RunConfig, text_encoders: dict | No
             "ss_network_alpha": str(lora_config.lora_alpha),
             "sdtune_trigger": cfg.caption.trigger,
         }
-        save_kohya_lora(kohya_parts, out_dir / KOHYA_LORA, meta, sdxl=cfg.model.arch == "sdxl")
+        save_kohya_lora(kohya_parts, out_dir / KOHYA_LORA, meta, sdxl=layout == "sdxl")
         files.append(KOHYA_LORA)
     return files
+
+
+def save_transformer_lora(transformer, out_dir: Path) -> list[str]:
+    """The diffusers-format LoRA (``transformer.`` keys, adapter config as metadata so alpha ≠ rank loads)."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusion3Pipeline.save_lora_weights(
+        out_dir,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+        safe_serialization=True,
+    )
+    return [LORA_WEIGHTS]
 
 
 def save_full_pipeline(cfg: RunConfig, unet, out_dir: Path) -> list[str]:
@@ -90,7 +110,7 @@ def save_full_pipeline(cfg: RunConfig, unet, out_dir: Path) -> list[str]:
     pipe = load_pipeline(cfg, unet=unet)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     files = ["model_index.json"]
-    if cfg.train.export_single_file and cfg.model.arch == "sd15":
+    if cfg.train.export_single_file and family_of(cfg).single_file:
         from .single_file import SINGLE_FILE, save_single_file
 
         save_single_file(pipe, out_dir / SINGLE_FILE)

@@ -142,7 +142,7 @@ class LossTracker:
             idx = [i for i in self.bad_batch.tolist() if i >= 0]
             shown = [self.names[i] for i in idx] if self.names else idx
             mine = f"rank {self.acc.process_index} batch {shown}"
-        where = [w for w in _all_gather_objects(mine) if w]
+        where = [w for w in all_gather_objects(mine) if w]
         raise TrainingError(
             f"loss is not finite at step {step} ({'; '.join(where)}); stopped without writing a checkpoint; "
             "lower train.learning_rate?"
@@ -160,7 +160,8 @@ class LossTracker:
         return {"loss": self.last_loss, "steps_per_sec": steps_per_sec}
 
 
-def _all_gather_objects(obj) -> list:
+def all_gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [obj]
     out = [None] * torch.distributed.get_world_size()
@@ -179,7 +180,7 @@ def replicas_identical(module: torch.nn.Module, accelerator) -> bool | None:
     for _, param in sorted(module.named_parameters()):
         if param.requires_grad:
             digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return len(set(_all_gather_objects(digest.hexdigest()))) == 1
+    return len(set(all_gather_objects(digest.hexdigest()))) == 1
 
 
 class PreemptWatch:

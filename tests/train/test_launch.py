@@ -87,3 +87,18 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_config, stage_dir):
         "pytorch_lora_weights.safetensors",
         "train_summary.json",
     ]
+
+
+def test_torchrun_grace_comes_from_the_config_object_when_given(tmp_path, monkeypatch):
+    """A caller holding the parsed config passes it: the config file is not read again (here it does not even
+    exist) and torchrun's shutdown timeout is the config's preempt grace + 30 s."""
+    from sdtune.config import RunConfig
+
+    seen = tmp_path / "env.txt"
+    child = f"import os, pathlib; pathlib.Path({str(seen)!r}).write_text(os.environ['TORCH_ELASTIC_SHUTDOWN_TIMEOUT'])"
+    monkeypatch.setattr(launch, "training_command", lambda *a, **k: [sys.executable, "-c", child])
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    cfg = RunConfig()
+    cfg.train.preempt_grace_s = 7
+    assert launch_training(tmp_path / "missing.yaml", tmp_path, tmp_path / "o", 2, None, cfg=cfg) == 0
+    assert seen.read_text() == "37"
