@@ -37,6 +37,28 @@ REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 64 << 10
 
 
+NAT64_NETWORKS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+
+
+def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries, where the network would deliver to it: IPv4-mapped
+    (``::ffff:a.b.c.d``), IPv4-compatible (``::a.b.c.d``), NAT64 (``64:ff9b::a.b.c.d``, RFC 6052/8215),
+    6to4 (``2002:AABB:CCDD::``) and Teredo (the client address). Python's ``is_global`` does not look inside."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip.sixtofour:
+        return ip.sixtofour
+    if ip.teredo:
+        return ip.teredo[1]
+    value = int(ip)
+    if any(ip in net for net in NAT64_NETWORKS) or (value >> 32 == 0 and value > 1):
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    return None
+
+
 def public_address(ip: IPAddress) -> bool:
     """The default policy: globally routable unicast only (no private, loopback, link-local, CGNAT, …)."""
     return ip.is_global and not ip.is_multicast
@@ -231,8 +253,7 @@ def _resolve_checked(host: str, port: int, policy: FetchPolicy) -> str:
     addresses = []
     for info in infos:
         ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+        ip = embedded_ipv4(ip) or ip  # 64:ff9b::7f00:1 and 2002:7f00:1:: reach 127.0.0.1 too
         if ip in METADATA_ADDRESSES or not policy.allow_address(ip):
             raise SkipItem("blocked_address", f"{host} resolves to {ip}, which is not a public address")
         addresses.append(str(ip))

@@ -1,0 +1,43 @@
+"""A registered model is stored without a pickle and loads through sdtune's own safetensors-only loader."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sdtune import tracking
+from sdtune.config import RunConfig
+from sdtune.registry import register_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_registered_model_has_no_pickle_and_predicts(sdtune_home, tiny_assets, tmp_path):
+    import mlflow.pyfunc
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_assets["model"], model_dir)  # a full-pipeline model folder, as dreambooth writes
+    cfg = RunConfig(name="nopickle")
+    cfg.model.base = str(tiny_assets["model"])
+    cfg.register.model_name = "nopickle"
+    cfg.evaluate.num_inference_steps = 1
+    cfg.preprocess.resolution = 32
+    cfg.ingest.sources = ["https://user:hunter2@example.com/set.zip?X-Amz-Signature=abc&v=1"]
+    parent = tracking.start_parent_run("nopickle", "p", {})
+    with tracking.step_run(parent, "register") as run:
+        register_model(cfg, model_dir, {"loss_tuned_trigger": 0.5}, run_id=run.run_id)
+
+    local = Path(
+        mlflow.artifacts.download_artifacts("models:/nopickle@candidate", dst_path=str(tmp_path / "dl"))
+    )
+    stored = {p.name for p in local.rglob("*")}
+    assert not {n for n in stored if n.endswith((".pkl", ".pickle", ".bin", ".pt", ".ckpt"))}
+    mlmodel = (local / "MLmodel").read_text()
+    assert "loader_module: sdtune.registry" in mlmodel and "python_model" not in mlmodel
+    assert "hunter2" not in mlmodel and "X-Amz-Signature" not in mlmodel  # the config is the storable one
+
+    images = mlflow.pyfunc.load_model("models:/nopickle@candidate").predict(["a photo of sks dog"])
+    assert len(images) == 1 and base64.b64decode(images[0]).startswith(b"\x89PNG")
