@@ -416,6 +416,10 @@ class RunConfig(Section):
         into a comment header of the compiled YAML, which a multi-line value would break)."""
         return self.model_dump_json()
 
+    def storable(self, *, refuse: bool = False) -> RunConfig:
+        """This config as it may be stored (see :func:`storable_config`)."""
+        return storable_config(self, refuse=refuse)
+
     def format_prompt(self, template: str) -> str:
         return template.format(trigger=self.caption.trigger, class_noun=self.caption.class_noun)
 

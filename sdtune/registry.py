@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtune import tracking
-from sdtune.config import RunConfig, config_from_yaml, storable_config
+from sdtune.config import RunConfig, config_from_yaml
 
 
 class TextToImageModel:
@@ -91,7 +91,7 @@ def register_model(
 
     client = tracking._client()
     name = cfg.register.model_name
-    stored = storable_config(cfg)
+    stored = cfg.storable()
     model_config = {"config": stored.to_param(), "base_model": stored.model.base, "method": cfg.train.method}
     with mlflow.start_run(run_id=run_id) if run_id else _new_run(cfg):
         info = mlflow.pyfunc.log_model(

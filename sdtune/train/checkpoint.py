@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdtune.config import RunConfig, storable_config
+from sdtune.config import RunConfig
 from sdtune.errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -164,7 +164,7 @@ def save(cfg: RunConfig, out_dir: Path, step: int, state: TrainState, accelerato
             "method": cfg.train.method,
             "data_fingerprint": state.data_fingerprint,
             "last_loss": state.last_loss,
-            "config": storable_config(cfg).model_dump(mode="json"),
+            "config": cfg.storable().model_dump(mode="json"),
             "time": time.time(),
             "torch": torch.__version__,
         }
