@@ -600,7 +600,7 @@ def s3_reference_problem(uri: str) -> str | None:
     parts = urlsplit(uri)
     if "@" in parts.netloc:
         return "credentials in an s3:// address (give keys as a Kubernetes Secret, see docs/security.md)"
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", parts.netloc):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}", parts.netloc):
         return f"invalid bucket name {parts.netloc[:80]!r}"
     if parts.query or parts.fragment:
         return "an s3:// address takes no query string or fragment"
