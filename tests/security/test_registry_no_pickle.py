@@ -41,3 +41,25 @@ def test_registered_model_has_no_pickle_and_predicts(sdtune_home, tiny_assets, t
 
     images = mlflow.pyfunc.load_model("models:/nopickle@candidate").predict(["a photo of sks dog"])
     assert len(images) == 1 and base64.b64decode(images[0]).startswith(b"\x89PNG")
+
+
+def test_pickled_weights_are_refused_unless_opted_in(tiny_assets, tmp_path, monkeypatch):
+    """A text encoder shipped only as ``pytorch_model.bin`` (a pickle) ended in a traceback, exit 1."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sdtune.models.loading import ModelLoadError, load_components
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_assets["model"], model)
+    encoder = model / "text_encoder"
+    torch.save(load_file(str(encoder / "model.safetensors")), encoder / "pytorch_model.bin")
+    (encoder / "model.safetensors").unlink()
+    cfg = RunConfig()
+    cfg.model.base = str(model)
+    monkeypatch.delenv("SDTUNE_ALLOW_PICKLE_WEIGHTS", raising=False)
+    with pytest.raises(ModelLoadError, match="SDTUNE_ALLOW_PICKLE_WEIGHTS=1") as info:
+        load_components(cfg)
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+    monkeypatch.setenv("SDTUNE_ALLOW_PICKLE_WEIGHTS", "1")  # the operator's opt-in: weights_only loading
+    assert load_components(cfg).text_encoder is not None
