@@ -530,8 +530,9 @@ def load_yaml(text: str, origin: str = "config") -> Any:
     """``yaml.safe_load`` under a size budget and an alias-expansion budget (one ConfigError line each)."""
     if len(text) > MAX_YAML_BYTES:
         raise ConfigError(f"{origin}: {len(text)} characters is over the {MAX_YAML_BYTES}-character limit")
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # the reader already refuses control characters here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -541,7 +542,8 @@ def load_yaml(text: str, origin: str = "config") -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{origin}: not valid YAML: {first}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _check_expanded_size(root: yaml.Node, origin: str) -> None:

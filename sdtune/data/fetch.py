@@ -149,8 +149,11 @@ def redirect_target(url: str, location: str | None, status: int) -> str:
     """Where a redirect may go: http(s) only, and never from https down to plain http."""
     if not location:
         raise SkipItem("fetch_failed", f"HTTP {status} without a Location header")
-    target = urljoin(url, location)
-    scheme = urlsplit(target).scheme
+    try:
+        target = urljoin(url, location)
+        scheme = urlsplit(target).scheme
+    except ValueError:
+        raise SkipItem("fetch_failed", f"HTTP {status} to an unparsable Location") from None
     if scheme not in ("http", "https"):
         raise SkipItem("fetch_failed", f"redirect to a non-http(s) URL refused: {strip_credentials(target)}")
     if urlsplit(url).scheme == "https" and scheme == "http":
@@ -184,10 +187,13 @@ def _get_with_retries(
 def _get_once(
     url: str, policy: FetchPolicy, sink: IO[bytes], deadline: float
 ) -> tuple[int, str | None, float | None]:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # "[bad" host, port out of range
+        raise SkipItem("fetch_failed", f"not a valid URL: {strip_credentials(url)}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SkipItem("fetch_failed", f"not an http(s) URL: {strip_credentials(url)}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     ip = _resolve_checked(parts.hostname, port, policy)
     timeout = max(0.01, min(policy.connect_timeout_s, deadline - time.monotonic()))
     if parts.scheme == "https":
