@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -596,7 +597,6 @@ def plain_template(template: str, allowed: tuple[str, ...]) -> str:
 def s3_reference_problem(uri: str) -> str | None:
     """Why an ``s3://bucket/key`` reference is refused, or None. ``.``/``..`` segments would leave the local
     cache folder the object is mirrored into; userinfo would be a credential in the config."""
-    import re
     from urllib.parse import urlsplit
 
     parts = urlsplit(uri)
@@ -621,22 +621,24 @@ def s3_references(cfg: RunConfig) -> list[tuple[str, str]]:
 
 
 def check_s3_references(cfg: RunConfig) -> None:
+    from pydantic_core import PydanticCustomError
+
     for where, value in s3_references(cfg):
         problem = s3_reference_problem(value)
-        if problem:
-            raise ValueError(f"{where}: {problem}")
+        if problem:  # a custom error: the one-line message names the setting, without "Value error, "
+            raise PydanticCustomError(
+                "s3_reference", "{where}: {problem}", {"where": where, "problem": problem}
+            )
 
 
-# Query parameters that carry a credential: AWS/GCS presigned URLs, Azure SAS, bearer tokens, API keys.
-_SECRET_QUERY_KEYS = frozenset(
-    {"sig", "signature", "key", "apikey", "api_key", "token", "access_token", "auth", "awsaccesskeyid"}
-)
-_SECRET_QUERY_WORDS = ("signature", "credential", "security-token", "secret", "password", "token")
+# A query or fragment parameter whose name holds one of these carries a credential: AWS/GCS presigned URLs
+# (X-Amz-Signature, X-Amz-Credential, X-Goog-Signature), Azure SAS (sig), bearer tokens, API keys. Matched
+# anywhere in the name, so "??sig=", "0?sig=" and "api_key[]=" are caught; a false positive only strips more.
+_SECRET_NAME = re.compile(r"sig|token|secret|passw|credential|key|auth|session", re.IGNORECASE)
 
 
-def _secret_query_key(key: str) -> bool:
-    key = key.lower()
-    return key in _SECRET_QUERY_KEYS or any(word in key for word in _SECRET_QUERY_WORDS)
+def _secret_pieces(part: str) -> list[str]:
+    return [p for p in re.split(r"[&;]", part) if _SECRET_NAME.search(p.split("=", 1)[0])]
 
 
 def _strings(value: Any, where: str) -> list[tuple[str, str]]:
@@ -650,33 +652,33 @@ def _strings(value: Any, where: str) -> list[tuple[str, str]]:
 
 
 def url_has_credentials(value: str) -> bool:
-    """``user[:password]@`` in a URL, or a query parameter that carries a credential."""
-    from urllib.parse import parse_qsl, urlsplit
+    """``user[:password]@`` in a URL, or a query/fragment parameter that carries a credential."""
+    from urllib.parse import urlsplit
 
     if "://" not in value:
         return False
     try:
         parts = urlsplit(value)
-        keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)]
     except ValueError:  # e.g. an unbalanced IPv6 bracket: unparsable, so it cannot be shown to be clean
         return True
-    return "@" in parts.netloc or any(_secret_query_key(k) for k in keys)
+    # The fragment too: it is never sent, but `#access_token=…` (OAuth) carries a secret all the same.
+    return "@" in parts.netloc or bool(_secret_pieces(parts.query) or _secret_pieces(parts.fragment))
 
 
 def strip_url_credentials(value: str) -> str:
     """``https://user:pw@host/a?X-Amz-Signature=…&v=2`` → ``https://host/a?v=2``; a clean value unchanged."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    from urllib.parse import urlsplit, urlunsplit
 
     if not url_has_credentials(value):
         return value
     try:
         parts = urlsplit(value)
-        query = [
-            (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _secret_query_key(k)
-        ]
     except ValueError:
         return "<unparsable URL removed>"
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, urlencode(query), ""))
+    secret = set(_secret_pieces(parts.query))
+    query = "&".join(p for p in re.split(r"[&;]", parts.query) if p and p not in secret)
+    fragment = "" if _secret_pieces(parts.fragment) else parts.fragment
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, query, fragment))
 
 
 def credential_settings(cfg: RunConfig) -> list[str]:
