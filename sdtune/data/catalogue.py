@@ -48,11 +48,14 @@ def iter_catalogue(
         value = value.strip()
         caption = row.get(cfg.caption_column)
         caption = (" ".join(caption.split()) or None) if isinstance(caption, str) else None
-        if caption is not None:  # the same cap as a sidecar file's
-            caption = (
-                caption.encode("utf-8")[:CAPTION_MAX_BYTES].decode("utf-8", errors="ignore").strip() or None
-            )
+        if caption is not None and len(caption) * 4 > CAPTION_MAX_BYTES:  # maybe over the sidecar cap
+            caption = _cap_caption(caption)
         yield _item_for(value, base, cfg, caption, allowed_buckets)
+
+
+def _cap_caption(caption: str) -> str | None:
+    """A caption cell cut to the bytes a sidecar file may hold (a 1 MB cell would ride into every prompt)."""
+    return caption.encode("utf-8")[:CAPTION_MAX_BYTES].decode("utf-8", errors="ignore").strip() or None
 
 
 def _item_for(
