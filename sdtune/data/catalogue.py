@@ -87,6 +87,8 @@ def _item_for(
     if path is None:
         return Skip(label, "bad_row", "path leaves the catalogue's folder")
     if not os.path.isfile(path):
+        if os.path.lexists(path):  # a FIFO or device: opening it could block the whole ingest
+            return Skip(label, "special_file", "not a regular file")
         return Skip(label, "missing_file", "no such file")
     return Item(label, file_reader(Path(path), cfg.max_image_bytes), caption=caption)
 

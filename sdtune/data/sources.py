@@ -67,6 +67,9 @@ def iter_source(
     if path.is_dir():
         yield from iter_folder(path, cfg)
     elif not path.is_file():
+        kind = _file_kind(path) if os.path.lexists(path) else None
+        if kind:
+            raise DatasetError(f"source {printable(str(path))} is a {kind}, not a file or folder")
         raise DatasetError(f"source not found: {printable(str(path))}")
     elif path.suffix.lower() in CATALOGUE_SUFFIXES:
         from sdtune.data.catalogue import iter_catalogue

@@ -24,7 +24,7 @@ from sdtune.config import (
 )
 from sdtune.data.catalogue import iter_catalogue
 from sdtune.data.items import Item, Skip
-from sdtune.errors import ConfigError
+from sdtune.errors import ConfigError, DatasetError
 
 
 def _png(size: int = 80) -> bytes:
@@ -281,8 +281,15 @@ def test_named_pipe_in_a_folder_is_skipped_not_read(tmp_path):
     from sdtune.data.reasons import SkipItem
     from sdtune.data.sources import file_reader
 
-    with pytest.raises(SkipItem, match="special_file"):  # also when named directly (a catalogue row)
+    with pytest.raises(SkipItem, match="special_file"):  # the reader checks again after opening
         file_reader(src / "pipe.png", 1000)()
+    catalogue = src / "rows.csv"
+    catalogue.write_text("image\npipe.png\n")
+    assert [(e.reason, e.detail) for e in iter_catalogue(catalogue, IngestConfig())] == [
+        ("special_file", "not a regular file")
+    ]
+    with pytest.raises(DatasetError, match="is a FIFO"):
+        ingest([str(src / "pipe.png")], tmp_path / "out2", IngestConfig(min_images=1))
 
 
 def test_markdown_report_cannot_be_broken_out_of():
