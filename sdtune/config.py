@@ -696,9 +696,9 @@ def storable_config(cfg: RunConfig, *, refuse: bool = False) -> RunConfig:
         return cfg
     if refuse:
         raise ConfigError(
-            f"{found[0]} holds a credential (user:password@ or a signed query string), which would be stored "
-            "in the compiled pipeline: give keys to the pipeline as a Kubernetes Secret (cluster.secrets) and "
-            "use s3:// or unsigned URLs; see docs/security.md"
+            f"{found[0]} holds a credential (user:password@ or a signed query string), which the compiled "
+            "pipeline or Katib trial would store: give keys to the pipeline as a Kubernetes Secret "
+            "(cluster.secrets) and use s3:// or unsigned URLs; see docs/security.md"
         )
 
     def scrub(value: Any) -> Any:

@@ -143,12 +143,18 @@ def test_storable_config_strips_credentials_and_keeps_the_rest(tmp_path):
     assert "abc123" not in str(tracking.flatten_params(cfg.model_dump(mode="json")))
 
 
-def test_compiled_pipeline_refuses_a_config_with_credentials(tmp_path):
+def test_compiled_pipeline_and_katib_trials_refuse_a_config_with_credentials(tmp_path):
     from pipelines.compile import compile_pipeline
 
     with pytest.raises(ConfigError, match=r"ingest\.sources\[0\].*Kubernetes Secret"):
         compile_pipeline(_secret_config(), tmp_path / "p.yaml")
     assert not (tmp_path / "p.yaml").exists()
+    from sdtune.sweep.katib import trial_job
+
+    swept = _secret_config()
+    swept.sweep.grid = {"train.rank": [4, 8]}
+    with pytest.raises(ConfigError, match="Katib trial"):
+        trial_job(swept, "sweep-1", "img", "ns")  # the trial template carries the config too
 
 
 def test_job_args_carry_the_storable_config(tmp_path, monkeypatch):
