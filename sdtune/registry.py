@@ -21,6 +21,7 @@ from typing import Any
 
 from sdtune import tracking
 from sdtune.config import RunConfig, config_from_yaml
+from sdtune.models.loading import ModelLoadError
 
 
 class TextToImageModel:
@@ -61,6 +62,42 @@ def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> 
     if not model_config or "config" not in model_config:
         raise ValueError("this sdtune model has no model_config['config']; log it with register_model")
     return TextToImageModel(config_from_yaml(model_config["config"]), Path(data_path))
+
+
+def load_registered(model_uri: str, dst: str | Path) -> TextToImageModel:
+    """Load a registered sdtune model without letting its stored MLmodel choose the code that runs.
+
+    ``mlflow.pyfunc.load_model`` imports whatever the MLmodel names (a ``python_model`` pickle, extra
+    ``code_paths``), and anyone who can write to the artifact store can edit that file. This reads the
+    MLmodel as data, accepts only this module as the loader with nothing else to run, and then loads the
+    config (budgeted YAML) and weights (safetensors) itself."""
+    import mlflow.artifacts
+
+    from sdtune.config import load_yaml
+    from sdtune.errors import ConfigError
+
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst)))
+    try:
+        mlmodel = load_yaml((local / "MLmodel").read_text(encoding="utf-8"), f"{model_uri} MLmodel") or {}
+    except (OSError, ConfigError) as exc:
+        raise ModelLoadError(f"{model_uri}: no readable MLmodel ({exc})") from None
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    pyfunc = flavors.get("python_function") if isinstance(flavors, dict) else None
+    if (
+        not isinstance(pyfunc, dict)
+        or set(flavors) != {"python_function"}
+        or pyfunc.get("loader_module") != __name__
+        or pyfunc.get("code")
+        or pyfunc.get("python_model")
+        or not isinstance(pyfunc.get("data"), str)
+    ):
+        raise ModelLoadError(
+            f"{model_uri}: its MLmodel is not the one sdtune registers (another loader or code to run); refused"
+        )
+    data = (local / pyfunc["data"]).resolve()
+    if not data.is_relative_to(local.resolve()):
+        raise ModelLoadError(f"{model_uri}: its MLmodel points outside the model folder; refused")
+    return _load_pyfunc(str(data), pyfunc.get("config"))
 
 
 def load_trained_pipeline(cfg: RunConfig, model_dir: Path) -> Any:

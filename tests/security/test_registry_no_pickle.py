@@ -15,8 +15,13 @@ from sdtune.registry import register_model
 pytestmark = pytest.mark.slow
 
 
-def test_registered_model_has_no_pickle_and_predicts(sdtune_home, tiny_assets, tmp_path):
+def test_registered_model_has_no_pickle_and_predicts(sdtune_home, tiny_assets, tmp_path, monkeypatch):
     import mlflow.pyfunc
+
+    from sdtune.models.loading import ModelLoadError
+    from sdtune.registry import load_registered
+
+    monkeypatch.chdir(tmp_path)  # the embedded store puts logged models under ./mlruns
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_assets["model"], model_dir)  # a full-pipeline model folder, as dreambooth writes
@@ -41,6 +46,19 @@ def test_registered_model_has_no_pickle_and_predicts(sdtune_home, tiny_assets, t
 
     images = mlflow.pyfunc.load_model("models:/nopickle@candidate").predict(["a photo of sks dog"])
     assert len(images) == 1 and base64.b64decode(images[0]).startswith(b"\x89PNG")
+    # sdtune's own loader reads the MLmodel as data and refuses one that names other code to run.
+    model = load_registered("models:/nopickle@candidate", tmp_path / "safe")
+    assert base64.b64decode(model.predict(["a photo of sks dog"])[0]).startswith(b"\x89PNG")
+    store = Path(
+        mlflow.artifacts.download_artifacts("models:/nopickle@candidate", dst_path=str(tmp_path / "t"))
+    )
+    tampered = mlmodel.replace(
+        "loader_module: sdtune.registry", "loader_module: sdtune.registry\n    python_model: python_model.pkl"
+    )
+    (store / "MLmodel").write_text(tampered)
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda uri, dst_path: str(store))
+    with pytest.raises(ModelLoadError, match="refused"):
+        load_registered("models:/nopickle@candidate", tmp_path / "t2")
 
 
 def test_pickled_weights_are_refused_unless_opted_in(tiny_assets, tmp_path, monkeypatch):
