@@ -16,7 +16,7 @@ REGISTRY ?= ghcr.io/sdtune
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv run test test-fast lint format compile manifests-check images bench clean
+.PHONY: help venv run test test-fast fuzz lint format compile manifests-check images bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ test: $(STAMP)  ## run the test suite (CPU)
 
 test-fast: $(STAMP)  ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
+
+fuzz: $(STAMP)  ## the parser fuzz tests with many more examples (FUZZ_EXAMPLES=5000; not part of make test)
+	SDTUNE_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} $(PY) -m pytest -q tests/security/test_fuzz.py
 
 lint: $(STAMP)  ## ruff + hadolint
 	$(VENV)/bin/ruff check .

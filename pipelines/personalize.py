@@ -43,7 +43,7 @@ def build_personalize_pipeline(cfg: RunConfig):
         cfg.cluster.train_image = SDTUNE_TRAIN_IMAGE  # the job's pods run the same image as the train task
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune Stable Diffusion on a handful of photos.")
-    def personalize_pipeline(config: str = cfg.to_param()):
+    def personalize_pipeline(config: str = cfg.storable(refuse=True).to_param()):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         finish = step(finish_run_op(config=config, kfp_run_id=run_id), "finish_run", "Close MLflow run")
         with dsl.ExitHandler(finish, name="tracked-run"):

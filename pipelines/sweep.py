@@ -36,7 +36,7 @@ def build_sweep_pipeline(cfg: RunConfig, trials: list[Trial], sweep_id: str = ""
         return apply_task_settings(task, name, settings)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Sweep hyperparameters/prompts; register the best trial.")
-    def sweep_pipeline(config: str = cfg.to_param(), sweep_id: str = sweep_id):
+    def sweep_pipeline(config: str = cfg.storable(refuse=True).to_param(), sweep_id: str = sweep_id):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         finish = step(finish_run_op(config=config, kfp_run_id=run_id), "finish_run", "Close MLflow sweep run")
         with dsl.ExitHandler(finish, name="tracked-sweep"):

@@ -12,12 +12,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdtune.errors import ConfigError
 
@@ -62,6 +63,9 @@ class IngestConfig(Section):
     fetch_allow_networks: list[str] = Field(default_factory=list)  # CIDRs allowed besides public addresses
     image_column: str = "image"  # catalogue (CSV/JSONL/Parquet) column naming the image: path, URL or s3://
     caption_column: str = "caption"
+    # Buckets a catalogue's s3:// rows may name (rows are fetched with the pipeline's own keys); besides
+    # these, only the buckets of the run's own s3:// sources. Other rows: bad_row "bucket not allowed".
+    catalogue_buckets: list[str] = Field(default_factory=list)
     shard_size: int = Field(0, ge=0)  # records per shard for fanned-out preprocessing; 0: one shard
 
     @field_validator("fetch_allow_networks")
@@ -107,6 +111,16 @@ class CaptionConfig(Section):
     )
     max_tokens: int = Field(77, ge=2)  # the text encoder's context, special tokens included
     cache_dir: str = ".sdtune/cache/models"  # where s3:// model weights are downloaded
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        return plain_template(value, PROMPT_FIELDS)
+
+    @field_validator("model_template")
+    @classmethod
+    def _model_template(cls, value: str) -> str:
+        return plain_template(value, (*PROMPT_FIELDS, "caption"))
 
 
 class TrainConfig(Section):
@@ -183,6 +197,11 @@ class TrainConfig(Section):
     logit_std: float = Field(1.0, gt=0)
     max_sequence_length: int = Field(77, ge=1, le=512)
 
+    @field_validator("class_prompt")
+    @classmethod
+    def _class_prompt(cls, value: str) -> str:
+        return plain_template(value, PROMPT_FIELDS)
+
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value):
@@ -208,6 +227,11 @@ class EvaluateConfig(Section):
     dino_model: str | None = None  # e.g. facebook/dino-vits16: DINO subject fidelity
     fid_model: str | None = None  # feature model for FID/KID on large held-out sets
     fid_min_images: int = Field(50, ge=2)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, value: list[str]) -> list[str]:
+        return [plain_template(p, PROMPT_FIELDS) for p in value]
 
 
 class RegisterConfig(Section):
@@ -431,6 +455,11 @@ class RunConfig(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
+    @model_validator(mode="after")
+    def _s3_references(self) -> RunConfig:
+        check_s3_references(self)
+        return self
+
     def digest(self) -> str:
         """Stable hash of the resolved config (used for cache keys and resume checks)."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
@@ -443,6 +472,10 @@ class RunConfig(Section):
         into a comment header of the compiled YAML, which a multi-line value would break)."""
         return self.model_dump_json()
 
+    def storable(self, *, refuse: bool = False) -> RunConfig:
+        """This config as it may be stored (see :func:`storable_config`)."""
+        return storable_config(self, refuse=refuse)
+
     def format_prompt(self, template: str) -> str:
         return template.format(trigger=self.caption.trigger, class_noun=self.caption.class_noun)
 
@@ -454,19 +487,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not key=value")
-        try:
-            # YAML 1.2 booleans only: `on`, `off`, `yes`, `no` stay strings (`mixed_precision=no`).
-            value = (
-                raw
-                if raw.strip().lower() in {"yes", "no", "on", "off", "y", "n"}
-                else yaml.safe_load(raw)
-                if raw != ""
-                else ""
-            )
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})"
-            ) from None
+        # YAML 1.2 booleans only: `on`, `off`, `yes`, `no` stay strings (`mixed_precision=no`).
+        value = (
+            raw
+            if raw.strip().lower() in {"yes", "no", "on", "off", "y", "n"}
+            else load_yaml(raw, f"override {item[:200]!r}")
+            if raw != ""
+            else ""
+        )
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -509,10 +537,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         origin = str(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        data = load_yaml(path.read_text(encoding="utf-8", errors="replace"), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     return config_from_dict(data, overrides, origin=origin)
@@ -520,7 +545,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def config_from_yaml(text: str) -> RunConfig:
     """Inverse of :meth:`RunConfig.to_yaml` and :meth:`RunConfig.to_param` (JSON is YAML)."""
-    return config_from_dict(yaml.safe_load(text) or {}, origin="pipeline config")
+    data = load_yaml(text, "pipeline config") or {}
+    if not isinstance(data, dict):
+        raise ConfigError("pipeline config: top level must be a mapping")
+    return config_from_dict(data, origin="pipeline config")
 
 
 def resolve_local_paths(cfg: RunConfig, root: Path) -> RunConfig:
@@ -544,3 +572,197 @@ def resolve_local_paths(cfg: RunConfig, root: Path) -> RunConfig:
     )
     cfg.ingest.sources = [fix(s) for s in cfg.ingest.sources]
     return cfg
+
+
+# --- Untrusted text in configs: YAML budgets, prompt templates, s3:// references, credentials -------------
+# A config arrives from users, sweep files and pipeline parameters; docs/security.md lists what is refused.
+
+MAX_YAML_BYTES = 4 << 20
+MAX_YAML_NODES = 200_000  # after aliases are expanded: a 520-byte "billion laughs" document expands to 10⁹
+PROMPT_FIELDS = ("trigger", "class_noun")
+
+
+def load_yaml(text: str, origin: str = "config") -> Any:
+    """``yaml.safe_load`` under a size budget and an alias-expansion budget (one ConfigError line each)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{origin}: {len(text)} characters is over the {MAX_YAML_BYTES}-character limit")
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # the reader already refuses control characters here
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node, origin)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{origin}: not valid YAML: {first}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _check_expanded_size(root: yaml.Node, origin: str) -> None:
+    """Count the nodes the document would have with every alias expanded (memoised per shared node)."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in in_progress:
+            raise ConfigError(f"{origin}: a YAML alias refers to itself (recursive document)")
+        in_progress.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        in_progress.discard(key)
+        sizes[key] = total
+        if total > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{origin}: YAML expands to more than {MAX_YAML_NODES} nodes through aliases (refused)"
+            )
+        return total
+
+    size(root)
+
+
+def plain_template(template: str, allowed: tuple[str, ...]) -> str:
+    """A prompt template may hold ``{name}`` fields from ``allowed`` and ``{{``/``}}`` only: a format spec
+    (``{trigger:>99999999}``) or an attribute/index lookup (``{trigger.__class__}``) is refused."""
+    import string
+
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{template!r} is not a valid template ({exc})") from None
+    names = ", ".join("{" + name + "}" for name in allowed)
+    for _literal, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if name not in allowed or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"template field {shown[:80]!r} is not allowed: use only {names}")
+    return template
+
+
+def s3_reference_problem(uri: str) -> str | None:
+    """Why an ``s3://bucket/key`` reference is refused, or None. ``.``/``..`` segments would leave the local
+    cache folder the object is mirrored into; userinfo would be a credential in the config."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if "@" in parts.netloc:
+        return "credentials in an s3:// address (give keys as a Kubernetes Secret, see docs/security.md)"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}", parts.netloc):
+        return f"invalid bucket name {parts.netloc[:80]!r}"
+    if parts.query or parts.fragment:
+        return "an s3:// address takes no query string or fragment"
+    if any(segment in (".", "..") for segment in parts.path.split("/")):
+        return "'.' and '..' segments are not allowed in an s3:// key"
+    return None
+
+
+def s3_references(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(setting, value) of every ``s3://`` reference in the config: model weights, sources, checkpoints."""
+    out = []
+    for where, value in _strings(cfg.model_dump(mode="json"), ""):
+        if value.lower().startswith("s3://"):
+            out.append((where, value))
+    return out
+
+
+def check_s3_references(cfg: RunConfig) -> None:
+    from pydantic_core import PydanticCustomError
+
+    for where, value in s3_references(cfg):
+        problem = s3_reference_problem(value)
+        if problem:  # a custom error: the one-line message names the setting, without "Value error, "
+            raise PydanticCustomError(
+                "s3_reference", "{where}: {problem}", {"where": where, "problem": problem}
+            )
+
+
+# A query or fragment parameter whose name holds one of these carries a credential: AWS/GCS presigned URLs
+# (X-Amz-Signature, X-Amz-Credential, X-Goog-Signature), Azure SAS (sig), bearer tokens, API keys. Matched
+# anywhere in the name, so "??sig=", "0?sig=" and "api_key[]=" are caught; a false positive only strips more.
+_SECRET_NAME = re.compile(r"sig|token|secret|passw|credential|key|auth|session", re.IGNORECASE)
+
+
+def _secret_pieces(part: str) -> list[str]:
+    return [p for p in re.split(r"[&;]", part) if _SECRET_NAME.search(p.split("=", 1)[0])]
+
+
+def _strings(value: Any, where: str) -> list[tuple[str, str]]:
+    if isinstance(value, str):
+        return [(where, value)]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in _strings(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [s for i, v in enumerate(value) for s in _strings(v, f"{where}[{i}]")]
+    return []
+
+
+def url_has_credentials(value: str) -> bool:
+    """``user[:password]@`` in a URL, or a query/fragment parameter that carries a credential."""
+    from urllib.parse import urlsplit
+
+    if "://" not in value:
+        return False
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. an unbalanced IPv6 bracket: unparsable, so it cannot be shown to be clean
+        return True
+    # The fragment too: it is never sent, but `#access_token=…` (OAuth) carries a secret all the same.
+    return "@" in parts.netloc or bool(_secret_pieces(parts.query) or _secret_pieces(parts.fragment))
+
+
+def strip_url_credentials(value: str) -> str:
+    """``https://user:pw@host/a?X-Amz-Signature=…&v=2`` → ``https://host/a?v=2``; a clean value unchanged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not url_has_credentials(value):
+        return value
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return "<unparsable URL removed>"
+    secret = set(_secret_pieces(parts.query))
+    query = "&".join(p for p in re.split(r"[&;]", parts.query) if p and p not in secret)
+    fragment = "" if _secret_pieces(parts.fragment) else parts.fragment
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, query, fragment))
+
+
+def credential_settings(cfg: RunConfig) -> list[str]:
+    """Settings whose value holds a credential (``user:password@`` or a signed query string)."""
+    return [where for where, value in _strings(cfg.model_dump(mode="json"), "") if url_has_credentials(value)]
+
+
+def storable_config(cfg: RunConfig, *, refuse: bool = False) -> RunConfig:
+    """The config as it may be stored: written to ``config.yaml``, logged to MLflow, put in the registered
+    model, a compiled pipeline or a job's args. Credentials are stripped from every URL; with ``refuse``
+    (where the stored copy is also the one the run works from, so stripping would break it) a config holding
+    one is refused with a pointer to Kubernetes Secrets."""
+    found = credential_settings(cfg)
+    if not found:
+        return cfg
+    if refuse:
+        raise ConfigError(
+            f"{found[0]} holds a credential (user:password@ or a signed query string), which the compiled "
+            "pipeline or Katib trial would store: give keys to the pipeline as a Kubernetes Secret "
+            "(cluster.secrets) and use s3:// or unsigned URLs; see docs/security.md"
+        )
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            return strip_url_credentials(value)
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+
+    return RunConfig.model_validate(scrub(cfg.model_dump(mode="json")))

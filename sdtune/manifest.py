@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -135,12 +136,27 @@ def report_markdown(report: StageReport) -> str:
     lines += [f"- **{k}**: {v}" for k, v in sorted(report.counts.items())]
     if report.reasons:
         lines += ["", "| skip reason | count |", "|---|---|"]
-        lines += [f"| `{k}` | {v} |" for k, v in sorted(report.reasons.items())]
+        lines += [f"| {md_code(k)} | {v} |" for k, v in sorted(report.reasons.items())]
     lines += ["", "| item | status | reason | detail |", "|---|---|---|---|"]
     for item in report.items:
-        detail = item.detail.replace("|", "\\|")
-        lines.append(f"| `{item.item}` | {item.status} | `{item.reason}` | {detail} |")
+        reason = md_code(item.reason) if item.reason else ""
+        lines.append(f"| {md_code(item.item)} | {md_text(item.status)} | {reason} | {md_text(item.detail)} |")
     return "\n".join(lines) + "\n"
+
+
+def md_code(text: str) -> str:
+    """``text`` as a Markdown table-cell code span that it cannot close: the fence is one backtick longer
+    than any run of backticks inside (a member named ``a`![x](http://…)`` stays literal text)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    cell = text.replace("|", "\\|")  # a pipe ends the table cell even inside a code span
+    pad = " " if cell.startswith("`") or cell.endswith("`") else ""
+    return f"{fence}{pad}{cell}{pad}{fence}"
+
+
+def md_text(text: str) -> str:
+    """Plain text in a Markdown table cell: every character Markdown or HTML would act on is escaped."""
+    return re.sub(r"([\\`*_{}\[\]()<>#+!|~])", r"\\\1", text)
 
 
 def _atomic_write(path: Path, text: str) -> None:

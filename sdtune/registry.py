@@ -1,9 +1,14 @@
 """Model registry: a trained model becomes an MLflow model version that people can load and compare.
 
 The version is a ``pyfunc`` text-to-image model whose artifacts are the training outputs as they are
-(``pytorch_lora_weights.safetensors`` etc., loadable by diffusers, ComfyUI and A1111 without MLflow), plus a
-small wrapper so ``mlflow.pyfunc.load_model("models:/NAME@candidate").predict(["a photo of sks dog"])``
-returns images. The base model is referenced (hub id, folder or ``s3://``), not copied.
+(``pytorch_lora_weights.safetensors`` etc., loadable by diffusers, ComfyUI and A1111 without MLflow), so
+``mlflow.pyfunc.load_model("models:/NAME@candidate").predict(["a photo of sks dog"])`` returns images. The base
+model is referenced (hub id, folder or ``s3://``), not copied.
+
+Nothing in the stored model is pickled or executed: the MLmodel names this module as its loader
+(``loader_module``), which reads the config (JSON through the budgeted YAML loader, credentials stripped)
+and weights from ``.safetensors`` files only. A cloudpickled ``PythonModel`` would run whatever bytes
+anyone with write access to the MLflow artifact store put there on every machine that loads the champion.
 """
 
 from __future__ import annotations
@@ -16,27 +21,21 @@ from typing import Any
 
 from sdtune import tracking
 from sdtune.config import RunConfig, config_from_yaml
-
-try:  # mlflow is an optional extra; the wrapper class must exist only where it is used
-    import mlflow.pyfunc
-
-    _PythonModel = mlflow.pyfunc.PythonModel
-except ImportError:  # pragma: no cover - exercised only without the [track] extra
-    _PythonModel = object
+from sdtune.models.loading import ModelLoadError
 
 
-class TextToImageModel(_PythonModel):
-    """pyfunc wrapper: base pipeline + the trained adapter; input prompts, output PNGs (base64)."""
+class TextToImageModel:
+    """What ``mlflow.pyfunc.load_model`` returns the wrapped form of: base pipeline + the trained adapter;
+    input prompts, output PNGs (base64)."""
 
-    def load_context(self, context: Any) -> None:
-        cfg = config_from_yaml(context.model_config["config"])
-        self.pipe = load_trained_pipeline(cfg, Path(context.artifacts["model"]))
+    def __init__(self, cfg: RunConfig, model_dir: Path):
+        self.pipe = load_trained_pipeline(cfg, Path(model_dir))
         self.steps = cfg.evaluate.num_inference_steps
         self.guidance = cfg.evaluate.guidance_scale
         self.resolution = cfg.preprocess.resolution
 
     # No type hints on predict: MLflow would try to derive a (wrong) input schema from them.
-    def predict(self, context, model_input, params=None):
+    def predict(self, model_input, params=None):
         import torch
 
         prompts = list(model_input["prompt"] if hasattr(model_input, "columns") else model_input)
@@ -58,6 +57,49 @@ class TextToImageModel(_PythonModel):
         return out
 
 
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> TextToImageModel:
+    """MLflow's ``loader_module`` entry point: ``data_path`` is the logged model folder."""
+    if not model_config or "config" not in model_config:
+        raise ValueError("this sdtune model has no model_config['config']; log it with register_model")
+    return TextToImageModel(config_from_yaml(model_config["config"]), Path(data_path))
+
+
+def load_registered(model_uri: str, dst: str | Path) -> TextToImageModel:
+    """Load a registered sdtune model without letting its stored MLmodel choose the code that runs.
+
+    ``mlflow.pyfunc.load_model`` imports whatever the MLmodel names (a ``python_model`` pickle, extra
+    ``code_paths``), and anyone who can write to the artifact store can edit that file. This reads the
+    MLmodel as data, accepts only this module as the loader with nothing else to run, and then loads the
+    config (budgeted YAML) and weights (safetensors) itself."""
+    import mlflow.artifacts
+
+    from sdtune.config import load_yaml
+    from sdtune.errors import ConfigError
+
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst)))
+    try:
+        mlmodel = load_yaml((local / "MLmodel").read_text(encoding="utf-8"), f"{model_uri} MLmodel") or {}
+    except (OSError, ConfigError) as exc:
+        raise ModelLoadError(f"{model_uri}: no readable MLmodel ({exc})") from None
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    pyfunc = flavors.get("python_function") if isinstance(flavors, dict) else None
+    if (
+        not isinstance(pyfunc, dict)
+        or set(flavors) != {"python_function"}
+        or pyfunc.get("loader_module") != __name__
+        or pyfunc.get("code")
+        or pyfunc.get("python_model")
+        or not isinstance(pyfunc.get("data"), str)
+    ):
+        raise ModelLoadError(
+            f"{model_uri}: its MLmodel is not the one sdtune registers (another loader or code to run); refused"
+        )
+    data = (local / pyfunc["data"]).resolve()
+    if not data.is_relative_to(local.resolve()):
+        raise ModelLoadError(f"{model_uri}: its MLmodel points outside the model folder; refused")
+    return _load_pyfunc(str(data), pyfunc.get("config"))
+
+
 def load_trained_pipeline(cfg: RunConfig, model_dir: Path) -> Any:
     """A training run's model: its own pipeline folder (dreambooth, full, full inpaint), or the base pipeline
     (inpainting pipeline for an inpainting base) with its LoRA weights (UNet and text encoders) and learned
@@ -73,7 +115,7 @@ def load_trained_pipeline(cfg: RunConfig, model_dir: Path) -> Any:
 
         load_into_pipeline(pipe, model_dir / "learned_embeds.safetensors")
     if (model_dir / "pytorch_lora_weights.safetensors").is_file():
-        pipe.load_lora_weights(str(model_dir))
+        pipe.load_lora_weights(str(model_dir), weight_name="pytorch_lora_weights.safetensors")
     return pipe
 
 
@@ -82,15 +124,17 @@ def register_model(
 ) -> dict[str, Any]:
     """Log the model under ``run_id``, create a registered version, set ``cfg.register.alias`` on it."""
     import mlflow
+    import mlflow.pyfunc
 
     client = tracking._client()
     name = cfg.register.model_name
-    model_config = {"config": cfg.to_param(), "base_model": cfg.model.base, "method": cfg.train.method}
+    stored = cfg.storable()
+    model_config = {"config": stored.to_param(), "base_model": stored.model.base, "method": cfg.train.method}
     with mlflow.start_run(run_id=run_id) if run_id else _new_run(cfg):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=TextToImageModel(),
-            artifacts={"model": str(model_dir)},
+            loader_module="sdtune.registry",
+            data_path=str(model_dir),
             model_config=model_config,
             # Explicit requirements: inferring them imports and profiles the model (slow, heavy).
             pip_requirements=[f"sdtune=={_version()}"],
@@ -99,7 +143,7 @@ def register_model(
     for key, value in metrics.items():
         # repr round-trips exactly: the gate later compares against this very value
         client.set_model_version_tag(name, version.version, f"metric.{key}", repr(float(value)))
-    client.set_model_version_tag(name, version.version, "sdtune.base_model", cfg.model.base)
+    client.set_model_version_tag(name, version.version, "sdtune.base_model", stored.model.base)
     client.set_registered_model_alias(name, cfg.register.alias, version.version)
     decision = gate(client, cfg, version.version, metrics)
     if decision.promote:

@@ -268,7 +268,7 @@ def _train_as_job(
         "-m",
         "sdtune.remote_train",
         "--config-json",
-        cfg.to_param(),
+        cfg.storable().to_param(),
         "--data",
         f"{prefix}/data",
         "--out",

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from sdtune.config import strip_url_credentials
+
 DEFAULT_HOME = ".sdtune"
 PARAM_SECTIONS = ("model", "preprocess", "caption", "train", "evaluate", "register")
 PARAM_SKIP_KEYS = {"cache_dir"}
@@ -92,7 +94,10 @@ def flatten_params(config: Mapping[str, Any]) -> dict[str, str]:
                     continue
                 walk(f"{prefix}.{key}" if prefix else str(key), sub)
         else:
-            text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+            if isinstance(value, list | tuple):
+                text = json.dumps([strip_url_credentials(v) if isinstance(v, str) else v for v in value])
+            else:
+                text = strip_url_credentials(str(value))
             out[prefix] = text[:6000]
 
     for section in PARAM_SECTIONS:
@@ -328,6 +333,7 @@ class MLflowLogger:
         self._spool_dir = Path(spool_dir) if spool_dir else None
         self._failures = 0
         self._retry_at = 0.0
+        self.last_error = ""  # the latest reason a send failed, shown when items are spooled
         self.outages = 0  # how many times the server stopped answering (for the run summary)
         self._system_monitor = _start_system_metrics(run_id)
 
@@ -348,28 +354,31 @@ class MLflowLogger:
         return len(self._metrics) + len(self._artifacts)
 
     def flush(self, force: bool = False) -> bool:
-        """Try to send everything queued; returns True when nothing is left. Never raises."""
+        """Try to send everything queued; returns True when nothing is left. Never raises.
+
+        Metrics go first, in batches; then each artifact on its own, so one the server refuses (its
+        artifact store is misconfigured, say) does not hold back the others or the metrics after it.
+        An artifact whose file is gone is dropped with a warning: no retry can send it."""
         if not self.pending:
             return True
         if not force and time.monotonic() < self._retry_at:
             return False
-        try:
-            with _fail_fast():
+        problem = None
+        with _fail_fast():
+            try:
                 while self._metrics:
                     self._client.log_batch(self.run_id, metrics=self._metrics[:1000])
                     del self._metrics[:1000]
-                while self._artifacts:
-                    path, artifact_path = self._artifacts[0]
-                    if Path(path).is_dir():
-                        self._client.log_artifacts(self.run_id, path, artifact_path)
-                    else:
-                        self._client.log_artifact(self.run_id, path, artifact_path)
-                    self._artifacts.pop(0)
-        except Exception as exc:  # any transport or server error: keep the data, back off
+            except Exception as exc:  # any transport or server error: keep the data, back off
+                problem = exc
+            if problem is None:  # the server answers: each artifact gets its own try
+                self._artifacts, problem = self._send_artifacts()
+        if problem is not None:
+            self.last_error = f"{problem.__class__.__name__}: {str(problem).strip()[:300]}"
             if self._failures == 0:
                 self.outages += 1
                 _warn(
-                    f"tracking server unavailable ({exc.__class__.__name__}); buffering {self.pending} items"
+                    f"tracking server unavailable ({problem.__class__.__name__}); buffering {self.pending} items"
                 )
             self._failures += 1
             delay = min(self._retry_max_s, self._retry_base_s * 2 ** (self._failures - 1))
@@ -379,6 +388,22 @@ class MLflowLogger:
             _warn("tracking server is back; buffered metrics and artifacts sent")
         self._failures = 0
         return True
+
+    def _send_artifacts(self) -> tuple[list[tuple[str, str | None]], Exception | None]:
+        left, problem = [], None
+        for path, artifact_path in self._artifacts:
+            if not Path(path).exists():
+                _warn(f"artifact {path} no longer exists; not sent")
+                continue
+            try:
+                if Path(path).is_dir():
+                    self._client.log_artifacts(self.run_id, path, artifact_path)
+                else:
+                    self._client.log_artifact(self.run_id, path, artifact_path)
+            except Exception as exc:  # kept for the next try (or the spool)
+                left.append((path, artifact_path))
+                problem = problem or exc
+        return left, problem
 
     def close(self) -> None:
         if self._system_monitor is not None:
@@ -400,7 +425,8 @@ class MLflowLogger:
         }
         path.write_text(json.dumps(payload))
         _warn(
-            f"tracking server still unavailable: {self.pending} items saved to {path} (replay_spool sends them)"
+            f"tracking server did not take {self.pending} items ({self.last_error}); saved to {path} "
+            "(replay_spool sends them)"
         )
 
 

@@ -56,6 +56,13 @@ def iter_zip(fileobj: IO[bytes], label: str, limits: ZipLimits) -> Iterator[Item
             for i in files
             if i.filename.lower().endswith(CAPTION_SUFFIX) and not _skip_reason(i)
         }
+        for info in infos:  # a "folder" entry holding data is hidden payload: reported, never read
+            if info.filename.endswith("/") and info.file_size:
+                yield Skip(
+                    f"{label}!{info.filename}",
+                    "not_an_image",
+                    f"a folder entry holding {info.file_size} bytes",
+                )
         for info in sorted(files, key=lambda i: i.filename):
             member_label = f"{label}!{info.filename}"
             reason = _skip_reason(info)

@@ -12,16 +12,23 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sdtune.config import IngestConfig
-from sdtune.data.items import Item, Skip, printable, strip_credentials
+from sdtune.data.items import CAPTION_MAX_BYTES, Item, Skip, printable, strip_credentials
 from sdtune.errors import DatasetError
 
 csv.field_size_limit(1 << 20)  # a caption cell, not a whole file: bounded, but above the 128 KiB default
 
 
-def iter_catalogue(path: Path, cfg: IngestConfig) -> Iterator[Item | Skip]:
+def iter_catalogue(
+    path: Path, cfg: IngestConfig, source_buckets: frozenset[str] = frozenset()
+) -> Iterator[Item | Skip]:
+    """Rows as items. An ``s3://`` row is fetched with the pipeline's own keys, so it may name only a bucket
+    in ``cfg.catalogue_buckets`` or ``source_buckets`` (those of the run's own ``s3://`` sources): a shared
+    catalogue must not read another tenant's bucket."""
     label = printable(str(path))
+    allowed_buckets = frozenset(cfg.catalogue_buckets) | source_buckets
     base = os.path.realpath(path.parent)  # once per catalogue: resolving per row dominated the run time
     suffix = path.suffix.lower()
     if suffix == ".csv":
@@ -41,17 +48,34 @@ def iter_catalogue(path: Path, cfg: IngestConfig) -> Iterator[Item | Skip]:
         value = value.strip()
         caption = row.get(cfg.caption_column)
         caption = (" ".join(caption.split()) or None) if isinstance(caption, str) else None
-        yield _item_for(value, base, cfg, caption)
+        if caption is not None and len(caption) * 4 > CAPTION_MAX_BYTES:  # maybe over the sidecar cap
+            caption = _cap_caption(caption)
+        yield _item_for(value, base, cfg, caption, allowed_buckets)
 
 
-def _item_for(value: str, base: str, cfg: IngestConfig, caption: str | None) -> Item | Skip:
+def _cap_caption(caption: str) -> str | None:
+    """A caption cell cut to the bytes a sidecar file may hold (a 1 MB cell would ride into every prompt)."""
+    return caption.encode("utf-8")[:CAPTION_MAX_BYTES].decode("utf-8", errors="ignore").strip() or None
+
+
+def _item_for(
+    value: str, base: str, cfg: IngestConfig, caption: str | None, allowed_buckets: frozenset[str]
+) -> Item | Skip:
     if value.startswith(("http://", "https://")):
         from sdtune.data.fetch import url_reader
 
         return Item(strip_credentials(value), url_reader(value, cfg), caption=caption)
     if value.startswith("s3://"):
+        from sdtune.config import s3_reference_problem
         from sdtune.data.s3 import s3_uri_reader
 
+        problem = s3_reference_problem(value)
+        if problem:
+            return Skip(strip_credentials(value), "bad_row", problem)
+        if urlsplit(value).netloc not in allowed_buckets:
+            return Skip(
+                strip_credentials(value), "bad_row", "bucket not allowed (see ingest.catalogue_buckets)"
+            )
         return Item(strip_credentials(value), s3_uri_reader(value, cfg), caption=caption)
     if "://" in value:
         return Skip(strip_credentials(value), "bad_row", "unsupported URL scheme")
@@ -63,6 +87,8 @@ def _item_for(value: str, base: str, cfg: IngestConfig, caption: str | None) -> 
     if path is None:
         return Skip(label, "bad_row", "path leaves the catalogue's folder")
     if not os.path.isfile(path):
+        if os.path.lexists(path):  # a FIFO or device: opening it could block the whole ingest
+            return Skip(label, "special_file", "not a regular file")
         return Skip(label, "missing_file", "no such file")
     return Item(label, file_reader(Path(path), cfg.max_image_bytes), caption=caption)
 

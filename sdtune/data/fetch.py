@@ -37,6 +37,28 @@ REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 64 << 10
 
 
+NAT64_NETWORKS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+
+
+def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries, where the network would deliver to it: IPv4-mapped
+    (``::ffff:a.b.c.d``), IPv4-compatible (``::a.b.c.d``), NAT64 (``64:ff9b::a.b.c.d``, RFC 6052/8215),
+    6to4 (``2002:AABB:CCDD::``) and Teredo (the client address). Python's ``is_global`` does not look inside."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip.sixtofour:
+        return ip.sixtofour
+    if ip.teredo:
+        return ip.teredo[1]
+    value = int(ip)
+    if any(ip in net for net in NAT64_NETWORKS) or (value >> 32 == 0 and value > 1):
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    return None
+
+
 def public_address(ip: IPAddress) -> bool:
     """The default policy: globally routable unicast only (no private, loopback, link-local, CGNAT, …)."""
     return ip.is_global and not ip.is_multicast
@@ -127,8 +149,11 @@ def redirect_target(url: str, location: str | None, status: int) -> str:
     """Where a redirect may go: http(s) only, and never from https down to plain http."""
     if not location:
         raise SkipItem("fetch_failed", f"HTTP {status} without a Location header")
-    target = urljoin(url, location)
-    scheme = urlsplit(target).scheme
+    try:
+        target = urljoin(url, location)
+        scheme = urlsplit(target).scheme
+    except ValueError:
+        raise SkipItem("fetch_failed", f"HTTP {status} to an unparsable Location") from None
     if scheme not in ("http", "https"):
         raise SkipItem("fetch_failed", f"redirect to a non-http(s) URL refused: {strip_credentials(target)}")
     if urlsplit(url).scheme == "https" and scheme == "http":
@@ -162,10 +187,13 @@ def _get_with_retries(
 def _get_once(
     url: str, policy: FetchPolicy, sink: IO[bytes], deadline: float
 ) -> tuple[int, str | None, float | None]:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # "[bad" host, port out of range
+        raise SkipItem("fetch_failed", f"not a valid URL: {strip_credentials(url)}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SkipItem("fetch_failed", f"not an http(s) URL: {strip_credentials(url)}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     ip = _resolve_checked(parts.hostname, port, policy)
     timeout = max(0.01, min(policy.connect_timeout_s, deadline - time.monotonic()))
     if parts.scheme == "https":
@@ -231,8 +259,7 @@ def _resolve_checked(host: str, port: int, policy: FetchPolicy) -> str:
     addresses = []
     for info in infos:
         ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+        ip = embedded_ipv4(ip) or ip  # 64:ff9b::7f00:1 and 2002:7f00:1:: reach 127.0.0.1 too
         if ip in METADATA_ADDRESSES or not policy.allow_address(ip):
             raise SkipItem("blocked_address", f"{host} resolves to {ip}, which is not a public address")
         addresses.append(str(ip))

@@ -30,10 +30,13 @@ def resolve_weights(ref: str | None, setting: str, cache_dir: str) -> str:
 
 def load_pretrained(cls: Any, ref: str | None, setting: str, cache_dir: str) -> Any:
     """``cls.from_pretrained`` on the resolved weights, in eval mode for models, errors as one line."""
+    import pickle
+
+    from sdtune.models.loading import load_error_line, weights_kwargs
+
     where = resolve_weights(ref, setting, cache_dir)
     try:
-        loaded = cls.from_pretrained(where, local_files_only=Path(where).is_dir())
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{setting}={ref}: cannot load {cls.__name__} ({first})") from None
+        loaded = cls.from_pretrained(where, local_files_only=Path(where).is_dir(), **weights_kwargs(cls))
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"{setting}={ref}: cannot load {cls.__name__} ({load_error_line(exc)})") from None
     return loaded.eval() if hasattr(loaded, "eval") else loaded

@@ -21,7 +21,7 @@ from sdtune.data.images import decode_image
 from sdtune.data.items import Item, Skip
 from sdtune.data.reasons import IGNORED, SkipItem
 from sdtune.data.shards import write_shards
-from sdtune.data.sources import iter_source
+from sdtune.data.sources import iter_source, s3_source_buckets
 from sdtune.data.stagedir import prepare_out_dir, write_png
 from sdtune.errors import DatasetError
 from sdtune.manifest import ItemReport, Record, StageResult, StageWriter
@@ -38,9 +38,10 @@ def ingest(
     out_dir = prepare_out_dir(Path(out_dir))
     dedup = Deduplicator(cfg.near_duplicate_distance)
     rejected = 0
+    buckets = s3_source_buckets(sources)
     with StageWriter(out_dir, "ingest") as writer:
         for source in sources:
-            for entry in iter_source(source, cfg):
+            for entry in iter_source(source, cfg, buckets):
                 if isinstance(entry, Skip):
                     item_report = ItemReport(
                         item=entry.id, status="skipped", reason=entry.reason, detail=entry.detail

@@ -65,10 +65,13 @@ def strip_credentials(uri: str) -> str:
     """``https://user:pw@host/a?X-Amz-Signature=…`` → ``https://host/a``: ids end up in reports and logs."""
     if "://" not in uri:
         return printable(uri)
-    parts = urlsplit(uri)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # "[bad" or a port out of range: show the scheme only, never the rest
+        return printable(uri.split("://", 1)[0][:20]) + "://<unparsable address>"
     return printable(urlunsplit((parts.scheme, host, parts.path, "", "")))
 
 

@@ -27,7 +27,8 @@ REASONS: dict[str, str] = {
     "extreme_aspect": "long side / short side above `max_aspect_ratio`",
     "unreadable": "the file or object could not be read",
     "missing_file": "a catalogue row names a file that does not exist",
-    "bad_row": "a catalogue row without a usable image column",
+    "bad_row": "a catalogue row without a usable image column (or naming a bucket that is not allowed)",
+    "special_file": "a FIFO, socket or device file; never opened",
     "blocked_address": "a URL resolves to a private, loopback, link-local or metadata address",
     "fetch_failed": "a URL or S3 object could not be fetched (status, timeout, too many redirects)",
     # Not a skip: the item is kept (status normalised) with a caption cut to the tokenizer's limit.

@@ -7,8 +7,10 @@ what is obviously not an image (junk, symlinks, nested archives) and reading is 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sdtune.config import IngestConfig
 from sdtune.data.archive import NESTED_ARCHIVE_SUFFIXES, ZipLimits, iter_zip
@@ -27,6 +29,11 @@ from sdtune.errors import DatasetError
 CATALOGUE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
 
 
+def s3_source_buckets(sources: list[str]) -> frozenset[str]:
+    """The buckets a run's ``s3://`` sources read: catalogue rows may read these too."""
+    return frozenset(urlsplit(s).netloc for s in sources if s.startswith("s3://"))
+
+
 def zip_limits(cfg: IngestConfig) -> ZipLimits:
     return ZipLimits(
         max_entries=cfg.zip_max_entries,
@@ -36,8 +43,12 @@ def zip_limits(cfg: IngestConfig) -> ZipLimits:
     )
 
 
-def iter_source(source: str, cfg: IngestConfig) -> Iterator[Item | Skip]:
-    """Every item of one source, in a stable order. Raises :class:`DatasetError` if the source itself is bad."""
+def iter_source(
+    source: str, cfg: IngestConfig, source_buckets: frozenset[str] = frozenset()
+) -> Iterator[Item | Skip]:
+    """Every item of one source, in a stable order. Raises :class:`DatasetError` if the source itself is bad.
+
+    ``source_buckets``: the buckets of the run's own ``s3://`` sources, which catalogue rows may also read."""
     if source.startswith(("http://", "https://")):
         from sdtune.data.fetch import iter_url
 
@@ -56,11 +67,14 @@ def iter_source(source: str, cfg: IngestConfig) -> Iterator[Item | Skip]:
     if path.is_dir():
         yield from iter_folder(path, cfg)
     elif not path.is_file():
+        kind = _file_kind(path) if os.path.lexists(path) else None
+        if kind:
+            raise DatasetError(f"source {printable(str(path))} is a {kind}, not a file or folder")
         raise DatasetError(f"source not found: {printable(str(path))}")
     elif path.suffix.lower() in CATALOGUE_SUFFIXES:
         from sdtune.data.catalogue import iter_catalogue
 
-        yield from iter_catalogue(path, cfg)
+        yield from iter_catalogue(path, cfg, source_buckets)
     elif _is_zip(path):
         with open(path, "rb") as fh:
             yield from iter_zip(fh, printable(str(path)), zip_limits(cfg))
@@ -80,8 +94,11 @@ def iter_folder(root: Path, cfg: IngestConfig) -> Iterator[Item | Skip]:
         for name in sorted(filenames + pruned):
             path = here / name
             label = printable(str(path))
-            if path.is_symlink():
+            kind = _file_kind(path)
+            if kind == "symlink":
                 yield Skip(label, "symlink", "symbolic link, not followed")
+            elif kind != "file" and name not in pruned:
+                yield Skip(label, "special_file", f"{kind}, not a regular file")
             elif is_junk_name(name):
                 yield Skip(label, "junk_member", "OS metadata")
             elif name.lower().endswith(".txt"):
@@ -92,13 +109,45 @@ def iter_folder(root: Path, cfg: IngestConfig) -> Iterator[Item | Skip]:
                 yield Item(label, file_reader(path, cfg.max_image_bytes), caption=_sidecar(path))
 
 
+def _file_kind(path: Path) -> str:
+    """``file``, ``symlink``, ``folder``, or what a special file is (``FIFO``, ``socket``, ``device``)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "file"  # vanished since listing: the reader reports it as unreadable
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return _kind_of_mode(mode)
+
+
+def _kind_of_mode(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "device"
+
+
 def file_reader(path: Path, cap: int):
     def read() -> bytes:
+        # O_NONBLOCK: opening a named pipe must not wait for a writer; only regular files are read.
         try:
-            with open(path, "rb") as fh:
-                return read_capped(fh, cap)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
             raise SkipItem("unreadable", exc.strerror or type(exc).__name__) from None
+        with os.fdopen(fd, "rb") as fh:
+            kind = _kind_of_mode(os.fstat(fd).st_mode)
+            if kind != "file":
+                raise SkipItem("special_file", f"{kind}, not a regular file")
+            os.set_blocking(fd, True)
+            try:
+                return read_capped(fh, cap)
+            except OSError as exc:
+                raise SkipItem("unreadable", exc.strerror or type(exc).__name__) from None
 
     return read
 

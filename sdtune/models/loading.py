@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from sdtune.config import RunConfig
+from sdtune.config import RunConfig, strip_url_credentials
 from sdtune.errors import SdtuneError
 
 COMPLETE_MARKER = ".complete"
@@ -48,12 +48,22 @@ def resolve_base(base: str, cache_dir: str | Path, revision: str | None = None) 
 
 
 def download_s3(uri: str, cache_dir: Path) -> Path:
-    """Mirror ``s3://bucket/prefix/`` into ``cache_dir/bucket/prefix`` once; return the local folder."""
+    """Mirror ``s3://bucket/prefix/`` into ``cache_dir/bucket/prefix`` once; return the local folder.
+
+    The folder is emptied before a (re)download, so it must lie strictly inside ``cache_dir``: a reference
+    with ``.``/``..`` segments is refused before anything is touched, and the resolved folder is checked too
+    (a symlink inside the cache could still point elsewhere)."""
+    from sdtune.config import s3_reference_problem
+
+    problem = s3_reference_problem(uri) if uri.startswith("s3://") else "expected s3://bucket/prefix"
+    if problem:
+        raise ModelLoadError(f"bad S3 address {strip_url_credentials(uri)!r}: {problem}")
     parsed = urlparse(uri)
     bucket, prefix = parsed.netloc, parsed.path.lstrip("/").rstrip("/")
-    if not bucket:
-        raise ModelLoadError(f"bad S3 address {uri!r}: expected s3://bucket/prefix")
-    target = Path(cache_dir) / bucket / prefix
+    root = Path(cache_dir).resolve()
+    target = (root / bucket / prefix).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise ModelLoadError(f"{uri}: the cache folder {target} is not inside cache_dir {root}")
     if (target / COMPLETE_MARKER).is_file():
         return target
     client = _minio_client()
@@ -65,8 +75,8 @@ def download_s3(uri: str, cache_dir: Path) -> Path:
             if obj.is_dir:
                 continue
             rel = obj.object_name[len(prefix) :].lstrip("/")
-            dest = target / rel
-            if ".." in Path(rel).parts:
+            dest = (target / rel).resolve()
+            if ".." in Path(rel).parts or not dest.is_relative_to(target):
                 raise ModelLoadError(f"{uri}: refusing object name {obj.object_name!r}")
             client.fget_object(bucket, obj.object_name, str(dest))
             count += 1
@@ -94,18 +104,63 @@ def _minio_client():
     )
 
 
+PICKLE_OPT_IN = "SDTUNE_ALLOW_PICKLE_WEIGHTS"
+
+
+def pickle_weights_allowed() -> bool:
+    """Weights are read from ``.safetensors`` only, unless the operator sets ``SDTUNE_ALLOW_PICKLE_WEIGHTS=1``
+    (then ``.bin``/``.ckpt``/``.pt`` files load too, through the libraries' ``weights_only=True`` unpickler):
+    a pickle file can run code when it is loaded, and base models come from outside."""
+    return os.environ.get(PICKLE_OPT_IN, "") == "1"
+
+
+def weights_kwargs(cls: Any) -> dict[str, Any]:
+    """``from_pretrained`` keywords for ``cls``: safetensors only for models and pipelines (tokenizers,
+    schedulers and processors read JSON/text and take no such option)."""
+    if pickle_weights_allowed():
+        return {}
+    import sys
+
+    import torch
+
+    # A pipeline class comes from diffusers, so diffusers is imported already when ``cls`` is one.
+    diffusers = sys.modules.get("diffusers")
+    kinds = (torch.nn.Module, diffusers.DiffusionPipeline) if diffusers else (torch.nn.Module,)
+    if isinstance(cls, type) and issubclass(cls, kinds):
+        return {"use_safetensors": True}
+    return {}
+
+
+def load_error_line(exc: BaseException) -> str:
+    """The first line of a loading error, with the way out when only pickle weights were there."""
+    import pickle
+
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, pickle.UnpicklingError):
+        return f"refused to unpickle a weights file ({first})"
+    if ".safetensors" in first and not pickle_weights_allowed():
+        first += f" (only .safetensors weights are read; {PICKLE_OPT_IN}=1 allows .bin/.ckpt/.pt, see docs/security.md)"
+    return first
+
+
 def _from_pretrained(cls: Any, source: str, revision: str | None, **kwargs: Any) -> Any:
+    import pickle
+
     local = Path(source).is_dir()
     try:
         return cls.from_pretrained(
-            source, revision=None if local else revision, local_files_only=local, **kwargs
+            source,
+            revision=None if local else revision,
+            local_files_only=local,
+            **weights_kwargs(cls),
+            **kwargs,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
         what = kwargs.get("subfolder") or cls.__name__
         if local:
-            raise ModelLoadError(f"cannot load {what} from {source}: {str(exc).splitlines()[0]}") from None
+            raise ModelLoadError(f"cannot load {what} from {source}: {load_error_line(exc)}") from None
         raise ModelLoadError(
-            f"cannot load {what} of hub model {source!r} (no network or no access?): {str(exc).splitlines()[0]}"
+            f"cannot load {what} of hub model {source!r} (no network or no access?): {load_error_line(exc)}"
         ) from None
 
 

@@ -42,6 +42,19 @@ SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 MAX_LENGTH = 77
 
 
+TINY_MARKER = ".sdtune-tiny-model"
+
+
+def _refuse_foreign_out_dir(out_dir: Path) -> None:
+    """Only an empty folder or an earlier tiny build is replaced: a mistyped ``--out`` is never emptied."""
+    from sdtune.errors import ConfigError
+
+    if not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} exists and is not a directory")
+    if any(out_dir.iterdir()) and not (out_dir / TINY_MARKER).is_file():
+        raise ConfigError(f"--out {out_dir} is not empty and not a tiny model; use a new or empty folder")
+
+
 def build_tiny(arch: str, out_dir: Path, seed: int = 0) -> Path:
     """Write a tiny ``arch`` (one of :data:`ARCHS`) diffusers pipeline folder to ``out_dir`` and return it."""
     if arch not in ARCHS:
@@ -52,8 +65,10 @@ def build_tiny(arch: str, out_dir: Path, seed: int = 0) -> Path:
 
     out_dir = Path(out_dir)
     if out_dir.exists():
+        _refuse_foreign_out_dir(out_dir)
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
+    (out_dir / TINY_MARKER).write_text("written by `sdtune models tiny`; replaced on the next build\n")
     tok_dir = out_dir / "tokenizer"
     tokenizer = _write_tokenizer(tok_dir)
     # Each component is seeded on its own: the same seed gives the same bytes whatever ran before.

@@ -202,7 +202,10 @@ def _job_spec(cfg: RunConfig, sweep_id: str, image: str, namespace: str) -> JobS
         spec,
         num_nodes=1,
         gpus_per_node=gpus,
-        env=[{"name": CONFIG_ENV, "value": cfg.to_param()}, {"name": "PYTHONUNBUFFERED", "value": "1"}],
+        env=[
+            {"name": CONFIG_ENV, "value": cfg.storable(refuse=True).to_param()},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
         node_selector=dict(cfg.cluster.node_selector, **(cfg.cluster.gpu_node_selector if gpus else {})),
         tolerations=[
             t.model_dump(exclude_none=True)

@@ -166,7 +166,7 @@ def save(cfg: RunConfig, out_dir: Path, step: int, state: TrainState, accelerato
             "method": cfg.train.method,
             "data_fingerprint": state.data_fingerprint,
             "last_loss": state.last_loss,
-            "config": cfg.model_dump(mode="json"),
+            "config": cfg.storable().model_dump(mode="json"),
             "time": time.time(),
             "torch": torch.__version__,
         }
@@ -295,12 +295,24 @@ def check_compatible(meta: dict, cfg: RunConfig, world_size: int, fingerprint: s
         raise CheckpointError(f"checkpoint {location} was trained on other data than {cfg.name}'s input")
 
 
+def _load_pickled_state(found: Found, name: str) -> Any:
+    """``torch.load`` with ``weights_only=True``: a file that needs anything beyond tensors and plain
+    containers (a crafted pickle that would run code) is a permanent CheckpointError, not a traceback."""
+    import pickle
+
+    try:
+        return torch.load(found.folder / name, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {found.location}: {name} refused ({first})") from None
+
+
 def load(found: Found, state: TrainState, accelerator) -> int:
     """Restore ``state`` from ``found`` on this rank; returns the step to continue after."""
     from safetensors.torch import load_file
 
     weights = load_file(str(found.folder / WEIGHTS))
-    optim = torch.load(found.folder / OPTIM, map_location="cpu", weights_only=True)
+    optim = _load_pickled_state(found, OPTIM)
     if state.fsdp:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -329,7 +341,7 @@ def load(found: Found, state: TrainState, accelerator) -> int:
         state.scaler.load_state_dict(optim["scaler"])
     if state.ema is not None and optim.get("ema"):
         state.ema.load_state_dict(optim["ema"])
-    ranks = torch.load(found.folder / RNG, map_location="cpu", weights_only=True)
+    ranks = _load_pickled_state(found, RNG)
     _restore_rank_state(ranks[accelerator.process_index], state)
     state.attempt = int(found.meta.get("attempt", 0)) + 1
     state.last_loss = float(found.meta.get("last_loss", float("nan")))

@@ -120,6 +120,7 @@ def save_full_pipeline(cfg: RunConfig, unet, out_dir: Path) -> list[str]:
 
 def write_run_files(cfg: RunConfig, out_dir: Path, result: TrainResult, prompt: str | None = None) -> None:
     """``config.yaml``, ``train_summary.json`` and the model card ``README.md``."""
+    cfg = cfg.storable()  # these files are stored: logged to MLflow, registered, shared with the weights
     (out_dir / CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
     (out_dir / SUMMARY).write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
     (out_dir / MODEL_CARD).write_text(model_card(cfg, result, prompt=prompt), encoding="utf-8")

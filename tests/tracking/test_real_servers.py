@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sdtune import tracking
-from tests.servers import mlflow_server
+from tests.servers import make_bucket, mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +39,7 @@ def test_outage_mid_run_loses_nothing(tmp_path, s3_endpoint, monkeypatch):
     """Stop the tracking server mid-run, keep logging, restart it: every step and artifact arrives."""
     workdir = tmp_path / "srv"
     workdir.mkdir()
+    make_bucket(s3_endpoint.url, "mlflow")  # its own bucket: run alone, no other test has made it
     server = mlflow_server(workdir, s3_endpoint.url, "mlflow").start(timeout=90)
     port = server.port
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
@@ -80,6 +81,7 @@ def test_outage_mid_run_loses_nothing(tmp_path, s3_endpoint, monkeypatch):
 def test_server_down_at_close_spools_then_replays(tmp_path, s3_endpoint, monkeypatch):
     workdir = tmp_path / "srv"
     workdir.mkdir()
+    make_bucket(s3_endpoint.url, "mlflow")
     server = mlflow_server(workdir, s3_endpoint.url, "mlflow").start(timeout=90)
     port = server.port
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
@@ -104,3 +106,25 @@ def test_server_down_at_close_spools_then_replays(tmp_path, s3_endpoint, monkeyp
         assert not spooled[0].exists()
     finally:
         server.stop()
+
+
+def test_a_refused_artifact_holds_back_nothing(server_env, tmp_path, capfd):
+    """An artifact the server cannot store, or whose file is gone, must not block the items queued after it
+    (a whole queue stuck behind one item is what sent a run's artifacts to the spool)."""
+    parent = tracking.start_parent_run("refused", "p", {})
+    logger = tracking.MLflowLogger(parent, flush_every=1000, close_timeout_s=5, spool_dir=tmp_path / "spool")
+    gone = tmp_path / "gone.png"
+    gone.write_bytes(b"soon deleted")
+    logger._artifacts.append((str(gone), "samples"))  # queued while the server was down, deleted since
+    gone.unlink()
+    good = tmp_path / "grid.png"
+    good.write_bytes(b"grid")
+    logger.log_artifact(good, "samples")
+    for step in range(1, 6):
+        logger.log({"loss": 1.0 / step}, step)
+    logger.close()
+    assert logger.pending == 0 and not (tmp_path / "spool").exists()
+    client = MlflowClient(server_env.url, registry_uri=server_env.url)
+    assert [a.path for a in client.list_artifacts(parent, "samples")] == ["samples/grid.png"]
+    assert {m.step for m in client.get_metric_history(parent, "loss")} == set(range(1, 6))
+    assert "gone.png no longer exists" in capfd.readouterr().err
