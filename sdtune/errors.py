@@ -52,3 +52,12 @@ class OutOfMemory(SdtuneError):
     """The accelerator ran out of memory with these settings; the message names settings that fit. Permanent."""
 
     exit_code = EXIT_OUT_OF_MEMORY
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+class Interrupted(SdtuneError):
+    """Ctrl-C: what had finished is said in the message; MLflow runs are closed as KILLED."""
+
+    exit_code = EXIT_INTERRUPTED
