@@ -129,7 +129,10 @@ def _run_stage(
             result = StageResult(out_dir=out_dir, records=read_manifest(out_dir), report=read_report(out_dir))
             _note_cache_hit(step, run, key)
         else:
-            result = produce()
+            from sdtune.data.stagedir import stage_output
+
+            with stage_output(out_dir):
+                result = produce()
             if key:
                 store.store(cache_step, key, out_dir, {})
             run.set_tags({"sdtune.cache": "miss" if key else "off"})
@@ -242,7 +245,9 @@ def train_step(
         run.log_params(tracking.flatten_params({"train": cfg.train.model_dump(mode="json")}))
         summary = store.restore("train", key, out_dir) if key else None
         if summary is not None:
-            _note_cache_hit("train", run, key, **{"sdtune.cache_source_run": summary.get("mlflow_run_id", "")})
+            _note_cache_hit(
+                "train", run, key, **{"sdtune.cache_source_run": summary.get("mlflow_run_id", "")}
+            )
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
             cfg, config_yaml = _durable_checkpoints(cfg, config_yaml, kfp_run_id)

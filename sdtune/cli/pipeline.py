@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 
 from sdtune.config import RunConfig, load_config, resolve_local_paths
-from sdtune.errors import ConfigError, Interrupted, SdtuneError
+from sdtune.errors import ConfigError, Interrupted, SdtuneError, UsageError
 from sdtune.steps import CACHE_HIT_LINE
 
 console = Console()
@@ -61,7 +61,7 @@ class _TaskProgress(io.TextIOBase):
         if match := re.search(r"Executing task '([^']+)'", line):
             self._current = match.group(1)
             self._started[self._current] = time.monotonic()
-        elif line.startswith(CACHE_HIT_LINE):  # local tasks run one at a time: it is the current one's
+        elif line.lstrip().startswith(CACHE_HIT_LINE):  # tasks run one at a time here: the current one
             self._cached.add(self._current)
         elif match := re.search(r"Task '([^']+)' finished with status (\w+)", line):
             task, state = match.groups()
@@ -102,25 +102,12 @@ def run_local(cfg: RunConfig, pipeline_root: Path | None = None, verbose: bool =
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) if pipeline_root.exists() else set()
     started = time.monotonic()
     pipeline = build_personalize_pipeline(cfg)
-    log_path = tracking.sdtune_home() / "logs" / f"run-{local_run}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = new_log_path("run", local_run)
     where = "task logs above" if verbose else f"task logs in {_short(str(log_path))}"
     experiment = cfg.tracking.experiment
     try:
-        with open(log_path, "x", encoding="utf-8") as log:
-            if not verbose:
-                console.print(
-                    f"running {PIPELINE_NAME} locally (task logs: {_short(str(log_path))})", soft_wrap=True
-                )
-            # The echo console holds the real stdout: rich would otherwise follow the redirect into the log.
-            echo = Console(file=sys.stdout, highlight=False).print
-            quiet = (
-                contextlib.redirect_stdout(_TaskProgress(log, echo))
-                if not verbose
-                else contextlib.nullcontext()
-            )
-            with quiet:
-                pipeline(config=cfg.to_param())
+        with task_lines(log_path, PIPELINE_NAME, verbose):
+            pipeline(config=cfg.to_param())
     except KeyboardInterrupt:
         raise _interrupted(experiment, local_run, where) from None
     except RuntimeError as exc:
@@ -139,13 +126,34 @@ def run_local(cfg: RunConfig, pipeline_root: Path | None = None, verbose: bool =
     return summary
 
 
+@contextlib.contextmanager
+def task_lines(log_path: Path, pipeline_name: str, verbose: bool = False):
+    """While a local pipeline runs: its tasks' output goes to ``log_path`` and the console shows one line
+    per task (unless ``verbose``)."""
+    if verbose:
+        yield
+        return
+    with open(log_path, "x", encoding="utf-8") as log:
+        console.print(f"running {pipeline_name} locally (task logs: {_short(str(log_path))})", soft_wrap=True)
+        # The echo console holds the real stdout: rich would otherwise follow the redirect into the log.
+        echo = Console(file=sys.stdout, highlight=False).print
+        with contextlib.redirect_stdout(_TaskProgress(log, echo)):
+            yield
+
+
+def new_log_path(kind: str, run_id: str) -> Path:
+    from sdtune import tracking
+
+    path = tracking.sdtune_home() / "logs" / f"{kind}-{run_id}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _check_local_inputs(cfg: RunConfig) -> None:
     """Refuse, before any task starts, what would make the first tasks fail."""
     base = Path(cfg.model.base)
     if base.is_absolute() and not base.exists():
-        raise ConfigError(
-            f"base model not found: {base} (make one with `sdtune models tiny --out {base}`)"
-        )
+        raise ConfigError(f"base model not found: {base} (make one with `sdtune models tiny --out {base}`)")
     if not cfg.ingest.sources:
         raise ConfigError("no data: set ingest.sources in the config or pass ingest.sources=[DIR]")
     for source in cfg.ingest.sources:
@@ -309,9 +317,12 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--verbose", "-v", help="Show every task's full output")
         ] = False,
     ) -> None:
-        """Run the whole pipeline: ingest → preprocess → caption → train → evaluate → register."""
+        """Run the whole pipeline: ingest → preprocess → caption → train → evaluate → register.
+
+        Example: sdtune run --local configs/debug/tiny_cpu.yaml train.max_steps=20
+        """
         if not local_run:
-            raise SdtuneError("only --local runs here; use `sdtune submit CONFIG --host URL` for a cluster")
+            raise UsageError("only --local runs here; use `sdtune submit CONFIG --host URL` for a cluster")
         cfg = resolve_local_paths(load_config(config, overrides or []), Path.cwd())
         print_summary(run_local(cfg, pipeline_root, verbose=verbose))
 
@@ -323,7 +334,10 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Output YAML file")] = Path("dist/pipelines/personalize.yaml"),
         overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
     ) -> None:
-        """Compile the pipeline to KFP IR YAML (upload it in the KFP UI or with `sdtune submit`)."""
+        """Compile the pipeline to KFP IR YAML (upload it in the KFP UI or with `sdtune submit`).
+
+        Example: sdtune compile --config configs/sd15/lora_1gpu.yaml --out dist/pipelines/personalize.yaml
+        """
         from pipelines.compile import compile_pipeline
 
         path = compile_pipeline(load_config(config, overrides or []), out)

@@ -25,7 +25,10 @@ def models_tiny(
     ] = "sd15",
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
-    """Write a tiny, seeded, randomly initialised pipeline (~1.7 M parameters) that loads offline."""
+    """Write a tiny, seeded, randomly initialised pipeline (~1.7 M parameters) that loads offline.
+
+    Example: sdtune models tiny --arch sd15 --out .sdtune/models/tiny-sd15
+    """
     from sdtune.models.tiny import build_tiny
 
     path = build_tiny(arch, out, seed=seed)
@@ -45,10 +48,16 @@ def train_command(
         list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=10")
     ] = None,
 ) -> None:
-    """Train with the method named by train.method (1 process, or N under torchrun)."""
+    """Train with the method named by train.method (1 process, or N under torchrun).
+
+    Example: sdtune train --config configs/debug/tiny_cpu.yaml --data data/captioned --out out/lora train.max_steps=10
+    """
     from sdtune.config import load_config
+    from sdtune.data.stagedir import stage_output
+    from sdtune.manifest import require_captions
 
     cfg = load_config(config, overrides or [])
+    require_captions(data)
     from sdtune.train import run
 
     logger = None
@@ -56,7 +65,8 @@ def train_command(
         from sdtune.tracking import MLflowLogger
 
         logger = MLflowLogger(mlflow_run_id)
-    result = run(cfg, data, out, logger)
+    with stage_output(out):
+        result = run(cfg, data, out, logger)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(
             f"trained {result.steps} steps in {result.seconds:.1f}s ({result.steps_per_sec:.2f} steps/s), "
@@ -76,13 +86,35 @@ def evaluate_command(
     ] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
 ) -> None:
-    """Held-out denoising loss, base vs tuned, and a labelled sample grid."""
+    """Held-out denoising loss, base vs tuned, and a labelled sample grid.
+
+    Example: sdtune evaluate --config configs/debug/tiny_cpu.yaml --data data/captioned --lora out/lora --out out/eval
+    """
     from sdtune.config import load_config
-    from sdtune.evaluate import evaluate
+    from sdtune.data.stagedir import stage_output
+    from sdtune.manifest import iter_manifest
 
     cfg = load_config(config, overrides or [])
-    metrics = evaluate(cfg, base_model or cfg.model.base, lora, data, out)
+    if lora is not None:
+        _require_training_output(lora)
+    next(iter_manifest(data), None)  # a missing or failed stage folder: one line, before any model loads
+    from sdtune.evaluate import evaluate
+
+    with stage_output(out):
+        metrics = evaluate(cfg, base_model or cfg.model.base, lora, data, out)
     typer.echo(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def _require_training_output(folder: Path) -> None:
+    from sdtune.errors import ConfigError
+    from sdtune.train.outputs import EMBEDDINGS, LORA_WEIGHTS
+
+    if not folder.is_dir():
+        raise ConfigError(f"--lora {folder}: no such folder")
+    if not any((folder / name).is_file() for name in (LORA_WEIGHTS, EMBEDDINGS, "model_index.json")):
+        raise ConfigError(
+            f"--lora {folder}: not a training output (no {LORA_WEIGHTS}, {EMBEDDINGS} or model_index.json)"
+        )
 
 
 def plan_command(
@@ -107,7 +139,9 @@ def plan_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Parameters, memory per GPU, time and cost of a training config — without touching a GPU.
-    Exit 0 when it fits, 1 when it does not (the report names settings that would)."""
+    Exit 0 when it fits, 1 when it does not (the report names settings that would).
+
+    Example: sdtune plan configs/sdxl/lora_1gpu.yaml --gpu h100"""
     from sdtune.config import load_config
     from sdtune.train.plan import estimate, fitting_settings, report
 
