@@ -12,6 +12,21 @@ from typing import Annotated
 
 import typer
 
+
+def quiet_libraries() -> None:
+    """Before torch-side imports in train/evaluate/generate: transformers' and diffusers' notices (a
+    torchvision fallback, "no LoRA keys for CLIPTextModel", weight-loading bars) say nothing a user can act
+    on here. Errors still show; set TRANSFORMERS_VERBOSITY=info to see
+    them all. Environment variables, so a training subprocess inherits them."""
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components..."
+
+
 models_app = typer.Typer(
     help="Base models: build tiny offline ones for tests and the CPU demo.", no_args_is_help=True
 )
@@ -58,6 +73,7 @@ def train_command(
 
     cfg = load_config(config, overrides or [])
     require_captions(data)
+    quiet_libraries()
     from sdtune.train import run
 
     logger = None
@@ -96,8 +112,11 @@ def evaluate_command(
 
     cfg = load_config(config, overrides or [])
     if lora is not None:
-        _require_training_output(lora)
+        from sdtune.generate import require_training_output
+
+        require_training_output(lora)
     next(iter_manifest(data), None)  # a missing or failed stage folder: one line, before any model loads
+    quiet_libraries()
     from sdtune.evaluate import evaluate
 
     with stage_output(out):
@@ -105,16 +124,54 @@ def evaluate_command(
     typer.echo(json.dumps(metrics, indent=2, sort_keys=True))
 
 
-def _require_training_output(folder: Path) -> None:
-    from sdtune.errors import ConfigError
-    from sdtune.train.outputs import EMBEDDINGS, LORA_WEIGHTS
+def generate_command(
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeat for several).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs and grid.png.")],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Run config: model.base and resolution (a registered model: optional)."
+        ),
+    ] = None,
+    lora: Annotated[
+        str | None,
+        typer.Option(
+            "--lora",
+            "--model",
+            help="Training output folder (LoRA, embeddings, pivotal, DreamBooth) or models:/NAME@ALIAS.",
+        ),
+    ] = None,
+    negative_prompt: Annotated[
+        str, typer.Option("--negative-prompt", "-n", help="What to steer away from.")
+    ] = "",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds: one image per seed.")] = "0",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 25,
+    guidance: Annotated[
+        float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale.")
+    ] = 7.5,
+    size: Annotated[
+        int | None,
+        typer.Option("--size", min=8, help="Image side in pixels (default: preprocess.resolution)."),
+    ] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+) -> None:
+    """Sample images from the base model, a training output or a registered model, with the parameters
+    written into each PNG.
 
-    if not folder.is_dir():
-        raise ConfigError(f"--lora {folder}: no such folder")
-    if not any((folder / name).is_file() for name in (LORA_WEIGHTS, EMBEDDINGS, "model_index.json")):
-        raise ConfigError(
-            f"--lora {folder}: not a training output (no {LORA_WEIGHTS}, {EMBEDDINGS} or model_index.json)"
-        )
+    Example: sdtune generate --config configs/debug/tiny_cpu.yaml --lora out/lora -p "a photo of sks toy robot" --seeds 0,1"""
+    from sdtune.config import load_config
+    from sdtune.errors import UsageError
+    from sdtune.generate import GenerateRequest, generate
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds {seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    cfg = load_config(config, overrides or []) if config or overrides else None
+    quiet_libraries()
+    request = GenerateRequest(list(prompt), seed_list or [0], negative_prompt, steps, guidance, size)
+    paths = generate(cfg, request, out, lora)
+    typer.echo(f"wrote {len(paths)} image(s) and grid.png to {out}")
 
 
 def plan_command(
@@ -123,7 +180,8 @@ def plan_command(
     gpu: Annotated[
         str,
         typer.Option(
-            "--gpu", help="a100-40gb, a100-80gb, h100-80gb, h200-141gb, l40s-48gb, l4-24gb, a10-24gb"
+            "--gpu",
+            help="a100-40gb, a100-80gb, h100-80gb, h200-141gb, l40s-48gb, l4-24gb, a10-24gb (or h100, l4, …)",
         ),
     ] = "a100-80gb",
     num_gpus: Annotated[
@@ -143,9 +201,10 @@ def plan_command(
 
     Example: sdtune plan configs/sdxl/lora_1gpu.yaml --gpu h100"""
     from sdtune.config import load_config
-    from sdtune.train.plan import estimate, fitting_settings, report
+    from sdtune.train.plan import estimate, fitting_settings, gpu_key, report
 
     cfg = load_config(config, overrides or [])
+    gpu = gpu_key(gpu)
     plan = estimate(cfg, gpu, num_gpus, usd_per_gpu_hour, images, mfu)
     if as_json:
         typer.echo(json.dumps(plan.to_json(), indent=2))
@@ -166,3 +225,4 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("evaluate")(evaluate_command)
     app.command("plan")(plan_command)
+    app.command("generate")(generate_command)
