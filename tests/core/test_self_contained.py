@@ -3,8 +3,8 @@
 import re
 import subprocess
 
-from tests.conftest import REPO_ROOT
 from tests.cluster.conftest import manifests_check
+from tests.conftest import REPO_ROOT
 
 # Paths that leave the repository: ../shared, ROOT.parent / "shared", parents[2] and the like.
 OUTSIDE = re.compile(r"\.\./shared|parent\s*/\s*[\"']shared|shared/schemas")
