@@ -18,8 +18,10 @@ from typing import Any
 
 from sdtune.config import RunConfig, config_from_yaml
 from sdtune.errors import ConfigError, UsageError
+from sdtune.train.outputs import CONFIG, EMBEDDINGS, LORA_WEIGHTS
 
 REGISTRY_PREFIX = "models:/"
+TRAINING_OUTPUTS = (LORA_WEIGHTS, EMBEDDINGS, "model_index.json")
 
 
 @dataclass
@@ -61,7 +63,6 @@ def generate(
 def fetch_registered(uri: str, into: Path) -> tuple[RunConfig, Path]:
     """Download a registered version; return its run config and its training output folder."""
     import mlflow
-    import yaml
     from mlflow.exceptions import MlflowException
 
     from sdtune import tracking
@@ -71,22 +72,19 @@ def fetch_registered(uri: str, into: Path) -> tuple[RunConfig, Path]:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into)))
     except MlflowException as exc:
         raise UsageError(f"{uri}: {str(exc).splitlines()[0]}") from None
-    flavor = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]
-    folders = [p for p in (local / "artifacts").iterdir() if p.is_dir()]
-    if not folders or "config" not in flavor.get("model_config", {}):
-        raise UsageError(f"{uri} was not registered by sdtune (no training output or config in it)")
-    return config_from_yaml(flavor["model_config"]["config"]), folders[0]
+    # The training output travels as it is inside the registered version, with its resolved config.
+    for config in sorted(local.rglob(CONFIG)):
+        folder = config.parent
+        if any((folder / name).is_file() for name in TRAINING_OUTPUTS):
+            return config_from_yaml(config.read_text(encoding="utf-8")), folder
+    raise UsageError(f"{uri} was not registered by sdtune (no training output with its {CONFIG} in it)")
 
 
 def require_training_output(folder: Path) -> None:
-    from sdtune.train.outputs import EMBEDDINGS, LORA_WEIGHTS
-
     if not folder.is_dir():
         raise ConfigError(f"{folder}: no such folder")
-    if not any((folder / name).is_file() for name in (LORA_WEIGHTS, EMBEDDINGS, "model_index.json")):
-        raise ConfigError(
-            f"{folder}: not a training output (no {LORA_WEIGHTS}, {EMBEDDINGS} or model_index.json)"
-        )
+    if not any((folder / name).is_file() for name in TRAINING_OUTPUTS):
+        raise ConfigError(f"{folder}: not a training output (no {', '.join(TRAINING_OUTPUTS)})")
 
 
 def _pipeline(cfg: RunConfig, model_dir: Path | None) -> Any:
