@@ -44,6 +44,7 @@ def models_tiny(
 
     Example: sdtune models tiny --arch sd15 --out .sdtune/models/tiny-sd15
     """
+    quiet_libraries()
     from sdtune.models.tiny import build_tiny
 
     path = build_tiny(arch, out, seed=seed)
