@@ -163,9 +163,9 @@ def test_ingest_report_speaks_of_the_files_a_person_left(capsys, tmp_path):
     assert _run(capsys, "sample-data", "--out", str(raw), "--count", "5")[0] == 0
     (raw / ".complete").touch()  # what `make run` leaves: sdtune's own marker, not the user's junk
     (raw / "notes.txt").write_text("shot on a phone")
-    (raw / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (raw / "broken.gif").write_bytes(b"GIF89a" + b"x" * 20)  # Pillow: "cannot identify image file <…>"
     assert _run(capsys, "ingest", str(raw), "--out", str(tmp_path / "ingested"))[0] == 0
     report = (tmp_path / "ingested" / "report.json").read_text()
     assert ".complete" not in report
     assert "notes.txt" in report and "no image of the same name" in report
-    assert "broken.png" in report and "_io." not in report
+    assert "broken.gif" in report and "cannot identify image file" in report and "_io." not in report
