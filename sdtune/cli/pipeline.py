@@ -153,7 +153,10 @@ def _check_local_inputs(cfg: RunConfig) -> None:
     """Refuse, before any task starts, what would make the first tasks fail."""
     base = Path(cfg.model.base)
     if base.is_absolute() and not base.exists():
-        raise ConfigError(f"base model not found: {base} (make one with `sdtune models tiny --out {base}`)")
+        what = "file" if base.suffix == ".safetensors" else "folder"
+        raise ConfigError(
+            f"base model {what} not found: {base} (make one with `sdtune models tiny --out {base}`)"
+        )
     if not cfg.ingest.sources:
         raise ConfigError("no data: set ingest.sources in the config or pass ingest.sources=[DIR]")
     for source in cfg.ingest.sources:

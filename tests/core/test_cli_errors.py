@@ -52,7 +52,7 @@ def test_usage_and_config_mistakes_are_exit_2(capsys, sdtune_home, tmp_path):
     assert code == 2 and line.startswith("error: override train.learnin_rate=0.1:")
     assert "did you mean train.learning_rate?" in line and "tiny_cpu.yaml" not in line
     code, _, err = _run(capsys, "run", "--local", TINY, f"model.base={tmp_path / 'missing'}")
-    assert code == 2 and "base model not found" in _one_error(err)
+    assert code == 2 and "base model folder not found" in _one_error(err)
     assert not (sdtune_home / "logs").exists()  # refused before any task started
     code, _, err = _run(capsys, "train", "--config", str(tmp_path / "nope.yaml"), "--data", "x", "--out", "y")
     assert code == 2 and "config file not found" in _one_error(err)
