@@ -77,10 +77,51 @@ def _champion_version(client: Any, name: str, alias: str = "champion") -> str:
         return ""
 
 
+RUN_ID_LENGTH = 32
+
+
+def resolve_run_ids(ids: list[str]) -> list[str]:
+    """Full run ids for the given ids or unique prefixes of them (``runs list`` prints 8 characters)."""
+    from sdtune.errors import UsageError
+
+    client = tracking._client()
+    known: list[str] | None = None
+    resolved = []
+    for given in ids:
+        if len(given) == RUN_ID_LENGTH:
+            resolved.append(given)
+            continue
+        if known is None:
+            known = _parent_run_ids(client)
+        matches = [run_id for run_id in known if run_id.startswith(given.lower())]
+        if not matches:
+            raise UsageError(f"no run id starts with {given!r} (see `sdtune runs list`)")
+        if len(matches) > 1:
+            raise UsageError(
+                f"run id {given!r} is ambiguous ({len(matches)} runs start with it): give more of it"
+            )
+        resolved.append(matches[0])
+    return resolved
+
+
+def _parent_run_ids(client: Any) -> list[str]:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    ids, token = [], None
+    while experiments:
+        page = client.search_runs(
+            experiments, filter_string="tags.`sdtune.role` = 'parent'", max_results=1000, page_token=token
+        )
+        ids += [run.info.run_id for run in page]
+        token = page.token
+        if not token:
+            break
+    return ids
+
+
 def get_rows(run_ids: list[str]) -> list[RunRow]:
     client = tracking._client()
     rows = []
-    for run_id in run_ids:
+    for run_id in resolve_run_ids(run_ids):
         run = client.get_run(run_id)
         row = RunRow(
             run_id,

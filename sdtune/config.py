@@ -522,10 +522,44 @@ def config_from_dict(
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(root)"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{origin}: {where}: {first['msg']}{more}") from None
+        raise ConfigError(describe_invalid(exc, origin, overrides or [])) from None
+
+
+def describe_invalid(exc: ValidationError, origin: str, overrides: list[str]) -> str:
+    """One line for the first error: blamed on the command-line override that set the key (not the YAML
+    file), with the closest known key for a misspelt one."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    where = ".".join(loc) or "(root)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+        if guess := _closest_key(loc):
+            message += f" (did you mean {guess}?)"
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if where == key or where.startswith(key + ".") or key.startswith(where + "."):
+            return f"override {item}: {where}: {message}{more}"
+    return f"{origin}: {where}: {message}{more}"
+
+
+def _closest_key(loc: list[str]) -> str | None:
+    """The known key nearest to the unknown ``loc[-1]`` in the section ``loc[:-1]``."""
+    import difflib
+    import typing
+
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return ".".join([*loc[:-1], match[0]]) if match else None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -15,10 +15,22 @@ class ConfigError(SdtuneError):
     exit_code = 2
 
 
+class UsageError(SdtuneError):
+    """The command line names something that does not exist or is ambiguous (a run id, a folder)."""
+
+    exit_code = 2
+
+
 class DatasetError(SdtuneError):
     """The input data cannot make a usable dataset (too few images, too many rejected, bad source)."""
 
     exit_code = 2
+
+
+class ServiceError(SdtuneError):
+    """A service (MLflow, the cluster API, S3) cannot be reached or answers with an error. Retryable."""
+
+    exit_code = 4
 
 
 class TrainingError(SdtuneError):
@@ -52,3 +64,12 @@ class OutOfMemory(SdtuneError):
     """The accelerator ran out of memory with these settings; the message names settings that fit. Permanent."""
 
     exit_code = EXIT_OUT_OF_MEMORY
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+class Interrupted(SdtuneError):
+    """Ctrl-C: what had finished is said in the message; MLflow runs are closed as KILLED."""
+
+    exit_code = EXIT_INTERRUPTED

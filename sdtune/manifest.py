@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_NAME = "manifest.jsonl"
 REPORT_NAME = "report.json"
+# Written into a stage folder when the stage failed after writing some of it (the report says why): the
+# next stage refuses such a folder instead of training on what a refused dataset left behind.
+FAILED_NAME = "FAILED"
 
 Status = Literal["kept", "normalised", "skipped"]
 
@@ -110,10 +113,16 @@ def read_manifest(stage_dir: Path) -> list[Record]:
 
 
 def iter_manifest(stage_dir: Path) -> Iterator[Record]:
+    from sdtune.errors import DatasetError
+
+    failed = Path(stage_dir) / FAILED_NAME
+    if failed.is_file():
+        reason = failed.read_text(encoding="utf-8").strip().splitlines()[0:1] or ["see its report.json"]
+        raise DatasetError(
+            f"{stage_dir} is the output of a failed stage ({reason[0]}); fix that and run it again"
+        )
     path = Path(stage_dir) / MANIFEST_NAME
     if not path.is_file():
-        from sdtune.errors import DatasetError
-
         raise DatasetError(f"{stage_dir} is not a stage directory: {MANIFEST_NAME} is missing")
     with open(path, encoding="utf-8") as fh:
         for line in fh:
@@ -127,6 +136,7 @@ def read_report(stage_dir: Path) -> StageReport:
 
 def manifest_digest(stage_dir: Path) -> str:
     """Content digest of a stage: the manifest lists every image's sha256, so this covers the pixels."""
+    next(iter_manifest(stage_dir), None)  # refuses a failed or missing stage in one line
     return hashlib.sha256((Path(stage_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
@@ -252,3 +262,17 @@ def iter_report_items(stage_dir: Path) -> Iterator[ItemReport]:
         for line in fh:
             if line.strip():
                 yield ItemReport.model_validate_json(line)
+
+
+def require_captions(stage_dir: Path) -> None:
+    """Refuse a stage whose training images have no caption (an ingest or preprocess output): training
+    would otherwise use the bare template for them without saying so."""
+    from sdtune.errors import DatasetError
+
+    records = [r for r in iter_manifest(stage_dir) if r.split == "train"]
+    missing = sum(1 for r in records if not r.caption)
+    if missing:
+        raise DatasetError(
+            f"{stage_dir}: {missing} of {len(records)} training image(s) have no caption; caption them first "
+            f"(`sdtune caption {stage_dir} --out DIR --config CONFIG`, which falls back to caption.template)"
+        )

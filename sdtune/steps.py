@@ -8,6 +8,7 @@ run id, and local directories; it returns small JSON-able summaries. The KFP com
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,13 @@ from sdtune.config import RunConfig, config_from_yaml
 from sdtune.manifest import StageResult, manifest_digest, report_markdown
 
 Summary = dict[str, Any]
+
+# Set by `sdtune run --local` for its task subprocesses: the parent run is tagged with it, so several local
+# runs sharing a folder (and an MLflow store) each find their own run.
+LOCAL_RUN_ENV = "SDTUNE_LOCAL_RUN"
+LOCAL_RUN_TAG = "sdtune.local_run"
+# Printed by a step on a cache hit; `sdtune run --local` shows it on the task's line.
+CACHE_HIT_LINE = "sdtune: cache hit"
 
 
 def start_run(config_yaml: str, kfp_run_id: str = "", pipeline_name: str = "personalize") -> str:
@@ -29,6 +37,8 @@ def start_run(config_yaml: str, kfp_run_id: str = "", pipeline_name: str = "pers
     }
     if kfp_run_id:
         tags["kfp.run_id"] = kfp_run_id
+    if os.environ.get(LOCAL_RUN_ENV):
+        tags[LOCAL_RUN_TAG] = os.environ[LOCAL_RUN_ENV]
     return tracking.start_parent_run(
         cfg.tracking.experiment, run_name=cfg.name, config=cfg.model_dump(mode="json"), tags=tags
     )
@@ -46,6 +56,40 @@ def finish_run(config_yaml: str, kfp_run_id: str, pipeline_state: str, error: st
         tracking.StepRun(tracking._client(), run_id).set_tags({"sdtune.error": reason[:5000]})
     tracking.finish_run(run_id, "FINISHED" if succeeded else "FAILED")
     return run_id
+
+
+def close_interrupted_run(experiment: str, local_run: str, interrupted_ms: int) -> tuple[str | None, dict]:
+    """After Ctrl-C: mark the local run's parent KILLED, and every step run that had not finished when the
+    interrupt came (still RUNNING, or failed by the interrupt itself) KILLED too.
+
+    Returns the parent run id and ``{step: status}`` for the steps that had started."""
+    parent_id = tracking.find_parent_run_by_tag(experiment, LOCAL_RUN_TAG, local_run)
+    if parent_id is None:
+        return None, {}
+    client = tracking._client()
+    parent = client.get_run(parent_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    slack_ms = 5000  # the steps receive the same Ctrl-C and may note it a moment before this process does
+    steps = {}
+    for child in children:
+        status = child.info.status
+        ended_by_interrupt = status == "FAILED" and (child.info.end_time or 0) >= interrupted_ms - slack_ms
+        if status == "RUNNING" or ended_by_interrupt:
+            client.set_terminated(child.info.run_id, status="KILLED")
+            status = "KILLED"
+        steps[child.info.run_name] = status
+    client.set_tag(parent_id, "sdtune.error", "interrupted (Ctrl-C)")
+    client.set_terminated(parent_id, status="KILLED")
+    return parent_id, steps
+
+
+def _note_cache_hit(step: str, run: tracking.StepRun, key: str, **tags: str) -> None:
+    run.set_tags({"sdtune.cache": "hit", "sdtune.cache_key": key, **tags})
+    print(f"{CACHE_HIT_LINE}: {step} ({key[:12]})", flush=True)
 
 
 def _log_stage(run: tracking.StepRun, stage: str, result: StageResult) -> Summary:
@@ -83,9 +127,12 @@ def _run_stage(
     with tracking.step_run(parent_run_id, step) as run:
         if key and store.restore(cache_step, key, out_dir) is not None:
             result = StageResult(out_dir=out_dir, records=read_manifest(out_dir), report=read_report(out_dir))
-            run.set_tags({"sdtune.cache": "hit", "sdtune.cache_key": key})
+            _note_cache_hit(step, run, key)
         else:
-            result = produce()
+            from sdtune.data.stagedir import stage_output
+
+            with stage_output(out_dir):
+                result = produce()
             if key:
                 store.store(cache_step, key, out_dir, {})
             run.set_tags({"sdtune.cache": "miss" if key else "off"})
@@ -198,12 +245,8 @@ def train_step(
         run.log_params(tracking.flatten_params({"train": cfg.train.model_dump(mode="json")}))
         summary = store.restore("train", key, out_dir) if key else None
         if summary is not None:
-            run.set_tags(
-                {
-                    "sdtune.cache": "hit",
-                    "sdtune.cache_key": key,
-                    "sdtune.cache_source_run": summary.get("mlflow_run_id", ""),
-                }
+            _note_cache_hit(
+                "train", run, key, **{"sdtune.cache_source_run": summary.get("mlflow_run_id", "")}
             )
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -306,7 +349,7 @@ def evaluate_step(
         cached = store.restore("evaluate", key, out_dir) if key else None
         if cached is not None:
             metrics = cached
-            run.set_tags({"sdtune.cache": "hit", "sdtune.cache_key": key})
+            _note_cache_hit("evaluate", run, key)
         else:
             metrics = evaluate(cfg, cfg.model.base, model_dir, data_dir, out_dir)
             metrics.update(fidelity_metrics(cfg, out_dir, data_dir))

@@ -25,6 +25,41 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from sdtune import __version__
+
+        typer.echo(f"sdtune {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Stable Diffusion fine-tuning as a Kubeflow pipeline.
+
+    Start with `make run`, or: sdtune run --local configs/debug/tiny_cpu.yaml"""
+
+
+def _hide_flag_types() -> None:
+    """typer's help shows a ``<bool>`` type beside every on/off flag (``--local <bool>``), which reads as if
+    the flag took a value: show nothing there, as click does."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_sdtune", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._sdtune = True
+    TyperOption.display_type_rich = display_type_rich
+
+
 _registered = False
 
 
@@ -36,6 +71,7 @@ def _register_commands() -> None:
 
     for module in (data, train, pipeline, runs, cluster, sweep):
         module.register(app)
+    _hide_flag_types()
     _registered = True
 
 

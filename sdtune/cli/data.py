@@ -24,6 +24,7 @@ from rich.progress import (
 )
 
 from sdtune.config import load_config
+from sdtune.data.stagedir import stage_output
 from sdtune.errors import ConfigError
 from sdtune.manifest import StageResult
 
@@ -90,11 +91,14 @@ def ingest_cmd(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Read images from the sources, normalise them, report every item."""
+    """Read images from the sources, normalise them, report every item.
+
+    Example: sdtune ingest .sdtune/sample-data --out data/ingested
+    """
     from sdtune.data.ingest import ingest
 
     cfg = _section(config, "ingest", min_images=min_images, shard_size=shard_size)
-    with _progress("ingest", None) as progress:
+    with stage_output(out), _progress("ingest", None) as progress:
         result = ingest(list(sources or []) or cfg.sources, out, cfg, progress=progress)
     _summarise("ingest", result)
 
@@ -124,7 +128,10 @@ def preprocess_cmd(
     shard: Annotated[int | None, typer.Option("--shard", help="Process only this shard of IN_DIR.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Crop and resize to the training resolution (Lanczos or Swin2SR upscaling for small images)."""
+    """Crop and resize to the training resolution (Lanczos or Swin2SR upscaling for small images).
+
+    Example: sdtune preprocess data/ingested --out data/pre --resolution 64
+    """
     from sdtune.data.preprocess import preprocess_dir
     from sdtune.data.shards import record_shard
     from sdtune.manifest import iter_manifest
@@ -142,7 +149,7 @@ def preprocess_cmd(
         workers=workers,
     )
     total = sum(1 for r in iter_manifest(in_dir) if shard is None or record_shard(r) == shard)
-    with _progress("preprocess", total) as progress:
+    with stage_output(out), _progress("preprocess", total) as progress:
         result = preprocess_dir(in_dir, out, cfg, shard, progress=progress)
     _summarise("preprocess", result)
 
@@ -164,7 +171,10 @@ def caption_cmd(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Caption every image (sidecar captions win, else a model or the template) and choose the holdout split."""
+    """Caption every image (sidecar captions win, else a model or the template) and choose the holdout split.
+
+    Example: sdtune caption data/pre --out data/captioned --trigger sks --class-noun "toy robot"
+    """
     from sdtune.data.caption import caption_dir
 
     cfg = _section(
@@ -176,7 +186,7 @@ def caption_cmd(
         captioner_model=captioner_model,
         tokenizer=tokenizer,
     )
-    with _progress("caption", None) as progress:
+    with stage_output(out), _progress("caption", None) as progress:
         result = caption_dir(in_dir, out, cfg, progress=progress)
     _summarise("caption", result)
 
@@ -185,10 +195,15 @@ def merge_cmd(
     stage_dirs: Annotated[list[Path], typer.Argument(help="Shard outputs of one stage.")],
     out: OutOpt,
 ) -> None:
-    """Merge the shard outputs of a stage (e.g. preprocess --shard K) into one stage folder."""
+    """Merge the shard outputs of a stage (e.g. preprocess --shard K) into one stage folder.
+
+    Example: sdtune merge data/pre-0 data/pre-1 --out data/pre
+    """
     from sdtune.data.shards import merge_stages
 
-    _summarise("merge", merge_stages(stage_dirs, out))
+    with stage_output(out):
+        result = merge_stages(stage_dirs, out)
+    _summarise("merge", result)
 
 
 def sample_data_cmd(
@@ -196,7 +211,10 @@ def sample_data_cmd(
     count: Annotated[int, typer.Option("--count", min=1, help="Number of pictures.")] = 12,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same bytes.")] = 0,
 ) -> None:
-    """Write a small synthetic dataset (a toy robot, drawn locally) to try the pipeline with."""
+    """Write a small synthetic dataset (a toy robot, drawn locally) to try the pipeline with.
+
+    Example: sdtune sample-data --out .sdtune/sample-data
+    """
     from sdtune.data.sample import write_sample_dataset
 
     paths = write_sample_dataset(out, count=count, seed=seed)

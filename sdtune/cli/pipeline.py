@@ -9,6 +9,8 @@ import contextlib
 import io
 import json
 import os
+import secrets
+import signal
 import sys
 import time
 import warnings
@@ -19,7 +21,8 @@ import typer
 from rich.console import Console
 
 from sdtune.config import RunConfig, load_config, resolve_local_paths
-from sdtune.errors import SdtuneError
+from sdtune.errors import ConfigError, Interrupted, SdtuneError, UsageError
+from sdtune.steps import CACHE_HIT_LINE
 
 console = Console()
 
@@ -35,6 +38,8 @@ class _TaskProgress(io.TextIOBase):
     def __init__(self, log, echo):
         self._log, self._echo, self._pending = log, echo, ""
         self._started: dict[str, float] = {}
+        self._cached: set[str] = set()
+        self._current = ""
 
     def writable(self) -> bool:
         return True
@@ -54,37 +59,34 @@ class _TaskProgress(io.TextIOBase):
         import re
 
         if match := re.search(r"Executing task '([^']+)'", line):
-            self._started[match.group(1)] = time.monotonic()
+            self._current = match.group(1)
+            self._started[self._current] = time.monotonic()
+        elif line.lstrip().startswith(CACHE_HIT_LINE):  # tasks run one at a time here: the current one
+            self._cached.add(self._current)
         elif match := re.search(r"Task '([^']+)' finished with status (\w+)", line):
             task, state = match.groups()
             took = time.monotonic() - self._started.get(task, time.monotonic())
             mark = "[green]✓[/]" if state == "SUCCESS" else "[red]✗[/]"
-            self._echo(f"  {mark} {task.removesuffix('-op'):<28} {took:6.1f} s")
+            cached = "  (cached)" if task in self._cached else ""
+            self._echo(f"  {mark} {task.removesuffix('-op'):<28} {took:6.1f} s{cached}")
 
 
 def run_local(cfg: RunConfig, pipeline_root: Path | None = None, verbose: bool = False) -> dict:
     """Run the personalisation pipeline with ``kfp.local`` (each task a subprocess of this interpreter).
 
-    Unless ``verbose``, the tasks' own output goes to ``$SDTUNE_HOME/logs/run-<time>.log`` and the console
-    shows one line per task."""
+    Unless ``verbose``, the tasks' own output goes to ``$SDTUNE_HOME/logs/run-<time>-<id>.log`` and the
+    console shows one line per task. The run finds its own results through an id of its own (a tag on its
+    parent MLflow run), so several runs may share a folder and an MLflow store."""
     from sdtune import tracking
+    from sdtune.steps import LOCAL_RUN_ENV, LOCAL_RUN_TAG
 
-    base = Path(cfg.model.base)
-    if base.is_absolute() and not base.exists():
-        raise SdtuneError(
-            f"base model folder not found: {base} (make one with `sdtune models tiny --out {base}`)"
-        )
-    for source in cfg.ingest.sources:
-        if Path(source).is_absolute() and not Path(source).exists():
-            raise SdtuneError(
-                f"data source not found: {source} (make sample data with `sdtune sample-data --out {source}`)"
-            )
-    if not cfg.ingest.sources:
-        raise SdtuneError("no data: set ingest.sources in the config or pass ingest.sources=[DIR]")
-
+    _check_local_inputs(cfg)
     # Tasks run in subprocesses: pin the tracking home to an absolute path so they all agree.
     os.environ["SDTUNE_HOME"] = str(tracking.sdtune_home())
+    ui = _prepare_tracking(cfg.tracking.experiment)
     pipeline_root = Path(pipeline_root or tracking.sdtune_home() / "pipeline-root").resolve()
+    local_run = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    os.environ[LOCAL_RUN_ENV] = local_run
 
     from kfp import local
 
@@ -99,42 +101,161 @@ def run_local(cfg: RunConfig, pipeline_root: Path | None = None, verbose: bool =
     )
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) if pipeline_root.exists() else set()
     started = time.monotonic()
-    started_ms = int(time.time() * 1000)
     pipeline = build_personalize_pipeline(cfg)
-    log_path = tracking.sdtune_home() / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    where = "task logs above" if verbose else f"task logs in {log_path}"
+    log_path = new_log_path("run", local_run)
+    where = "task logs above" if verbose else f"task logs in {_short(str(log_path))}"
+    experiment = cfg.tracking.experiment
     try:
-        with open(log_path, "w", encoding="utf-8") as log:
-            if not verbose:
-                console.print(
-                    f"running {PIPELINE_NAME} locally (task logs: {_short(str(log_path))})", soft_wrap=True
-                )
-            # The echo console holds the real stdout: rich would otherwise follow the redirect into the log.
-            echo = Console(file=sys.stdout, highlight=False).print
-            quiet = (
-                contextlib.redirect_stdout(_TaskProgress(log, echo))
-                if not verbose
-                else contextlib.nullcontext()
-            )
-            with quiet:
-                pipeline(config=cfg.to_param())
+        with task_lines(log_path, PIPELINE_NAME, verbose):
+            pipeline(config=cfg.to_param())
+    except KeyboardInterrupt:
+        raise _interrupted(experiment, local_run, where) from None
     except RuntimeError as exc:
-        parent = tracking.latest_parent_run(cfg.tracking.experiment, started_ms)
+        parent = tracking.find_parent_run_by_tag(experiment, LOCAL_RUN_TAG, local_run)
         reason = tracking.failed_step_error(parent) if parent else None
         if not reason:
             reason = _strip_ansi(str(exc).splitlines()[0]) if str(exc) else "pipeline failed"
-        raise PipelineError(f"{reason} ({where}; artifacts under {pipeline_root})") from None
+        raise PipelineError(f"{reason} ({where}; artifacts under {_short(str(pipeline_root))})") from None
     elapsed = time.monotonic() - started
-    run_dirs = sorted(set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before)
-    if not run_dirs:
-        raise PipelineError(f"pipeline finished but left no run folder under {pipeline_root}")
-    run_dir = run_dirs[-1]
-    summary = _task_output(run_dir, "register-op")
-    summary.update(
-        run_dir=str(run_dir), seconds=round(elapsed, 1), ui=tracking.ui_command(), log=str(log_path)
-    )
+    parent = tracking.find_parent_run_by_tag(experiment, LOCAL_RUN_TAG, local_run)
+    new_dirs = set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before
+    run_dir, summary = _own_run(new_dirs, parent)
+    if run_dir is None:
+        raise PipelineError(f"pipeline finished but left no run folder of its own under {pipeline_root}")
+    summary.update(run_dir=str(run_dir), seconds=round(elapsed, 1), ui=ui, log=str(log_path))
     return summary
+
+
+@contextlib.contextmanager
+def task_lines(log_path: Path, pipeline_name: str, verbose: bool = False):
+    """While a local pipeline runs: its tasks' output goes to ``log_path`` and the console shows one line
+    per task (unless ``verbose``)."""
+    if verbose:
+        yield
+        return
+    with open(log_path, "x", encoding="utf-8") as log:
+        console.print(f"running {pipeline_name} locally (task logs: {_short(str(log_path))})", soft_wrap=True)
+        # The echo console holds the real stdout: rich would otherwise follow the redirect into the log.
+        echo = Console(file=sys.stdout, highlight=False).print
+        with contextlib.redirect_stdout(_TaskProgress(log, echo)):
+            yield
+
+
+def new_log_path(kind: str, run_id: str) -> Path:
+    from sdtune import tracking
+
+    path = tracking.sdtune_home() / "logs" / f"{kind}-{run_id}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _check_local_inputs(cfg: RunConfig) -> None:
+    """Refuse, before any task starts, what would make the first tasks fail."""
+    base = Path(cfg.model.base)
+    if base.is_absolute() and not base.exists():
+        what = "file" if base.suffix == ".safetensors" else "folder"
+        raise ConfigError(
+            f"base model {what} not found: {base} (make one with `sdtune models tiny --out {base}`)"
+        )
+    if not cfg.ingest.sources:
+        raise ConfigError("no data: set ingest.sources in the config or pass ingest.sources=[DIR]")
+    for source in cfg.ingest.sources:
+        if Path(source).is_absolute() and not Path(source).exists():
+            raise ConfigError(
+                f"data source not found: {source} (make sample data with `sdtune sample-data --out {source}`)"
+            )
+
+
+def _prepare_tracking(experiment: str) -> str:
+    """Create the tracking store and the experiment once, under a lock, before any task starts: two runs
+    starting together would otherwise both create the sqlite schema (and one fail). Returns the command
+    that shows what is tracked.
+
+    Both are decided before MLflow is first called: its ``set_tracking_uri`` exports
+    ``MLFLOW_TRACKING_URI``, after which the embedded store looks like a server."""
+    import fcntl
+    import logging
+
+    from sdtune import tracking
+
+    for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
+        logging.getLogger(name).setLevel(logging.WARNING)
+    embedded, ui = tracking.uses_embedded_store(), ui_command()
+    home = tracking.sdtune_home()
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(home / ".tracking.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            client = tracking._client()
+            if client.get_experiment_by_name(experiment) is None:
+                location = (home / "mlartifacts").as_uri() if embedded else None
+                client.create_experiment(experiment, artifact_location=location)
+    except Exception as exc:  # MLflow raises its own, requests' and sqlalchemy's errors
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise PipelineError(f"cannot use the MLflow store {tracking.tracking_uri()}: {first}") from None
+    return ui
+
+
+def _own_run(run_dirs: set[Path], parent_run_id: str | None) -> tuple[Path | None, dict]:
+    """This run's folder and register summary: the new run folder whose register task names our parent
+    MLflow run (other runs sharing the pipeline root may have added folders meanwhile)."""
+    for run_dir in sorted(run_dirs):
+        try:
+            summary = _task_output(run_dir, "register-op")
+        except (OSError, KeyError, ValueError):
+            continue
+        if parent_run_id is None or summary.get("parent_run_id") == parent_run_id:
+            return run_dir, summary
+    return None, {}
+
+
+def _interrupted(experiment: str, local_run: str, where: str) -> Interrupted:
+    """Ctrl-C: let the task subprocesses stop, close the MLflow runs as KILLED, say what had finished."""
+    from sdtune.steps import close_interrupted_run
+
+    interrupted_ms = int(time.time() * 1000)
+    _wait_for_children()
+    try:
+        parent, steps = close_interrupted_run(experiment, local_run, interrupted_ms)
+    except Exception as exc:  # a tracking server down must not hide the interrupt
+        return Interrupted(f"interrupted; the MLflow runs were not closed ({exc.__class__.__name__})")
+    done = [name for name, status in steps.items() if status == "FINISHED"]
+    killed = [name for name, status in steps.items() if status == "KILLED"]
+    parts = [f"interrupted: MLflow run {parent} marked KILLED" if parent else "interrupted"]
+    parts.append(f"finished: {', '.join(done) or 'nothing'}")
+    if killed:
+        parts.append(f"stopped: {', '.join(killed)}")
+    if done:
+        parts.append("the same command reuses the finished steps from the cache")
+    return Interrupted(f"{'; '.join(parts)} ({where})")
+
+
+def _wait_for_children(timeout_s: float = 30.0) -> None:
+    """The task subprocesses got the same Ctrl-C from the terminal (or get it now, when only this process
+    was signalled); wait until they have recorded how they ended."""
+    try:
+        import psutil
+    except ImportError:
+        return
+    children = psutil.Process().children(recursive=True)
+    _, alive = psutil.wait_procs(children, timeout=3)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(signal.SIGINT)
+    _, alive = psutil.wait_procs(alive, timeout=timeout_s)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def ui_command() -> str:
+    """The command that shows what was tracked: artifacts live where each experiment says, so only the
+    store needs naming."""
+    from sdtune import tracking
+
+    if tracking.uses_embedded_store():
+        return f"mlflow ui --backend-store-uri {tracking.tracking_uri()}"
+    return f"open {tracking.tracking_uri()}"
 
 
 def _task_output(run_dir: Path, task: str) -> dict:
@@ -157,12 +278,19 @@ def _short(path: str | None) -> str:
         return str(path)
 
 
-def print_summary(summary: dict) -> None:
+def _champion_line(summary: dict) -> str:
     gate = summary.get("gate") or {}
+    reason = gate.get("reason", "-")
+    if gate.get("promote"):
+        return f"this version is the new champion ({reason})"
+    return f"the earlier champion stays ({reason})"
+
+
+def print_summary(summary: dict) -> None:
     rows = [
         ("MLflow run", summary.get("parent_run_id")),
         ("Model", f"{summary.get('uri')} (version {summary.get('version')})"),
-        ("Champion", f"{'promoted' if gate.get('promote') else 'kept'}: {gate.get('reason', '-')}"),
+        ("Champion", _champion_line(summary)),
         ("Model files", _short(summary.get("model_dir"))),
         ("Sample grid", _short(summary.get("grid"))),
         ("Pipeline run", f"{_short(summary.get('run_dir'))} ({summary.get('seconds')} s)"),
@@ -192,9 +320,12 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--verbose", "-v", help="Show every task's full output")
         ] = False,
     ) -> None:
-        """Run the whole pipeline: ingest → preprocess → caption → train → evaluate → register."""
+        """Run the whole pipeline: ingest → preprocess → caption → train → evaluate → register.
+
+        Example: sdtune run --local configs/debug/tiny_cpu.yaml train.max_steps=20
+        """
         if not local_run:
-            raise SdtuneError("only --local runs here; use `sdtune submit CONFIG --host URL` for a cluster")
+            raise UsageError("only --local runs here; use `sdtune submit CONFIG --host URL` for a cluster")
         cfg = resolve_local_paths(load_config(config, overrides or []), Path.cwd())
         print_summary(run_local(cfg, pipeline_root, verbose=verbose))
 
@@ -206,7 +337,10 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Output YAML file")] = Path("dist/pipelines/personalize.yaml"),
         overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
     ) -> None:
-        """Compile the pipeline to KFP IR YAML (upload it in the KFP UI or with `sdtune submit`)."""
+        """Compile the pipeline to KFP IR YAML (upload it in the KFP UI or with `sdtune submit`).
+
+        Example: sdtune compile --config configs/sd15/lora_1gpu.yaml --out dist/pipelines/personalize.yaml
+        """
         from pipelines.compile import compile_pipeline
 
         path = compile_pipeline(load_config(config, overrides or []), out)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sdtune.config import RunConfig, config_from_dict, load_config, resolve_local_paths
-from sdtune.errors import ConfigError, SdtuneError
+from sdtune.errors import ConfigError, UsageError
 from sdtune.sweep.select import SweepFailed, TrialResult, rank_trials
 from sdtune.sweep.space import Trial, build_trials, parse_grid_option, parse_trial_option, read_prompts
 
@@ -58,19 +58,33 @@ def sweep_config(
 
 
 def run_sweep_local(
-    cfg: RunConfig, trials: list[Trial], sweep_id: str, pipeline_root: Path | None = None
+    cfg: RunConfig,
+    trials: list[Trial],
+    sweep_id: str,
+    pipeline_root: Path | None = None,
+    verbose: bool = False,
 ) -> dict:
     """Run the sweep pipeline through ``kfp.local``; returns the register step's summary plus the trials."""
     from sdtune import tracking
-    from sdtune.cli.pipeline import PipelineError, _strip_ansi, _task_output
+    from sdtune.cli.pipeline import (
+        PipelineError,
+        _prepare_tracking,
+        _short,
+        _strip_ansi,
+        _task_output,
+        new_log_path,
+        task_lines,
+    )
     from sdtune.sweep import tracking as sweep_tracking
 
     if not cfg.ingest.sources:
-        raise SdtuneError("no data: set ingest.sources in the config or pass ingest.sources=[DIR]")
+        raise ConfigError("no data: set ingest.sources in the config or pass ingest.sources=[DIR]")
     for path in (cfg.model.base, *cfg.ingest.sources):
         if Path(path).is_absolute() and not Path(path).exists():
-            raise SdtuneError(f"not found: {path}")
+            raise ConfigError(f"not found: {path}")
     os.environ["SDTUNE_HOME"] = str(tracking.sdtune_home())  # tasks are subprocesses: agree on the store
+    ui = _prepare_tracking(cfg.tracking.experiment)
+    log_path = new_log_path("sweep", sweep_id)
     pipeline_root = Path(pipeline_root or tracking.sdtune_home() / "pipeline-root").resolve()
 
     from kfp import local
@@ -86,7 +100,8 @@ def run_sweep_local(
     local_cfg.cluster.train_retries = 0  # kfp.local honours retries (with their minutes of backoff)
     pipeline = build_sweep_pipeline(local_cfg, trials, sweep_id)
     try:
-        pipeline(config=cfg.to_param(), sweep_id=sweep_id)
+        with task_lines(log_path, PIPELINE_NAME, verbose):
+            pipeline(config=cfg.to_param(), sweep_id=sweep_id)
     except RuntimeError as exc:
         reason = None
         run_id = sweep_tracking.find_sweep_run(cfg.tracking.experiment, sweep_id)
@@ -95,7 +110,7 @@ def run_sweep_local(
             reason = tags.get("sdtune.sweep.error") or tracking.failed_step_error(run_id)
         reason = reason or (_strip_ansi(str(exc).splitlines()[0]) if str(exc) else "sweep failed")
         raise PipelineError(
-            f"{reason} (sweep {sweep_id}; task logs above; artifacts under {pipeline_root})"
+            f"{reason} (sweep {sweep_id}; task logs in {_short(str(log_path))}; artifacts under {pipeline_root})"
         ) from None
     run_dirs = sorted(set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before)
     if not run_dirs:
@@ -106,7 +121,8 @@ def run_sweep_local(
         comparison=str(run_dirs[-1] / "select-best-op" / "comparison"),
         seconds=round(time.monotonic() - started, 1),
         sweep_id=sweep_id,
-        ui=tracking.ui_command(),
+        ui=ui,
+        log=str(log_path),
     )
     return summary
 
@@ -146,7 +162,7 @@ def _sweep_settings(experiment: str, sweep_id: str) -> tuple[str, dict[str, str]
 
     run_id = sweep_tracking.find_sweep_run(experiment, sweep_id)
     if run_id is None:
-        raise SdtuneError(f"no sweep {sweep_id!r} in experiment {experiment!r} (see `sdtune sweeps list`)")
+        raise UsageError(f"no sweep {sweep_id!r} in experiment {experiment!r} (see `sdtune sweeps list`)")
     run = tracking._client().get_run(run_id)
     return run_id, dict(run.data.params), dict(run.data.tags)
 
@@ -225,8 +241,13 @@ def register(app: typer.Typer) -> None:
         ] = True,
         sweep_id: Annotated[str | None, typer.Option(help="Sweep id (default: generated)")] = None,
         pipeline_root: Annotated[Path | None, typer.Option(help="Where local task artifacts go")] = None,
+        verbose: Annotated[
+            bool, typer.Option("--verbose", "-v", help="--local: show every task's full output")
+        ] = False,
     ) -> None:
-        """Fan out trials over a grid, random ranges or prompt variants; compare them; register the best."""
+        """Fan out trials over a grid, random ranges or prompt variants; compare them; register the best.
+
+        Example: sdtune sweep configs/debug/tiny_cpu.yaml --grid train.rank=4,8 --local"""
         cfg = load_config(config, overrides or [])
         cfg = sweep_config(
             cfg,
@@ -266,11 +287,11 @@ def register(app: typer.Typer) -> None:
             _submit_kfp(cfg, trials, sweep_id, host, namespace)
             return
         if not local_run:
-            raise SdtuneError(
+            raise UsageError(
                 "pass --local (run here), --host URL (a KFP cluster) or --out FILE (compile only)"
             )
         cfg = resolve_local_paths(cfg, Path.cwd())
-        summary = run_sweep_local(cfg, trials, sweep_id, pipeline_root)
+        summary = run_sweep_local(cfg, trials, sweep_id, pipeline_root, verbose=verbose)
         _print_local_summary(cfg, summary)
 
     sweeps = typer.Typer(help="Look at sweeps; `trial` is what a Katib trial pod runs.", no_args_is_help=True)
@@ -281,7 +302,10 @@ def register(app: typer.Typer) -> None:
         experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "sdtune",
         limit: Annotated[int, typer.Option(help="Newest N sweeps")] = 20,
     ) -> None:
-        """The sweeps of an experiment, newest first."""
+        """The sweeps of an experiment, newest first.
+
+        Example: sdtune sweeps list --experiment sdtune
+        """
         from sdtune import tracking
 
         client = tracking._client()
@@ -325,7 +349,10 @@ def register(app: typer.Typer) -> None:
         metric: Annotated[str | None, typer.Option(help="Sort by this metric (default: the sweep's)")] = None,
         html: Annotated[Path | None, typer.Option(help="Also write the comparison page here")] = None,
     ) -> None:
-        """The trials of a sweep sorted by the metric; ★ marks the best."""
+        """The trials of a sweep sorted by the metric; ★ marks the best.
+
+        Example: sdtune sweeps show sweep-20261203-101500-ab12
+        """
         show_sweep(sweep, experiment, metric, html)
 
     @sweeps.command("trial")
@@ -345,7 +372,10 @@ def register(app: typer.Typer) -> None:
             Path | None, typer.Option(help="Config YAML (default: $SDTUNE_CONFIG, one line of JSON)")
         ] = None,
     ) -> None:
-        """Run one trial end to end and print `metric=value` lines (Katib's StdOut collector reads them)."""
+        """Run one trial end to end and print `metric=value` lines (Katib's StdOut collector reads them).
+
+        Example: sdtune sweeps trial --sweep-id sweep-20261203-101500-ab12 --config configs/debug/tiny_cpu.yaml train.rank=8
+        """
         from sdtune.config import config_from_yaml
         from sdtune.sweep.space import parse_value
         from sdtune.sweep.trial import print_metrics, run_standalone_trial
@@ -378,7 +408,6 @@ def _print_local_summary(cfg: RunConfig, summary: dict) -> None:
 
     rows = sweep_tracking.trial_rows(cfg.tracking.experiment, summary["sweep_id"])
     print_trials(rows, cfg.sweep.metric, cfg.sweep.direction, summary.get("best_trial"))
-    gate = summary.get("gate") or {}
     best = next((r for r in rows if r.name == summary.get("best_trial")), None)
     console.rule("[bold green]sdtune sweep finished")
     lines = [
@@ -392,13 +421,20 @@ def _print_local_summary(cfg: RunConfig, summary: dict) -> None:
         ),
         (cfg.sweep.metric, f"{best.metrics.get(cfg.sweep.metric, float('nan')):.5g}" if best else "-"),
         ("Model", f"{summary.get('uri')} (version {summary.get('version')})"),
-        ("Champion", f"{'promoted' if gate.get('promote') else 'kept'}: {gate.get('reason', '-')}"),
+        ("Champion", _champion_line(summary)),
         ("Comparison", summary.get("comparison", "-")),
+        ("Task logs", summary.get("log", "-")),
         ("MLflow run", summary.get("parent_run_id", "-")),
         ("Look", f"sdtune sweeps show {summary['sweep_id']} · {summary.get('ui')}"),
     ]
     for label, value in lines:
         console.print(f"[bold]{label:<18}[/] {value}", highlight=False, soft_wrap=True)
+
+
+def _champion_line(summary: dict) -> str:
+    from sdtune.cli.pipeline import _champion_line as line
+
+    return line(summary)
 
 
 def _submit_kfp(cfg: RunConfig, trials: list[Trial], sweep_id: str, host: str, namespace: str | None) -> None:

@@ -12,6 +12,21 @@ from typing import Annotated
 
 import typer
 
+
+def quiet_libraries() -> None:
+    """Before torch-side imports in train/evaluate/generate: transformers' and diffusers' notices (a
+    torchvision fallback, "no LoRA keys for CLIPTextModel", weight-loading bars) say nothing a user can act
+    on here. Errors still show; set TRANSFORMERS_VERBOSITY=info to see
+    them all. Environment variables, so a training subprocess inherits them."""
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components..."
+
+
 models_app = typer.Typer(
     help="Base models: build tiny offline ones for tests and the CPU demo.", no_args_is_help=True
 )
@@ -25,7 +40,11 @@ def models_tiny(
     ] = "sd15",
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
-    """Write a tiny, seeded, randomly initialised pipeline (~1.7 M parameters) that loads offline."""
+    """Write a tiny, seeded, randomly initialised pipeline (~1.7 M parameters) that loads offline.
+
+    Example: sdtune models tiny --arch sd15 --out .sdtune/models/tiny-sd15
+    """
+    quiet_libraries()
     from sdtune.models.tiny import build_tiny
 
     path = build_tiny(arch, out, seed=seed)
@@ -45,10 +64,17 @@ def train_command(
         list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=10")
     ] = None,
 ) -> None:
-    """Train with the method named by train.method (1 process, or N under torchrun)."""
+    """Train with the method named by train.method (1 process, or N under torchrun).
+
+    Example: sdtune train --config configs/debug/tiny_cpu.yaml --data data/captioned --out out/lora train.max_steps=10
+    """
     from sdtune.config import load_config
+    from sdtune.data.stagedir import stage_output
+    from sdtune.manifest import require_captions
 
     cfg = load_config(config, overrides or [])
+    require_captions(data)
+    quiet_libraries()
     from sdtune.train import run
 
     logger = None
@@ -56,7 +82,8 @@ def train_command(
         from sdtune.tracking import MLflowLogger
 
         logger = MLflowLogger(mlflow_run_id)
-    result = run(cfg, data, out, logger)
+    with stage_output(out):
+        result = run(cfg, data, out, logger)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(
             f"trained {result.steps} steps in {result.seconds:.1f}s ({result.steps_per_sec:.2f} steps/s), "
@@ -76,13 +103,76 @@ def evaluate_command(
     ] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
 ) -> None:
-    """Held-out denoising loss, base vs tuned, and a labelled sample grid."""
+    """Held-out denoising loss, base vs tuned, and a labelled sample grid.
+
+    Example: sdtune evaluate --config configs/debug/tiny_cpu.yaml --data data/captioned --lora out/lora --out out/eval
+    """
     from sdtune.config import load_config
-    from sdtune.evaluate import evaluate
+    from sdtune.data.stagedir import stage_output
+    from sdtune.manifest import iter_manifest
 
     cfg = load_config(config, overrides or [])
-    metrics = evaluate(cfg, base_model or cfg.model.base, lora, data, out)
+    if lora is not None:
+        from sdtune.generate import require_training_output
+
+        require_training_output(lora)
+    next(iter_manifest(data), None)  # a missing or failed stage folder: one line, before any model loads
+    quiet_libraries()
+    from sdtune.evaluate import evaluate
+
+    with stage_output(out):
+        metrics = evaluate(cfg, base_model or cfg.model.base, lora, data, out)
     typer.echo(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def generate_command(
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeat for several).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs and grid.png.")],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Run config: model.base and resolution (a registered model: optional)."
+        ),
+    ] = None,
+    lora: Annotated[
+        str | None,
+        typer.Option(
+            "--lora",
+            "--model",
+            help="Training output folder (LoRA, embeddings, pivotal, DreamBooth) or models:/NAME@ALIAS.",
+        ),
+    ] = None,
+    negative_prompt: Annotated[
+        str, typer.Option("--negative-prompt", "-n", help="What to steer away from.")
+    ] = "",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds: one image per seed.")] = "0",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 25,
+    guidance: Annotated[
+        float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale.")
+    ] = 7.5,
+    size: Annotated[
+        int | None,
+        typer.Option("--size", min=8, help="Image side in pixels (default: preprocess.resolution)."),
+    ] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+) -> None:
+    """Sample images from the base model, a training output or a registered model, with the parameters
+    written into each PNG.
+
+    Example: sdtune generate --config configs/debug/tiny_cpu.yaml --lora out/lora -p "a photo of sks toy robot" --seeds 0,1"""
+    from sdtune.config import load_config
+    from sdtune.errors import UsageError
+    from sdtune.generate import GenerateRequest, generate
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds {seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    cfg = load_config(config, overrides or []) if config or overrides else None
+    quiet_libraries()
+    request = GenerateRequest(list(prompt), seed_list or [0], negative_prompt, steps, guidance, size)
+    paths = generate(cfg, request, out, lora)
+    typer.echo(f"wrote {len(paths)} image(s) and grid.png to {out}")
 
 
 def plan_command(
@@ -91,7 +181,8 @@ def plan_command(
     gpu: Annotated[
         str,
         typer.Option(
-            "--gpu", help="a100-40gb, a100-80gb, h100-80gb, h200-141gb, l40s-48gb, l4-24gb, a10-24gb"
+            "--gpu",
+            help="a100-40gb, a100-80gb, h100-80gb, h200-141gb, l40s-48gb, l4-24gb, a10-24gb (or h100, l4, …)",
         ),
     ] = "a100-80gb",
     num_gpus: Annotated[
@@ -107,11 +198,14 @@ def plan_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Parameters, memory per GPU, time and cost of a training config — without touching a GPU.
-    Exit 0 when it fits, 1 when it does not (the report names settings that would)."""
+    Exit 0 when it fits, 1 when it does not (the report names settings that would).
+
+    Example: sdtune plan configs/sdxl/lora_1gpu.yaml --gpu h100"""
     from sdtune.config import load_config
-    from sdtune.train.plan import estimate, fitting_settings, report
+    from sdtune.train.plan import estimate, fitting_settings, gpu_key, report
 
     cfg = load_config(config, overrides or [])
+    gpu = gpu_key(gpu)
     plan = estimate(cfg, gpu, num_gpus, usd_per_gpu_hour, images, mfu)
     if as_json:
         typer.echo(json.dumps(plan.to_json(), indent=2))
@@ -132,3 +226,4 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("evaluate")(evaluate_command)
     app.command("plan")(plan_command)
+    app.command("generate")(generate_command)

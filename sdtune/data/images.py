@@ -14,6 +14,7 @@ with ``unsupported_format`` and a detail naming the extra.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -211,4 +212,6 @@ def pixel_digest_bytes(image: Image.Image) -> bytes:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200]
+    # Pillow names the stream it was given ("cannot identify image file <_io.BytesIO object at 0x…>").
+    text = re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", str(exc))
+    return " ".join(text.split())[:200]

@@ -84,6 +84,9 @@ def iter_source(
         yield Item(printable(str(path)), file_reader(path, cfg.max_image_bytes), caption=_sidecar(path))
 
 
+SDTUNE_MARKERS = frozenset({".complete", ".sdtune-stage"})
+
+
 def iter_folder(root: Path, cfg: IngestConfig) -> Iterator[Item | Skip]:
     """Files under ``root`` in sorted order; symlinks are reported and never followed."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -99,9 +102,14 @@ def iter_folder(root: Path, cfg: IngestConfig) -> Iterator[Item | Skip]:
                 yield Skip(label, "symlink", "symbolic link, not followed")
             elif kind != "file" and name not in pruned:
                 yield Skip(label, "special_file", f"{kind}, not a regular file")
+            elif name in SDTUNE_MARKERS:
+                continue  # sdtune's own bookkeeping (sample-data's .complete)
             elif is_junk_name(name):
                 yield Skip(label, "junk_member", "OS metadata")
             elif name.lower().endswith(".txt"):
+                stem = Path(name).stem
+                if not any(Path(f).stem == stem and f != name for f in filenames):
+                    yield Skip(label, "junk_member", "a text file with no image of the same name")
                 continue  # sidecar captions travel with their image
             elif name.lower().endswith(NESTED_ARCHIVE_SUFFIXES):
                 yield Skip(label, "nested_archive", "archives inside a folder source are not unpacked")

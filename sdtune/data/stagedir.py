@@ -7,18 +7,20 @@ import io
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
 
 from sdtune.errors import DatasetError
-from sdtune.manifest import ITEMS_NAME, MANIFEST_NAME, REPORT_NAME, Record
+from sdtune.manifest import FAILED_NAME, ITEMS_NAME, MANIFEST_NAME, REPORT_NAME, Record
 
 MARKER = ".sdtune-stage"  # written first: a folder holding it was made by a stage, even one that failed
 GENERATED = re.compile(r"\d{6,}(\.mask)?\.png")
 SHARDS_NAME = "shards.json"
 # Everything a stage writes besides images; the dot-names are half-written files of a stage that died.
-STAGE_FILES = frozenset({MANIFEST_NAME, REPORT_NAME, ITEMS_NAME, SHARDS_NAME})
+STAGE_FILES = frozenset({MANIFEST_NAME, REPORT_NAME, ITEMS_NAME, SHARDS_NAME, FAILED_NAME})
 STAGE_TEMPS = frozenset(f".{name}.tmp" for name in STAGE_FILES)
 
 
@@ -43,6 +45,28 @@ def prepare_out_dir(out_dir: Path) -> Path:
         )
     (out_dir / MARKER).write_text("written by sdtune; files here are replaced on the next run\n")
     return out_dir
+
+
+@contextmanager
+def stage_output(out_dir: Path) -> Iterator[None]:
+    """Around one stage writing ``out_dir``: if it fails, a folder it created holding nothing of use is
+    removed, and one with partial output gets a ``FAILED`` file with the reason, which the next stage refuses
+    (:func:`sdtune.manifest.iter_manifest`)."""
+    out_dir = Path(out_dir)
+    existed = out_dir.exists()
+    try:
+        yield
+    except BaseException as exc:
+        if out_dir.is_dir() and (out_dir / MARKER).is_file():
+            useful = [p for p in out_dir.iterdir() if p.name != MARKER and p.name not in STAGE_TEMPS]
+            if not useful and not existed:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            elif useful:
+                reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+                (out_dir / FAILED_NAME).write_text(reason + "\n", encoding="utf-8")
+        elif out_dir.is_dir() and not existed and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
 
 def safe_child(stage_dir: Path, name: str) -> Path:

@@ -33,6 +33,10 @@ class ModelLoadError(SdtuneError):
 
 def resolve_base(base: str, cache_dir: str | Path, revision: str | None = None) -> str:
     """Return what ``from_pretrained`` should get: a local folder path, or the hub id unchanged."""
+    from sdtune.models.single_file import diffusers_folder, is_single_file
+
+    if is_single_file(base):  # model.safetensors in the original (A1111/Civitai) layout
+        return diffusers_folder(base, cache_dir)
     if base.startswith("s3://"):
         return str(download_s3(base, Path(cache_dir)))
     path = Path(base).expanduser()

@@ -379,6 +379,25 @@ def mfu_for(batch: int, resolution: int) -> float:
     return MFU_SMALL + (MFU_BIG - MFU_SMALL) * math.log(work) / math.log(8)
 
 
+def gpu_key(name: str) -> str:
+    """The :data:`GPUS` key for a name as people write it: ``h100``, ``H100 80GB``, ``nvidia-a100-80``.
+
+    A family with one memory size needs no size; ``a100`` (40 or 80 GB) must say which."""
+    from sdtune.errors import ConfigError
+
+    wanted = name.strip().lower().replace("_", "-").replace(" ", "-").removeprefix("nvidia-")
+    if wanted in GPUS:
+        return wanted
+    matches = [key for key in GPUS if key.split("-")[0] == wanted] or [
+        key for key in GPUS if key.startswith(wanted) or key.replace("gb", "") == wanted
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(f"--gpu {name!r} is ambiguous: {' or '.join(matches)}")
+    raise ConfigError(f"unknown --gpu {name!r}; one of {', '.join(GPUS)}")
+
+
 def estimate(
     cfg: RunConfig,
     gpu: str = "a100-80gb",
@@ -388,10 +407,8 @@ def estimate(
     mfu: float | None = None,
 ) -> Plan:
     """The plan for ``cfg`` on ``num_gpus`` (default ``train.num_processes``) × ``gpu``."""
-    from sdtune.errors import ConfigError
 
-    if gpu not in GPUS:
-        raise ConfigError(f"unknown --gpu {gpu!r}; one of {', '.join(GPUS)}")
+    gpu = gpu_key(gpu)
     card = GPUS[gpu]
     tc = cfg.train
     n = num_gpus or tc.num_processes

@@ -130,9 +130,34 @@ def original_state_dict(pipe) -> dict[str, torch.Tensor]:
     return out
 
 
+CONFIG_METADATA = "sdtune_diffusers_config"  # the pipeline's config files, so the file loads offline
+
+
 def save_single_file(pipe, path: Path) -> Path:
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous() for k, v in original_state_dict(pipe).items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "sdtune_layout": "ldm-sd1"})
+    metadata = {"format": "pt", "sdtune_layout": "ldm-sd1", CONFIG_METADATA: pipeline_config_files(pipe)}
+    save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+def pipeline_config_files(pipe) -> str:
+    """model_index.json, each component's config and the tokenizer files, as JSON ``{relative path: text}``:
+    what ``from_single_file(config=folder)`` reads instead of asking the hub for the architecture's."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        pipe.save_config(root)
+        for name in ("unet", "vae", "scheduler"):  # diffusers configs
+            getattr(pipe, name).save_config(root / name)
+        pipe.text_encoder.config.save_pretrained(root / "text_encoder")  # a transformers config
+        pipe.tokenizer.save_pretrained(root / "tokenizer")
+        files = {
+            p.relative_to(root).as_posix(): p.read_text(encoding="utf-8")
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.suffix in {".json", ".txt"}
+        }
+    return json.dumps(files, sort_keys=True)

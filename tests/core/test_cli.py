@@ -27,5 +27,5 @@ def test_help_everywhere():
 
 def test_sdtune_error_is_one_line():
     done = _cli("runs", "compare")
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert done.stderr.strip() == "error: name the run ids to compare, or --sweep ID"
