@@ -35,6 +35,7 @@ purple pink brown gray grey gold silver small big large tiny cute old new happy 
 walking jumping flying wearing holding looking front side back top view high quality detailed sharp
 blurry lowres bad best masterpiece cinematic lighting studio background simple plain colorful bright dark
 wood metal plastic glass stone space astronaut rocket wall floor window door road bridge building castle
+circle square triangle shape
 """
 WORDS = _WORD_TEXT.split()
 
