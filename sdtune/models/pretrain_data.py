@@ -43,7 +43,13 @@ HELD_OUT = {
 }
 RENDER_SCALE = 4  # draw at 4× and downsample with a filter, as preprocessing does to a large photo
 
-_WITH_COLOUR = ("a photo of a {c} {n}", "a photo of {c} {n}", "a {c} {n}", "a picture of a {c} {n}", "{c} {n}")
+_WITH_COLOUR = (
+    "a photo of a {c} {n}",
+    "a photo of {c} {n}",
+    "a {c} {n}",
+    "a picture of a {c} {n}",
+    "{c} {n}",
+)
 _WITHOUT_COLOUR = ("a photo of {n}", "a photo of a {n}", "a {n}", "a picture of a {n}")
 _WITH_BACKGROUND = ("{x}, {b} background", "{x} on a {b} background")
 
@@ -128,6 +134,9 @@ def _object(scene: Scene, size: int, rng: random.Random) -> Image.Image:
     else:
         r = (size - 2 * m) / 2
         c = size / 2
-        points = [(c + r * math.cos(a), c - r * math.sin(a)) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+        points = [
+            (c + r * math.cos(a), c - r * math.sin(a))
+            for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
+        ]
         d.polygon(points, fill=colour)
     return layer
