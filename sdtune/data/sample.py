@@ -73,12 +73,17 @@ def _star(d: ImageDraw.ImageDraw, cx: float, cy: float, r: float, fill: tuple[in
     d.polygon(points, fill=fill)
 
 
+def muted_colour(rng: random.Random) -> tuple[int, int, int]:
+    grey = rng.randrange(50, 220)
+    return tuple(min(255, max(0, grey + rng.randint(-30, 30))) for _ in range(3))
+
+
 def render_scene(index: int, seed: int = 0) -> Image.Image:
     """Picture ``index``: background gradient + floor, the robot scaled, rotated and placed at random."""
     rng = random.Random(seed * 100_003 + index)
     width, height = SIZES[index % len(SIZES)]
-    top = tuple(rng.randrange(60, 240) for _ in range(3))
-    bottom = tuple(rng.randrange(20, 200) for _ in range(3))
+    # Muted, greyish scenery (as in the pre-training pictures): what is new to the tiny base is the robot alone.
+    top, bottom = muted_colour(rng), muted_colour(rng)
     scene = Image.new("RGB", (width, height))
     d = ImageDraw.Draw(scene)
     for y in range(height):
@@ -88,7 +93,7 @@ def render_scene(index: int, seed: int = 0) -> Image.Image:
     d.rectangle([0, floor_y, width, height], fill=tuple(c // 2 for c in bottom))
     for _ in range(rng.randrange(2, 6)):  # a little clutter, so backgrounds differ in structure too
         x, y, r = rng.randrange(width), rng.randrange(height), rng.randrange(10, max(11, width // 8))
-        d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.randrange(256) for _ in range(3)))
+        d.ellipse([x - r, y - r, x + r, y + r], fill=muted_colour(rng))
     size = int(min(width, height) * rng.uniform(0.45, 0.85))
     robot = draw_robot(size, rng).rotate(rng.uniform(-25, 25), resample=Image.Resampling.BICUBIC, expand=True)
     x = rng.randrange(0, max(1, width - robot.width))

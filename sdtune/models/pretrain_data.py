@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from sdtune.data.sample import DARK, draw_robot
+from sdtune.data.sample import DARK, draw_robot, muted_colour
 
 COLOURS = {
     "red": (220, 30, 40),
@@ -100,7 +100,7 @@ def _background(name: str | None, size: int, rng: random.Random) -> Image.Image:
         shade = rng.randint(-12, 12)
         return Image.new("RGB", (size, size), tuple(min(255, max(0, v + shade)) for v in BACKGROUNDS[name]))
     # Unnamed scenery: muted gradient, floor, clutter (the colours stay greyish so no subject palette appears).
-    top, bottom = _muted(rng), _muted(rng)
+    top, bottom = muted_colour(rng), muted_colour(rng)
     image = Image.new("RGB", (size, size))
     d = ImageDraw.Draw(image)
     for y in range(size):
@@ -109,13 +109,8 @@ def _background(name: str | None, size: int, rng: random.Random) -> Image.Image:
     d.rectangle([0, int(size * rng.uniform(0.6, 0.85)), size, size], fill=tuple(c // 2 for c in bottom))
     for _ in range(rng.randrange(1, 4)):
         x, y, r = rng.randrange(size), rng.randrange(size), rng.randrange(4, size // 6)
-        d.ellipse([x - r, y - r, x + r, y + r], fill=_muted(rng))
+        d.ellipse([x - r, y - r, x + r, y + r], fill=muted_colour(rng))
     return image
-
-
-def _muted(rng: random.Random) -> tuple[int, int, int]:
-    grey = rng.randrange(50, 220)
-    return tuple(min(255, max(0, grey + rng.randint(-30, 30))) for _ in range(3))
 
 
 def _object(scene: Scene, size: int, rng: random.Random) -> Image.Image:
