@@ -258,11 +258,19 @@ def write_model_card(model_dir: Path) -> dict[str, float]:
     (model_dir / "sdtune_tiny.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     r = meta["recipe"]
     held_out = ", ".join(f"{c} {o}" for c, o in sorted(P.HELD_OUT))
+    failed = {line.split(" ")[0] for line in base_checks.failed_gates(measured)}
     rows = "\n".join(
-        f"| {name} | {measured[name]:.4g} | {'≤' if name == 'posterior_std' else '≥'} {bound} |"
+        f"| {name} | {measured[name]:.4g} | {'≤' if name == 'posterior_std' else '≥'} {bound} | "
+        f"{'NOT MET' if name in failed else 'met'} |"
         for name, bound in base_checks.GATES.items()
     )
-    extra = "\n".join(f"| {k} | {v:.4g} | – |" for k, v in measured.items() if k not in base_checks.GATES)
+    extra = "\n".join(f"| {k} | {v:.4g} | – | – |" for k, v in measured.items() if k not in base_checks.GATES)
+    verdict = (
+        "All gates are met."
+        if not failed
+        else f"Gates not met: {', '.join(sorted(failed))}. This base is a good VAE and denoiser of its domain "
+        "but only weakly prompt-conditional, so fine-tuning on it cannot yet show a prompt-specific subject."
+    )
     digests = "\n".join(f"    {sha}  {name}" for name, sha in weight_digests(model_dir).items())
     card = f"""# tiny-sd15-pretrained
 
@@ -293,10 +301,12 @@ nothing about real images.
 
 ## Gates (held-out pictures; checked by tests/models/test_pretrained.py)
 
-| measure | value | gate |
-|---|---|---|
+| measure | value | gate | status |
+|---|---|---|---|
 {rows}
 {extra}
+
+{verdict}
 
 PSNR: VAE reconstruction of 128 unseen pictures. Colour accuracy: DDIM 25 steps, guidance 3, 32 px, prompts
 "a {{colour}} {{object}} on a {{background}} background", a pixel-vote classifier. Caption gap: denoising
