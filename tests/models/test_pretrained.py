@@ -95,3 +95,24 @@ def test_cli_builds_the_pretrained_base_and_its_inpainting_variant(tmp_path, cap
     capsys.readouterr()
     assert main(["models", "tiny", "--arch", "sdxl", "--pretrained", "--out", str(tmp_path / "x")]) == 2
     assert "no pre-trained weights for 'sdxl'" in capsys.readouterr().err
+
+
+def test_pretrain_writes_a_loadable_pipeline_and_its_record(tmp_path):
+    """The build command's code path, at a few steps (the shipped weights took thousands)."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune.models.pretrain import PretrainRecipe, pretrain
+
+    recipe = PretrainRecipe(pool_size=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, warmup_steps=1)
+    out = pretrain(tmp_path / "base", recipe, log=lambda _: None)
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert pipe.scheduler.config.clip_sample is False  # DDIM would otherwise clip latents to ±1
+    meta = json.loads((out / "sdtune_tiny.json").read_text())
+    assert meta["unet_steps_done"] == 2 and meta["recipe"]["seed"] == 0
+    table = pipe.text_encoder.get_input_embeddings().weight
+    trigger = pipe.tokenizer.convert_tokens_to_ids("sks</w>")
+    used = pipe.tokenizer.convert_tokens_to_ids("red</w>")
+    # The never-trained trigger row was brought to the trained rows' scale (not left ~10x shorter).
+    assert float(table[trigger].norm()) > 0.5 * float(table[used].norm())
