@@ -105,7 +105,9 @@ def test_pretrain_writes_a_loadable_pipeline_and_its_record(tmp_path):
 
     from sdtune.models.pretrain import PretrainRecipe, pretrain
 
-    recipe = PretrainRecipe(pool_size=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, warmup_steps=1)
+    recipe = PretrainRecipe(
+        pool_size=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, warmup_steps=1
+    )
     out = pretrain(tmp_path / "base", recipe, log=lambda _: None)
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     assert pipe.scheduler.config.clip_sample is False  # DDIM would otherwise clip latents to ±1
