@@ -60,28 +60,8 @@ def pretrained_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pretrained_inpaint(tmp_path_factory) -> Path:
-    from sdtune.models.tiny import build_tiny
-
-    return build_tiny("sd15-inpaint", tmp_path_factory.mktemp("learning") / "inpaint", pretrained=True)
-
-
-@pytest.fixture(scope="session")
-def random_base(tmp_path_factory) -> Path:
-    from sdtune.models.tiny import build_tiny
-
-    return build_tiny("sd15", tmp_path_factory.mktemp("learning") / "random")
-
-
-@pytest.fixture(scope="session")
 def subject_stage(tmp_path_factory) -> Path:
     return write_subject_stage(tmp_path_factory.mktemp("learning") / "subject")
-
-
-@pytest.fixture(scope="session")
-def untriggered_stage(tmp_path_factory) -> Path:
-    """The same views captioned with the class prompt only: nothing tells the subject from the class."""
-    return write_subject_stage(tmp_path_factory.mktemp("learning") / "untriggered", "a photo of toy robot")
 
 
 def run_config(base: Path, arch: str = "sd15", **train) -> dict:
