@@ -222,6 +222,7 @@ class EvaluateConfig(Section):
     guidance_scale: float = 7.5
     loss_timesteps: list[int] = Field(default_factory=lambda: [100, 300, 500, 700, 900])
     loss_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    image_metric_samples: int = Field(8, ge=1)  # pictures per prompt for the image-space subject metric
     # Fidelity encoders (local folder, hub id or s3://); unset → those metrics are skipped with a note.
     clip_model: str | None = None  # e.g. openai/clip-vit-large-patch14: CLIP-T, CLIP-I
     dino_model: str | None = None  # e.g. facebook/dino-vits16: DINO subject fidelity

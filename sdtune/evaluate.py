@@ -9,11 +9,20 @@
   noise is used for both models. Keys: ``loss_{base,tuned}_{trigger,class}`` and ``loss_delta_{trigger,class}``
   (tuned − base; negative means the tuned model denoises the subject better). A healthy run lowers the
   trigger loss a lot more than the class loss (the class prompt drifting too is "language drift").
+  Relative changes ``loss_change_{trigger,class}`` (tuned / base − 1) and their difference, **specificity**
+  (``loss_change_class − loss_change_trigger``: how many points more the trigger loss fell), with the seed
+  spread ``loss_change_{trigger,class}_spread`` (std of the change over ``loss_seeds``), and two model-free
+  references on the same noise, ``loss_ref_zero`` and ``loss_ref_variance`` (:mod:`sdtune.subject_metrics`).
   SD3 (``model.arch: sd3``): the flow-matching loss instead — x_σ = (1 − σ)·x0 + σ·noise with
   σ = t / num_train_timesteps for each ``loss_timesteps`` entry, MSE of the transformer's velocity against
   noise − x0 (``loss_objective`` in ``metrics.json`` says which).
 - **Samples.** ``evaluate.prompts`` × ``evaluate.seeds`` for the base model (top row) and the tuned model
   (bottom row), same seeds per column: ``samples/{base,tuned}/p{i}_s{seed}.png`` and ``grid.png``.
+- **Image metric.** ``evaluate.image_metric_samples`` pictures from the trigger prompt and from the class
+  prompt, base and tuned, against the held-out views: ``image_distance_{base,tuned}_{trigger,class}`` (colour
+  histogram distance, 0 = same colours) and ``image_closer_{trigger,class}`` (1 − tuned / base: how much
+  closer to the subject fine-tuning brought the samples). A personalised model brings its trigger samples
+  much closer and its class samples much less.
 
 ``lora_dir`` is a training output folder: a LoRA (``pytorch_lora_weights.safetensors``), textual-inversion
 embeddings (``learned_embeds.safetensors``), both, or a full diffusers pipeline (``model_index.json``).
@@ -31,6 +40,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sdtune.config import RunConfig
 from sdtune.manifest import read_manifest
 from sdtune.models.loading import SDComponents, load_pipeline
+from sdtune.subject_metrics import flow_reference_losses, histogram_distance, reference_losses
 from sdtune.train import data as D
 from sdtune.train.losses import diffusion_loss, prediction_target
 
@@ -56,8 +66,14 @@ def evaluate(
     metrics: dict[str, float] = {}
     rows: dict[str, list[Image.Image]] = {}
     latents = _encode_latents(pipe, records, data_dir, cfg, device)
-    for name, value in _denoising_losses(pipe, latents, prompts, cfg, device).items():
-        metrics[f"loss_base_{name}"] = value
+    views = [_view(Path(data_dir) / r.file, cfg.preprocess.resolution) for r in records]
+    base_losses = _denoising_losses(pipe, latents, prompts, cfg, device)
+    for name, per_seed in base_losses.items():
+        metrics[f"loss_base_{name}"] = sum(per_seed) / len(per_seed)
+    metrics.update({f"loss_ref_{k}": v for k, v in _reference_losses(pipe, latents, cfg).items()})
+    for name, prompt in prompts.items():
+        samples = _metric_samples(pipe, prompt, cfg, device)
+        metrics[f"image_distance_base_{name}"] = histogram_distance(samples, views)
     rows["base"] = _samples(pipe, cfg, device, out_dir / "samples" / "base")
 
     if lora_dir is not None:
@@ -72,9 +88,22 @@ def evaluate(
         tuned_prompts = {
             k: tuned_cfg.format_prompt(v) for k, v in (("trigger", TRIGGER_PROMPT), ("class", CLASS_PROMPT))
         }
-        for name, value in _denoising_losses(pipe, latents, tuned_prompts, cfg, device).items():
+        for name, per_seed in _denoising_losses(pipe, latents, tuned_prompts, cfg, device).items():
+            value = sum(per_seed) / len(per_seed)
             metrics[f"loss_tuned_{name}"] = value
             metrics[f"loss_delta_{name}"] = value - metrics[f"loss_base_{name}"]
+            metrics[f"loss_change_{name}"] = value / metrics[f"loss_base_{name}"] - 1.0
+            changes = [t / b - 1.0 for t, b in zip(per_seed, base_losses[name], strict=True)]
+            metrics[f"loss_change_{name}_spread"] = (
+                float(torch.tensor(changes).std()) if len(changes) > 1 else 0.0
+            )
+            samples = _metric_samples(pipe, tuned_prompts[name], cfg, device)
+            distance = histogram_distance(samples, views)
+            metrics[f"image_distance_tuned_{name}"] = distance
+            metrics[f"image_closer_{name}"] = 1.0 - distance / max(
+                metrics[f"image_distance_base_{name}"], 1e-9
+            )
+        metrics["specificity"] = metrics["loss_change_class"] - metrics["loss_change_trigger"]
         rows["tuned"] = _samples(pipe, tuned_cfg, device, out_dir / "samples" / "tuned")
 
     metrics["loss_records"] = float(len(records))
@@ -129,7 +158,8 @@ def _encode_latents(pipe, records, data_dir: Path, cfg: RunConfig, device) -> to
 @torch.no_grad()
 def _denoising_losses(
     pipe, latents: torch.Tensor, prompts: dict[str, str], cfg: RunConfig, device
-) -> dict[str, float]:
+) -> dict[str, list[float]]:
+    """``{prompt name: [mean loss over the timesteps, one per loss seed]}``."""
     if cfg.model.arch == "sd3":
         return _flow_losses(pipe, latents, prompts, cfg, device)
     from diffusers import DDPMScheduler
@@ -137,7 +167,7 @@ def _denoising_losses(
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = scheduler.config.prediction_type
     num_t = scheduler.config.num_train_timesteps
-    timesteps = sorted({min(max(int(t), 0), num_t - 1) for t in cfg.evaluate.loss_timesteps})
+    timesteps = _loss_timesteps(cfg, num_t)
     parts = _components(pipe)
     n = latents.shape[0]
     out: dict[str, float] = {}
@@ -153,24 +183,83 @@ def _denoising_losses(
                 "text_embeds": cond["pooled_embeds"].repeat(n, 1).to(pipe.unet.dtype),
                 "time_ids": cond["time_ids"].repeat(n, 1).to(pipe.unet.dtype),
             }
-        total = 0.0
+        out[name] = []
         for seed in cfg.evaluate.loss_seeds:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            noise = torch.randn(latents.shape, generator=gen).to(device)
+            noise = _noise(latents, seed, device)
+            total = 0.0
             for t in timesteps:
                 tt = torch.full((n,), t, device=device, dtype=torch.long)
                 noisy = scheduler.add_noise(latents, noise, tt)
                 pred = pipe.unet(noisy.to(pipe.unet.dtype), tt, **kwargs).sample
                 target = prediction_target(scheduler, latents, noise, tt, prediction_type)
                 total += float(diffusion_loss(pred, target).mean())
-        out[name] = total / (len(cfg.evaluate.loss_seeds) * len(timesteps))
+            out[name].append(total / len(timesteps))
     return out
+
+
+def _noise(latents: torch.Tensor, seed: int, device) -> torch.Tensor:
+    """The loss noise for ``seed``: drawn on the CPU, so base, tuned and references see the same numbers."""
+    return torch.randn(latents.shape, generator=torch.Generator(device="cpu").manual_seed(seed)).to(device)
+
+
+def _loss_timesteps(cfg: RunConfig, num_t: int) -> list[int]:
+    return sorted({min(max(int(t), 0), num_t - 1) for t in cfg.evaluate.loss_timesteps})
+
+
+@torch.no_grad()
+def _reference_losses(pipe, latents: torch.Tensor, cfg: RunConfig) -> dict[str, float]:
+    """The model-free references, averaged over the loss seeds like the models' losses."""
+    totals: dict[str, float] = {}
+    for seed in cfg.evaluate.loss_seeds:
+        noise = _noise(latents, seed, latents.device).float()
+        if cfg.model.arch == "sd3":
+            num_t = pipe.scheduler.config.num_train_timesteps
+            sigmas = sorted({min(max(int(t), 1), num_t) / num_t for t in cfg.evaluate.loss_timesteps})
+            refs = flow_reference_losses(latents.float(), noise, sigmas)
+        else:
+            from diffusers import DDPMScheduler
+
+            scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            timesteps = _loss_timesteps(cfg, scheduler.config.num_train_timesteps)
+            refs = reference_losses(
+                latents.float(), noise, scheduler.alphas_cumprod, timesteps, scheduler.config.prediction_type
+            )
+        for k, v in refs.items():
+            totals[k] = totals.get(k, 0.0) + v / len(cfg.evaluate.loss_seeds)
+    return totals
+
+
+def _view(path: Path, resolution: int) -> Image.Image:
+    """A held-out view as the model sees it (resized and centre-cropped like the training images)."""
+    pixels = D.load_image(path, resolution)
+    return Image.fromarray(
+        ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
+    )
+
+
+@torch.no_grad()
+def _metric_samples(pipe, prompt: str, cfg: RunConfig, device) -> list[Image.Image]:
+    """``evaluate.image_metric_samples`` pictures of ``prompt`` (seeds 0…n-1, in batches of 8)."""
+    n = cfg.evaluate.image_metric_samples
+    res = cfg.preprocess.resolution
+    images: list[Image.Image] = []
+    for start in range(0, n, 8):
+        seeds = range(start, min(n, start + 8))
+        images += pipe(
+            [prompt] * len(seeds),
+            num_inference_steps=cfg.evaluate.num_inference_steps,
+            guidance_scale=cfg.evaluate.guidance_scale,
+            generator=[torch.Generator(device="cpu").manual_seed(s) for s in seeds],
+            height=res,
+            width=res,
+        ).images
+    return images
 
 
 @torch.no_grad()
 def _flow_losses(
     pipe, latents: torch.Tensor, prompts: dict[str, str], cfg: RunConfig, device
-) -> dict[str, float]:
+) -> dict[str, list[float]]:
     """SD3: the flow-matching velocity MSE at σ = t / num_train_timesteps, same noise for base and tuned."""
     from sdtune.train.losses import flow_noisy, flow_target
 
@@ -188,10 +277,10 @@ def _flow_losses(
             do_classifier_free_guidance=False,
             max_sequence_length=cfg.train.max_sequence_length,
         )
-        total = 0.0
+        out[name] = []
         for seed in cfg.evaluate.loss_seeds:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            noise = torch.randn(latents.shape, generator=gen).to(device)
+            noise = _noise(latents, seed, device)
+            total = 0.0
             for sigma in sigmas:
                 s = torch.full((n,), sigma, device=device)
                 pred = pipe.transformer(
@@ -202,7 +291,7 @@ def _flow_losses(
                     return_dict=False,
                 )[0]
                 total += float(diffusion_loss(pred, flow_target(latents, noise)).mean())
-        out[name] = total / (len(cfg.evaluate.loss_seeds) * len(sigmas))
+            out[name].append(total / len(sigmas))
     return out
 
 

@@ -39,6 +39,10 @@ def models_tiny(
         str, typer.Option("--arch", help="sd15, sd15-inpaint, sd2, sdxl, sdxl-inpaint or sd3.")
     ] = "sd15",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    pretrained: Annotated[
+        bool,
+        typer.Option("--pretrained", help="The shipped pre-trained weights (sd15, sd15-inpaint) instead."),
+    ] = False,
 ) -> None:
     """Write a tiny, seeded, randomly initialised pipeline (~1.7 M parameters) that loads offline.
 
@@ -47,8 +51,23 @@ def models_tiny(
     quiet_libraries()
     from sdtune.models.tiny import build_tiny
 
-    path = build_tiny(arch, out, seed=seed)
-    typer.echo(f"wrote tiny {arch} pipeline to {path}")
+    path = build_tiny(arch, out, seed=seed, pretrained=pretrained)
+    typer.echo(f"wrote tiny {'pre-trained ' if pretrained else ''}{arch} pipeline to {path}")
+
+
+@models_app.command("pretrain")
+def models_pretrain(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the pre-trained pipeline to.")],
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    vae_steps: Annotated[int, typer.Option("--vae-steps", min=1)] = 500,
+    unet_steps: Annotated[int, typer.Option("--unet-steps", min=1)] = 4000,
+) -> None:
+    """Pre-train the tiny SD 1.x on procedural pictures (CPU, about an hour), check its gates, write a card."""
+    from sdtune.models.pretrain import PretrainRecipe, build_pretrained_base
+
+    recipe = PretrainRecipe(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps)
+    path = build_pretrained_base(out, recipe, log=typer.echo)
+    typer.echo(f"wrote pre-trained tiny sd15 pipeline to {path} (see {path / 'MODEL_CARD.md'})")
 
 
 def train_command(

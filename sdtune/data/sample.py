@@ -26,8 +26,16 @@ SIDECAR_INDEX = 0
 SIDECAR_CAPTION = "a photo of sks toy robot waving, studio background"
 
 
-def draw_robot(size: int, rng: random.Random) -> Image.Image:
-    """The subject on a transparent ``size``×``size`` layer, with a random pose."""
+SUBJECT_PALETTE = {
+    "body": ORANGE, "head": TEAL, "eyes": YELLOW, "antenna": RED, "arms": PURPLE, "star": WHITE,
+}  # fmt: skip
+
+
+def draw_robot(size: int, rng: random.Random, palette: dict | None = None) -> Image.Image:
+    """A robot on a transparent ``size``×``size`` layer, with a random pose: the subject (orange body, teal
+    head, …) by default; other ``palette`` s draw the generic robots of the pre-training data
+    (:mod:`sdtune.models.pretrain_data`), which never use the subject's."""
+    p = palette or SUBJECT_PALETTE
     layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     d = ImageDraw.Draw(layer)
     s = size / 100  # draw in a 100×100 design space
@@ -36,21 +44,22 @@ def draw_robot(size: int, rng: random.Random) -> Image.Image:
     for side, shoulder_x in ((-1, 30), (1, 70)):
         angle = math.radians(rng.uniform(-60, 70))
         hand = (shoulder_x + side * 22 * math.cos(angle), 45 - 22 * math.sin(angle))
-        d.line([shoulder_x * s, 45 * s, hand[0] * s, hand[1] * s], fill=PURPLE, width=int(6 * s))
-        d.ellipse(box(hand[0] - 4, hand[1] - 4, hand[0] + 4, hand[1] + 4), fill=PURPLE)
+        d.line([shoulder_x * s, 45 * s, hand[0] * s, hand[1] * s], fill=p["arms"], width=int(6 * s))
+        d.ellipse(box(hand[0] - 4, hand[1] - 4, hand[0] + 4, hand[1] + 4), fill=p["arms"])
     # Legs and wheels.
     for x in (38, 62):
         d.rectangle(box(x - 4, 70, x + 4, 84), fill=DARK)
         d.ellipse(box(x - 7, 82, x + 7, 94), fill=DARK)
-    d.rounded_rectangle(box(28, 38, 72, 74), radius=6 * s, fill=ORANGE, outline=DARK, width=int(1.5 * s))
-    _star(d, 50 * s, 56 * s, 8 * s, WHITE)
+    d.rounded_rectangle(box(28, 38, 72, 74), radius=6 * s, fill=p["body"], outline=DARK, width=int(1.5 * s))
+    if p.get("star"):
+        _star(d, 50 * s, 56 * s, 8 * s, p["star"])
     # Head: teal with yellow eyes; the pupils look in a random direction.
     d.line([50 * s, 8 * s, 50 * s, 18 * s], fill=DARK, width=int(2 * s))
-    d.ellipse(box(45, 3, 55, 13), fill=RED)
-    d.rounded_rectangle(box(32, 16, 68, 40), radius=5 * s, fill=TEAL, outline=DARK, width=int(1.5 * s))
+    d.ellipse(box(45, 3, 55, 13), fill=p["antenna"])
+    d.rounded_rectangle(box(32, 16, 68, 40), radius=5 * s, fill=p["head"], outline=DARK, width=int(1.5 * s))
     look = rng.uniform(-2, 2)
     for x in (42, 58):
-        d.ellipse(box(x - 6, 22, x + 6, 34), fill=YELLOW)
+        d.ellipse(box(x - 6, 22, x + 6, 34), fill=p["eyes"])
         d.ellipse(box(x - 2.5 + look, 25.5, x + 2.5 + look, 30.5), fill=DARK)
     return layer
 
@@ -64,12 +73,17 @@ def _star(d: ImageDraw.ImageDraw, cx: float, cy: float, r: float, fill: tuple[in
     d.polygon(points, fill=fill)
 
 
+def muted_colour(rng: random.Random) -> tuple[int, int, int]:
+    grey = rng.randrange(50, 220)
+    return tuple(min(255, max(0, grey + rng.randint(-30, 30))) for _ in range(3))
+
+
 def render_scene(index: int, seed: int = 0) -> Image.Image:
     """Picture ``index``: background gradient + floor, the robot scaled, rotated and placed at random."""
     rng = random.Random(seed * 100_003 + index)
     width, height = SIZES[index % len(SIZES)]
-    top = tuple(rng.randrange(60, 240) for _ in range(3))
-    bottom = tuple(rng.randrange(20, 200) for _ in range(3))
+    # Muted, greyish scenery (as in the pre-training pictures): what is new to the tiny base is the robot alone.
+    top, bottom = muted_colour(rng), muted_colour(rng)
     scene = Image.new("RGB", (width, height))
     d = ImageDraw.Draw(scene)
     for y in range(height):
@@ -79,7 +93,7 @@ def render_scene(index: int, seed: int = 0) -> Image.Image:
     d.rectangle([0, floor_y, width, height], fill=tuple(c // 2 for c in bottom))
     for _ in range(rng.randrange(2, 6)):  # a little clutter, so backgrounds differ in structure too
         x, y, r = rng.randrange(width), rng.randrange(height), rng.randrange(10, max(11, width // 8))
-        d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.randrange(256) for _ in range(3)))
+        d.ellipse([x - r, y - r, x + r, y + r], fill=muted_colour(rng))
     size = int(min(width, height) * rng.uniform(0.45, 0.85))
     robot = draw_robot(size, rng).rotate(rng.uniform(-25, 25), resample=Image.Resampling.BICUBIC, expand=True)
     x = rng.randrange(0, max(1, width - robot.width))

@@ -11,6 +11,12 @@ factors, flow-matching Euler scheduler, two CLIP encoders with projections and a
 ``T5Tokenizer`` is a Unigram vocabulary over the same word list). Sizes follow diffusers' own
 ``get_dummy_components`` (~1.7 M parameters, 64 px images in about a second on a CPU).
 
+``build_tiny("sd15", out, pretrained=True)`` copies instead the pre-trained tiny SD 1.x shipped in
+:data:`PRETRAINED_DIR` (built by :mod:`sdtune.models.pretrain`, see its ``MODEL_CARD.md``): a real model of a
+procedural domain of coloured shapes and toy robots, on which fine-tuning can be seen to learn a subject;
+``"sd15-inpaint"`` with ``pretrained=True`` is the same model with a 9-channel UNet whose extra input
+channels start at zero (SD's own inpainting init), so it begins as the text-to-image model.
+
 The tokenizer is a small BPE trained with ``tokenizers`` on a fixed word list (common prompt words and the
 trigger ``sks``), saved as ``vocab.json`` + ``merges.txt`` so ``CLIPTokenizer.from_pretrained`` reads it.
 The same seed gives byte-identical weights.
@@ -35,6 +41,7 @@ purple pink brown gray grey gold silver small big large tiny cute old new happy 
 walking jumping flying wearing holding looking front side back top view high quality detailed sharp
 blurry lowres bad best masterpiece cinematic lighting studio background simple plain colorful bright dark
 wood metal plastic glass stone space astronaut rocket wall floor window door road bridge building castle
+circle square triangle shape
 """
 WORDS = _WORD_TEXT.split()
 
@@ -55,12 +62,24 @@ def _refuse_foreign_out_dir(out_dir: Path) -> None:
         raise ConfigError(f"--out {out_dir} is not empty and not a tiny model; use a new or empty folder")
 
 
-def build_tiny(arch: str, out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny ``arch`` (one of :data:`ARCHS`) diffusers pipeline folder to ``out_dir`` and return it."""
-    if arch not in ARCHS:
-        from sdtune.errors import ConfigError
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd15-pretrained"
+PRETRAINED_ARCHS = ("sd15", "sd15-inpaint")
 
+
+def build_tiny(arch: str, out_dir: Path, seed: int = 0, pretrained: bool = False) -> Path:
+    """Write a tiny ``arch`` (one of :data:`ARCHS`) diffusers pipeline folder to ``out_dir`` and return it.
+
+    ``pretrained``: the shipped pre-trained weights (``sd15`` and ``sd15-inpaint`` only; ``seed`` unused)."""
+    from sdtune.errors import ConfigError
+
+    if arch not in ARCHS:
         raise ConfigError(f"tiny model: unknown arch {arch!r} (expected one of {', '.join(ARCHS)})")
+    if pretrained:
+        if arch not in PRETRAINED_ARCHS:
+            raise ConfigError(
+                f"tiny model: no pre-trained weights for {arch!r} (only {', '.join(PRETRAINED_ARCHS)})"
+            )
+        return _copy_pretrained(arch, Path(out_dir))
     import torch
 
     out_dir = Path(out_dir)
@@ -87,6 +106,53 @@ def build_tiny(arch: str, out_dir: Path, seed: int = 0) -> Path:
         json.dumps({"arch": arch, "seed": seed}) + "\n", encoding="utf-8"
     )
     return out_dir
+
+
+def _copy_pretrained(arch: str, out_dir: Path) -> Path:
+    if not (PRETRAINED_DIR / "model_index.json").is_file():
+        from sdtune.errors import ConfigError
+
+        raise ConfigError(f"pre-trained tiny model missing at {PRETRAINED_DIR} (make pretrained-base)")
+    if out_dir.exists():
+        _refuse_foreign_out_dir(out_dir)
+        shutil.rmtree(out_dir)
+    shutil.copytree(PRETRAINED_DIR, out_dir)
+    (out_dir / TINY_MARKER).write_text("written by `sdtune models tiny`; replaced on the next build\n")
+    if arch == "sd15-inpaint":
+        _widen_to_inpaint(out_dir)
+    return out_dir
+
+
+def _widen_to_inpaint(model_dir: Path) -> None:
+    """Turn the text-to-image folder into an inpainting one: conv_in takes latents + mask + masked-image
+    latents (9 channels); the 5 new input channels get zero weights, so the model starts as it was."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    old = pipe.unet
+    unet = UNet2DConditionModel.from_config({**old.config, "in_channels": 9})
+    state = old.state_dict()
+    weight = state["conv_in.weight"]
+    state["conv_in.weight"] = torch.cat([weight, weight.new_zeros(weight.shape[0], 5, *weight.shape[2:])], 1)
+    unet.load_state_dict(state)
+    inpaint = StableDiffusionInpaintPipeline(
+        unet=unet.eval(),
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
+        path = model_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    inpaint.save_pretrained(model_dir, safe_serialization=True)
+    meta = json.loads((model_dir / "sdtune_tiny.json").read_text(encoding="utf-8"))
+    meta["arch"] = "sd15-inpaint"
+    (model_dir / "sdtune_tiny.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def _write_tokenizer(tok_dir: Path):
@@ -214,6 +280,8 @@ def _sd15(tokenizer, seed: int, variant: str = "sd15"):
             skip_prk_steps=True,
             steps_offset=1,
         )
+        # SD 1.5's config says so; without the key DDIMScheduler.from_config would clip latents to ±1.
+        scheduler.register_to_config(clip_sample=False)
     cls = StableDiffusionInpaintPipeline if variant == "sd15-inpaint" else StableDiffusionPipeline
     return cls(
         unet=unet.eval(),

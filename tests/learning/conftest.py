@@ -1,0 +1,112 @@
+"""Learning tests: fine-tune the pre-trained tiny base on the sample robot and measure what was learned.
+
+The subject stage holds 12 training views and 8 held-out views (new poses) of the sample robot at 32 px, the
+resolution the base was pre-trained at. :func:`learn` trains with the real recipe and evaluates with the real
+``sdtune.evaluate``; runs are memoised for the session, so tests that read the same run train it once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from sdtune.data.sample import render_scene
+from sdtune.manifest import Record, StageReport, sha256_file, write_stage
+
+RESOLUTION = 32
+TRAIN_VIEWS, HELD_OUT_VIEWS = 12, 8
+CAPTION = "a photo of sks toy robot"
+
+
+def _square(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side and centre-crop, as ``sdtune.train.data.load_image`` does."""
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def write_subject_stage(out: Path, caption: str = CAPTION) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(TRAIN_VIEWS + HELD_OUT_VIEWS):
+        path = out / f"robot_{i:02d}.png"
+        _square(render_scene(i), RESOLUTION).save(path)
+        records.append(
+            Record(
+                file=path.name,
+                caption=caption,
+                width=RESOLUTION,
+                height=RESOLUTION,
+                sha256=sha256_file(path),
+                source=f"sample://{i}",
+                split="train" if i < TRAIN_VIEWS else "holdout",
+            )
+        )
+    write_stage(out, records, StageReport(stage="caption"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(tmp_path_factory) -> Path:
+    from sdtune.models.tiny import build_tiny
+
+    return build_tiny("sd15", tmp_path_factory.mktemp("learning") / "pretrained", pretrained=True)
+
+
+@pytest.fixture(scope="session")
+def subject_stage(tmp_path_factory) -> Path:
+    return write_subject_stage(tmp_path_factory.mktemp("learning") / "subject")
+
+
+def run_config(base: Path, arch: str = "sd15", **train) -> dict:
+    return {
+        "model": {"base": str(base), "arch": arch},
+        "preprocess": {"resolution": RESOLUTION},
+        "caption": {"trigger": "sks", "class_noun": "toy robot"},
+        "train": {"mixed_precision": "no", "seed": 0, "log_every": 50, "checkpoint_every": 0, **train},
+        "evaluate": {
+            "prompts": ["a photo of {trigger} {class_noun}"],
+            "seeds": [0],
+            "num_inference_steps": 15,
+            "guidance_scale": 3.0,
+            "loss_timesteps": [100, 300, 500, 700, 900],
+            "loss_seeds": [0, 1, 2],
+            "image_metric_samples": 8,
+        },
+    }
+
+
+class Learner:
+    """Train + evaluate, memoised by (base, stage, train settings)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.runs: dict[str, dict] = {}
+
+    def __call__(self, base: Path, stage: Path, arch: str = "sd15", **train) -> dict:
+        from sdtune.config import RunConfig
+        from sdtune.evaluate import evaluate
+        from sdtune.train import run
+
+        key = json.dumps([str(base), str(stage), arch, train], sort_keys=True)
+        if key not in self.runs:
+            folder = self.root / f"run{len(self.runs):02d}"
+            cfg = RunConfig.model_validate(run_config(base, arch, **train))
+            (folder).mkdir(parents=True)
+            (folder / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
+            run(cfg, stage, folder / "train")
+            metrics = evaluate(cfg, str(base), folder / "train", stage, folder / "eval")
+            summary = json.loads((folder / "train" / "train_summary.json").read_text())
+            self.runs[key] = {**metrics, "summary": summary, "dir": folder}
+        return self.runs[key]
+
+
+@pytest.fixture(scope="session")
+def learn(tmp_path_factory) -> Learner:
+    return Learner(tmp_path_factory.mktemp("learning-runs"))
