@@ -17,7 +17,7 @@ REGISTRY ?= ghcr.io/sdtune
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv run test test-fast fuzz lint format compile manifests-check images bench clean pretrained-base
+.PHONY: help venv run test test-learning test-fast fuzz lint format compile manifests-check images bench clean pretrained-base
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ run: $(STAMP) $(TINY_MODEL)/model_index.json $(SAMPLE_DATA)/.complete  ## run th
 
 test: $(STAMP)  ## run the test suite (CPU)
 	$(PY) -m pytest -q
+
+test-learning: $(STAMP)  ## fine-tune the pre-trained tiny base and check each method learns the subject
+	SDTUNE_LEARNING_TESTS=1 $(PY) -m pytest -q tests/learning
 
 test-fast: $(STAMP)  ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"

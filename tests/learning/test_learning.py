@@ -1,12 +1,13 @@
 """Each method learns the sample robot on the pre-trained tiny base, and the same checks fail when it cannot.
 
+Opt-in (`make test-learning`) until the shipped base is prompt-conditional enough to pass them: today it is
+not (docs/evaluation.md), and this test fails with "specificity … < 0.15".
+
 Numbers are relative changes of the held-out denoising loss (tuned / base − 1, on the 8 held-out views, same
 noise for both) and of the colour-histogram distance of samples to those views (``sdtune.evaluate``).
 """
 
 from __future__ import annotations
-
-import pytest
 
 from tests.learning.conftest import Learner
 
@@ -25,11 +26,6 @@ def lora_failures(m: dict) -> list[str]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped base is only weakly prompt-conditional (see its MODEL_CARD.md): measured specificity "
-    "~0.2 %, samples no closer to the subject; turns into a failure (strict) once a better base passes",
-)
 def test_lora_learns_the_subject(learn: Learner, pretrained_base, subject_stage):
     m = learn(pretrained_base, subject_stage, **LORA)
     assert lora_failures(m) == [], m
