@@ -89,15 +89,15 @@ def caption_gap(
 ) -> dict[str, float]:
     from diffusers import DDPMScheduler
 
-    from sdtune.train import data as D
+    from sdtune.models.text import tokenize
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pixels = pixels_of(images)
     latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
     captions = [f"a photo of a {s.colour} {s.obj}" for s in scenes]
-    ids = D.tokenize(pipe.tokenizer, captions)
+    ids = tokenize(pipe.tokenizer, captions)
     with_caption = pipe.text_encoder(ids)[0]
-    empty = pipe.text_encoder(D.tokenize(pipe.tokenizer, [""]))[0].expand_as(with_caption)
+    empty = pipe.text_encoder(tokenize(pipe.tokenizer, [""]))[0].expand_as(with_caption)
     losses = {"caption": 0.0, "empty": 0.0}
     for seed in noise_seeds:
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))

@@ -19,6 +19,7 @@ from PIL import Image
 from sdtune.config import RunConfig
 from sdtune.errors import DatasetError
 from sdtune.manifest import Record, read_manifest
+from sdtune.models.text import tokenize
 
 
 def train_records(cfg: RunConfig, data_dir: Path, split: str = "train") -> list[Record]:
@@ -84,16 +85,6 @@ def encode_images(
 def encode_image_files(vae, paths: list[Path], resolution: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The latent distribution (mean, std) of each image file, at ``resolution`` (fp32 VAE)."""
     return encode_images(vae, torch.stack([load_image(p, resolution) for p in paths]), device)
-
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
 
 
 def tokenize_prompts(parts, prompts: list[str]) -> dict[str, torch.Tensor]:
