@@ -288,7 +288,9 @@ def _train_in_task(
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.yaml"
         config_path.write_text(config_yaml, encoding="utf-8")
-        return launch_training(config_path, data_dir, out_dir, cfg.train.num_processes, mlflow_run_id)
+        return launch_training(
+            config_path, data_dir, out_dir, cfg.train.num_processes, mlflow_run_id, cfg=cfg
+        )
 
 
 def _train_as_job(

@@ -32,24 +32,25 @@ def sdtune_home() -> Path:
     return Path(os.environ.get("SDTUNE_HOME", DEFAULT_HOME)).resolve()
 
 
-def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
+def embedded_uri() -> str:
     return f"sqlite:///{sdtune_home() / 'mlflow.db'}"
 
 
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri()
+
+
 def uses_embedded_store() -> bool:
-    return not os.environ.get("MLFLOW_TRACKING_URI")
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: our own sqlite URI there is still the embedded store.
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return not uri or uri == embedded_uri()
 
 
 def ui_command() -> str:
-    """The command a person runs to look at what was tracked."""
+    """The command a person runs to look at what was tracked: artifacts live where each experiment says
+    (``$SDTUNE_HOME/mlartifacts`` for the embedded store), so only the store needs naming."""
     if uses_embedded_store():
-        home = sdtune_home()
-        return (
-            f"mlflow ui --backend-store-uri {tracking_uri()} --default-artifact-root {home / 'mlartifacts'}"
-        )
+        return f"mlflow ui --backend-store-uri {tracking_uri()}"
     return f"open {tracking_uri()}"
 
 
