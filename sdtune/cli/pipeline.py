@@ -183,7 +183,7 @@ def _prepare_tracking(experiment: str) -> str:
     try:
         with open(home / ".tracking.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            client = tracking._client()
+            client = tracking.mlflow_client()
             if client.get_experiment_by_name(experiment) is None:
                 location = (home / "mlartifacts").as_uri() if embedded else None
                 client.create_experiment(experiment, artifact_location=location)

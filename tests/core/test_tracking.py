@@ -82,7 +82,7 @@ def test_embedded_store_stays_embedded_after_mlflow_exports_its_uri(sdtune_home,
     """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; the embedded store must not then pass for a
     server (artifacts would land in ./mlruns of whatever folder a step ran in, and `mlflow ui` would not find them)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracking._client()
+    tracking.mlflow_client()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.embedded_uri())  # what MLflow leaves behind
     assert tracking.uses_embedded_store()
     experiment_id = tracking.ensure_experiment("exp-embedded")
