@@ -35,7 +35,7 @@ class RunRow:
 
 
 def list_runs(experiment: str, max_results: int = 50, sweep_id: str | None = None) -> list[RunRow]:
-    client = tracking._client()
+    client = tracking.mlflow_client()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
@@ -84,7 +84,7 @@ def resolve_run_ids(ids: list[str]) -> list[str]:
     """Full run ids for the given ids or unique prefixes of them (``runs list`` prints 8 characters)."""
     from sdtune.errors import UsageError
 
-    client = tracking._client()
+    client = tracking.mlflow_client()
     known: list[str] | None = None
     resolved = []
     for given in ids:
@@ -119,7 +119,7 @@ def _parent_run_ids(client: Any) -> list[str]:
 
 
 def get_rows(run_ids: list[str]) -> list[RunRow]:
-    client = tracking._client()
+    client = tracking.mlflow_client()
     rows = []
     for run_id in resolve_run_ids(run_ids):
         run = client.get_run(run_id)
@@ -150,7 +150,7 @@ def grid_png(row: RunRow, dest: Path) -> Path | None:
     run_id = row.children.get("evaluate")
     if not run_id:
         return None
-    client = tracking._client()
+    client = tracking.mlflow_client()
     steps = [a.path for a in client.list_artifacts(run_id, "samples") if a.is_dir]
     if not steps:
         return None

@@ -67,7 +67,7 @@ def fetch_registered(uri: str, into: Path) -> tuple[RunConfig, Path]:
 
     from sdtune import tracking
 
-    tracking._client()  # points MLflow at the configured store
+    tracking.mlflow_client()  # points MLflow at the configured store
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into)))
     except MlflowException as exc:

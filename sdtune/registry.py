@@ -126,7 +126,7 @@ def register_model(
     import mlflow
     import mlflow.pyfunc
 
-    client = tracking._client()
+    client = tracking.mlflow_client()
     name = cfg.register.model_name
     stored = cfg.storable()
     model_config = {"config": stored.to_param(), "base_model": stored.model.base, "method": cfg.train.method}

@@ -53,7 +53,7 @@ def finish_run(config_yaml: str, kfp_run_id: str, pipeline_state: str, error: st
     succeeded = pipeline_state.upper() == "SUCCEEDED"
     if not succeeded:
         reason = tracking.failed_step_error(run_id) or error or f"pipeline {pipeline_state.lower()}"
-        tracking.StepRun(tracking._client(), run_id).set_tags({"sdtune.error": reason[:5000]})
+        tracking.StepRun(tracking.mlflow_client(), run_id).set_tags({"sdtune.error": reason[:5000]})
     tracking.finish_run(run_id, "FINISHED" if succeeded else "FAILED")
     return run_id
 
@@ -66,7 +66,7 @@ def close_interrupted_run(experiment: str, local_run: str, interrupted_ms: int) 
     parent_id = tracking.find_parent_run_by_tag(experiment, LOCAL_RUN_TAG, local_run)
     if parent_id is None:
         return None, {}
-    client = tracking._client()
+    client = tracking.mlflow_client()
     parent = client.get_run(parent_id)
     children = client.search_runs(
         [parent.info.experiment_id],
@@ -288,7 +288,9 @@ def _train_in_task(
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.yaml"
         config_path.write_text(config_yaml, encoding="utf-8")
-        return launch_training(config_path, data_dir, out_dir, cfg.train.num_processes, mlflow_run_id)
+        return launch_training(
+            config_path, data_dir, out_dir, cfg.train.num_processes, mlflow_run_id, cfg=cfg
+        )
 
 
 def _train_as_job(
@@ -365,7 +367,9 @@ def evaluate_step(
         run.log_artifact(out_dir / "grid.png", f"samples/step_{cfg.train.max_steps:06d}")
         run.log_artifact(out_dir / "metrics.json", "evaluation")
     if parent_run_id:
-        tracking.StepRun(tracking._client(), parent_run_id).log_metrics(numeric, step=cfg.train.max_steps)
+        tracking.StepRun(tracking.mlflow_client(), parent_run_id).log_metrics(
+            numeric, step=cfg.train.max_steps
+        )
     return numeric
 
 
@@ -383,13 +387,13 @@ def register_step(
         result = register_model(cfg, Path(model_dir), numeric, run_id=run.run_id)
         run.set_tags({"sdtune.model_name": result["name"], "sdtune.model_version": str(result["version"])})
         run.set_tags(result.pop("gate_tags"))
-    if parent_run_id:  # so `sdtune runs list` can mark the champion without walking every child
-        tags = {"sdtune.model_name": result["name"], "sdtune.model_version": str(result["version"])}
-        tracking.StepRun(tracking._client(), parent_run_id).set_tags(tags)
         gate_values = {
             k: result["gate"][k] for k in ("candidate", "champion") if result["gate"][k] is not None
         }
-        run.log_metrics({f"gate_{k}": v for k, v in gate_values.items()})
+        run.log_metrics({f"gate_{k}": v for k, v in gate_values.items()})  # while the step run is open
+    if parent_run_id:  # so `sdtune runs list` can mark the champion without walking every child
+        tags = {"sdtune.model_name": result["name"], "sdtune.model_version": str(result["version"])}
+        tracking.StepRun(tracking.mlflow_client(), parent_run_id).set_tags(tags)
     return {
         **result,
         "parent_run_id": parent_run_id,

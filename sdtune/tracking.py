@@ -32,28 +32,29 @@ def sdtune_home() -> Path:
     return Path(os.environ.get("SDTUNE_HOME", DEFAULT_HOME)).resolve()
 
 
-def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
+def embedded_uri() -> str:
     return f"sqlite:///{sdtune_home() / 'mlflow.db'}"
 
 
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri()
+
+
 def uses_embedded_store() -> bool:
-    return not os.environ.get("MLFLOW_TRACKING_URI")
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: our own sqlite URI there is still the embedded store.
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return not uri or uri == embedded_uri()
 
 
 def ui_command() -> str:
-    """The command a person runs to look at what was tracked."""
+    """The command a person runs to look at what was tracked: artifacts live where each experiment says
+    (``$SDTUNE_HOME/mlartifacts`` for the embedded store), so only the store needs naming."""
     if uses_embedded_store():
-        home = sdtune_home()
-        return (
-            f"mlflow ui --backend-store-uri {tracking_uri()} --default-artifact-root {home / 'mlartifacts'}"
-        )
+        return f"mlflow ui --backend-store-uri {tracking_uri()}"
     return f"open {tracking_uri()}"
 
 
-def _client():
+def mlflow_client():
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -66,7 +67,7 @@ def _client():
 
 
 def ensure_experiment(name: str) -> str:
-    client = _client()
+    client = mlflow_client()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -123,7 +124,7 @@ def start_parent_run(
     experiment: str, run_name: str, config: Mapping[str, Any], tags: Mapping[str, str] | None = None
 ) -> str:
     """Create the pipeline run's parent MLflow run and return its id (left RUNNING; steps nest under it)."""
-    client = _client()
+    client = mlflow_client()
     experiment_id = ensure_experiment(experiment)
     all_tags = {**run_tags(), **(tags or {}), "sdtune.role": "parent"}
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
@@ -139,7 +140,7 @@ def find_parent_run(experiment: str, kfp_run_id: str) -> str | None:
 
 def find_parent_run_by_tag(experiment: str, tag: str, value: str) -> str | None:
     """The oldest parent run whose ``tag`` equals ``value`` (oldest: if a race ever created two)."""
-    client = _client()
+    client = mlflow_client()
     found = client.get_experiment_by_name(experiment)
     if found is None or not value:
         return None
@@ -154,7 +155,7 @@ def find_parent_run_by_tag(experiment: str, tag: str, value: str) -> str | None:
 
 def failed_step_error(parent_run_id: str) -> str | None:
     """The error recorded by the first failed step under a parent run, if any."""
-    client = _client()
+    client = mlflow_client()
     parent = client.get_run(parent_run_id)
     children = client.search_runs(
         [parent.info.experiment_id],
@@ -169,7 +170,7 @@ def failed_step_error(parent_run_id: str) -> str | None:
 
 def latest_parent_run(experiment: str, since_ms: int) -> str | None:
     """The newest parent run started after ``since_ms`` (how a local runner finds the run it started)."""
-    client = _client()
+    client = mlflow_client()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
@@ -183,7 +184,7 @@ def latest_parent_run(experiment: str, since_ms: int) -> str | None:
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
-    _client().set_terminated(run_id, status=status)
+    mlflow_client().set_terminated(run_id, status=status)
 
 
 class StepRun:
@@ -238,7 +239,7 @@ def step_run(parent_run_id: str | None, step: str, experiment: str = "sdtune") -
     if not parent_run_id:
         yield StepRun(None, None)
         return
-    client = _client()
+    client = mlflow_client()
     parent = client.get_run(parent_run_id)
     run = client.create_run(
         parent.info.experiment_id,
@@ -324,7 +325,7 @@ class MLflowLogger:
         spool_dir: str | Path | None = None,
     ):
         self.run_id = run_id
-        self._client = _client()
+        self._client = mlflow_client()
         self._metrics: list[Any] = []
         self._artifacts: list[tuple[str, str | None]] = []
         self._flush_every = flush_every

@@ -169,10 +169,7 @@ def _check_local_inputs(cfg: RunConfig) -> None:
 def _prepare_tracking(experiment: str) -> str:
     """Create the tracking store and the experiment once, under a lock, before any task starts: two runs
     starting together would otherwise both create the sqlite schema (and one fail). Returns the command
-    that shows what is tracked.
-
-    Both are decided before MLflow is first called: its ``set_tracking_uri`` exports
-    ``MLFLOW_TRACKING_URI``, after which the embedded store looks like a server."""
+    that shows what is tracked."""
     import fcntl
     import logging
 
@@ -180,13 +177,13 @@ def _prepare_tracking(experiment: str) -> str:
 
     for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
         logging.getLogger(name).setLevel(logging.WARNING)
-    embedded, ui = tracking.uses_embedded_store(), ui_command()
+    embedded, ui = tracking.uses_embedded_store(), tracking.ui_command()
     home = tracking.sdtune_home()
     home.mkdir(parents=True, exist_ok=True)
     try:
         with open(home / ".tracking.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            client = tracking._client()
+            client = tracking.mlflow_client()
             if client.get_experiment_by_name(experiment) is None:
                 location = (home / "mlartifacts").as_uri() if embedded else None
                 client.create_experiment(experiment, artifact_location=location)
@@ -246,16 +243,6 @@ def _wait_for_children(timeout_s: float = 30.0) -> None:
     for child in alive:
         with contextlib.suppress(psutil.Error):
             child.kill()
-
-
-def ui_command() -> str:
-    """The command that shows what was tracked: artifacts live where each experiment says, so only the
-    store needs naming."""
-    from sdtune import tracking
-
-    if tracking.uses_embedded_store():
-        return f"mlflow ui --backend-store-uri {tracking.tracking_uri()}"
-    return f"open {tracking.tracking_uri()}"
 
 
 def _task_output(run_dir: Path, task: str) -> dict:

@@ -106,7 +106,7 @@ def run_sweep_local(
         reason = None
         run_id = sweep_tracking.find_sweep_run(cfg.tracking.experiment, sweep_id)
         if run_id:
-            tags = tracking._client().get_run(run_id).data.tags
+            tags = tracking.mlflow_client().get_run(run_id).data.tags
             reason = tags.get("sdtune.sweep.error") or tracking.failed_step_error(run_id)
         reason = reason or (_strip_ansi(str(exc).splitlines()[0]) if str(exc) else "sweep failed")
         raise PipelineError(
@@ -163,7 +163,7 @@ def _sweep_settings(experiment: str, sweep_id: str) -> tuple[str, dict[str, str]
     run_id = sweep_tracking.find_sweep_run(experiment, sweep_id)
     if run_id is None:
         raise UsageError(f"no sweep {sweep_id!r} in experiment {experiment!r} (see `sdtune sweeps list`)")
-    run = tracking._client().get_run(run_id)
+    run = tracking.mlflow_client().get_run(run_id)
     return run_id, dict(run.data.params), dict(run.data.tags)
 
 
@@ -308,7 +308,7 @@ def register(app: typer.Typer) -> None:
         """
         from sdtune import tracking
 
-        client = tracking._client()
+        client = tracking.mlflow_client()
         found = client.get_experiment_by_name(experiment)
         runs = (
             []

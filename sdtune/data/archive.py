@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
+from sdtune.config import IngestConfig
 from sdtune.data.items import Item, Skip, is_junk_name, read_capped, sidecar_text
 from sdtune.data.reasons import SkipItem
 from sdtune.errors import DatasetError
@@ -138,3 +139,12 @@ def _read_caption(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | None:
 
 def _printable(name: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in name)
+
+
+def zip_limits(cfg: IngestConfig) -> ZipLimits:
+    return ZipLimits(
+        max_entries=cfg.zip_max_entries,
+        max_total_bytes=cfg.zip_max_total_bytes,
+        max_ratio=cfg.zip_max_ratio,
+        max_member_bytes=cfg.max_image_bytes,
+    )

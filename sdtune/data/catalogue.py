@@ -79,7 +79,7 @@ def _item_for(
         return Item(strip_credentials(value), s3_uri_reader(value, cfg), caption=caption)
     if "://" in value:
         return Skip(strip_credentials(value), "bad_row", "unsupported URL scheme")
-    from sdtune.data.sources import file_reader
+    from sdtune.data.localfiles import file_reader
 
     # Relative paths resolve inside the catalogue's folder only: a shared catalogue must not read /etc.
     label = printable(value)

@@ -94,8 +94,7 @@ def policy_from_config(cfg: IngestConfig, max_bytes: int) -> FetchPolicy:
 
 def iter_url(url: str, cfg: IngestConfig) -> Iterator[Item | Skip]:
     """A URL source: a zip (unpacked like a local one) or a single image."""
-    from sdtune.data.archive import iter_zip
-    from sdtune.data.sources import zip_limits
+    from sdtune.data.archive import iter_zip, zip_limits
 
     label = strip_credentials(url)
     with tempfile.TemporaryFile() as spool:  # on disk: a zip may be far bigger than memory should hold

@@ -7,23 +7,21 @@ what is obviously not an image (junk, symlinks, nested archives) and reading is 
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from sdtune.config import IngestConfig
-from sdtune.data.archive import NESTED_ARCHIVE_SUFFIXES, ZipLimits, iter_zip
+from sdtune.data.archive import NESTED_ARCHIVE_SUFFIXES, iter_zip, zip_limits
 from sdtune.data.items import (
     Item,
     Skip,
     is_junk_name,
     printable,
-    read_capped,
     sidecar_text,
     strip_credentials,
 )
-from sdtune.data.reasons import SkipItem
+from sdtune.data.localfiles import file_kind, file_reader
 from sdtune.errors import DatasetError
 
 CATALOGUE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
@@ -32,15 +30,6 @@ CATALOGUE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
 def s3_source_buckets(sources: list[str]) -> frozenset[str]:
     """The buckets a run's ``s3://`` sources read: catalogue rows may read these too."""
     return frozenset(urlsplit(s).netloc for s in sources if s.startswith("s3://"))
-
-
-def zip_limits(cfg: IngestConfig) -> ZipLimits:
-    return ZipLimits(
-        max_entries=cfg.zip_max_entries,
-        max_total_bytes=cfg.zip_max_total_bytes,
-        max_ratio=cfg.zip_max_ratio,
-        max_member_bytes=cfg.max_image_bytes,
-    )
 
 
 def iter_source(
@@ -67,7 +56,7 @@ def iter_source(
     if path.is_dir():
         yield from iter_folder(path, cfg)
     elif not path.is_file():
-        kind = _file_kind(path) if os.path.lexists(path) else None
+        kind = file_kind(path) if os.path.lexists(path) else None
         if kind:
             raise DatasetError(f"source {printable(str(path))} is a {kind}, not a file or folder")
         raise DatasetError(f"source not found: {printable(str(path))}")
@@ -97,7 +86,7 @@ def iter_folder(root: Path, cfg: IngestConfig) -> Iterator[Item | Skip]:
         for name in sorted(filenames + pruned):
             path = here / name
             label = printable(str(path))
-            kind = _file_kind(path)
+            kind = file_kind(path)
             if kind == "symlink":
                 yield Skip(label, "symlink", "symbolic link, not followed")
             elif kind != "file" and name not in pruned:
@@ -115,49 +104,6 @@ def iter_folder(root: Path, cfg: IngestConfig) -> Iterator[Item | Skip]:
                 yield Skip(label, "nested_archive", "archives inside a folder source are not unpacked")
             else:
                 yield Item(label, file_reader(path, cfg.max_image_bytes), caption=_sidecar(path))
-
-
-def _file_kind(path: Path) -> str:
-    """``file``, ``symlink``, ``folder``, or what a special file is (``FIFO``, ``socket``, ``device``)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return "file"  # vanished since listing: the reader reports it as unreadable
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    return _kind_of_mode(mode)
-
-
-def _kind_of_mode(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "folder"
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    return "device"
-
-
-def file_reader(path: Path, cap: int):
-    def read() -> bytes:
-        # O_NONBLOCK: opening a named pipe must not wait for a writer; only regular files are read.
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            raise SkipItem("unreadable", exc.strerror or type(exc).__name__) from None
-        with os.fdopen(fd, "rb") as fh:
-            kind = _kind_of_mode(os.fstat(fd).st_mode)
-            if kind != "file":
-                raise SkipItem("special_file", f"{kind}, not a regular file")
-            os.set_blocking(fd, True)
-            try:
-                return read_capped(fh, cap)
-            except OSError as exc:
-                raise SkipItem("unreadable", exc.strerror or type(exc).__name__) from None
-
-    return read
 
 
 def _sidecar(path: Path) -> str | None:

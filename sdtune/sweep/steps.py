@@ -85,7 +85,7 @@ def register_best_step(config: str, sweep_run_id: str, best: str | dict) -> dict
     if not result.train_run_id:  # a result read back from MLflow (Katib trials) carries only its own run
         result.train_run_id = sweep_tracking.child_run_ids(result.run_id).get("train", "")
     cfg = trial_config(config_from_yaml(config), Trial(result.index, result.overrides))
-    client = tracking._client()
+    client = tracking.mlflow_client()
     with tempfile.TemporaryDirectory(prefix="sdtune-best-") as tmp:
         model_dir = Path(client.download_artifacts(result.train_run_id, "model", tmp))
         evaluation = Path(tmp) / "evaluation"

@@ -62,7 +62,7 @@ def start_sweep_run(
         config=cfg.model_dump(mode="json"),
         tags=tags,
     )
-    tracking.StepRun(tracking._client(), run_id).log_params(sweep_params(cfg))
+    tracking.StepRun(tracking.mlflow_client(), run_id).log_params(sweep_params(cfg))
     return run_id
 
 
@@ -73,7 +73,7 @@ def find_sweep_run(experiment: str, sweep_id: str) -> str | None:
 
 def open_trial_run(sweep_run_id: str, trial: Trial, cfg: RunConfig | None, sweep_id: str = "") -> str:
     """Create the trial's run under the sweep parent; ``cfg`` None when the trial config itself is invalid."""
-    client = tracking._client()
+    client = tracking.mlflow_client()
     parent = client.get_run(sweep_run_id)
     sweep_id = sweep_id or parent.data.tags.get(SWEEP_TAG, "")
     tags = {
@@ -97,7 +97,7 @@ def open_trial_run(sweep_run_id: str, trial: Trial, cfg: RunConfig | None, sweep
 
 
 def close_trial_run(run_id: str, result: TrialResult) -> None:
-    client = tracking._client()
+    client = tracking.mlflow_client()
     if result.error:
         client.set_tag(run_id, "sdtune.error", result.error[:5000])
     client.set_tag(run_id, "sdtune.trial_status", result.status)
@@ -106,7 +106,7 @@ def close_trial_run(run_id: str, result: TrialResult) -> None:
 
 def mark_best(sweep_run_id: str, best: TrialResult, results: list[TrialResult], metric: str) -> None:
     """Tag the best trial and copy its metrics (and the sweep's counts) onto the parent run."""
-    client = tracking._client()
+    client = tracking.mlflow_client()
     parent = tracking.StepRun(client, sweep_run_id)
     for result in results:
         if result.run_id:
@@ -120,7 +120,7 @@ def mark_best(sweep_run_id: str, best: TrialResult, results: list[TrialResult], 
 
 def trial_rows(experiment: str, sweep_id: str) -> list[TrialResult]:
     """The trials of a sweep as recorded in MLflow (what `sdtune sweep show` prints)."""
-    client = tracking._client()
+    client = tracking.mlflow_client()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
@@ -154,7 +154,7 @@ def grid_png_bytes(evaluate_run_id: str, max_steps: int | None = None) -> bytes 
 
     if not evaluate_run_id:
         return None
-    client = tracking._client()
+    client = tracking.mlflow_client()
     try:
         steps = sorted(a.path for a in client.list_artifacts(evaluate_run_id, "samples") if a.is_dir)
         if not steps:
@@ -167,15 +167,15 @@ def grid_png_bytes(evaluate_run_id: str, max_steps: int | None = None) -> bytes 
 
 
 def child_run_ids(run_id: str) -> dict[str, str]:
-    client = tracking._client()
+    client = tracking.mlflow_client()
     run = client.get_run(run_id)
     children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
     return {c.info.run_name: c.info.run_id for c in children}
 
 
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
-    tracking.StepRun(tracking._client(), run_id).log_text(text, artifact_file)
+    tracking.StepRun(tracking.mlflow_client(), run_id).log_text(text, artifact_file)
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
-    tracking.StepRun(tracking._client(), run_id).set_tags({k: str(v) for k, v in tags.items()})
+    tracking.StepRun(tracking.mlflow_client(), run_id).set_tags({k: str(v) for k, v in tags.items()})

@@ -127,7 +127,7 @@ def test_runs_compare_takes_the_ids_runs_list_prints(capsys, sdtune_home, monkey
     for run_id in (first, second):
         metrics = {"loss_tuned_trigger": 0.5, "loss_base_trigger": 0.6, "loss_delta_class": 0.1}
         metrics |= {"fidelity_clip_score": 0.3, "loss_tuned_class": 0.4, "loss_delta_trigger": -0.1}
-        tracking.StepRun(tracking._client(), run_id).log_metrics(metrics)
+        tracking.StepRun(tracking.mlflow_client(), run_id).log_metrics(metrics)
     monkeypatch.setattr(runs.console, "width", 100)
     code, out, _ = _run(capsys, "runs", "list")
     assert code == 0 and first[:8] in out and second[:8] in out

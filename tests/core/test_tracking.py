@@ -76,3 +76,18 @@ def test_jsonl_and_composite_logger(tmp_path):
         {"step": 1, "loss": 1.25},
         {"step": 2, "loss": 1.0},
     ]
+
+
+def test_embedded_store_stays_embedded_after_mlflow_exports_its_uri(sdtune_home, monkeypatch):
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; the embedded store must not then pass for a
+    server (artifacts would land in ./mlruns of whatever folder a step ran in, and `mlflow ui` would not find them)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.mlflow_client()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.embedded_uri())  # what MLflow leaves behind
+    assert tracking.uses_embedded_store()
+    experiment_id = tracking.ensure_experiment("exp-embedded")
+    location = MlflowClient(tracking.tracking_uri()).get_experiment(experiment_id).artifact_location
+    assert location == (tracking.sdtune_home() / "mlartifacts").as_uri()
+    assert tracking.ui_command() == f"mlflow ui --backend-store-uri {tracking.embedded_uri()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert not tracking.uses_embedded_store()

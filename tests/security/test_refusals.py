@@ -284,8 +284,8 @@ def test_named_pipe_in_a_folder_is_skipped_not_read(tmp_path):
     os.mkfifo(src / "pipe.png")  # reading it would block for ever: no writer
     result = ingest([str(src)], tmp_path / "out", IngestConfig(min_images=2, near_duplicate_distance=None))
     assert result.report.reasons == {"special_file": 1}
+    from sdtune.data.localfiles import file_reader
     from sdtune.data.reasons import SkipItem
-    from sdtune.data.sources import file_reader
 
     with pytest.raises(SkipItem, match="special_file"):  # the reader checks again after opening
         file_reader(src / "pipe.png", 1000)()

@@ -56,3 +56,31 @@ def test_champion_changes_only_for_a_better_candidate(sdtune_home, tmp_path):
     assert str(client().get_model_version_by_alias("gated", "champion").version) == "4"
     tags = client().get_model_version("gated", "4").tags
     assert tags["gate.decision"] == "promoted" and float(tags["metric.loss_tuned_trigger"]) == 0.4
+
+
+def test_register_step_logs_gate_metrics_while_its_run_is_open(sdtune_home, tmp_path):
+    import json
+
+    import mlflow
+    import yaml
+
+    from sdtune.steps import register_step
+
+    mlflow.set_registry_uri(tracking.tracking_uri())
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    evaluation = tmp_path / "evaluation"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps({"loss_tuned_trigger": 0.5}))
+    config = {"name": "gate-step", "register": {"model_name": "gated-step"}}
+    parent = tracking.start_parent_run("sdtune", "gate-step", {})
+    register_step(yaml.safe_dump(config), parent, model_dir, evaluation)
+
+    client = MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
+    [run] = client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
+    assert run.info.status == "FINISHED"
+    [metric] = client.get_metric_history(run.info.run_id, "gate_candidate")
+    assert metric.value == 0.5 and metric.timestamp <= run.info.end_time

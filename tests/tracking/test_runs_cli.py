@@ -17,7 +17,7 @@ def _pipeline_like_run(tmp_path, name: str, lr: str, loss: float) -> str:
     with tracking.step_run(parent, "evaluate") as run:
         run.log_metrics({"loss_tuned_trigger": loss})
         run.log_artifact(grid, "samples/step_000010")
-    tracking.StepRun(tracking._client(), parent).log_metrics({"loss_tuned_trigger": loss})
+    tracking.StepRun(tracking.mlflow_client(), parent).log_metrics({"loss_tuned_trigger": loss})
     tracking.finish_run(parent)
     return parent
 
