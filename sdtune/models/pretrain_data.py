@@ -43,7 +43,7 @@ HELD_OUT = {
 RENDER_SCALE = 4  # draw at 4× and downsample with a filter, as preprocessing does to a large photo
 
 # Every caption names the colour and the background: captions that sometimes leave the colour out or
-# describe unnamed scenery taught the text encoder far less (colour accuracy 37 % vs ~90 %).
+# describe unnamed scenery are a harder mapping to learn in a CPU-sized budget.
 _TEMPLATES = (
     "{c} {n}, {b} background",
     "{c} {n}, {b} background",
