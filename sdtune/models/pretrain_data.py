@@ -1,11 +1,10 @@
 """The pre-training domain of the tiny base: coloured shapes and generic toy robots, captioned by what is drawn.
 
 Each picture is one object — a ``circle``, ``square``, ``triangle`` or ``toy robot`` — in one of
-:data:`COLOURS`, scaled, rotated and placed like the sample dataset's subject, on either a plain named
-background (:data:`BACKGROUNDS`, named in the caption) or unnamed scenery (a gradient, a floor and a little
-clutter, as in the sample photos). Captions vary their template ("a photo of a red square", "red square,
-gray background", "a photo of toy robot", …) so that the words the personalisation prompts use ("a photo
-of", the class noun "toy robot") carry meaning before fine-tuning.
+:data:`COLOURS`, scaled, rotated and placed like the sample dataset's subject, on a plain named
+background (:data:`BACKGROUNDS`). Every caption names colour, object and background, colour first ("red
+square, gray background", "a photo of a red square, gray background"): the text encoder learns what each
+word draws, the class noun "toy robot" among them, before fine-tuning.
 
 The sample dataset's subject (orange body, teal head, white star: :data:`sdtune.data.sample.SUBJECT_PALETTE`)
 is never drawn here: a generic robot has one colour for body and head and no star, and the trigger word never
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from sdtune.data.sample import DARK, draw_robot, muted_colour
+from sdtune.data.sample import DARK, draw_robot
 
 COLOURS = {
     "red": (220, 30, 40),
@@ -43,22 +42,22 @@ HELD_OUT = {
 }
 RENDER_SCALE = 4  # draw at 4× and downsample with a filter, as preprocessing does to a large photo
 
-_WITH_COLOUR = (
-    "a photo of a {c} {n}",
-    "a photo of {c} {n}",
-    "a {c} {n}",
-    "a picture of a {c} {n}",
-    "{c} {n}",
+# Every caption names the colour and the background: captions that sometimes leave the colour out or
+# describe unnamed scenery are a harder mapping to learn in a CPU-sized budget.
+_TEMPLATES = (
+    "{c} {n}, {b} background",
+    "{c} {n}, {b} background",
+    "{c} {n}, {b} background",
+    "a {c} {n} on a {b} background",
+    "a photo of a {c} {n}, {b} background",
 )
-_WITHOUT_COLOUR = ("a photo of {n}", "a photo of a {n}", "a {n}", "a picture of a {n}")
-_WITH_BACKGROUND = ("{x}, {b} background", "{x} on a {b} background")
 
 
 @dataclass(frozen=True)
 class Scene:
     colour: str
     obj: str
-    background: str | None  # a name of BACKGROUNDS, or None for unnamed scenery
+    background: str  # a name of BACKGROUNDS
 
 
 def training_pairs() -> list[tuple[str, str]]:
@@ -67,19 +66,12 @@ def training_pairs() -> list[tuple[str, str]]:
 
 def random_scene(rng: random.Random, pairs: list[tuple[str, str]] | None = None) -> Scene:
     colour, obj = rng.choice(pairs or training_pairs())
-    background = rng.choice(list(BACKGROUNDS)) if rng.random() < 0.6 else None
-    return Scene(colour, obj, background)
+    return Scene(colour, obj, rng.choice(list(BACKGROUNDS)))
 
 
 def caption(scene: Scene, rng: random.Random) -> str:
-    """One caption of ``scene`` in a random template; the colour is left out of 15 % of them."""
-    if rng.random() < 0.15:
-        text = rng.choice(_WITHOUT_COLOUR).format(n=scene.obj)
-    else:
-        text = rng.choice(_WITH_COLOUR).format(c=scene.colour, n=scene.obj)
-    if scene.background and rng.random() < 0.7:
-        text = rng.choice(_WITH_BACKGROUND).format(x=text, b=scene.background)
-    return text
+    """One caption of ``scene``: colour first, then the object, then the background, in a random template."""
+    return rng.choice(_TEMPLATES).format(c=scene.colour, n=scene.obj, b=scene.background)
 
 
 def render(scene: Scene, rng: random.Random, size: int = 32) -> Image.Image:
@@ -95,22 +87,9 @@ def render(scene: Scene, rng: random.Random, size: int = 32) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def _background(name: str | None, size: int, rng: random.Random) -> Image.Image:
-    if name is not None:
-        shade = rng.randint(-12, 12)
-        return Image.new("RGB", (size, size), tuple(min(255, max(0, v + shade)) for v in BACKGROUNDS[name]))
-    # Unnamed scenery: muted gradient, floor, clutter (the colours stay greyish so no subject palette appears).
-    top, bottom = muted_colour(rng), muted_colour(rng)
-    image = Image.new("RGB", (size, size))
-    d = ImageDraw.Draw(image)
-    for y in range(size):
-        t = y / (size - 1)
-        d.line([0, y, size, y], fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bottom, strict=True)))
-    d.rectangle([0, int(size * rng.uniform(0.6, 0.85)), size, size], fill=tuple(c // 2 for c in bottom))
-    for _ in range(rng.randrange(1, 4)):
-        x, y, r = rng.randrange(size), rng.randrange(size), rng.randrange(4, size // 6)
-        d.ellipse([x - r, y - r, x + r, y + r], fill=muted_colour(rng))
-    return image
+def _background(name: str, size: int, rng: random.Random) -> Image.Image:
+    shade = rng.randint(-12, 12)
+    return Image.new("RGB", (size, size), tuple(min(255, max(0, v + shade)) for v in BACKGROUNDS[name]))
 
 
 def _object(scene: Scene, size: int, rng: random.Random) -> Image.Image:
