@@ -111,7 +111,7 @@ def _probe(host: str, token: str | None, cookie: str | None, ca_cert: Path | Non
 SA_TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
-def _client(
+def kfp_client(
     host: str | None, namespace: str | None, token: str | None, cookie: str | None, ca_cert: Path | None
 ):
     if not host and not SA_TOKEN_FILE.is_file():
@@ -135,7 +135,7 @@ def _client(
         from kfp.client import ServiceAccountTokenVolumeCredentials
 
         kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=token_path)
-    with _api_errors(host or "the KFP API"):
+    with api_errors(host or "the KFP API"):
         return kfp.Client(**kwargs)
 
 
@@ -159,7 +159,7 @@ def _read_token(path: str | None) -> str | None:
 
 
 @contextmanager
-def _api_errors(host: str) -> Iterator[None]:
+def api_errors(host: str) -> Iterator[None]:
     """Turn transport and API errors from kfp into one-line sdtune errors."""
     import urllib3
 
@@ -186,7 +186,7 @@ def _api_message(exc: Exception) -> str:
         return str(getattr(exc, "reason", "")) or str(body)[:200]
 
 
-def _run_url(client: Any, run_id: str) -> str:
+def run_url(client: Any, run_id: str) -> str:
     return f"{client._get_url_prefix()}/#/runs/details/{run_id}"
 
 
@@ -232,8 +232,8 @@ def submit_cmd(
 ) -> None:
     """Compile the pipeline for CONFIG and start one run on the cluster; prints the run URL."""
     cfg = load_config(config, overrides or [])
-    client = _client(host, namespace, token, cookie, ssl_ca_cert)
-    with tempfile.TemporaryDirectory() as tmp, _api_errors(host or "the KFP API"), _quiet():
+    client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
+    with tempfile.TemporaryDirectory() as tmp, api_errors(host or "the KFP API"), _quiet():
         pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, namespace)
         exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=namespace)
         result = client.run_pipeline(
@@ -243,7 +243,7 @@ def submit_cmd(
             version_id=version_id,
             service_account=cfg.cluster.service_account,
         )
-    console.print(f"run {result.run_id}: {_run_url(client, result.run_id)}", highlight=False, soft_wrap=True)
+    console.print(f"run {result.run_id}: {run_url(client, result.run_id)}", highlight=False, soft_wrap=True)
 
 
 def schedule_create_cmd(
@@ -271,8 +271,8 @@ def schedule_create_cmd(
     if len(cron.split()) != 6:
         raise ClusterError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 3 * * *'")
     cfg = load_config(config, overrides or [])
-    client = _client(host, namespace, token, cookie, ssl_ca_cert)
-    with tempfile.TemporaryDirectory() as tmp, _api_errors(host or "the KFP API"), _quiet():
+    client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
+    with tempfile.TemporaryDirectory() as tmp, api_errors(host or "the KFP API"), _quiet():
         pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, namespace)
         exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=namespace)
         job = client.create_recurring_run(
@@ -299,8 +299,8 @@ def schedule_list_cmd(
     ssl_ca_cert: CaCertOpt = None,
 ) -> None:
     """List recurring runs (id, status, cron, name)."""
-    client = _client(host, namespace, token, cookie, ssl_ca_cert)
-    with _api_errors(host or "the KFP API"):
+    client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
+    with api_errors(host or "the KFP API"):
         exp_id = (
             client.get_experiment(experiment_name=experiment, namespace=namespace).experiment_id
             if experiment
@@ -325,8 +325,8 @@ def _schedule_action(action: str):
         cookie: CookieOpt = None,
         ssl_ca_cert: CaCertOpt = None,
     ) -> None:
-        client = _client(host, namespace, token, cookie, ssl_ca_cert)
-        with _api_errors(host or "the KFP API"):
+        client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
+        with api_errors(host or "the KFP API"):
             getattr(client, f"{action}_recurring_run")(recurring_run_id)
         console.print(f"recurring run {recurring_run_id}: {action}d", highlight=False)
 
@@ -343,8 +343,8 @@ def status_cmd(
     ssl_ca_cert: CaCertOpt = None,
 ) -> None:
     """Show a run's state, times and failed tasks."""
-    client = _client(host, namespace, token, cookie, ssl_ca_cert)
-    with _api_errors(host or "the KFP API"):
+    client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
+    with api_errors(host or "the KFP API"):
         run = client.get_run(run_id)
     console.print(f"{run.display_name}: {run.state}", highlight=False)
     console.print(f"  created {run.created_at}  finished {run.finished_at or '-'}", highlight=False)
@@ -354,7 +354,7 @@ def status_cmd(
     for task in details or []:
         if task.state in ("FAILED", "CANCELED"):
             console.print(f"  task {task.display_name}: {task.state}", highlight=False)
-    console.print(f"  {_run_url(client, run_id)}", highlight=False, soft_wrap=True)
+    console.print(f"  {run_url(client, run_id)}", highlight=False, soft_wrap=True)
 
 
 class _DefaultCreateGroup(TyperGroup):

@@ -265,7 +265,7 @@ def _short(path: str | None) -> str:
         return str(path)
 
 
-def _champion_line(summary: dict) -> str:
+def champion_line(summary: dict) -> str:
     gate = summary.get("gate") or {}
     reason = gate.get("reason", "-")
     if gate.get("promote"):
@@ -277,7 +277,7 @@ def print_summary(summary: dict) -> None:
     rows = [
         ("MLflow run", summary.get("parent_run_id")),
         ("Model", f"{summary.get('uri')} (version {summary.get('version')})"),
-        ("Champion", _champion_line(summary)),
+        ("Champion", champion_line(summary)),
         ("Model files", _short(summary.get("model_dir"))),
         ("Sample grid", _short(summary.get("grid"))),
         ("Pipeline run", f"{_short(summary.get('run_dir'))} ({summary.get('seconds')} s)"),

@@ -421,7 +421,7 @@ def _print_local_summary(cfg: RunConfig, summary: dict) -> None:
         ),
         (cfg.sweep.metric, f"{best.metrics.get(cfg.sweep.metric, float('nan')):.5g}" if best else "-"),
         ("Model", f"{summary.get('uri')} (version {summary.get('version')})"),
-        ("Champion", _champion_line(summary)),
+        ("Champion", champion_line(summary)),
         ("Comparison", summary.get("comparison", "-")),
         ("Task logs", summary.get("log", "-")),
         ("MLflow run", summary.get("parent_run_id", "-")),
@@ -431,18 +431,18 @@ def _print_local_summary(cfg: RunConfig, summary: dict) -> None:
         console.print(f"[bold]{label:<18}[/] {value}", highlight=False, soft_wrap=True)
 
 
-def _champion_line(summary: dict) -> str:
-    from sdtune.cli.pipeline import _champion_line as line
+def champion_line(summary: dict) -> str:
+    from sdtune.cli.pipeline import champion_line as line
 
     return line(summary)
 
 
 def _submit_kfp(cfg: RunConfig, trials: list[Trial], sweep_id: str, host: str, namespace: str | None) -> None:
     from pipelines.sweep import compile_sweep
-    from sdtune.cli.cluster import _api_errors, _client, _run_url
+    from sdtune.cli.cluster import api_errors, kfp_client, run_url
 
-    client = _client(host, namespace, None, None, None)
-    with tempfile.TemporaryDirectory() as tmp, _api_errors(host):
+    client = kfp_client(host, namespace, None, None, None)
+    with tempfile.TemporaryDirectory() as tmp, api_errors(host):
         package = compile_sweep(cfg, trials, Path(tmp) / "sweep.yaml", sweep_id)
         result = client.create_run_from_pipeline_package(
             str(package),
@@ -453,7 +453,7 @@ def _submit_kfp(cfg: RunConfig, trials: list[Trial], sweep_id: str, host: str, n
             service_account=cfg.cluster.service_account,
         )
     console.print(
-        f"sweep {sweep_id}: run {result.run_id}: {_run_url(client, result.run_id)}",
+        f"sweep {sweep_id}: run {result.run_id}: {run_url(client, result.run_id)}",
         highlight=False,
         soft_wrap=True,
     )

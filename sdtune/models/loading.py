@@ -70,7 +70,7 @@ def download_s3(uri: str, cache_dir: Path) -> Path:
         raise ModelLoadError(f"{uri}: the cache folder {target} is not inside cache_dir {root}")
     if (target / COMPLETE_MARKER).is_file():
         return target
-    client = _minio_client()
+    client = minio_client()
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True, exist_ok=True)
     count = 0
@@ -94,7 +94,7 @@ def download_s3(uri: str, cache_dir: Path) -> Path:
     return target
 
 
-def _minio_client():
+def minio_client():
     from minio import Minio
 
     endpoint = os.environ.get("S3_ENDPOINT_URL", "https://s3.amazonaws.com")

@@ -108,7 +108,7 @@ def _convert(path: Path, target: Path) -> None:
 
 def _download_s3(uri: str, into: Path) -> Path:
     """One object, ``s3://bucket/key.safetensors``, downloaded once (same client settings as folders)."""
-    from sdtune.models.loading import ModelLoadError, _minio_client
+    from sdtune.models.loading import ModelLoadError, minio_client
 
     parsed = urlparse(uri)
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
@@ -120,7 +120,7 @@ def _download_s3(uri: str, into: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
     try:
-        _minio_client().fget_object(bucket, key, str(partial))
+        minio_client().fget_object(bucket, key, str(partial))
     except Exception as exc:  # minio raises S3Error, urllib3 errors, …
         raise ModelLoadError(f"cannot download {uri}: {exc.__class__.__name__}: {exc}") from None
     partial.replace(dest)
