@@ -1,7 +1,10 @@
 """The personalisation pipeline: a handful of photos in, a fine-tuned, evaluated, registered model out.
 
     start-run → ingest → preprocess (one task per shard) → merge → caption → train → evaluate → register
-    (exit handler: finish-run)
+    (exit handler: finish-run, which also deletes the run's staging after a success)
+
+The model reaches evaluate and register as a KFP artifact, or, for full fine-tunes and DreamBooth (GBs),
+as the S3 URI of the train step's outputs (``components.by_uri``, ``sdtune.cluster.outputs``).
 
 Composition only: no ``sdtune`` core or torch imports here. The whole run configuration travels as one
 YAML string parameter, so the same compiled pipeline serves every preset.
@@ -10,6 +13,7 @@ YAML string parameter, so the same compiled pipeline serves every preset.
 from kfp import dsl
 
 from components import (
+    by_uri,
     caption_op,
     evaluate_op,
     finish_run_op,
@@ -22,6 +26,7 @@ from components import (
 )
 from components._images import SDTUNE_TRAIN_IMAGE
 from pipelines.cluster import apply_task_settings
+from sdtune.cluster.outputs import outputs_by_uri
 from sdtune.config import RunConfig  # pydantic only: the typed settings, never the torch-side core
 
 PIPELINE_NAME = "sdtune-personalize"
@@ -41,6 +46,15 @@ def build_personalize_pipeline(cfg: RunConfig):
     if cfg.cluster.launcher != "single_node" and cfg.cluster.train_image is None:
         cfg = cfg.model_copy(deep=True)
         cfg.cluster.train_image = SDTUNE_TRAIN_IMAGE  # the job's pods run the same image as the train task
+
+    # GB-size outputs (full fine-tunes, DreamBooth) stay in S3 and only their URI travels between tasks.
+    by_uri_mode = outputs_by_uri(cfg)
+    train_task, evaluate_task, register_task = (
+        (by_uri.train_op, by_uri.evaluate_op, by_uri.register_op)
+        if by_uri_mode
+        else (train_op, evaluate_op, register_op)
+    )
+    model_input = "model_uri" if by_uri_mode else "model"
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune Stable Diffusion on a handful of photos.")
     def personalize_pipeline(config: str = cfg.storable(refuse=True).to_param()):
@@ -76,7 +90,7 @@ def build_personalize_pipeline(cfg: RunConfig):
                 "Caption",
             )
             train = step(
-                train_op(
+                train_task(
                     config=config,
                     parent_run_id=parent_id,
                     kfp_run_id=run_id,
@@ -85,22 +99,20 @@ def build_personalize_pipeline(cfg: RunConfig):
                 "train",
                 "Train",
             )
+            model = {model_input: train.outputs[model_input]}
             evaluate = step(
-                evaluate_op(
-                    config=config,
-                    parent_run_id=parent_id,
-                    dataset=caption.outputs["dataset"],
-                    model=train.outputs["model"],
+                evaluate_task(
+                    config=config, parent_run_id=parent_id, dataset=caption.outputs["dataset"], **model
                 ),
                 "evaluate",
                 "Evaluate",
             )
             step(
-                register_op(
+                register_task(
                     config=config,
                     parent_run_id=parent_id,
-                    model=train.outputs["model"],
                     evaluation=evaluate.outputs["evaluation"],
+                    **model,
                 ),
                 "register",
                 "Register",

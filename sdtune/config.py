@@ -394,6 +394,12 @@ class ClusterConfig(Section):
     # puts them in with a native sidecar (exits with the pod), for MLflow in the mesh
     # (manifests/components/istio-mesh). The two must agree (docs/cluster.md, "Istio").
     istio_sidecar: bool = False
+    # How the trained model reaches evaluate and register (sdtune.cluster.outputs, docs/cluster.md): "auto"
+    # by S3 URI for the methods whose outputs are whole pipelines (full, dreambooth: GBs), as a KFP
+    # artifact for the others; "uri" / "artifact" force one way. A run that succeeded deletes its staged
+    # data, job outputs and checkpoints under <staging_uri>/<run id>/ unless keep_staging.
+    outputs_by: Literal["auto", "uri", "artifact"] = "auto"
+    keep_staging: bool = False
 
     @field_validator("gpu_model")
     @classmethod

@@ -120,9 +120,17 @@ def load_trained_pipeline(cfg: RunConfig, model_dir: Path) -> Any:
 
 
 def register_model(
-    cfg: RunConfig, model_dir: Path, metrics: dict[str, float], run_id: str | None
+    cfg: RunConfig,
+    model_dir: Path | None,
+    metrics: dict[str, float],
+    run_id: str | None,
+    model_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Log the model under ``run_id``, create a registered version, set ``cfg.register.alias`` on it."""
+    """Log the model under ``run_id``, create a registered version, set ``cfg.register.alias`` on it.
+
+    With ``model_uri`` (an ``s3://`` prefix holding the training outputs, see sdtune.cluster.outputs) the
+    version points at that prefix: only the small MLmodel files are written beside the outputs, the
+    weights are not uploaded again. Loading it then reads the prefix directly (S3 credentials needed)."""
     import mlflow
     import mlflow.pyfunc
 
@@ -130,16 +138,21 @@ def register_model(
     name = cfg.register.model_name
     stored = cfg.storable()
     model_config = {"config": stored.to_param(), "base_model": stored.model.base, "method": cfg.train.method}
-    with mlflow.start_run(run_id=run_id) if run_id else _new_run(cfg):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            loader_module="sdtune.registry",
-            data_path=str(model_dir),
-            model_config=model_config,
-            # Explicit requirements: inferring them imports and profiles the model (slow, heavy).
-            pip_requirements=[f"sdtune=={_version()}"],
-        )
-    version = mlflow.register_model(info.model_uri, name)
+    if model_uri:
+        _describe_in_place(model_uri, model_config)
+        _ensure_registered_model(client, name)
+        version = client.create_model_version(name, model_uri.rstrip("/"), run_id=run_id)
+    else:
+        with mlflow.start_run(run_id=run_id) if run_id else _new_run(cfg):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                loader_module="sdtune.registry",
+                data_path=str(model_dir),
+                model_config=model_config,
+                # Explicit requirements: inferring them imports and profiles the model (slow, heavy).
+                pip_requirements=[f"sdtune=={_version()}"],
+            )
+        version = mlflow.register_model(info.model_uri, name)
     for key, value in metrics.items():
         # repr round-trips exactly: the gate later compares against this very value
         client.set_model_version_tag(name, version.version, f"metric.{key}", repr(float(value)))
@@ -158,6 +171,40 @@ def register_model(
         "gate": decision.as_dict(),
         "gate_tags": decision.tags(),
     }
+
+
+def _describe_in_place(model_uri: str, model_config: dict[str, Any]) -> None:
+    """Write the MLmodel (and its environment files, a few hundred bytes) into ``model_uri``: the folder
+    itself is the pyfunc's data (``data: .``), read by :func:`_load_pyfunc` like a logged model."""
+    import tempfile
+
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    from sdtune.staging import upload_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        described = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            path=str(described),
+            loader_module="sdtune.registry",
+            model_config=model_config,
+            pip_requirements=[f"sdtune=={_version()}"],
+        )
+        mlmodel = Model.load(str(described / "MLmodel"))
+        mlmodel.flavors["python_function"]["data"] = "."
+        mlmodel.save(str(described / "MLmodel"))
+        upload_dir(described, model_uri)
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
 
 
 @dataclass

@@ -223,10 +223,20 @@ def caption_step(config_yaml: str, parent_run_id: str, in_dir: str | Path, out_d
 
 
 def train_step(
-    config_yaml: str, parent_run_id: str, data_dir: str | Path, out_dir: str | Path, kfp_run_id: str = ""
+    config_yaml: str,
+    parent_run_id: str,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    kfp_run_id: str = "",
+    model_uri: str | None = None,
 ) -> Summary:
     """Train and log the outputs: in a subprocess of this task (torchrun when ``train.num_processes`` > 1),
-    or, with ``cluster.launcher`` trainjob/pytorchjob, as a multi-node job that this task waits for."""
+    or, with ``cluster.launcher`` trainjob/pytorchjob, as a multi-node job that this task waits for.
+
+    With ``model_uri`` (sdtune.cluster.outputs) the outputs go there, once, instead of being logged to
+    MLflow as artifacts; the summary's ``model_uri`` says where they are (on a cache hit, possibly the
+    prefix of the earlier run that trained them, when it still holds them)."""
+    from sdtune.cluster.outputs import has_objects, is_s3, publish_outputs
     from sdtune.errors import TrainingError
 
     cfg = config_from_yaml(config_yaml)
@@ -248,21 +258,31 @@ def train_step(
             _note_cache_hit(
                 "train", run, key, **{"sdtune.cache_source_run": summary.get("mlflow_run_id", "")}
             )
+            if model_uri and not (summary.get("model_uri") and has_objects(summary["model_uri"])):
+                summary["model_uri"] = publish_outputs(out_dir, model_uri)
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
             cfg, config_yaml = _durable_checkpoints(cfg, config_yaml, kfp_run_id)
+            job_out = model_uri if model_uri and is_s3(model_uri) else None
             if cfg.cluster.launcher == "single_node":
                 code = _train_in_task(config_yaml, cfg, data_dir, out_dir, run.run_id)
             else:
-                code = _train_as_job(cfg, data_dir, out_dir, run.run_id, kfp_run_id or run.run_id)
+                job_run_id = kfp_run_id or run.run_id
+                code = _train_as_job(cfg, data_dir, out_dir, run.run_id, job_run_id, out_uri=job_out)
             if code != 0:
                 raise TrainingError(f"training exited with code {code}")
             summary = json.loads((out_dir / "train_summary.json").read_text())
             summary["mlflow_run_id"] = run.run_id
+            if model_uri:  # a job wrote to job_out itself; an in-task run uploads its folder once
+                in_place = job_out is not None and cfg.cluster.launcher != "single_node"
+                summary["model_uri"] = model_uri if in_place else publish_outputs(out_dir, model_uri)
             if key:
                 store.store("train", key, out_dir, summary)
             run.set_tags({"sdtune.cache": "miss" if key else "off"})
-        run.log_artifact(out_dir, "model")
+        if model_uri:
+            run.set_tags({"sdtune.model_uri": summary["model_uri"]})
+        else:
+            run.log_artifact(out_dir, "model")
         run.set_tags({"sdtune.method": cfg.train.method})
         return summary
 
@@ -294,21 +314,30 @@ def _train_in_task(
 
 
 def _train_as_job(
-    cfg: RunConfig, data_dir: Path, out_dir: Path, mlflow_run_id: str, job_run_id: str, **api
+    cfg: RunConfig,
+    data_dir: Path,
+    out_dir: Path,
+    mlflow_run_id: str,
+    job_run_id: str,
+    out_uri: str | None = None,
+    **api,
 ) -> int:
     """Stage the dataset to S3, run a TrainJob/PyTorchJob of ``torchrun -m sdtune.remote_train``, fetch the
-    outputs. The job is get-or-create by run id, so a retried task re-attaches instead of starting another."""
+    outputs. The job is get-or-create by run id, so a retried task re-attaches instead of starting another.
+    With ``out_uri`` the job writes its outputs there and only their summary is fetched."""
     import os
 
     from sdtune.cluster import launch_training as launch_job
+    from sdtune.cluster.outputs import run_prefix
     from sdtune.errors import ConfigError
     from sdtune.staging import download_prefix, upload_dir
 
     image = cfg.cluster.train_image or os.environ.get("SDTUNE_TRAIN_IMAGE")
     if not image:
         raise ConfigError("cluster.train_image is not set (the compiled pipeline sets it to the train image)")
-    prefix = f"{cfg.cluster.staging_uri.rstrip('/')}/{job_run_id}"
+    prefix = run_prefix(cfg, job_run_id)
     upload_dir(data_dir, f"{prefix}/data")
+    job_out = out_uri or f"{prefix}/out"
     args = [
         "-m",
         "sdtune.remote_train",
@@ -317,25 +346,44 @@ def _train_as_job(
         "--data",
         f"{prefix}/data",
         "--out",
-        f"{prefix}/out",
+        job_out,
         "--mlflow-run-id",
         mlflow_run_id,
     ]
     launch_job(cfg, run_id=job_run_id, image=image, args=args, **api)
-    if download_prefix(f"{prefix}/out", out_dir) == 0:
+    if out_uri:
+        return _fetch_summary(out_uri, out_dir)
+    if download_prefix(job_out, out_dir) == 0:
         return 1  # the job reported success but left no outputs
+    return 0
+
+
+def _fetch_summary(out_uri: str, out_dir: Path) -> int:
+    """Only ``train_summary.json`` of outputs that stay in S3; 1 when the job left none."""
+    from minio.error import S3Error
+
+    from sdtune.data.s3 import client_from_env, split_s3_uri
+
+    bucket, prefix = split_s3_uri(f"{out_uri.rstrip('/')}/train_summary.json")
+    try:
+        client_from_env().fget_object(bucket, prefix, str(out_dir / "train_summary.json"))
+    except S3Error:
+        return 1
     return 0
 
 
 def evaluate_step(
     config_yaml: str, parent_run_id: str, data_dir: str | Path, model_dir: str | Path, out_dir: str | Path
 ) -> dict[str, float]:
+    """Evaluate the trained model in ``model_dir``: a folder, or an ``s3://`` URI of outputs that travel by
+    URI (fetched once into the model cache)."""
+    from sdtune.cluster.outputs import fetch_model
     from sdtune.evaluate import evaluate
     from sdtune.fidelity import fidelity_metrics
     from sdtune.report import evaluation_report
 
     cfg = config_from_yaml(config_yaml)
-    data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
+    data_dir, model_dir, out_dir = Path(data_dir), fetch_model(str(model_dir)), Path(out_dir)
     key = _cache_key(
         cfg,
         "evaluate",
@@ -376,15 +424,19 @@ def evaluate_step(
 def register_step(
     config_yaml: str, parent_run_id: str, model_dir: str | Path, evaluation_dir: str | Path
 ) -> Summary:
-    """Register the trained model in the MLflow model registry and point the alias at it."""
+    """Register the trained model in the MLflow model registry and point the alias at it. ``model_dir``
+    may be the ``s3://`` URI of outputs that travel by URI: the version then points at them in place."""
+    from sdtune.cluster.outputs import is_s3
     from sdtune.registry import register_model
 
     cfg = config_from_yaml(config_yaml)
+    in_place = str(model_dir) if is_s3(str(model_dir)) else None
     evaluation_dir = Path(evaluation_dir)
     metrics = json.loads((evaluation_dir / "metrics.json").read_text())
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     with tracking.step_run(parent_run_id, "register") as run:
-        result = register_model(cfg, Path(model_dir), numeric, run_id=run.run_id)
+        local = None if in_place else Path(model_dir)
+        result = register_model(cfg, local, numeric, run_id=run.run_id, model_uri=in_place)
         run.set_tags({"sdtune.model_name": result["name"], "sdtune.model_version": str(result["version"])})
         run.set_tags(result.pop("gate_tags"))
         gate_values = {
