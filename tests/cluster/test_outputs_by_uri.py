@@ -129,20 +129,34 @@ def _seed_run(run_prefix: str, tmp_path) -> None:
         upload_dir(folder, f"{run_prefix}/{part}")
 
 
-def test_a_run_that_succeeded_deletes_its_staging_and_nothing_else(s3_env, tmp_path):
+@pytest.mark.slow
+def test_a_run_that_succeeded_deletes_its_staging_and_nothing_else(
+    s3_env, mlflow_endpoint, tmp_path, capsys, monkeypatch
+):
+    from kfp import dsl
+
+    from components.run import finish_run_op
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_endpoint.url)
     cfg = load_config("configs/sd15/full_1gpu.yaml", ["cluster.namespace=team-a"])
     mine, other = f"{STAGING}/run-1", f"{STAGING}/run-10"  # a sibling whose name starts like ours
     _seed_run(mine, tmp_path)
     _seed_run(other, tmp_path)
 
+    def exit_handler(state: str, config=cfg) -> None:  # the pipeline's exit task, as KFP calls it
+        status = dsl.PipelineTaskFinalStatus(state, "run-1", "tracked-run", None, None)
+        finish_run_op.python_func(config=config.to_param(), kfp_run_id="run-1", status=status)
+
     # Failed (or still retrying): kept, a KFP "retry run" resumes from them under the same run id.
-    assert outputs.cleanup_after_run(cfg, "run-1", "FAILED") is None
+    exit_handler("FAILED")
     assert prefix_size(f"{mine}/data") == 10 and prefix_size(f"{mine}/checkpoints") == 10
     keep = cfg.model_copy(deep=True)
     keep.cluster.keep_staging = True
-    assert outputs.cleanup_after_run(keep, "run-1", "SUCCEEDED") is None
+    exit_handler("SUCCEEDED", keep)
+    assert prefix_size(f"{mine}/out") == 10
 
-    assert outputs.cleanup_after_run(cfg, "run-1", "SUCCEEDED") == {"data": 1, "out": 1, "checkpoints": 1}
+    exit_handler("SUCCEEDED")
+    assert "deleted the run's staging: {'data': 1, 'out': 1, 'checkpoints': 1}" in capsys.readouterr().out
     for part in ("data", "out", "checkpoints"):
         assert prefix_size(f"{mine}/{part}") == 0
         assert prefix_size(f"{other}/{part}") == 10

@@ -129,6 +129,38 @@ def test_eight_gpu_presets_exist_and_get_eight_gpus(compiled):
         assert cfg.train.num_processes == 8
 
 
+def _task_io(spec: dict, task: str) -> tuple[dict, dict]:
+    """(inputDefinitions, outputDefinitions) of the component behind ``task``."""
+    for component in spec["components"].values():
+        for name, t in ((component.get("dag") or {}).get("tasks") or {}).items():
+            if name == task:
+                found = spec["components"][t["componentRef"]["name"]]
+                return found.get("inputDefinitions") or {}, found.get("outputDefinitions") or {}
+    raise KeyError(task)
+
+
+def test_large_outputs_travel_by_uri_not_as_artifacts(compiled):
+    """Full fine-tunes and DreamBooth (GB-size pipelines) hand evaluate and register an S3 URI string;
+    adapters (MBs) still travel as a Model artifact. Either way the tasks keep their names."""
+    seen = set()
+    for preset, (cfg, spec, _) in compiled.items():
+        by_uri = cfg.train.method in ("full", "dreambooth")
+        seen.add(by_uri)
+        _, train_out = _task_io(spec, "train-op")
+        artifacts = train_out.get("artifacts") or {}
+        if by_uri:
+            assert artifacts == {}, f"{preset}: the train task still outputs {list(artifacts)}"
+            assert train_out["parameters"]["model_uri"]["parameterType"] == "STRING", preset
+        else:
+            assert "model_uri" not in train_out.get("parameters", {}), preset
+            assert artifacts["model"]["artifactType"]["schemaTitle"] == "system.Model", preset
+        for task in ("evaluate-op", "register-op"):
+            inputs, _ = _task_io(spec, task)
+            assert ("model_uri" in inputs.get("parameters", {})) is by_uri, (preset, task)
+            assert ("model" in inputs.get("artifacts", {})) is not by_uri, (preset, task)
+    assert seen == {True, False}  # both kinds of preset exist
+
+
 @pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
 @pytest.mark.parametrize("preset", IDS)
 def test_jobs_of_every_preset(compiled, crds, preset, kind):
