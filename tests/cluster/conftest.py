@@ -36,6 +36,17 @@ def crds(schemas: Path) -> dict:
     return manifests_check.load_crd_schemas(schemas)
 
 
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, list[dict]]:
+    """Every overlay in manifests/overlays/, rendered by ``kubectl kustomize``: overlay name → objects."""
+    import shutil
+
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl (with kustomize) not installed")
+    overlays = sorted(p.parent for p in (ROOT / "manifests" / "overlays").glob("*/kustomization.yaml"))
+    return {o.name: manifests_check.render_overlay(o) for o in overlays}
+
+
 class FakeKfp:
     """Answers the v2beta1 endpoints kfp.Client 2.17 calls for submit/schedule/status; records requests."""
 

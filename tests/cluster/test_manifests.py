@@ -20,14 +20,6 @@ needs_kubectl = pytest.mark.skipif(
 DOCKERFILES = sorted((ROOT / "images").glob("*/Dockerfile"))
 
 
-@pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl (with kustomize) not installed")
-    overlays = sorted(p.parent for p in (ROOT / "manifests" / "overlays").glob("*/kustomization.yaml"))
-    return {o.name: manifests_check.render_overlay(o) for o in overlays}
-
-
 def _find(objs, kind, name):
     return next(o for o in objs if o["kind"] == kind and o["metadata"]["name"].startswith(name))
 

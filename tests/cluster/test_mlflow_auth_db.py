@@ -31,17 +31,9 @@ def _auth_volume(pod: dict) -> dict:
     return volume["secret"]
 
 
-@pytest.fixture(scope="module")
-def overlays() -> dict[str, list[dict]]:
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl (with kustomize) not installed")
-    found = sorted(p.parent for p in (ROOT / "manifests" / "overlays").glob("*/kustomization.yaml"))
-    return {o.name: manifests_check.render_overlay(o) for o in found}
-
-
-def test_every_overlay_with_the_dev_postgres_creates_the_auth_database(overlays):
+def test_every_overlay_with_the_dev_postgres_creates_the_auth_database(rendered):
     with_postgres = 0
-    for name, objs in overlays.items():
+    for name, objs in rendered.items():
         kinds = {(o["kind"], o["metadata"]["name"]) for o in objs}
         if ("StatefulSet", "sdtune-postgres") not in kinds:
             assert ("Job", JOB) not in kinds, name
