@@ -236,7 +236,7 @@ def train_step(
     With ``model_uri`` (sdtune.cluster.outputs) the outputs go there, once, instead of being logged to
     MLflow as artifacts; the summary's ``model_uri`` says where they are (on a cache hit, possibly the
     prefix of the earlier run that trained them, when it still holds them)."""
-    from sdtune.cluster.outputs import has_objects, is_s3, publish_outputs
+    from sdtune.cluster.outputs import is_s3, publish_outputs
     from sdtune.errors import TrainingError
 
     cfg = config_from_yaml(config_yaml)
@@ -254,12 +254,12 @@ def train_step(
     with tracking.step_run(parent_run_id, "train") as run:
         run.log_params(tracking.flatten_params({"train": cfg.train.model_dump(mode="json")}))
         summary = store.restore("train", key, out_dir) if key else None
+        if summary is not None and model_uri:
+            summary = _cached_outputs_at_uri(summary, out_dir, model_uri)
         if summary is not None:
             _note_cache_hit(
                 "train", run, key, **{"sdtune.cache_source_run": summary.get("mlflow_run_id", "")}
             )
-            if model_uri and not (summary.get("model_uri") and has_objects(summary["model_uri"])):
-                summary["model_uri"] = publish_outputs(out_dir, model_uri)
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
             cfg, config_yaml = _durable_checkpoints(cfg, config_yaml, kfp_run_id)
@@ -285,6 +285,20 @@ def train_step(
             run.log_artifact(out_dir, "model")
         run.set_tags({"sdtune.method": cfg.train.method})
         return summary
+
+
+def _cached_outputs_at_uri(summary: Summary, out_dir: Path, model_uri: str) -> Summary | None:
+    """A train cache hit whose model travels by URI: the earlier run's URI while it still holds the model,
+    else the cached files published to ``model_uri``; None (train again) when the entry holds only the
+    summary of a model that stayed in S3 and is gone."""
+    from sdtune.cluster.outputs import has_objects, publish_outputs
+
+    earlier = summary.get("model_uri")
+    if earlier and has_objects(earlier):
+        return summary
+    if any(p.is_file() and p.name != "train_summary.json" for p in out_dir.rglob("*")):
+        return {**summary, "model_uri": publish_outputs(out_dir, model_uri)}
+    return None
 
 
 def _durable_checkpoints(cfg: RunConfig, config_yaml: str, kfp_run_id: str) -> tuple[RunConfig, str]:

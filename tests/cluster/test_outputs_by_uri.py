@@ -207,3 +207,20 @@ def test_local_runs_keep_outputs_in_a_folder(monkeypatch, tmp_path):
     where = outputs.outputs_location(cfg, "local-run")
     assert where == str(tmp_path / "outputs" / "local-run")
     assert outputs.fetch_model(where) == tmp_path / "outputs" / "local-run"  # no store, no copy
+
+
+def test_a_train_cache_hit_never_hands_on_a_uri_without_a_model(s3_env, tmp_path):
+    """The step cache of a job-trained model holds only its summary: reuse the earlier run's URI while it
+    holds the model, publish cached files when there are some, else train again (None)."""
+    earlier, mine = f"{STAGING}/run-a/outputs", f"{STAGING}/run-b/outputs"
+    summary_only = tmp_path / "summary-only"
+    summary_only.mkdir()
+    (summary_only / "train_summary.json").write_text("{}")
+    assert steps._cached_outputs_at_uri({"model_uri": earlier}, summary_only, mine) is None
+
+    _seed_run(f"{STAGING}/run-a", tmp_path)
+    assert steps._cached_outputs_at_uri({"model_uri": earlier}, summary_only, mine)["model_uri"] == earlier
+
+    with_files = tmp_path / "seed"
+    assert steps._cached_outputs_at_uri({"model_uri": "gone"}, with_files, mine)["model_uri"] == mine
+    assert prefix_size(mine) == 10
