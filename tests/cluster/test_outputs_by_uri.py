@@ -64,6 +64,7 @@ def test_full_fine_tune_travels_by_uri_with_one_upload(
     from sdtune.data.caption import caption_dir
     from sdtune.data.ingest import ingest
     from sdtune.data.preprocess import preprocess_dir
+    from sdtune.generate import fetch_registered
     from sdtune.registry import load_registered
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_endpoint.url)
@@ -119,6 +120,9 @@ def test_full_fine_tune_travels_by_uri_with_one_upload(
     assert len(_copies(s3_env, weights)) == 1
     model = load_registered("models:/by-uri@candidate", tmp_path / "loaded")
     assert model.pipe.unet is not None
+    # `sdtune generate models:/by-uri@candidate` finds the training output and its config in the version.
+    run_cfg, folder = fetch_registered("models:/by-uri@candidate", tmp_path / "generate")
+    assert run_cfg.train.method == "full" and (folder / "model_index.json").is_file()
 
 
 def _seed_run(run_prefix: str, tmp_path) -> None:
