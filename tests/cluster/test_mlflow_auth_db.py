@@ -3,6 +3,7 @@ basic_auth.ini MLflow reads, and its script, run against a real Postgres server,
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -61,7 +62,9 @@ def test_every_overlay_with_the_dev_postgres_creates_the_auth_database(rendered)
 @pytest.fixture
 def postgres():
     """A throwaway Postgres on 127.0.0.1 (run as the postgres user when the tests run as root)."""
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    # Debian keeps the server binaries off PATH, in /usr/lib/postgresql/<version>/bin.
+    path = os.pathsep.join([os.environ.get("PATH", ""), *sorted(glob.glob("/usr/lib/postgresql/*/bin"))])
+    initdb, pg_ctl = shutil.which("initdb", path=path), shutil.which("pg_ctl", path=path)
     if not initdb or not pg_ctl:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
