@@ -1,7 +1,8 @@
 """Typed run configuration: one YAML file names a whole run (data → caption → train → evaluate → register).
 
 Every section is a strict pydantic model: an unknown key or a bad value is a :class:`ConfigError` with one
-line naming the key. Presets live in ``configs/<model>/<method>_<hardware>.yaml``; ``key=value``
+line naming the key. ``train`` is the section of ``train.method`` (one class per method, flat in the YAML), so
+an option of another method is refused with the options this method takes. Presets live in ``configs/<model>/<method>_<hardware>.yaml``; ``key=value``
 overrides use dotted paths from the root (``train.learning_rate=5e-5``) and YAML values (``true``, ``[a,b]``).
 
 This module imports pydantic and yaml only, so it is safe to import anywhere (components, pipelines, tests).
@@ -231,7 +232,9 @@ class PriorPreservation(Section):
 
 
 class SingleFileExport(Section):
-    export_single_file: bool = True  # also model.safetensors in the original SD layout (where a writer exists)
+    export_single_file: bool = (
+        True  # also model.safetensors in the original SD layout (where a writer exists)
+    )
 
 
 # One section per method. The mixins come first so that the shared fields lead in a dumped config.
@@ -249,7 +252,9 @@ class LoraTrain(LoraAdapter, Dora, KohyaExport, PriorPreservation, TrainConfig):
     @classmethod
     def _prior_not_yet(cls, value: bool) -> bool:
         if value:
-            raise ValueError("prior preservation is not available for method lora yet (use method dreambooth)")
+            raise ValueError(
+                "prior preservation is not available for method lora yet (use method dreambooth)"
+            )
         return value
 
 
@@ -704,7 +709,9 @@ def _closest_key(loc: list[str], method: str | None = None) -> str | None:
     import typing
 
     if loc[:-1] == ["train"] and method:
-        match = difflib.get_close_matches(loc[-1], list(METHOD_SECTIONS[method].model_fields), n=1, cutoff=0.6)
+        match = difflib.get_close_matches(
+            loc[-1], list(METHOD_SECTIONS[method].model_fields), n=1, cutoff=0.6
+        )
         return f"train.{match[0]}" if match else None
     model: Any = RunConfig
     for part in loc[:-1]:

@@ -460,9 +460,7 @@ def estimate(
     text = 77 * (encoder_dim or unet_cfg.get("cross_attention_dim", 768))
     per_image = (latent + text) * wbytes
     images_here = math.ceil(num_images / n)
-    data_cache = (
-        per_image * images_here * (2 if tc.option("with_prior_preservation") else 1)
-    )
+    data_cache = per_image * images_here * (2 if tc.option("with_prior_preservation") else 1)
     if tc.method == "full":  # latents are cached on disk in shards and read a batch at a time
         data_cache = per_image * tc.batch_size
     if data_cache > 0.1 * card.memory_gb * GB:

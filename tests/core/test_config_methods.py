@@ -38,7 +38,8 @@ EXPECTED = {
     "textual_inversion": CONCEPT,
     "pivotal": LORA | CONCEPT | {"export_kohya", "embedding_learning_rate", "embedding_train_fraction"},
     "dreambooth": PRIOR | {"export_single_file"},
-    "inpaint": LORA | {"use_dora", "export_kohya", "inpaint_full_unet", "inpaint_masks", "inpaint_masks_per_image"},
+    "inpaint": LORA
+    | {"use_dora", "export_kohya", "inpaint_full_unet", "inpaint_masks", "inpaint_masks_per_image"},
     "full": {"export_single_file", "use_ema", "ema_decay", "cache_shard_size"},
 }
 
@@ -61,21 +62,25 @@ def test_an_option_of_another_method_is_refused_naming_the_valid_ones(method):
         load_config(None, [f"train.method={method}", f"train.{foreign[0]}=1"])
     message = str(err.value)
     assert "\n" not in message
-    assert message == f"override train.{foreign[0]}=1: train.{foreign[0]} does not apply to method {method}; {takes}"
+    assert (
+        message
+        == f"override train.{foreign[0]}=1: train.{foreign[0]} does not apply to method {method}; {takes}"
+    )
     for option in EXPECTED[method] - {"with_prior_preservation"}:  # each own option loads at its default
         default = METHOD_SECTIONS[method].model_fields[option].get_default(call_default_factory=True)
-        assert getattr(RunConfig.model_validate({"train": {"method": method, option: default}}).train, option) == (
-            default
-        )
+        assert getattr(
+            RunConfig.model_validate({"train": {"method": method, option: default}}).train, option
+        ) == (default)
 
 
 def test_own_options_load_and_round_trip_per_method():
     for method in METHOD_SECTIONS:
         cfg = load_config(None, [f"train.method={method}"])
         assert type(cfg.train) is METHOD_SECTIONS[method]
-        assert set(cfg.train.model_dump()) == set(RunConfig().train.model_fields) - set(
-            EXPECTED["lora"]
-        ) | EXPECTED[method]
+        assert (
+            set(cfg.train.model_dump())
+            == set(RunConfig().train.model_fields) - set(EXPECTED["lora"]) | EXPECTED[method]
+        )
         assert config_from_yaml(cfg.to_yaml()) == cfg
         assert config_from_yaml(cfg.to_param()).digest() == cfg.digest()
 
@@ -95,7 +100,9 @@ def test_a_misapplied_override_is_one_error_line_exit_2(capsys, sdtune_home):
 def test_a_misapplied_key_in_a_file_names_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  method: full\n  rank: 8\n")
-    with pytest.raises(ConfigError, match=rf"^{path}: train.rank does not apply to method full; full takes: "):
+    with pytest.raises(
+        ConfigError, match=rf"^{path}: train.rank does not apply to method full; full takes: "
+    ):
         load_config(path)
     path.write_text("train:\n  num_vectors: 2\n")  # no method: lora
     with pytest.raises(ConfigError, match="train.num_vectors does not apply to method lora"):
@@ -148,3 +155,10 @@ def test_option_accessor_for_code_shared_by_methods():
     assert full.option("use_ema") is True and full.option("with_prior_preservation", False) is False
     with pytest.raises(AttributeError):
         full.option("use_emma")
+
+
+def test_docs_list_each_methods_options():
+    doc = (REPO_ROOT / "docs/methods.md").read_text(encoding="utf-8")
+    for method in METHOD_SECTIONS:
+        row = f"| `{method}` | " + ", ".join(f"`{name}`" for name in method_options(method)) + " |"
+        assert row in doc, row
