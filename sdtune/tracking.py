@@ -140,9 +140,17 @@ def find_parent_run(experiment: str, kfp_run_id: str) -> str | None:
 
 def find_parent_run_by_tag(experiment: str, tag: str, value: str) -> str | None:
     """The oldest parent run whose ``tag`` equals ``value`` (oldest: if a race ever created two)."""
-    if not value:
+    client = mlflow_client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None or not value:
         return None
-    return _first_parent_run(experiment, f"tags.`{tag}` = '{value}'", "ASC")
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{tag}` = '{value}' and tags.`sdtune.role` = 'parent'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def failed_step_error(parent_run_id: str) -> str | None:
@@ -158,26 +166,6 @@ def failed_step_error(parent_run_id: str) -> str | None:
         if child.data.tags.get("sdtune.error"):
             return child.data.tags["sdtune.error"]
     return None
-
-
-def latest_parent_run(experiment: str, since_ms: int) -> str | None:
-    """The newest parent run started after ``since_ms`` (how a local runner finds the run it started)."""
-    return _first_parent_run(experiment, f"attributes.start_time >= {since_ms}", "DESC")
-
-
-def _first_parent_run(experiment: str, where: str, order: str) -> str | None:
-    """The first parent run of ``experiment`` matching the filter ``where``, by start time ``order``."""
-    client = mlflow_client()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs(
-        [found.experiment_id],
-        filter_string=f"{where} and tags.`sdtune.role` = 'parent'",
-        order_by=[f"attributes.start_time {order}"],
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:

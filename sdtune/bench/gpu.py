@@ -30,9 +30,37 @@ from pathlib import Path
 
 import torch
 
-# The real SD 1.5 and SDXL UNet configs, as the planner writes them out (no hub access needed).
-from sdtune.train.plan import SD15_UNET, SDXL_UNET
-
+# The real UNet configs (diffusers' unet/config.json of runwayml/stable-diffusion-v1-5 and
+# stabilityai/stable-diffusion-xl-base-1.0), written out (no hub access needed) where they differ from
+# diffusers' defaults: the script stays standalone (torch, diffusers and peft only).
+SD15_UNET = {
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "layers_per_block": 2,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SDXL_UNET = {
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "layers_per_block": 2,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
 # A tiny UNet (the project's tiny SD 1.5) for --cpu-tiny.
 TINY_UNET = {
     "block_out_channels": [32, 64],
