@@ -63,7 +63,8 @@ FAMILIES: dict[str, Family] = {
     f.arch: f
     for f in (
         Family("sd15", "SD 1.x", CLIP_L, "StableDiffusionPipeline", "sd1", single_file=True),
-        Family("sd2", "SD 2.x", CLIP_L, "StableDiffusionPipeline", "sd1"),  # v-prediction: scheduler config
+        # v-prediction: from the scheduler config; OpenCLIP-H text encoder (a CLIP-L-shaped diffusers module)
+        Family("sd2", "SD 2.x", CLIP_L, "StableDiffusionPipeline", "sd1", single_file=True),
         Family(
             "sdxl",
             "SDXL",
