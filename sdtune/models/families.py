@@ -71,6 +71,7 @@ FAMILIES: dict[str, Family] = {
             CLIP_L_G,
             "StableDiffusionXLPipeline",
             "sdxl",
+            single_file=True,
             conditioning=("pooled_embeds", "time_ids"),
         ),
         Family(
