@@ -104,7 +104,7 @@ def save_transformer_lora(transformer, out_dir: Path) -> list[str]:
 def save_full_pipeline(cfg: RunConfig, unet, out_dir: Path) -> list[str]:
     """The base pipeline with the trained ``unet`` as a diffusers folder (``from_pretrained``), plus
     ``model.safetensors`` in the original SD layout (``from_single_file``, A1111, ComfyUI) when
-    ``train.export_single_file`` and the architecture has a writer (SD 1.x, 2.x). Returns the file names."""
+    ``train.export_single_file`` and the architecture has a writer (SD 1.x, 2.x, SDXL). Returns the file names."""
     from sdtune.models.loading import load_pipeline
 
     pipe = load_pipeline(cfg, unet=unet)
