@@ -4,10 +4,10 @@ function (docs/architecture.md)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 from tests.conftest import REPO_ROOT
+from tests.module_imports import imported_names
 
 
 def _module_name(path: Path) -> str:
@@ -17,22 +17,10 @@ def _module_name(path: Path) -> str:
 
 def _graph() -> dict[str, set[str]]:
     files = {_module_name(p): p for p in (REPO_ROOT / "sdtune").rglob("*.py")}
-    graph = {}
-    for name, path in files.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = package.split(".")
-                    base = ".".join([*parts[: len(parts) - node.level + 1], base]).strip(".")
-                found.add(base)
-                found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
-        graph[name] = {n for n in found if n in files and n != name}
-    return graph
+    return {
+        name: {n for n in imported_names(path, REPO_ROOT) if n in files and n != name}
+        for name, path in files.items()
+    }
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:

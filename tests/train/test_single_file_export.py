@@ -14,27 +14,36 @@ from tests.train.conftest import write_config
 from tests.train.test_full import _image
 
 
+def _train(tmp_path, base, stage_dir, arch: str, **train) -> tuple:
+    """Train 2 steps; the output folder, the single file's keys and its layout tag."""
+    config = write_config(
+        tmp_path / "c.yaml",
+        base,
+        model={"arch": arch},
+        train={"max_steps": 2, "learning_rate": 1e-3, **train},
+    )
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
+    files = json.loads((out / "train_summary.json").read_text())["files"]
+    assert files == ["model_index.json", "model.safetensors"]
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        return out, set(fh.keys()), fh.metadata()["sdtune_layout"]
+
+
+def _assert_same_weights(want_pipe, got_pipe, names) -> None:
+    for name in names:
+        want, got = getattr(want_pipe, name).state_dict(), getattr(got_pipe, name).state_dict()
+        assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), name
+
+
 def test_sd2_full_finetune_writes_a_single_file_that_loads_to_the_same_image(
     tmp_path, tiny_sd2, stage_dir, monkeypatch
 ):
     from diffusers import StableDiffusionPipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = write_config(
-        tmp_path / "c.yaml",
-        tiny_sd2,
-        model={"arch": "sd2"},
-        train={"method": "full", "max_steps": 2, "learning_rate": 1e-3, "checkpoint_every": 0},
-    )
-    out = tmp_path / "out"
-    assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
-    assert json.loads((out / "train_summary.json").read_text())["files"] == [
-        "model_index.json",
-        "model.safetensors",
-    ]
-    with safe_open(str(out / "model.safetensors"), "pt") as fh:
-        keys = set(fh.keys())
-        assert fh.metadata()["sdtune_layout"] == "ldm-sd2"
+    out, keys, layout = _train(tmp_path, tiny_sd2, stage_dir, "sd2", method="full", checkpoint_every=0)
+    assert layout == "ldm-sd2"
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
     assert not any(k.startswith("cond_stage_model.transformer.") for k in keys)
 
@@ -43,9 +52,7 @@ def test_sd2_full_finetune_writes_a_single_file_that_loads_to_the_same_image(
     single = StableDiffusionPipeline.from_single_file(
         str(out / "model.safetensors"), config=str(tiny_sd2), local_files_only=True, safety_checker=None
     )
-    for name in ("unet", "vae", "text_encoder"):
-        want, got = getattr(tuned, name).state_dict(), getattr(single, name).state_dict()
-        assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), name
+    _assert_same_weights(tuned, single, ("unet", "vae", "text_encoder"))
     base = _image(
         StableDiffusionPipeline.from_pretrained(tiny_sd2, local_files_only=True, safety_checker=None)
     )
@@ -67,9 +74,7 @@ def test_sd2_single_file_loads_as_a_base_model(tmp_path, tiny_sd2, monkeypatch):
     assert family(single) == ("sd2", False)
     cfg.model.base, cfg.model.cache_dir = str(single), str(tmp_path / "cache")
     parts = load_components(cfg)
-    for name in ("unet", "vae", "text_encoder"):
-        want, got = getattr(original, name).state_dict(), getattr(parts, name).state_dict()
-        assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), name
+    _assert_same_weights(original, parts, ("unet", "vae", "text_encoder"))
     assert parts.noise_scheduler.config.prediction_type == "v_prediction"
 
 
@@ -115,22 +120,10 @@ def test_sdxl_dreambooth_writes_a_single_file_that_loads_to_the_same_image(
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     base = _tiny_sdxl_with_distinct_encoders(tiny_sdxl, tmp_path / "base")
-    config = write_config(
-        tmp_path / "c.yaml",
-        base,
-        model={"arch": "sdxl"},
-        train={
-            "method": "dreambooth",
-            "max_steps": 2,
-            "learning_rate": 1e-3,
-            "with_prior_preservation": False,
-        },
+    out, keys, layout = _train(
+        tmp_path, base, stage_dir, "sdxl", method="dreambooth", with_prior_preservation=False
     )
-    out = tmp_path / "out"
-    assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
-    with safe_open(str(out / "model.safetensors"), "pt") as fh:
-        keys = set(fh.keys())
-        assert fh.metadata()["sdtune_layout"] == "sgm-sdxl"
+    assert layout == "sgm-sdxl"
     assert {
         "model.diffusion_model.label_emb.0.0.weight",
         "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
@@ -142,9 +135,7 @@ def test_sdxl_dreambooth_writes_a_single_file_that_loads_to_the_same_image(
     single = StableDiffusionXLPipeline.from_single_file(
         str(out / "model.safetensors"), config=str(base), local_files_only=True
     )
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        want, got = getattr(tuned, name).state_dict(), getattr(single, name).state_dict()
-        assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), name
+    _assert_same_weights(tuned, single, ("unet", "vae", "text_encoder", "text_encoder_2"))
     image = _image(tuned)
     assert (
         image - _image(StableDiffusionXLPipeline.from_pretrained(base, local_files_only=True))
