@@ -162,3 +162,18 @@ def test_docs_list_each_methods_options():
     for method in METHOD_SECTIONS:
         row = f"| `{method}` | " + ", ".join(f"`{name}`" for name in method_options(method)) + " |"
         assert row in doc, row
+
+
+def test_a_checkpoint_written_with_every_option_still_resumes():
+    """Before typed settings every method carried every option: such a checkpoint's extra train.* fields are
+    not a config change; a changed field of this method still is."""
+    from sdtune.errors import CheckpointError
+    from sdtune.train.checkpoint import check_compatible, math_fields
+
+    cfg = load_config(None, ["train.method=textual_inversion"])
+    then = {**math_fields(cfg), "train.rank": 4, "train.use_ema": False}  # what a flat config recorded
+    meta = {"config_hash": "written-before", "math_fields": then, "world_size": 1}
+    check_compatible(meta, cfg, 1, "", "ckpt")
+    changed = load_config(None, ["train.method=textual_inversion", "train.num_vectors=3"])
+    with pytest.raises(CheckpointError, match=r"\(train.num_vectors changed\)"):
+        check_compatible(meta, changed, 1, "", "ckpt")
