@@ -232,9 +232,8 @@ class PriorPreservation(Section):
 
 
 class SingleFileExport(Section):
-    export_single_file: bool = (
-        True  # also model.safetensors in the original SD layout (where a writer exists)
-    )
+    # also model.safetensors in the original SD layout (SD 1.x, 2.x, SDXL: sdtune.train.single_file)
+    export_single_file: bool = True
 
 
 # One section per method. The mixins come first so that the shared fields lead in a dumped config.
@@ -313,7 +312,12 @@ def merge_updates(data: dict[str, Any], update: dict[str, Any]) -> dict[str, Any
     ``rank``), while a misapplied option given in ``update`` itself stays an error."""
     train, new = data.get("train"), update.get("train")
     method = new.get("method") if isinstance(new, dict) else None
-    if isinstance(train, dict) and method in METHOD_SECTIONS and method != train.get("method", "lora"):
+    if (
+        isinstance(train, dict)
+        and isinstance(method, str)
+        and method in METHOD_SECTIONS
+        and method != train.get("method", "lora")
+    ):
         takes = METHOD_SECTIONS[method].model_fields
         kept = {k: v for k, v in train.items() if k in takes or k not in ALL_TRAIN_OPTIONS}
         data = {**data, "train": kept}

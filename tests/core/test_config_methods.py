@@ -126,6 +126,8 @@ def test_unknown_method_and_misspelt_option_name_the_choices():
         "override train.method=dora: train.method: unknown method 'dora'; one of "
         + ", ".join(METHOD_SECTIONS)
     )
+    with pytest.raises(ConfigError, match=r"train.method: unknown method \[1\]"):  # over a file's method
+        load_config(TINY, ["train.method=[1]"])
     with pytest.raises(ConfigError, match=r"did you mean train.num_vectors\?"):
         load_config(None, ["train.method=pivotal", "train.num_vector=2"])
 
