@@ -693,10 +693,11 @@ def describe_invalid(exc: ValidationError, origin: str, overrides: list[str]) ->
         message = ": unknown key"
         if guess := _closest_key(loc, method):
             message += f" (did you mean {guess}?)"
+    elif first["type"] == "union_tag_invalid" and loc == ["train"] and not isinstance(first["input"], dict):
+        message = ": must be a mapping of train options"
     elif first["type"] == "union_tag_invalid" and loc == ["train"]:
         where = "train.method"
-        given = first["input"].get("method") if isinstance(first["input"], dict) else first["input"]
-        message = f": unknown method {given!r}; one of {', '.join(METHOD_SECTIONS)}"
+        message = f": unknown method {first['input'].get('method')!r}; one of {', '.join(METHOD_SECTIONS)}"
     elif not loc and "where" in first.get("ctx", {}):  # a whole-config check names the setting itself
         where, message = first["ctx"]["where"], ": " + first["ctx"]["problem"]
     for item in overrides:

@@ -128,6 +128,8 @@ def test_unknown_method_and_misspelt_option_name_the_choices():
     )
     with pytest.raises(ConfigError, match=r"train.method: unknown method \[1\]"):  # over a file's method
         load_config(TINY, ["train.method=[1]"])
+    with pytest.raises(ConfigError, match=r"^override train=5: train: must be a mapping of train options$"):
+        load_config(TINY, ["train=5"])
     with pytest.raises(ConfigError, match=r"did you mean train.num_vectors\?"):
         load_config(None, ["train.method=pivotal", "train.num_vector=2"])
 
