@@ -1,7 +1,8 @@
 """Typed run configuration: one YAML file names a whole run (data → caption → train → evaluate → register).
 
 Every section is a strict pydantic model: an unknown key or a bad value is a :class:`ConfigError` with one
-line naming the key. Presets live in ``configs/<model>/<method>_<hardware>.yaml``; ``key=value``
+line naming the key. ``train`` is the section of ``train.method`` (one class per method, flat in the YAML), so
+an option of another method is refused with the options this method takes. Presets live in ``configs/<model>/<method>_<hardware>.yaml``; ``key=value``
 overrides use dotted paths from the root (``train.learning_rate=5e-5``) and YAML values (``true``, ``[a,b]``).
 
 This module imports pydantic and yaml only, so it is safe to import anywhere (components, pipelines, tests).
@@ -15,10 +16,19 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sdtune.errors import ConfigError
 
@@ -124,7 +134,11 @@ class CaptionConfig(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["lora", "textual_inversion", "pivotal", "dreambooth", "inpaint", "full"] = "lora"
+    """What every method shares. Method-specific options live in the method's own section below (flat in the
+    YAML: ``train.rank`` stays ``train.rank``); ``train.method`` picks the section, and an option of another
+    method is a config error naming the options this method takes (:func:`method_options`)."""
+
+    method: str = "lora"
     max_steps: int = Field(500, ge=1)
     batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -133,9 +147,6 @@ class TrainConfig(Section):
     lr_warmup_steps: int = Field(0, ge=0)
     adam_weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    rank: int = Field(4, ge=1)
-    alpha: float | None = None  # defaults to rank (scale 1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     log_every: int = Field(1, ge=1)
@@ -144,44 +155,15 @@ class TrainConfig(Section):
     snr_gamma: float | None = Field(None, gt=0)  # min-SNR-γ loss weighting (5.0 is the usual value)
     noise_offset: float = Field(0.0, ge=0)  # e.g. 0.05: helps very dark/bright images
     gradient_checkpointing: bool = False
-    export_kohya: bool = True  # also write lora_kohya.safetensors (A1111/ComfyUI/kohya)
-    # lora: also a LoRA on the text encoder(s) (its own lr; embeddings are then computed every step), DoRA
-    train_text_encoder: bool = False
-    text_encoder_lr: float | None = Field(None, gt=0)  # default: learning_rate
-    text_encoder_target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
-    )
-    use_dora: bool = False  # weight-decomposed LoRA (peft); no kohya file (kohya's format has no DoRA)
     # Validation during training: every N optimizer steps (0: off) rank 0 samples evaluate.prompts ×
     # evaluate.seeds with the current weights → <out>/validation/step_NNNNNN.png (+ the tracking logger).
     validation_every: int = Field(0, ge=0)
     validation_inference_steps: int = Field(20, ge=1)
-    # inpaint: 9-channel inpainting UNet; LoRA (default) or the whole UNet
-    inpaint_full_unet: bool = False
-    inpaint_masks: Literal["random", "supplied", "both"] = "both"  # supplied: <file>.mask.png from preprocess
-    inpaint_masks_per_image: int = Field(4, ge=1)  # random masks drawn (seeded) and encoded once per image
-    # full (and dreambooth): EMA of the UNet weights, saved instead of the raw ones; latents cached on disk
-    use_ema: bool = False
-    ema_decay: float = Field(0.9999, gt=0, lt=1)
-    cache_shard_size: int = Field(256, ge=1)  # images per <out>/cache/latents-NNNNN.safetensors shard
-    export_single_file: bool = True  # dreambooth/full: also model.safetensors in the original SD layout
-    # textual_inversion / pivotal: the concept is <trigger> (+ <trigger>_1 …), num_vectors tokens in all
-    num_vectors: int = Field(1, ge=1)
-    initializer_token: str | None = None  # default: the last word of caption.class_noun
-    embedding_learning_rate: float | None = Field(None, gt=0)  # pivotal: lr of the new embeddings
-    embedding_train_fraction: float = Field(1.0, gt=0, le=1)  # pivotal: then LoRA-only for the rest
-    # dreambooth: full UNet fine-tune with prior preservation
-    with_prior_preservation: bool = True
-    prior_loss_weight: float = Field(1.0, ge=0)
-    num_class_images: int = Field(100, ge=1)
-    class_prompt: str = "a photo of {class_noun}"
-    class_data_dir: str | None = None  # images of the class; generated with the base model when missing
-    class_image_steps: int = Field(25, ge=1)  # inference steps for generated class images
     # Optimizer: AdamW for real runs; plain SGD (no momentum) makes N×b vs 1×(N·b) equal to fp32 round-off.
     # adamw8bit: bitsandbytes' 8-bit AdamW (needs the package and a CUDA GPU).
     optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
     # Scale-out (docs/distributed.md): DDP replicates the model; FSDP2 shards weights, grads and optimizer
-    # state over the ranks (dreambooth only: a LoRA's trainable part is too small to be worth sharding).
+    # state over the ranks (dreambooth/full only: a LoRA's trainable part is too small to be worth sharding).
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     # Checkpoints and resume (docs/distributed.md): every N optimizer steps (0: only when preempted),
     # the newest K kept, in <out>/checkpoints unless set (a folder or s3://bucket/prefix).
@@ -190,23 +172,168 @@ class TrainConfig(Section):
     checkpoint_dir: str | None = None
     resume: str = "auto"  # auto: the newest complete checkpoint, if any; never; or a checkpoint path/URI
     preempt_grace_s: float = Field(60.0, gt=0)  # SIGTERM → checkpoint written and exit 75 within this
-    # SD3 (model.arch=sd3, method lora): flow matching. Timesteps drawn from a logit-normal density
-    # (SD3 paper: mean 0, std 1) or uniformly; T5 prompt length in tokens (the CLIP encoders keep 77).
+    # Flow matching (model families whose objective is flow matching: model.arch=sd3, any method; refused on
+    # other families when set to a non-default value). Timesteps drawn from a logit-normal density (SD3 paper:
+    # mean 0, std 1) or uniformly; T5 prompt length in tokens (the CLIP encoders keep 77).
     timestep_density: Literal["logit_normal", "uniform"] = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     max_sequence_length: int = Field(77, ge=1, le=512)
-
-    @field_validator("class_prompt")
-    @classmethod
-    def _class_prompt(cls, value: str) -> str:
-        return plain_template(value, PROMPT_FIELDS)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value):
         # YAML 1.1 reads an unquoted `no` as false; `mixed_precision: no` means the "no" mode.
         return "no" if value is False else value
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """``train.<name>`` when this method takes that option, else ``default`` — for code shared by methods
+        (planner, outputs) that reads an option only some methods have. A name no method knows is a bug."""
+        if name not in ALL_TRAIN_OPTIONS:
+            raise AttributeError(f"no method has a train option {name!r}")
+        return getattr(self, name, default)
+
+
+# Options some methods share, as mixins (fields only): a method's section lists the mixins it takes.
+class LoraAdapter(Section):
+    rank: int = Field(4, ge=1)
+    alpha: float | None = None  # defaults to rank (scale 1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+class KohyaExport(Section):
+    export_kohya: bool = True  # also write lora_kohya.safetensors (A1111/ComfyUI/kohya)
+
+
+class Dora(Section):
+    use_dora: bool = False  # weight-decomposed LoRA (peft); no kohya file (kohya's format has no DoRA)
+
+
+class ConceptTokens(Section):
+    # the concept is <trigger> (+ <trigger>_1 …), num_vectors tokens in all
+    num_vectors: int = Field(1, ge=1)
+    initializer_token: str | None = None  # default: the last word of caption.class_noun
+
+
+class PriorPreservation(Section):
+    """Each step also denoises class images; loss = instance + ``prior_loss_weight`` × class."""
+
+    with_prior_preservation: bool = True
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(100, ge=1)
+    class_prompt: str = "a photo of {class_noun}"
+    class_data_dir: str | None = None  # images of the class; generated with the base model when missing
+    class_image_steps: int = Field(25, ge=1)  # inference steps for generated class images
+
+    @field_validator("class_prompt")
+    @classmethod
+    def _class_prompt(cls, value: str) -> str:
+        return plain_template(value, PROMPT_FIELDS)
+
+
+class SingleFileExport(Section):
+    # also model.safetensors in the original SD layout (SD 1.x, 2.x, SDXL: sdtune.train.single_file)
+    export_single_file: bool = True
+
+
+# One section per method. The mixins come first so that the shared fields lead in a dumped config.
+class LoraTrain(LoraAdapter, Dora, KohyaExport, PriorPreservation, TrainConfig):
+    method: Literal["lora"] = "lora"
+    # a LoRA on the text encoder(s) too (its own lr; embeddings are then computed every step)
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = Field(None, gt=0)  # default: learning_rate
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    with_prior_preservation: bool = False  # opt-in for LoRA (DreamBooth-LoRA)
+
+    @field_validator("with_prior_preservation")
+    @classmethod
+    def _prior_not_yet(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "prior preservation is not available for method lora yet (use method dreambooth)"
+            )
+        return value
+
+
+class TextualInversionTrain(ConceptTokens, TrainConfig):
+    method: Literal["textual_inversion"] = "textual_inversion"
+
+
+class PivotalTrain(LoraAdapter, KohyaExport, ConceptTokens, TrainConfig):
+    method: Literal["pivotal"] = "pivotal"
+    embedding_learning_rate: float | None = Field(None, gt=0)  # lr of the new embeddings
+    embedding_train_fraction: float = Field(1.0, gt=0, le=1)  # then LoRA-only for the rest
+
+
+class DreamboothTrain(PriorPreservation, SingleFileExport, TrainConfig):
+    method: Literal["dreambooth"] = "dreambooth"
+
+
+class InpaintTrain(LoraAdapter, Dora, KohyaExport, TrainConfig):
+    method: Literal["inpaint"] = "inpaint"
+    inpaint_full_unet: bool = False  # the whole 9-channel UNet instead of a LoRA
+    inpaint_masks: Literal["random", "supplied", "both"] = "both"  # supplied: <file>.mask.png from preprocess
+    inpaint_masks_per_image: int = Field(4, ge=1)  # random masks drawn (seeded) and encoded once per image
+
+
+class FullTrain(SingleFileExport, TrainConfig):
+    method: Literal["full"] = "full"
+    # EMA of the UNet weights, saved instead of the raw ones; latents cached on disk in shards
+    use_ema: bool = False
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    cache_shard_size: int = Field(256, ge=1)  # images per <out>/cache/latents-NNNNN.safetensors shard
+
+
+METHOD_SECTIONS: dict[str, type[TrainConfig]] = {
+    cls.model_fields["method"].default: cls
+    for cls in (LoraTrain, TextualInversionTrain, PivotalTrain, DreamboothTrain, InpaintTrain, FullTrain)
+}
+SHARED_TRAIN_OPTIONS = tuple(TrainConfig.model_fields)
+ALL_TRAIN_OPTIONS = frozenset(name for cls in METHOD_SECTIONS.values() for name in cls.model_fields)
+# Options that only the flow-matching families read (refused elsewhere unless left at their defaults).
+FLOW_MATCHING_OPTIONS = ("timestep_density", "logit_mean", "logit_std", "max_sequence_length")
+
+
+def method_options(method: str) -> list[str]:
+    """The options ``method`` takes besides the shared ones: its mixins' in order, then its own."""
+    section = METHOD_SECTIONS[method]
+    names: list[str] = []
+    for part in (*section.__bases__, section):
+        names += [n for n in part.model_fields if n not in SHARED_TRAIN_OPTIONS and n not in names]
+    return names
+
+
+def merge_updates(data: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` (overrides, a sweep trial) applied over ``data`` (a file, a stored config). When it switches
+    ``train.method``, the options ``data`` held for its own method that the new one lacks are dropped: they
+    were consistent where they came from (``tiny_cpu.yaml train.method=dreambooth`` drops the preset's
+    ``rank``), while a misapplied option given in ``update`` itself stays an error."""
+    train, new = data.get("train"), update.get("train")
+    method = new.get("method") if isinstance(new, dict) else None
+    if (
+        isinstance(train, dict)
+        and isinstance(method, str)
+        and method in METHOD_SECTIONS
+        and method != train.get("method", "lora")
+    ):
+        takes = METHOD_SECTIONS[method].model_fields
+        kept = {k: v for k, v in train.items() if k in takes or k not in ALL_TRAIN_OPTIONS}
+        data = {**data, "train": kept}
+    return _merge(data, update)
+
+
+def _method_tag(value: Any) -> str | None:
+    method = value.get("method", "lora") if isinstance(value, dict) else getattr(value, "method", None)
+    return method if isinstance(method, str) else repr(method)  # not a method: union_tag_invalid
+
+
+# The train section as RunConfig holds it: the section of train.method (lora when unset).
+TrainSection = Annotated[
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in METHOD_SECTIONS.items())],  # noqa: UP007
+    Discriminator(_method_tag),
+]
 
 
 class EvaluateConfig(Section):
@@ -454,7 +581,7 @@ class RunConfig(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: TrainSection = Field(default_factory=LoraTrain)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -465,6 +592,28 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _s3_references(self) -> RunConfig:
         check_s3_references(self)
+        return self
+
+    @model_validator(mode="after")
+    def _family_options(self) -> RunConfig:
+        from pydantic_core import PydanticCustomError
+
+        from sdtune.models.families import FAMILIES
+
+        family = FAMILIES[self.model.arch]
+        if family.objective != "flow_matching":
+            for name in FLOW_MATCHING_OPTIONS:
+                if getattr(self.train, name) != TrainConfig.model_fields[name].default:
+                    flow = ", ".join(a for a, f in FAMILIES.items() if f.objective == "flow_matching")
+                    raise PydanticCustomError(
+                        "family_option",
+                        "{problem}",
+                        {
+                            "where": f"train.{name}",
+                            "problem": f"applies to flow-matching families only (model.arch {flow}), "
+                            f"not to model.arch {self.model.arch} ({family.title})",
+                        },
+                    )
         return self
 
     def digest(self) -> str:
@@ -525,7 +674,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def config_from_dict(
     data: dict[str, Any], overrides: list[str] | None = None, origin: str = "config"
 ) -> RunConfig:
-    data = _merge(data or {}, parse_overrides(overrides or []))
+    data = merge_updates(data or {}, parse_overrides(overrides or []))
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -537,25 +686,44 @@ def describe_invalid(exc: ValidationError, origin: str, overrides: list[str]) ->
     file), with the closest known key for a misspelt one."""
     first = exc.errors()[0]
     loc = [str(p) for p in first["loc"]]
+    method = None
+    if loc[:1] == ["train"] and len(loc) > 1 and loc[1] in METHOD_SECTIONS:
+        method = loc.pop(1)  # pydantic names the method's section: train.lora.rank is train.rank
     where = ".".join(loc) or "(root)"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-        if guess := _closest_key(loc):
+    message = ": " + first["msg"]
+    if first["type"] == "extra_forbidden" and method and loc[-1] in ALL_TRAIN_OPTIONS:
+        takes = ", ".join(method_options(method)) or "only the shared options"
+        message = f" does not apply to method {method}; {method} takes: {takes}"
+    elif first["type"] == "extra_forbidden":
+        message = ": unknown key"
+        if guess := _closest_key(loc, method):
             message += f" (did you mean {guess}?)"
+    elif first["type"] == "union_tag_invalid" and loc == ["train"] and not isinstance(first["input"], dict):
+        message = ": must be a mapping of train options"
+    elif first["type"] == "union_tag_invalid" and loc == ["train"]:
+        where = "train.method"
+        message = f": unknown method {first['input'].get('method')!r}; one of {', '.join(METHOD_SECTIONS)}"
+    elif not loc and "where" in first.get("ctx", {}):  # a whole-config check names the setting itself
+        where, message = first["ctx"]["where"], ": " + first["ctx"]["problem"]
     for item in overrides:
         key = item.partition("=")[0].strip()
         if where == key or where.startswith(key + ".") or key.startswith(where + "."):
-            return f"override {item}: {where}: {message}{more}"
-    return f"{origin}: {where}: {message}{more}"
+            return f"override {item}: {where}{message}{more}"
+    return f"{origin}: {where}{message}{more}"
 
 
-def _closest_key(loc: list[str]) -> str | None:
-    """The known key nearest to the unknown ``loc[-1]`` in the section ``loc[:-1]``."""
+def _closest_key(loc: list[str], method: str | None = None) -> str | None:
+    """The known key nearest to the unknown ``loc[-1]`` in the section ``loc[:-1]`` (for ``train``: the
+    section of ``method``)."""
     import difflib
     import typing
 
+    if loc[:-1] == ["train"] and method:
+        match = difflib.get_close_matches(
+            loc[-1], list(METHOD_SECTIONS[method].model_fields), n=1, cutoff=0.6
+        )
+        return f"train.{match[0]}" if match else None
     model: Any = RunConfig
     for part in loc[:-1]:
         field = getattr(model, "model_fields", {}).get(part)

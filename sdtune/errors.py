@@ -27,6 +27,12 @@ class DatasetError(SdtuneError):
     exit_code = 2
 
 
+class ModelLoadError(SdtuneError):
+    """The base model cannot be found or read."""
+
+    exit_code = 2
+
+
 class ServiceError(SdtuneError):
     """A service (MLflow, the cluster API, S3) cannot be reached or answers with an error. Retryable."""
 

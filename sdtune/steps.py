@@ -110,6 +110,15 @@ def _cache_key(cfg: RunConfig, step: str, **parts: Any) -> str | None:
     return cache.step_key(step, **parts)
 
 
+def _base_model_parts(cfg: RunConfig) -> dict[str, Any]:
+    """The cache-key parts of the base model a model step works on (its content, family, resolution)."""
+    return {
+        "resolution": cfg.preprocess.resolution,
+        "model": cache.model_identity(cfg.model.base, cfg.model.revision),
+        "arch": cfg.model.arch,
+    }
+
+
 def _run_stage(
     cfg: RunConfig,
     parent_run_id: str,
@@ -246,9 +255,7 @@ def train_step(
         "train",
         data=manifest_digest(data_dir),
         train=cfg.train.model_dump(mode="json"),
-        resolution=cfg.preprocess.resolution,
-        model=cache.model_identity(cfg.model.base, cfg.model.revision),
-        arch=cfg.model.arch,
+        **_base_model_parts(cfg),
     )
     store = cache.StepCache()
     with tracking.step_run(parent_run_id, "train") as run:
@@ -404,9 +411,7 @@ def evaluate_step(
         data=manifest_digest(data_dir),
         trained=cache.tree_digest(model_dir),
         evaluate=cfg.evaluate.model_dump(mode="json"),
-        resolution=cfg.preprocess.resolution,
-        model=cache.model_identity(cfg.model.base, cfg.model.revision),
-        arch=cfg.model.arch,
+        **_base_model_parts(cfg),
     )
     store = cache.StepCache()
     with tracking.step_run(parent_run_id, "evaluate") as run:

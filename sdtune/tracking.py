@@ -168,21 +168,6 @@ def failed_step_error(parent_run_id: str) -> str | None:
     return None
 
 
-def latest_parent_run(experiment: str, since_ms: int) -> str | None:
-    """The newest parent run started after ``since_ms`` (how a local runner finds the run it started)."""
-    client = mlflow_client()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs(
-        [found.experiment_id],
-        filter_string=f"tags.`sdtune.role` = 'parent' and attributes.start_time >= {since_ms}",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
-
-
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
     mlflow_client().set_terminated(run_id, status=status)
 

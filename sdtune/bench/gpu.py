@@ -31,12 +31,11 @@ from pathlib import Path
 import torch
 
 # The real UNet configs (diffusers' unet/config.json of runwayml/stable-diffusion-v1-5 and
-# stabilityai/stable-diffusion-xl-base-1.0), written out: no hub access needed.
+# stabilityai/stable-diffusion-xl-base-1.0), written out (no hub access needed) where they differ from
+# diffusers' defaults: the script stays standalone (torch, diffusers and peft only).
 SD15_UNET = {
-    "act_fn": "silu",
     "attention_head_dim": 8,
     "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
     "cross_attention_dim": 768,
     "down_block_types": [
         "CrossAttnDownBlock2D",
@@ -44,37 +43,18 @@ SD15_UNET = {
         "CrossAttnDownBlock2D",
         "DownBlock2D",
     ],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
     "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
     "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 SDXL_UNET = {
-    "act_fn": "silu",
     "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
     "addition_time_embed_dim": 256,
     "attention_head_dim": [5, 10, 20],
     "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
     "cross_attention_dim": 2048,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
     "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
     "projection_class_embeddings_input_dim": 2816,
     "sample_size": 128,
     "transformer_layers_per_block": [1, 2, 10],

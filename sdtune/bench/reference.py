@@ -2,7 +2,7 @@
 
 Every step encodes the image with the VAE and the caption with the text encoder, and reads the loss back
 with ``.item()`` (the example logs it to the progress bar every step). It uses diffusers, transformers and
-peft directly (nothing from :mod:`sdtune.train`) and matches the real trainer's math:
+peft directly (from :mod:`sdtune.train` only the image loader, which runs once before the loop) and matches the real trainer's math:
 
 - the same model folder, training records (``split == "train"``), resolution, captions, seed;
 - the same data order (a fresh ``randperm`` per epoch from ``Generator().manual_seed(seed)``);
@@ -22,26 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from sdtune.config import RunConfig
 from sdtune.manifest import read_manifest
-
-
-def _load_pixels(path: Path, resolution: int) -> torch.Tensor:
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (resolution, resolution):  # shorter side to `resolution`, centre crop
-            scale = resolution / min(im.size)
-            w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
-            im = im.resize((w, h), Image.Resampling.LANCZOS)
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-            im = im.crop((left, top, left + resolution, top + resolution))
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+from sdtune.train.data import load_image
 
 
 @dataclass
@@ -99,7 +85,7 @@ class ReferenceLoRA:
 
         records = [r for r in read_manifest(Path(data_dir)) if r.split == "train"]
         res = cfg.preprocess.resolution
-        pixels = torch.stack([_load_pixels(Path(data_dir) / r.file, res) for r in records]).to(device)
+        pixels = torch.stack([load_image(Path(data_dir) / r.file, res) for r in records]).to(device)
         captions = [r.caption or cfg.format_prompt(cfg.caption.template) for r in records]
         input_ids = tokenizer(
             captions,

@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from sdtune.models import pretrain_data as P
-from sdtune.models.pretrain import pixels_of
 
 HELD_OUT_SEED = 1_000_003  # never the pre-training seed: these pictures were never trained on
 GAP_TIMESTEPS = (300, 400, 500, 600, 700)
@@ -33,7 +32,7 @@ def held_out_scenes(count: int, pairs=None) -> tuple[list[P.Scene], list[Image.I
 
 @torch.no_grad()
 def vae_quality(vae, images: list[Image.Image]) -> dict[str, float]:
-    pixels = pixels_of(images)
+    pixels = P.pixels_of(images)
     dist = vae.encode(pixels).latent_dist
     recon = vae.decode(dist.mean).sample.clamp(-1, 1)
     mse = ((recon - pixels) ** 2).mean(dim=(1, 2, 3))
@@ -92,7 +91,7 @@ def caption_gap(
     from sdtune.models.text import tokenize
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    pixels = pixels_of(images)
+    pixels = P.pixels_of(images)
     latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
     captions = [f"a photo of a {s.colour} {s.obj}" for s in scenes]
     ids = tokenize(pipe.tokenizer, captions)

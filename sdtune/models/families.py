@@ -63,13 +63,15 @@ FAMILIES: dict[str, Family] = {
     f.arch: f
     for f in (
         Family("sd15", "SD 1.x", CLIP_L, "StableDiffusionPipeline", "sd1", single_file=True),
-        Family("sd2", "SD 2.x", CLIP_L, "StableDiffusionPipeline", "sd1"),  # v-prediction: scheduler config
+        # v-prediction: from the scheduler config; OpenCLIP-H text encoder (a CLIP-L-shaped diffusers module)
+        Family("sd2", "SD 2.x", CLIP_L, "StableDiffusionPipeline", "sd1", single_file=True),
         Family(
             "sdxl",
             "SDXL",
             CLIP_L_G,
             "StableDiffusionXLPipeline",
             "sdxl",
+            single_file=True,
             conditioning=("pooled_embeds", "time_ids"),
         ),
         Family(

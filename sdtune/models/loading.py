@@ -20,15 +20,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sdtune.config import RunConfig, strip_url_credentials
-from sdtune.errors import SdtuneError
+from sdtune.errors import ModelLoadError
 
 COMPLETE_MARKER = ".complete"
-
-
-class ModelLoadError(SdtuneError):
-    """The base model cannot be found or read."""
-
-    exit_code = 2
 
 
 def resolve_base(base: str, cache_dir: str | Path, revision: str | None = None) -> str:
@@ -70,7 +64,9 @@ def download_s3(uri: str, cache_dir: Path) -> Path:
         raise ModelLoadError(f"{uri}: the cache folder {target} is not inside cache_dir {root}")
     if (target / COMPLETE_MARKER).is_file():
         return target
-    client = minio_client()
+    from sdtune.data.s3 import client_from_env
+
+    client = client_from_env()
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True, exist_ok=True)
     count = 0
@@ -92,20 +88,6 @@ def download_s3(uri: str, cache_dir: Path) -> Path:
         raise ModelLoadError(f"{uri}: no objects under that prefix")
     (target / COMPLETE_MARKER).write_text(f"{count}\n", encoding="utf-8")
     return target
-
-
-def minio_client():
-    from minio import Minio
-
-    endpoint = os.environ.get("S3_ENDPOINT_URL", "https://s3.amazonaws.com")
-    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-    return Minio(
-        parsed.netloc,
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        secure=parsed.scheme == "https",
-        region=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
-    )
 
 
 PICKLE_OPT_IN = "SDTUNE_ALLOW_PICKLE_WEIGHTS"

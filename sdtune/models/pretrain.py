@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sdtune.models import pretrain_data as P
@@ -52,11 +51,6 @@ class PretrainRecipe:
     checkpoint_every: int = 200
     # Continue from an earlier result (its VAE is kept: no VAE stage) for ``unet_steps`` more steps.
     init_from: str | None = None
-
-
-def pixels_of(images) -> torch.Tensor:
-    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
 def pretrain(out_dir: Path, recipe: PretrainRecipe, log: Callable[[str], None] = print) -> Path:
@@ -83,7 +77,7 @@ def pretrain(out_dir: Path, recipe: PretrainRecipe, log: Callable[[str], None] =
 
     rng = random.Random(recipe.seed)
     scenes = [P.random_scene(rng) for _ in range(recipe.pool_size)]
-    pixels = pixels_of(P.render(s, rng, recipe.resolution) for s in scenes)
+    pixels = P.pixels_of(P.render(s, rng, recipe.resolution) for s in scenes)
     note("data", 0, pictures=len(scenes))
 
     # 1. VAE. The posterior starts narrow (log-variance −6, std 0.05): from a random start at std 1 the

@@ -114,3 +114,12 @@ def _object(scene: Scene, size: int, rng: random.Random) -> Image.Image:
         ]
         d.polygon(points, fill=colour)
     return layer
+
+
+def pixels_of(images):
+    """PIL images → one ``[n, 3, h, w]`` float tensor in [-1, 1]."""
+    import numpy as np
+    import torch
+
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import ModelLoadError, SdtuneError
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 COMPLETE = ".complete"
@@ -31,8 +31,6 @@ def is_single_file(base: str) -> bool:
 
 def diffusers_folder(base: str, cache_dir: str | Path) -> str:
     """The diffusers folder for the single-file checkpoint ``base`` (a path or ``s3://bucket/key``)."""
-    from sdtune.models.loading import ModelLoadError
-
     if not base.lower().endswith(".safetensors"):
         raise ModelLoadError(
             f"{base}: only .safetensors single files load (a .ckpt/.pt/.bin is a pickle that can run code); "
@@ -63,8 +61,6 @@ def diffusers_folder(base: str, cache_dir: str | Path) -> str:
 def family(path: Path) -> tuple[str, bool]:
     """(``sd15`` | ``sd2`` | ``sdxl``, inpainting?) from the checkpoint's keys and its first conv's inputs."""
     from safetensors import safe_open
-
-    from sdtune.models.loading import ModelLoadError
 
     with safe_open(str(path), "pt") as fh:
         keys = set(fh.keys())
@@ -108,7 +104,7 @@ def _convert(path: Path, target: Path) -> None:
 
 def _download_s3(uri: str, into: Path) -> Path:
     """One object, ``s3://bucket/key.safetensors``, downloaded once (same client settings as folders)."""
-    from sdtune.models.loading import ModelLoadError, minio_client
+    from sdtune.data.s3 import client_from_env
 
     parsed = urlparse(uri)
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
@@ -120,7 +116,7 @@ def _download_s3(uri: str, into: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
     try:
-        minio_client().fget_object(bucket, key, str(partial))
+        client_from_env().fget_object(bucket, key, str(partial))
     except Exception as exc:  # minio raises S3Error, urllib3 errors, …
         raise ModelLoadError(f"cannot download {uri}: {exc.__class__.__name__}: {exc}") from None
     partial.replace(dest)

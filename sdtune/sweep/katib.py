@@ -392,10 +392,9 @@ def follow_experiment(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The trial container's entry (see the module doc): env values → ``sdtune sweeps trial``."""
+    """The trial container's entry (see the module doc): env values → ``sdtune sweeps trial``, which replaces
+    this process (the CLI sits above this module; SIGTERM from Kubernetes then reaches it directly)."""
     import os
-
-    from sdtune.cli import main as cli_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -406,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--print-argv" in argv:
         print(json.dumps(cli_argv))
         return 0
-    return cli_main(cli_argv)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "sdtune.cli", *cli_argv])
 
 
 if __name__ == "__main__":

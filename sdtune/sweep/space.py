@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from sdtune.config import RunConfig, SweepConfig, config_from_dict
+from sdtune.config import ALL_TRAIN_OPTIONS, RunConfig, SweepConfig, config_from_dict, merge_updates
 from sdtune.errors import ConfigError
 
 # Sections a trial may change. Data sources, tracking, the registry and the cluster stay the sweep's own.
@@ -238,15 +238,16 @@ def build_trials(cfg: RunConfig, extra: list[dict[str, Any]] | None = None) -> l
 def trial_config(base: RunConfig, trial: Trial) -> RunConfig:
     """The base config with the trial's overrides applied, validated (unknown keys, bad values fail)."""
     data = base.model_dump(mode="json")
+    update: dict[str, Any] = {}
     for key, value in trial.overrides.items():
-        node = data
-        parts = key.split(".")
+        node, known, parts = update, data, key.split(".")
         for part in parts[:-1]:
-            nxt = node.get(part)
-            if not isinstance(nxt, dict):
+            known = known.get(part) if isinstance(known, dict) else None
+            if not isinstance(known, dict):
                 raise ConfigError(f"{trial.name}: {key}: no such config section")
-            node = nxt
-        if parts[-1] not in node:
+            node = node.setdefault(part, {})
+        # A train option of another method is known: the config check says whether this trial's method takes it.
+        if parts[-1] not in known and not (parts[:-1] == ["train"] and parts[-1] in ALL_TRAIN_OPTIONS):
             raise ConfigError(f"{trial.name}: {key}: no such config key")
         node[parts[-1]] = value
-    return config_from_dict(data, origin=trial.name)
+    return config_from_dict(merge_updates(data, update), origin=trial.name)

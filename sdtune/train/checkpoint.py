@@ -278,11 +278,13 @@ def find(cfg: RunConfig, out_dir: Path, world_size: int, fingerprint: str) -> Fo
 
 
 def check_compatible(meta: dict, cfg: RunConfig, world_size: int, fingerprint: str, location: str) -> None:
-    if meta["config_hash"] != config_hash(cfg):
-        now, then = math_fields(cfg), meta.get("math_fields", {})
-        changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    now, then = math_fields(cfg), meta.get("math_fields", {})
+    # Only this config's fields count: a checkpoint written when every method carried every option has
+    # more train.* keys, which this method does not read.
+    changed = sorted(k for k in now if now[k] != then.get(k))
+    if meta["config_hash"] != config_hash(cfg) and changed:
         raise CheckpointError(
-            f"checkpoint {location} was written by another training config ({', '.join(changed) or 'hash'} "
+            f"checkpoint {location} was written by another training config ({', '.join(changed)} "
             "changed); resuming would not continue that run. Start fresh with train.resume=never or another "
             "train.checkpoint_dir"
         )

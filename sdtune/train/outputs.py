@@ -73,7 +73,7 @@ def save_unet_lora(unet, out_dir: Path, cfg: RunConfig, text_encoders: dict | No
     pipeline_class(cfg.model.arch).save_lora_weights(out_dir, safe_serialization=True, **kwargs)
     files = [LORA_WEIGHTS]
     layout = family_of(cfg).kohya_layout
-    if cfg.train.export_kohya and not cfg.train.use_dora and layout is not None:
+    if cfg.train.option("export_kohya") and not cfg.train.option("use_dora") and layout is not None:
         from .export import save_kohya_lora
 
         meta = {
@@ -104,13 +104,13 @@ def save_transformer_lora(transformer, out_dir: Path) -> list[str]:
 def save_full_pipeline(cfg: RunConfig, unet, out_dir: Path) -> list[str]:
     """The base pipeline with the trained ``unet`` as a diffusers folder (``from_pretrained``), plus
     ``model.safetensors`` in the original SD layout (``from_single_file``, A1111, ComfyUI) when
-    ``train.export_single_file`` and the architecture has a writer (SD 1.x). Returns the file names."""
+    ``train.export_single_file`` and the architecture has a writer (SD 1.x, 2.x, SDXL). Returns the file names."""
     from sdtune.models.loading import load_pipeline
 
     pipe = load_pipeline(cfg, unet=unet)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     files = ["model_index.json"]
-    if cfg.train.export_single_file and family_of(cfg).single_file:
+    if cfg.train.option("export_single_file") and family_of(cfg).single_file:
         from .single_file import SINGLE_FILE, save_single_file
 
         save_single_file(pipe, out_dir / SINGLE_FILE)

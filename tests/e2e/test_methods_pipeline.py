@@ -27,9 +27,8 @@ FAST = [
     "evaluate.num_inference_steps=1",
     "evaluate.loss_seeds=[0]",
     "evaluate.loss_timesteps=[500]",
-    "train.num_class_images=2",
-    "train.class_image_steps=1",
 ]
+PRIOR = ["train.num_class_images=2", "train.class_image_steps=1"]  # dreambooth's own options
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +50,7 @@ def test_pipeline_runs_each_method(method, tiny_assets, shared_home):
         f"name=e2e-{method}",
         f"register.model_name=e2e-{method}",
         *FAST,
+        *(PRIOR if method == "dreambooth" else []),
         *shards,
         env=_env(shared_home),
     )

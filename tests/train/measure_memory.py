@@ -34,7 +34,7 @@ def main() -> None:
     res, batch, method, gc = spec["resolution"], spec["batch"], spec["method"], spec["gc"]
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(unet_cfg)
-    cfg = config_from_dict({"train": {"method": method, "rank": 4}})
+    cfg = config_from_dict({"train": {"method": method, **({"rank": 4} if method == "lora" else {})}})
     if method == "lora":
         from peft import LoraConfig
 

@@ -80,7 +80,7 @@ def test_full_finetune_with_ema_shards_and_single_file(tmp_path, tiny_sd15, stag
 
 def test_full_finetune_on_sdxl_saves_a_loadable_folder(tmp_path, tiny_sdxl, stage_dir):
     """SDXL: the whole UNet with EMA trains, the folder loads with from_pretrained and changes the image
-    (no single file: its writer is SD 1.x only)."""
+    (the single file: tests/train/test_single_file_export.py)."""
     from diffusers import StableDiffusionXLPipeline
 
     config = write_config(
@@ -92,7 +92,7 @@ def test_full_finetune_on_sdxl_saves_a_loadable_folder(tmp_path, tiny_sdxl, stag
     out = tmp_path / "out"
     assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["files"] == ["model_index.json"] and summary["extra"]["ema"]
+    assert summary["files"] == ["model_index.json", "model.safetensors"] and summary["extra"]["ema"]
     base = _image(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True))
     tuned = _image(StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True))
     assert (tuned - base).abs().max() > 1e-3

@@ -3,7 +3,6 @@ clipping, optimizer step, hooks, logging), exact resume, and a clean exit when t
 
 from __future__ import annotations
 
-import ast
 import json
 import signal
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from sdtune.config import RunConfig
 from sdtune.train import data as D
 from sdtune.train.session import Session
+from tests.module_imports import imported_names
 from tests.train.conftest import make_stage
 
 STEPS, ACCUMULATE, BATCH = 3, 2, 2
@@ -136,24 +136,6 @@ def test_a_failing_body_leaves_the_process_clean(tmp_path, stage):
     assert session._loop is None or session._loop.gi_frame is None  # the loop's contexts were left
 
 
-def _imports(path) -> set[str]:
-    """Absolute names of the modules a file imports (relative imports resolved inside its package)."""
-    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(
-                    [*package.split(".")[: len(package.split(".")) - node.level + 1], base]
-                ).strip(".")
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
-    return names
-
-
 def test_import_directions():
     """Recipes are reached only through the family table: no module of the training room imports one (the
     session knows no method), and the model layer never imports the training room (docs/architecture.md)."""
@@ -162,8 +144,8 @@ def test_import_directions():
     recipes = {f"sdtune.train.{m}" for family in FAMILIES.values() for m in family.methods.values()}
     assert {"sdtune.train.lora", "sdtune.train.sd3_lora"} <= recipes
     for path in sorted((REPO / "sdtune" / "train").glob("*.py")):
-        wrong = _imports(path) & recipes
+        wrong = imported_names(path, REPO) & recipes
         assert not wrong, f"{path.name} imports the recipe(s) {sorted(wrong)}"
     for path in sorted((REPO / "sdtune" / "models").glob("*.py")):
-        wrong = sorted(n for n in _imports(path) if n.startswith("sdtune.train"))
+        wrong = sorted(n for n in imported_names(path, REPO) if n.startswith("sdtune.train"))
         assert not wrong, f"models/{path.name} imports {wrong}"

@@ -96,7 +96,9 @@ def test_caption_tokens():
     )
     assert E.with_concept_tokens("a toy robot", "sks", ["<sks>"]) == "<sks> a toy robot"
     assert E.with_concept_tokens("masks of sks", "sks", ["<sks>"]) == "masks of <sks>"
-    cfg = RunConfig.model_validate({"train": {"num_vectors": 3}, "caption": {"trigger": "ohwx"}})
+    cfg = RunConfig.model_validate(
+        {"train": {"method": "textual_inversion", "num_vectors": 3}, "caption": {"trigger": "ohwx"}}
+    )
     assert E.concept_tokens(cfg) == ["<ohwx>", "<ohwx>_1", "<ohwx>_2"]
 
 
