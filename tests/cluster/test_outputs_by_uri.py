@@ -196,11 +196,11 @@ def test_only_large_outputs_travel_by_uri_unless_configured():
     cfg = load_config("configs/sd15/lora_1gpu.yaml", [])
     assert not outputs.outputs_by_uri(cfg)
     for method in ("full", "dreambooth"):
-        cfg.train.method = method
+        cfg = load_config("configs/sd15/lora_1gpu.yaml", [f"train.method={method}"])
         assert outputs.outputs_by_uri(cfg)
-    cfg.cluster.outputs_by = "artifact"
-    assert not outputs.outputs_by_uri(cfg)
-    cfg.train.method, cfg.cluster.outputs_by = "lora", "uri"
+        cfg.cluster.outputs_by = "artifact"
+        assert not outputs.outputs_by_uri(cfg)
+    cfg = load_config("configs/sd15/lora_1gpu.yaml", ["cluster.outputs_by=uri"])
     assert outputs.outputs_by_uri(cfg)
 
 
