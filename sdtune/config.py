@@ -601,6 +601,12 @@ class RunConfig(Section):
         from sdtune.models.families import FAMILIES
 
         family = FAMILIES[self.model.arch]
+        if problem := family.method_problem(self.train.method):
+            raise PydanticCustomError(
+                "family_method",
+                "{problem}",
+                {"where": "train.method", "also": "model.arch", "problem": problem},
+            )
         if family.objective != "flow_matching":
             for name in FLOW_MATCHING_OPTIONS:
                 if getattr(self.train, name) != TrainConfig.model_fields[name].default:
@@ -704,11 +710,13 @@ def describe_invalid(exc: ValidationError, origin: str, overrides: list[str]) ->
     elif first["type"] == "union_tag_invalid" and loc == ["train"]:
         where = "train.method"
         message = f": unknown method {first['input'].get('method')!r}; one of {', '.join(METHOD_SECTIONS)}"
-    elif not loc and "where" in first.get("ctx", {}):  # a whole-config check names the setting itself
+    settings = [where]
+    if not loc and "where" in first.get("ctx", {}):  # a whole-config check names the setting itself
         where, message = first["ctx"]["where"], ": " + first["ctx"]["problem"]
+        settings = [where, *([first["ctx"]["also"]] if "also" in first["ctx"] else [])]
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if where == key or where.startswith(key + ".") or key.startswith(where + "."):
+        if any(s == key or s.startswith(key + ".") or key.startswith(s + ".") for s in settings):
             return f"override {item}: {where}{message}{more}"
     return f"{origin}: {where}{message}{more}"
 

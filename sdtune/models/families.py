@@ -6,7 +6,8 @@ extras beyond the prompt embeddings, the objective, the default LoRA targets, th
 training method runs on it with which recipe. Code that must differ by family reads it from here
 (``family_of(cfg)``) instead of comparing ``model.arch`` strings in place:
 
-- :func:`sdtune.train.run` picks the recipe (and refuses a method the family lacks, naming those it has);
+- :class:`sdtune.config.RunConfig` refuses, when the config loads, a method the family lacks (naming those it
+  has); :func:`sdtune.train.run` picks the recipe;
 - :func:`sdtune.train.losses.objective_for` builds the family's objective (denoising: epsilon / v-prediction
   from the scheduler; flow matching for SD3);
 - :mod:`sdtune.train.outputs` picks the pipeline class, the kohya key layout and whether a single-file
@@ -47,13 +48,19 @@ class Family:
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # adapted by default
     methods: dict[str, str] = field(default_factory=lambda: dict(UNET_METHODS))  # method → recipe module
 
+    def method_problem(self, method: str) -> str | None:
+        """Why ``method`` does not run on this family (naming the methods it has), or None when it does."""
+        if method in self.methods:
+            return None
+        return (
+            f"model.arch={self.arch} ({self.title}) supports train.method={' / '.join(self.methods)} only "
+            f"(not {method}) so far"
+        )
+
     def recipe(self, method: str) -> str:
         """The recipe module for ``method`` on this family; one ConfigError line when there is none."""
-        if method not in self.methods:
-            raise ConfigError(
-                f"model.arch={self.arch} ({self.title}) supports train.method={' / '.join(self.methods)} only "
-                f"(not {method}) so far"
-            )
+        if problem := self.method_problem(method):
+            raise ConfigError(problem)
         return self.methods[method]
 
 
