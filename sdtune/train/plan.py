@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from sdtune.config import RunConfig
+from sdtune.models.families import FAMILIES, family_of
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,39 @@ HUB = {
     "sdxl": (SDXL_UNET, [CLIP_L, OPENCLIP_BIGG]),
 }
 GB = 1024**3
+
+# SD3 medium (stabilityai/stable-diffusion-3-medium-diffusers): diffusers' config.json of the transformer,
+# the three text encoders and the VAE, abridged as above. Built on the meta device they count 2,028.3 M
+# (MMDiT), 123.7 M (CLIP-L with projection), 694.7 M (OpenCLIP bigG with projection), 4,762.3 M (T5 v1.1 XXL
+# encoder) and 83.8 M (16-channel VAE) parameters: tests/train/test_plan_sd3.py.
+SD3_TRANSFORMER = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192,
+}
+CLIP_L_WITH_PROJECTION = {**CLIP_L, "architectures": ["CLIPTextModelWithProjection"]}
+T5_XXL = {
+    "model_type": "t5",
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "feed_forward_proj": "gated-gelu",
+    "vocab_size": 32128,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+}
+SD3_VAE = {**VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+SD3_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass
@@ -272,7 +306,6 @@ def profile_forward(
     """One UNet forward on the meta device: saved-activation bytes, per block, and FLOPs."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
-    from torch.utils.flop_counter import FlopCounterMode
 
     unet = meta_unet(unet_config)
     if lora is not None:
@@ -294,6 +327,18 @@ def profile_forward(
                 "time_ids": torch.empty(batch, 6),
             }
 
+    blocks = (BasicTransformerBlock, ResnetBlock2D)
+    return profile_blocks(unet, blocks, lambda: unet(x, t, encoder_hidden_states=ctx, **kwargs))
+
+
+def profile_blocks(
+    model: torch.nn.Module, block_types: tuple[type, ...], forward, keyword_inputs: bool = False
+) -> ForwardProfile:
+    """Run ``forward()`` (a meta forward of ``model``) counting what autograd saves, in all and per block of
+    ``block_types`` (the checkpointable units), the blocks' input bytes (positional ones; keyword ones too
+    with ``keyword_inputs``, for blocks called by keyword), and the FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     saved = [0]
     block_stack: list[list[int]] = []
     blocks: list[int] = []
@@ -301,7 +346,7 @@ def profile_forward(
 
     # Count each storage once (views and tensors saved by several ops share it) and never the weights
     # (resident anyway: they are counted as weights).
-    seen = {p.untyped_storage()._cdata for p in unet.parameters()}
+    seen = {p.untyped_storage()._cdata for p in model.parameters()}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
@@ -313,20 +358,24 @@ def profile_forward(
                 block_stack[-1][0] += size
         return tensor
 
-    def pre(module, args):
+    def pre(module, args, kwargs):
         block_stack.append([0])
-        boundary[0] += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+        inputs = [*args, *kwargs.values()] if keyword_inputs else args
+        boundary[0] += sum(a.numel() * a.element_size() for a in inputs if isinstance(a, torch.Tensor))
 
     def post(module, args, output):
         blocks.append(block_stack.pop()[0])
 
     hooks = []
-    for module in unet.modules():
-        if isinstance(module, BasicTransformerBlock | ResnetBlock2D):
-            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    for module in model.modules():
+        if isinstance(module, block_types):
+            hooks += [
+                module.register_forward_pre_hook(pre, with_kwargs=True),
+                module.register_forward_hook(post),
+            ]
     counter = FlopCounterMode(display=False)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter, _flash_attention():
-        unet(x, t, encoder_hidden_states=ctx, **kwargs)
+        forward()
     for h in hooks:
         h.remove()
     return ForwardProfile(saved[0], max(blocks or [0]), boundary[0], counter.get_total_flops())
@@ -408,6 +457,10 @@ def estimate(
 ) -> Plan:
     """The plan for ``cfg`` on ``num_gpus`` (default ``train.num_processes``) × ``gpu``."""
 
+    if family_of(cfg).denoiser == "transformer":  # SD3: its own model, see estimate_sd3
+        return estimate_sd3(
+            cfg, gpu_key(gpu), num_gpus or cfg.train.num_processes, usd_per_gpu_hour, num_images, mfu
+        )
     gpu = gpu_key(gpu)
     card = GPUS[gpu]
     tc = cfg.train
@@ -521,6 +574,139 @@ def estimate(
     )
 
 
+# ------------------------------------------------------------------------------ SD3: MMDiT, flow matching
+
+
+def sd3_model_configs(cfg: RunConfig) -> tuple[dict, list[dict], dict]:
+    """(transformer, text encoders, vae) config dicts: from the local folder when there is one, else SD3 medium."""
+    base = Path(cfg.model.base)
+    if not (base / "transformer" / "config.json").is_file():
+        return SD3_TRANSFORMER, [CLIP_L_WITH_PROJECTION, OPENCLIP_BIGG, T5_XXL], SD3_VAE
+    found = {d: base / d / "config.json" for d in ("transformer", "vae", *SD3_ENCODERS)}
+    read = {d: json.loads(f.read_text()) for d, f in found.items() if f.is_file()}
+    return read["transformer"], [read[d] for d in SD3_ENCODERS if d in read], read.get("vae", SD3_VAE)
+
+
+def meta_transformer(config: dict):
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        return SD3Transformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def sd3_encoder_params(config: dict) -> int:
+    """Parameters of one SD3 text encoder: T5 (its encoder only) or CLIP."""
+    if config.get("model_type") != "t5":
+        return encoder_params(config)
+    from transformers import T5Config, T5EncoderModel
+
+    keys = {k: v for k, v in config.items() if k in T5Config().to_dict()}
+    with torch.device("meta"):
+        return count_params(T5EncoderModel(T5Config(**keys)))
+
+
+def profile_sd3_forward(
+    transformer_config: dict, resolution: int, batch: int, text_tokens: int, lora: RunConfig
+) -> ForwardProfile:
+    """One transformer forward with LoRA on the meta device at the training resolution, with the joint
+    sequence of ``text_tokens`` prompt tokens (77 CLIP + train.max_sequence_length T5)."""
+    from diffusers.models.attention import JointTransformerBlock
+
+    transformer = meta_transformer(transformer_config)
+    lora_params(transformer, lora)
+    c = transformer.config
+    with torch.device("meta"):
+        inputs = {
+            "hidden_states": torch.empty(batch, c.in_channels, resolution // 8, resolution // 8),
+            "timestep": torch.zeros(batch),
+            "encoder_hidden_states": torch.empty(batch, text_tokens, c.joint_attention_dim),
+            "pooled_projections": torch.empty(batch, c.pooled_projection_dim),
+        }
+    return profile_blocks(
+        transformer, (JointTransformerBlock,), lambda: transformer(**inputs), keyword_inputs=True
+    )
+
+
+def estimate_sd3(
+    cfg: RunConfig, gpu: str, n: int, usd_per_gpu_hour: float, num_images: int, mfu: float | None
+) -> Plan:
+    """The plan of SD3 LoRA (sdtune.train.sd3_lora): the transformer frozen in the training precision with
+    fp32 adapters; the three text encoders and the VAE run once, in fp32, to cache latents and prompt
+    embeddings, and are freed before the loop — a phase of its own that must fit too."""
+    card, tc, res = GPUS[gpu], cfg.train, cfg.preprocess.resolution
+    transformer_cfg, enc_cfgs, vae_cfg = sd3_model_configs(cfg)
+    p_transformer = count_params(meta_transformer(transformer_cfg))
+    p_enc = [sd3_encoder_params(c) for c in enc_cfgs]
+    p_vae = vae_params(vae_cfg)
+    half = tc.mixed_precision in ("bf16", "fp16")
+    wbytes = 2 if half else 4
+    trainable = lora_params(meta_transformer(transformer_cfg), cfg)
+    memory = {
+        "weights": wbytes * p_transformer + 4 * trainable,
+        "grads": 4 * trainable,
+        "optimizer": {"adamw": 8, "adamw8bit": 2}.get(tc.optimizer, 0) * trainable,
+    }
+    tokens = 77 + tc.max_sequence_length
+    prof = profile_sd3_forward(transformer_cfg, res, tc.batch_size, tokens, lora=cfg)
+    saved = prof.boundary_bytes + prof.max_block_bytes if tc.gradient_checkpointing else prof.saved_bytes
+    memory["activations"] = saved * ACTIVATION_FACTOR * (HALF_ACTIVATION_SHARE if half else 1.0)
+    memory["backward_peak"] = backward_peak(memory["activations"], memory["grads"])
+    # Cached per image on the device: the latent mean and std, the joint prompt embeddings and the pooled one.
+    latent = (res // 8) ** 2 * transformer_cfg["in_channels"] * 2
+    text = tokens * transformer_cfg["joint_attention_dim"] + transformer_cfg["pooled_projection_dim"]
+    memory["data_cache"] = (latent + text) * wbytes * math.ceil(num_images / n)
+    memory["overhead"] = CUDA_OVERHEAD_GB * GB
+    loop = ("weights", "optimizer", "backward_peak", "data_cache", "overhead")
+    memory["total"] = sum(memory[k] for k in loop)
+    capacity = card.memory_gb * GB
+    encoding = 4 * (sum(p_enc) + p_vae) + memory["overhead"]
+    mfu = mfu if mfu is not None else mfu_for(tc.batch_size, res)
+    notes = [
+        f"SD3 transformer (MMDiT) with LoRA, flow matching; the {len(p_enc)} text encoders "
+        f"({sum(p_enc) / 1e9:.2f} B parameters, the largest {max(p_enc) / 1e9:.2f} B) and the VAE run once, "
+        f"in fp32, to cache the embeddings: that phase needs {encoding / GB:.1f} GiB on its own",
+        f"the MFU ({mfu:.0%}) is the UNet assumption; time one real SD3 step and pass --mfu",
+    ]
+    fits = memory["total"] <= capacity and encoding <= capacity
+    if not fits:
+        biggest = max(("encoding", *loop), key=lambda k: encoding if k == "encoding" else memory[k])
+        share = encoding if biggest == "encoding" else memory[biggest]
+        notes.append(f"does not fit: the largest share is {biggest.replace('_', ' ')} ({share / GB:.1f} GiB)")
+    # Time: forward + backward through the frozen weights to the adapters (+ a recompute when checkpointing).
+    passes = 2.0 + (1.0 if tc.gradient_checkpointing else 0.0)
+    tflops = (card.bf16_tflops if half else card.fp32_tflops) * 1e12
+    seconds = prof.flops * passes * tc.gradient_accumulation_steps / (tflops * mfu)
+    seconds /= SCALING["ddp"] if n > 1 else 1.0
+    hours = seconds * tc.max_steps / 3600
+    return Plan(
+        method=tc.method,
+        arch=cfg.model.arch,
+        gpu=gpu,
+        num_gpus=n,
+        parallelism="ddp",
+        precision=tc.mixed_precision,
+        resolution=res,
+        batch_per_gpu=tc.batch_size,
+        grad_accum=tc.gradient_accumulation_steps,
+        gradient_checkpointing=tc.gradient_checkpointing,
+        params_unet=p_transformer,
+        params_text_encoders=sum(p_enc),
+        params_vae=p_vae,
+        params_trainable=trainable,
+        **memory,
+        capacity=capacity,
+        fits=fits,
+        fwd_tflop_per_sample=prof.flops / tc.batch_size / 1e12,
+        seconds_per_step=seconds,
+        steps=tc.max_steps,
+        hours=hours,
+        usd=hours * n * usd_per_gpu_hour,
+        usd_per_gpu_hour=usd_per_gpu_hour,
+        mfu=mfu,
+        notes=notes,
+    )
+
+
 def fitting_settings(
     cfg: RunConfig, gpu: str, num_gpus: int | None = None, num_images: int = 1000
 ) -> list[str]:
@@ -607,7 +793,7 @@ def report(plan: Plan) -> str:
         + (" · gradient checkpointing" if plan.gradient_checkpointing else ""),
         "",
         "parameters",
-        f"  UNet            {plan.params_unet / 1e6:10.1f} M",
+        f"  {FAMILIES[plan.arch].denoiser:<16}{plan.params_unet / 1e6:10.1f} M",
         f"  text encoders   {plan.params_text_encoders / 1e6:10.1f} M",
         f"  VAE             {plan.params_vae / 1e6:10.1f} M",
         f"  trainable       {plan.params_trainable / 1e6:10.3f} M",
