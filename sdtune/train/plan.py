@@ -532,23 +532,9 @@ def estimate(
     passes = 3.0 if full_unet else 2.0
     passes += 1.0 if tc.gradient_checkpointing else 0.0
     flops_step = fwd * passes * batch * tc.gradient_accumulation_steps
-    tflops = (card.bf16_tflops if half else card.fp32_tflops) * 1e12
     mfu = mfu if mfu is not None else mfu_for(tc.batch_size, res)
-    seconds = flops_step / (tflops * mfu)
-    if n > 1:
-        seconds /= SCALING["fsdp" if fsdp else "ddp"]
-    hours = seconds * tc.max_steps / 3600
     return Plan(
-        method=tc.method,
-        arch=cfg.model.arch,
-        gpu=gpu,
-        num_gpus=n,
-        parallelism="fsdp" if fsdp else "ddp",
-        precision=tc.mixed_precision,
-        resolution=res,
-        batch_per_gpu=tc.batch_size,
-        grad_accum=tc.gradient_accumulation_steps,
-        gradient_checkpointing=tc.gradient_checkpointing,
+        **plan_settings(cfg, gpu, n, "fsdp" if fsdp else "ddp"),
         params_unet=p_unet,
         params_text_encoders=sum(p_enc),
         params_vae=p_vae,
@@ -564,14 +550,52 @@ def estimate(
         capacity=capacity,
         fits=total <= capacity,
         fwd_tflop_per_sample=fwd / 1e12,
-        seconds_per_step=seconds,
-        steps=tc.max_steps,
-        hours=hours,
-        usd=hours * n * usd_per_gpu_hour,
-        usd_per_gpu_hour=usd_per_gpu_hour,
-        mfu=mfu,
+        **plan_time(cfg, flops_step, card, half, n, "fsdp" if fsdp else "ddp", mfu, usd_per_gpu_hour),
         notes=notes,
     )
+
+
+def plan_settings(cfg: RunConfig, gpu: str, n: int, parallelism: str) -> dict[str, Any]:
+    """The :class:`Plan` fields that restate the run's settings (every family's estimate)."""
+    tc = cfg.train
+    return {
+        "method": tc.method,
+        "arch": cfg.model.arch,
+        "gpu": gpu,
+        "num_gpus": n,
+        "parallelism": parallelism,
+        "precision": tc.mixed_precision,
+        "resolution": cfg.preprocess.resolution,
+        "batch_per_gpu": tc.batch_size,
+        "grad_accum": tc.gradient_accumulation_steps,
+        "gradient_checkpointing": tc.gradient_checkpointing,
+        "steps": tc.max_steps,
+    }
+
+
+def plan_time(
+    cfg: RunConfig,
+    flops_step: float,
+    card: Gpu,
+    half: bool,
+    n: int,
+    parallelism: str,
+    mfu: float,
+    usd_per_gpu_hour: float,
+) -> dict[str, Any]:
+    """The :class:`Plan` time and cost fields for ``flops_step`` training FLOPs per optimizer step and GPU."""
+    tflops = (card.bf16_tflops if half else card.fp32_tflops) * 1e12
+    seconds = flops_step / (tflops * mfu)
+    if n > 1:
+        seconds /= SCALING[parallelism]
+    hours = seconds * cfg.train.max_steps / 3600
+    return {
+        "seconds_per_step": seconds,
+        "hours": hours,
+        "usd": hours * n * usd_per_gpu_hour,
+        "usd_per_gpu_hour": usd_per_gpu_hour,
+        "mfu": mfu,
+    }
 
 
 # ------------------------------------------------------------------------------ SD3: MMDiT, flow matching
@@ -635,14 +659,18 @@ def estimate_sd3(
     embeddings, and are freed before the loop — a phase of its own that must fit too."""
     card, tc, res = GPUS[gpu], cfg.train, cfg.preprocess.resolution
     transformer_cfg, enc_cfgs, vae_cfg = sd3_model_configs(cfg)
-    p_transformer = count_params(meta_transformer(transformer_cfg))
     p_enc = [sd3_encoder_params(c) for c in enc_cfgs]
-    p_vae = vae_params(vae_cfg)
+    sizes = {  # the transformer is reported in the denoiser's row (params_unet)
+        "params_unet": count_params(meta_transformer(transformer_cfg)),
+        "params_text_encoders": sum(p_enc),
+        "params_vae": vae_params(vae_cfg),
+        "params_trainable": lora_params(meta_transformer(transformer_cfg), cfg),
+    }
+    trainable = sizes["params_trainable"]
     half = tc.mixed_precision in ("bf16", "fp16")
     wbytes = 2 if half else 4
-    trainable = lora_params(meta_transformer(transformer_cfg), cfg)
     memory = {
-        "weights": wbytes * p_transformer + 4 * trainable,
+        "weights": wbytes * sizes["params_unet"] + 4 * trainable,
         "grads": 4 * trainable,
         "optimizer": {"adamw": 8, "adamw8bit": 2}.get(tc.optimizer, 0) * trainable,
     }
@@ -659,7 +687,7 @@ def estimate_sd3(
     loop = ("weights", "optimizer", "backward_peak", "data_cache", "overhead")
     memory["total"] = sum(memory[k] for k in loop)
     capacity = card.memory_gb * GB
-    encoding = 4 * (sum(p_enc) + p_vae) + memory["overhead"]
+    encoding = 4 * (sum(p_enc) + sizes["params_vae"]) + memory["overhead"]
     mfu = mfu if mfu is not None else mfu_for(tc.batch_size, res)
     notes = [
         f"SD3 transformer (MMDiT) with LoRA, flow matching; the {len(p_enc)} text encoders "
@@ -673,36 +701,15 @@ def estimate_sd3(
         share = encoding if biggest == "encoding" else memory[biggest]
         notes.append(f"does not fit: the largest share is {biggest.replace('_', ' ')} ({share / GB:.1f} GiB)")
     # Time: forward + backward through the frozen weights to the adapters (+ a recompute when checkpointing).
-    passes = 2.0 + (1.0 if tc.gradient_checkpointing else 0.0)
-    tflops = (card.bf16_tflops if half else card.fp32_tflops) * 1e12
-    seconds = prof.flops * passes * tc.gradient_accumulation_steps / (tflops * mfu)
-    seconds /= SCALING["ddp"] if n > 1 else 1.0
-    hours = seconds * tc.max_steps / 3600
+    flops_step = prof.flops * (3.0 if tc.gradient_checkpointing else 2.0) * tc.gradient_accumulation_steps
     return Plan(
-        method=tc.method,
-        arch=cfg.model.arch,
-        gpu=gpu,
-        num_gpus=n,
-        parallelism="ddp",
-        precision=tc.mixed_precision,
-        resolution=res,
-        batch_per_gpu=tc.batch_size,
-        grad_accum=tc.gradient_accumulation_steps,
-        gradient_checkpointing=tc.gradient_checkpointing,
-        params_unet=p_transformer,
-        params_text_encoders=sum(p_enc),
-        params_vae=p_vae,
-        params_trainable=trainable,
+        **plan_settings(cfg, gpu, n, "ddp"),
+        **sizes,
         **memory,
         capacity=capacity,
         fits=fits,
         fwd_tflop_per_sample=prof.flops / tc.batch_size / 1e12,
-        seconds_per_step=seconds,
-        steps=tc.max_steps,
-        hours=hours,
-        usd=hours * n * usd_per_gpu_hour,
-        usd_per_gpu_hour=usd_per_gpu_hour,
-        mfu=mfu,
+        **plan_time(cfg, flops_step, card, half, n, "ddp", mfu, usd_per_gpu_hour),
         notes=notes,
     )
 
