@@ -696,10 +696,13 @@ def estimate_sd3(
         f"the MFU ({mfu:.0%}) is the UNet assumption; time one real SD3 step and pass --mfu",
     ]
     fits = memory["total"] <= capacity and encoding <= capacity
-    if not fits:
-        biggest = max(("encoding", *loop), key=lambda k: encoding if k == "encoding" else memory[k])
-        share = encoding if biggest == "encoding" else memory[biggest]
-        notes.append(f"does not fit: the largest share is {biggest.replace('_', ' ')} ({share / GB:.1f} GiB)")
+    if encoding > capacity:
+        notes.append(f"does not fit: caching the embeddings alone needs {encoding / GB:.1f} GiB")
+    elif not fits:
+        biggest = max(loop, key=lambda k: memory[k])
+        notes.append(
+            f"does not fit: the largest share is {biggest.replace('_', ' ')} ({memory[biggest] / GB:.1f} GiB)"
+        )
     # Time: forward + backward through the frozen weights to the adapters (+ a recompute when checkpointing).
     flops_step = prof.flops * (3.0 if tc.gradient_checkpointing else 2.0) * tc.gradient_accumulation_steps
     return Plan(
