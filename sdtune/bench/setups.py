@@ -36,10 +36,10 @@ SETUPS = {
 def build_medium(out_dir: Path, seed: int = 0) -> Path:
     """The tiny folder (tokenizer, scheduler, model_index.json) with medium UNet, VAE and text encoder."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sdtune.models.tiny import MAX_LENGTH, build_tiny
+    from sdtune.models.tiny import build_tiny, clip_text_config, small_vae
 
     build_tiny("sd15", out_dir, seed=seed)
     tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
@@ -62,31 +62,10 @@ def build_medium(out_dir: Path, seed: int = 0) -> Path:
             attention_head_dim=8,
             norm_num_groups=32,
         )
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64, 128, 128),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=2,
-            norm_num_groups=32,
-            sample_size=256,
-        )
+        vae = small_vae(seed, (32, 64, 128, 128), layers_per_block=2, norm_num_groups=32, sample_size=256)
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-                hidden_size=128,
-                intermediate_size=512,
-                num_attention_heads=4,
-                num_hidden_layers=4,
-                vocab_size=len(tokenizer),
-                max_position_embeddings=MAX_LENGTH,
-            )
+            clip_text_config(len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4)
         )
     for sub, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         module.save_pretrained(out_dir / sub, safe_serialization=True)

@@ -199,37 +199,62 @@ def _learn_bpe(words: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
                 i += 1
 
 
-def _text_config(vocab_size: int, **extra):
+def clip_text_config(vocab_size: int, **overrides):
+    """The tiny CLIP text encoder's config (hidden 32, 2 layers, the tiny tokenizer's special ids);
+    ``overrides`` replace any field (a projection, a wider encoder for the benchmark's medium model)."""
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=MAX_LENGTH,
-        **extra,
-    )
+    fields = {
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "layer_norm_eps": 1e-05,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": MAX_LENGTH,
+    }
+    return CLIPTextConfig(**{**fields, **overrides})
 
 
-def _vae(seed: int):
+def small_vae(seed: int, block_out_channels: tuple[int, ...] = (32, 64), **overrides):
+    """A small ``AutoencoderKL`` (seeded with ``seed + 1``): one encoder and one decoder block per entry of
+    ``block_out_channels``, 4 latent channels; ``overrides`` replace any other field."""
     import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed + 1)
-    return AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=64,
+    blocks = len(block_out_channels)
+    fields = {
+        "block_out_channels": list(block_out_channels),
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * blocks,
+        "latent_channels": 4,
+        "sample_size": 64,
+    }
+    return AutoencoderKL(**{**fields, **overrides})
+
+
+def _unet(seed: int, inpaint: bool, **extra):
+    """The tiny two-level UNet (4 latent channels; 9 input channels for inpainting); ``extra``: the family's."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=9 if inpaint else 4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+        **extra,
     )
 
 
@@ -240,28 +265,15 @@ def _sd15(tokenizer, seed: int, variant: str = "sd15"):
         PNDMScheduler,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
-        UNet2DConditionModel,
     )
     from transformers import CLIPTextModel
 
     sd2 = variant == "sd2"
     extra: dict = {"attention_head_dim": (2, 4), "use_linear_projection": True} if sd2 else {}
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=9 if variant == "sd15-inpaint" else 4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=32,
-        **extra,
-    )
-    vae = _vae(seed)
+    unet = _unet(seed, variant == "sd15-inpaint", cross_attention_dim=32, **extra)
+    vae = small_vae(seed)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_text_config(len(tokenizer), **({"hidden_act": "gelu"} if sd2 else {})))
+    text_encoder = CLIPTextModel(clip_text_config(len(tokenizer), **({"hidden_act": "gelu"} if sd2 else {})))
     if sd2:  # SD 2.x 768: v-prediction
         scheduler = DDIMScheduler(
             beta_start=0.00085,
@@ -301,19 +313,12 @@ def _sdxl(tokenizer, seed: int, inpaint: bool = False):
         EulerDiscreteScheduler,
         StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPipeline,
-        UNet2DConditionModel,
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=9 if inpaint else 4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _unet(
+        seed,
+        inpaint,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -321,13 +326,12 @@ def _sdxl(tokenizer, seed: int, inpaint: bool = False):
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=80,  # 6 * 8 (size/crop ids) + 32 (pooled projection)
         cross_attention_dim=64,  # 32 + 32 (both encoders' hidden states, concatenated)
-        norm_num_groups=32,
     )
-    vae = _vae(seed)
+    vae = small_vae(seed)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
+    text_encoder = CLIPTextModel(clip_text_config(len(tokenizer)))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(len(tokenizer), projection_dim=32))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -365,7 +369,6 @@ def _sd3(tokenizer, tokenizer_3, seed: int):
     ``joint_attention_dim``; projections 32 + 32 = ``pooled_projection_dim``)."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -386,24 +389,18 @@ def _sd3(tokenizer, tokenizer_3, seed: int):
         out_channels=16,
         pos_embed_max_size=32,  # up to 32 × 32 patches: 128 px images
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    vae = small_vae(
+        seed,
         latent_channels=16,
-        sample_size=64,
         use_quant_conv=False,
         use_post_quant_conv=False,
         shift_factor=0.0609,  # SD3's values
         scaling_factor=1.5305,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32))
+    text_encoder = CLIPTextModelWithProjection(clip_text_config(len(tokenizer), projection_dim=32))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(len(tokenizer), projection_dim=32))
     torch.manual_seed(seed + 4)
     text_encoder_3 = T5EncoderModel(
         T5Config(
