@@ -307,14 +307,29 @@ def _sd15(tokenizer, seed: int, variant: str = "sd15"):
     )
 
 
-def _sdxl(tokenizer, seed: int, inpaint: bool = False):
+def _clip_l_and_g(tokenizer, seed: int, first_projected: bool):
+    """The CLIP-L and CLIP-G stand-ins of SDXL and SD3 (hidden 32 each; seeded ``seed + 2``, ``seed + 3``). The
+    second has a 32-wide projection (the pooled embedding); so has the first with ``first_projected`` (SD3
+    pools both)."""
     import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed + 2)
+    first = (
+        CLIPTextModelWithProjection(clip_text_config(len(tokenizer), projection_dim=32))
+        if first_projected
+        else CLIPTextModel(clip_text_config(len(tokenizer)))
+    )
+    torch.manual_seed(seed + 3)
+    return first, CLIPTextModelWithProjection(clip_text_config(len(tokenizer), projection_dim=32))
+
+
+def _sdxl(tokenizer, seed: int, inpaint: bool = False):
     from diffusers import (
         EulerDiscreteScheduler,
         StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPipeline,
     )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet = _unet(
         seed,
@@ -328,10 +343,7 @@ def _sdxl(tokenizer, seed: int, inpaint: bool = False):
         cross_attention_dim=64,  # 32 + 32 (both encoders' hidden states, concatenated)
     )
     vae = small_vae(seed)
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(clip_text_config(len(tokenizer)))
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(len(tokenizer), projection_dim=32))
+    text_encoder, text_encoder_2 = _clip_l_and_g(tokenizer, seed, first_projected=False)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -373,7 +385,7 @@ def _sd3(tokenizer, tokenizer_3, seed: int):
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
@@ -397,10 +409,7 @@ def _sd3(tokenizer, tokenizer_3, seed: int):
         shift_factor=0.0609,  # SD3's values
         scaling_factor=1.5305,
     )
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModelWithProjection(clip_text_config(len(tokenizer), projection_dim=32))
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(len(tokenizer), projection_dim=32))
+    text_encoder, text_encoder_2 = _clip_l_and_g(tokenizer, seed, first_projected=True)
     torch.manual_seed(seed + 4)
     text_encoder_3 = T5EncoderModel(
         T5Config(
