@@ -101,3 +101,26 @@ def write_config(path: Path, base: Path, **sections) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path, tiny_sd15) -> Path:
     return write_config(tmp_path / "config.yaml", tiny_sd15)
+
+
+def load_quiet(pipeline_cls, base: Path):
+    """``pipeline_cls`` from the local folder ``base``, without progress bars."""
+    pipe = pipeline_cls.from_pretrained(base, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, prompt: str = "a photo of sks toy robot", **extra):
+    """One 64 px image in 2 steps from seed 0, as a tensor: enough to tell whether weights changed it.
+    ``extra``: the pipeline's own inputs (an inpainting image and mask, a guidance scale)."""
+    import torch
+
+    return pipe(
+        prompt,
+        **extra,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images

@@ -7,7 +7,7 @@ import json
 import torch
 
 from sdtune.cli import main
-from tests.train.conftest import write_config
+from tests.train.conftest import sample, write_config
 
 
 def test_dreambooth_with_prior_preservation(tmp_path, tiny_sd15, stage_dir):
@@ -45,31 +45,14 @@ def test_dreambooth_with_prior_preservation(tmp_path, tiny_sd15, stage_dir):
     tuned = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     for pipe in (base, tuned):
         pipe.set_progress_bar_config(disable=True)
-    images = [
-        p(
-            "a photo of sks toy robot",
-            num_inference_steps=2,
-            height=64,
-            width=64,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-        ).images
-        for p in (base, tuned)
-    ]
+    images = [sample(p) for p in (base, tuned)]
     assert (images[0] - images[1]).abs().max() > 1e-3
     # The single-file checkpoint (original SD layout), read with the BASE configs: the tuned image exactly.
     single = StableDiffusionPipeline.from_single_file(
         str(out / "model.safetensors"), config=str(tiny_sd15), local_files_only=True, safety_checker=None
     )
     single.set_progress_bar_config(disable=True)
-    image = single(
-        "a photo of sks toy robot",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-    ).images
+    image = sample(single)
     assert torch.equal(image, images[1])
 
     eval_dir = tmp_path / "eval"

@@ -9,19 +9,12 @@ import shutil
 import torch
 
 from sdtune.cli import main
-from tests.train.conftest import write_config
+from tests.train.conftest import sample, write_config
 
 
 def _image(pipe):
     pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        "a photo of sks toy robot",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-    ).images
+    return sample(pipe)
 
 
 def test_full_finetune_with_ema_shards_and_single_file(tmp_path, tiny_sd15, stage_dir):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdtune.cli import main
 from sdtune.manifest import StageReport, read_manifest, write_stage
-from tests.train.conftest import make_stage, write_config
+from tests.train.conftest import make_stage, sample, write_config
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +35,7 @@ def _inpaint(pipe):
     image = Image.new("RGB", (64, 64), (200, 120, 40))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
-    return pipe(
-        "a photo of sks toy robot",
-        image=image,
-        mask_image=mask,
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-    ).images
+    return sample(pipe, image=image, mask_image=mask)
 
 
 def test_random_masks_are_seeded_and_partial():

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from sdtune.cli import main
-from tests.train.conftest import make_stage, write_config
+from tests.train.conftest import make_stage, sample, write_config
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +59,7 @@ def test_lora_loads_and_changes_the_image(trained, tiny_sd15):
     pipe.set_progress_bar_config(disable=True)
 
     def generate():
-        return pipe(
-            "a photo of sks toy robot",
-            num_inference_steps=2,
-            height=64,
-            width=64,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-        ).images
+        return sample(pipe)
 
     before = generate()
     pipe.load_lora_weights(out, adapter_name="diffusers")
@@ -271,14 +264,7 @@ def test_sdxl_lora_trains_and_loads(tmp_path, tiny_sdxl, stage_dir):
     pipe.set_progress_bar_config(disable=True)
 
     def generate():
-        return pipe(
-            "a photo of sks toy robot",
-            num_inference_steps=2,
-            height=64,
-            width=64,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-        ).images
+        return sample(pipe)
 
     before = generate()
     pipe.load_lora_weights(out)

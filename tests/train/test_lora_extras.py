@@ -5,28 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from sdtune.cli import main
-from tests.train.conftest import write_config
-
-
-def _generate(pipe, prompt="a photo of sks toy robot"):
-    return pipe(
-        prompt,
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-    ).images
-
-
-def _pipe(cls, base):
-    pipe = cls.from_pretrained(base, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from tests.train.conftest import load_quiet, sample, write_config
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -68,16 +50,16 @@ def test_text_encoder_lora_with_validation(tmp_path, tiny_sd15, tiny_sdxl, stage
     te_prefix = "lora_te_" if arch == "sd15" else "lora_te1_"
     assert any(k.startswith(te_prefix) and k.endswith(".alpha") for k in kohya)
 
-    pipe = _pipe(cls, base)
-    before = _generate(pipe)
+    pipe = load_quiet(cls, base)
+    before = sample(pipe)
     pipe.load_lora_weights(out, adapter_name="diffusers")
-    after = _generate(pipe)
+    after = sample(pipe)
     assert (after - before).abs().max() > 1e-3
     pipe.delete_adapters("diffusers")
     state, alphas = pipe.lora_state_dict(out, weight_name="lora_kohya.safetensors")
     assert any(k.startswith("text_encoder.") for k in state) and alphas
     pipe.load_lora_weights(out, weight_name="lora_kohya.safetensors", adapter_name="kohya")
-    kohya_image = _generate(pipe)
+    kohya_image = sample(pipe)
     assert (kohya_image - after).abs().max() < 0.05 * (after - before).abs().max()
 
 
@@ -90,10 +72,10 @@ def test_dora_trains_and_loads(tmp_path, tiny_sd15, stage_dir):
     assert not (out / "lora_kohya.safetensors").exists()  # kohya's format has no DoRA
     with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as fh:
         assert any("magnitude" in k for k in fh.keys())  # noqa: SIM118
-    pipe = _pipe(StableDiffusionPipeline, tiny_sd15)
-    before = _generate(pipe)
+    pipe = load_quiet(StableDiffusionPipeline, tiny_sd15)
+    before = sample(pipe)
     pipe.load_lora_weights(out)
-    assert (_generate(pipe) - before).abs().max() > 1e-3
+    assert (sample(pipe) - before).abs().max() > 1e-3
 
 
 def test_adamw8bit_says_why_not_here(tmp_path, tiny_config, stage_dir, capsys):
@@ -112,7 +94,7 @@ def test_sd2_v_prediction_lora(tmp_path, tiny_sd2, stage_dir):
     assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["extra"]["prediction_type"] == "v_prediction"  # taken from the scheduler config
-    pipe = _pipe(StableDiffusionPipeline, tiny_sd2)
-    before = _generate(pipe)
+    pipe = load_quiet(StableDiffusionPipeline, tiny_sd2)
+    before = sample(pipe)
     pipe.load_lora_weights(out)
-    assert (_generate(pipe) - before).abs().max() > 1e-3
+    assert (sample(pipe) - before).abs().max() > 1e-3

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from tests.train.conftest import write_config
+from tests.train.conftest import load_quiet, sample, write_config
 
 
 def test_pivotal_trains_both_and_they_load_together(tmp_path, tiny_sd15, stage_dir):
@@ -42,18 +42,10 @@ def test_pivotal_trains_both_and_they_load_together(tmp_path, tiny_sd15, stage_d
     norms = [json.loads(line)["embedding_norm"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert norms[1] != norms[0] and norms[3] == norms[2] == norms[1]  # embeddings frozen after step 2
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_quiet(StableDiffusionPipeline, tiny_sd15)
 
     def generate():
-        return pipe(
-            "a photo of <sks> toy robot",
-            num_inference_steps=2,
-            height=64,
-            width=64,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-        ).images
+        return sample(pipe, "a photo of <sks> toy robot")
 
     pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"))
     ids = pipe.tokenizer.convert_tokens_to_ids(["<sks>", "<sks>_1"])

@@ -10,26 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from tests.train.conftest import write_config
+from tests.train.conftest import load_quiet, sample, write_config
 
 
 def test_sdxl_pivotal_trains_both_encoders_and_every_file_loads(tmp_path, tiny_sdxl, stage_dir):
     from diffusers import StableDiffusionXLPipeline
 
-    config = write_config(
-        tmp_path / "c.yaml",
-        tiny_sdxl,
-        model={"arch": "sdxl"},
-        train={
-            "method": "pivotal",
-            "num_vectors": 2,
-            "max_steps": 4,
-            "embedding_train_fraction": 0.5,
-            "embedding_learning_rate": 5e-2,
-            "learning_rate": 3e-2,
-            "log_every": 1,
-        },
-    )
+    train = {"method": "pivotal", "num_vectors": 2, "max_steps": 4, "embedding_train_fraction": 0.5}
+    config = write_config(tmp_path / "c.yaml", tiny_sdxl, model={"arch": "sdxl"}, train=train)
     out = tmp_path / "out"
     assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
     summary = json.loads((out / "train_summary.json").read_text())
@@ -38,8 +26,7 @@ def test_sdxl_pivotal_trains_both_encoders_and_every_file_loads(tmp_path, tiny_s
         summary["files"]
     ) and "lora_kohya.safetensors" in summary["files"]
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_quiet(StableDiffusionXLPipeline, tiny_sdxl)
     encoders = {
         "clip_l": (pipe.tokenizer, pipe.text_encoder),
         "clip_g": (pipe.tokenizer_2, pipe.text_encoder_2),
@@ -56,14 +43,7 @@ def test_sdxl_pivotal_trains_both_encoders_and_every_file_loads(tmp_path, tiny_s
         assert not torch.allclose(state[name], start.expand(2, -1)), f"{name}: the new rows did not train"
 
     def generate():
-        return pipe(
-            "a photo of <sks> toy robot",
-            num_inference_steps=2,
-            height=64,
-            width=64,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-        ).images
+        return sample(pipe, "a photo of <sks> toy robot")
 
     base = generate()
     for name, (tokenizer, encoder) in encoders.items():  # diffusers' documented SDXL way, file as saved

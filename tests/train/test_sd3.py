@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from tests.train.conftest import write_config
+from tests.train.conftest import sample, write_config
 
 
 def _config(path: Path, base: Path, **train) -> Path:
@@ -78,15 +78,7 @@ def test_sd3_lora_loads_and_changes_the_image(trained, tiny_sd3):
     pipe.set_progress_bar_config(disable=True)
 
     def generate():
-        return pipe(
-            "a photo of sks toy robot",
-            num_inference_steps=2,
-            guidance_scale=1.0,
-            height=64,
-            width=64,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-        ).images
+        return sample(pipe, guidance_scale=1.0)
 
     before = generate()
     pipe.load_lora_weights(out)
