@@ -241,7 +241,7 @@ def model_configs(cfg: RunConfig) -> tuple[dict, list[dict], dict]:
     if cfg.model.arch not in HUB:
         from sdtune.errors import ConfigError
 
-        raise ConfigError(f"the planner has no model of model.arch={cfg.model.arch} yet (SD3: not modelled)")
+        raise ConfigError(f"the planner has no model of model.arch={cfg.model.arch} yet")
     unet, encoders = HUB[cfg.model.arch]
     return unet, encoders, VAE
 
