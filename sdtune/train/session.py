@@ -226,7 +226,7 @@ class Session:
             self.step = step
             for micro in range(accumulate):
                 idx = next(self.batches)
-                self._idx = idx.to(self.device)
+                self._idx = D.to_device(idx, self.device)  # pinned and asynchronous on CUDA
                 last = micro == accumulate - 1
                 with contextlib.ExitStack() as stack:
                     for model in self.wrapped:
