@@ -144,6 +144,8 @@ class TrainConfig(Section):
     snr_gamma: float | None = Field(None, gt=0)  # min-SNR-γ loss weighting (5.0 is the usual value)
     noise_offset: float = Field(0.0, ge=0)  # e.g. 0.05: helps very dark/bright images
     gradient_checkpointing: bool = False
+    # denoiser: eager, torch.compile whole/per repeated block, CUDA graphs (CUDA only): sdtune/train/compile.py
+    compile: Literal["none", "default", "regional", "graphs"] = "none"
     export_kohya: bool = True  # also write lora_kohya.safetensors (A1111/ComfyUI/kohya)
     # lora: also a LoRA on the text encoder(s) (its own lr; embeddings are then computed every step), DoRA
     train_text_encoder: bool = False
