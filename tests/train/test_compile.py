@@ -44,7 +44,6 @@ def test_step_compiles_as_one_graph(tiny_sdxl):
 
     unet, scheduler, tc = _lora_unet(tiny_sdxl)
     objective = L.Denoising(scheduler, tc)
-    K.compile_denoiser(unet, "default", backend="aot_eager")
 
     def step(latents, noise, t, text):
         noisy = scheduler.add_noise(latents, noise, t)
