@@ -47,7 +47,11 @@ def compile_denoiser(model: torch.nn.Module, mode: str, *, backend: str | None =
     lazy: the first forward traces, so adapters added afterwards (peft LoRA) are part of the graph."""
     if mode == "none" or is_compiled(model):
         return model
-    kwargs: dict = {"fullgraph": True}
+    # Static shapes: a step's shapes never change (cached latents, whole batches), and regional blocks at
+    # several resolutions would otherwise turn "automatically dynamic" after the second one — which inductor
+    # (torch 2.13, CPU) failed to compile on the medium bench UNet ("cannot determine truth value of
+    # Relational"). Each block shape gets its own graph instead.
+    kwargs: dict = {"fullgraph": True, "dynamic": False}
     if mode == "graphs":
         kwargs["mode"] = "reduce-overhead"
     if backend is not None:
