@@ -155,6 +155,8 @@ class TrainConfig(Section):
     snr_gamma: float | None = Field(None, gt=0)  # min-SNR-γ loss weighting (5.0 is the usual value)
     noise_offset: float = Field(0.0, ge=0)  # e.g. 0.05: helps very dark/bright images
     gradient_checkpointing: bool = False
+    # denoiser: eager, torch.compile whole/per repeated block, CUDA graphs (CUDA only): sdtune/train/compile.py
+    compile: Literal["none", "default", "regional", "graphs"] = "none"
     # Validation during training: every N optimizer steps (0: off) rank 0 samples evaluate.prompts ×
     # evaluate.seeds with the current weights → <out>/validation/step_NNNNNN.png (+ the tracking logger).
     validation_every: int = Field(0, ge=0)

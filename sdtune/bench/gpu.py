@@ -1,21 +1,32 @@
-"""GPU benchmark of the LoRA step at real sizes: SD 1.5 UNet at 512 px and SDXL UNet at 1024 px.
+"""GPU benchmark of the training step at real sizes: SD 1.5 LoRA at 512 px and the seed job (SDXL pivotal).
 
-    python -m sdtune.bench.gpu --out DIR [--quick] [--budget-s S]   # on a CUDA machine (H100/H200/A100 …)
-    python -m sdtune.bench.gpu --out DIR --cpu-tiny                  # a tiny UNet on the CPU: keeps the script alive
+    python -m sdtune.bench.gpu --out DIR [--quick] [--budget-s S] [--only NAMES]   # on a CUDA machine
+    python -m sdtune.bench.gpu --out DIR --cpu-tiny                                 # rehearsal on the CPU (< 2 min)
 
-What one step is (the trainer's recipe on a GPU): the UNet from its real config with random weights (no
-download), frozen and cast to bf16; a peft LoRA (rank 4 on to_q/to_k/to_v/to_out.0, like the trainer's
-defaults) trained in fp32 under bf16 autocast; SDPA attention (diffusers' default processor); cached inputs:
-random latents of the right shape and random text embeddings (the VAE and text encoders are out of the loop,
-as in the trainer); noise, timesteps and ``add_noise`` on the device; MSE loss; backward; fused AdamW; no host
-sync inside the timed steps (CUDA events around them).
+Cases, most wanted first (a run cut short by ``--budget-s`` keeps the first ones):
 
-Variants: ``torch.compile`` on/off, channels_last on/off, and a batch sweep at 512 px for MFU at a batch
-that fills the chip. For each: steps/s (median of timed windows), peak GPU memory, FLOPs per step
-(``torch.utils.flop_counter.FlopCounterMode`` over one eager step), MFU = FLOPs/step × steps/s / peak, where
-the peak is the detected GPU's dense bf16 rate (H100 SXM and H200: 989 TFLOP/s), and the time 1,000 steps
-would take. Results go to ``DIR/gpu_bench.json`` and ``DIR/gpu_bench.md`` after every case, so a run cut
-short still leaves what it measured; ``--budget-s`` skips cases that would not fit.
+1. SD 1.5 512 px batch 1 LoRA rank 4: eager, compiled (``train.compile=default``), graphed (``graphs``);
+2. the seed job (``configs/sdxl/seed_job.yaml``: SDXL 768 px batch 4, LoRA rank 32 + 2 new tokens in both
+   text encoders): the embedding phase (text encoders run with gradients, only the new rows train) and the
+   LoRA-only phase (text encoders without gradients), eager and graphed;
+3. batch sweeps graphed: SD 1.5 512 px b16, SDXL 768 px b8 (LoRA) — MFU at a batch that fills the chip.
+
+What one step is (the trainer's, built from the project's own pieces): the UNet from its real config with
+random weights (no download), frozen in bf16, peft LoRA (``sdtune.train.adapters.add_lora``) in fp32 under
+bf16 autocast; SDXL's text encoders (real CLIP-L/CLIP-G configs, fp32) with the concept rows as their own
+parameter (:class:`sdtune.train.embeddings.ConceptEmbedding`); cached latents; noise and timesteps drawn on the
+device; min-SNR loss; backward; gradient clipping; fused AdamW; the UNet compiled by
+:func:`sdtune.train.compile.compile_denoiser`. No host sync inside the timed steps.
+
+Per case: ms/step (CUDA events; median of windows), **host enqueue ms/step** (wall time for the host to
+issue the steps before it waits: close to ms/step means host-bound), FLOPs/step
+(``torch.utils.flop_counter.FlopCounterMode``, one eager step) and MFU against the card's dense bf16 peak,
+peak memory, **kernel launches per step** (``torch.profiler``: ``cudaLaunchKernel``-family and
+``cudaGraphLaunch`` calls), **syncs per step** (``torch.cuda.set_sync_debug_mode("warn")`` warnings), the top
+self-CPU operators, compile/warm-up time and minutes per 1,000 steps. Results go to ``DIR/gpu_bench.json`` and
+``DIR/gpu_bench.md`` after every case. ``--cpu-tiny``: the same cases on the tiny models at 64 px on the CPU
+(fp32; the compiled cases with the ``aot_eager`` backend, the graphed ones recorded as CUDA-only), so the
+script is known to run before GPU time is spent on it.
 """
 
 from __future__ import annotations
@@ -26,7 +37,9 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -61,7 +74,7 @@ SDXL_UNET = {
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "use_linear_projection": True,
 }
-# A tiny UNet (the project's tiny SD 1.5) for --cpu-tiny.
+# Tiny UNets (the project's tiny SD 1.5 and SDXL shapes) for --cpu-tiny.
 TINY_UNET = {
     "block_out_channels": [32, 64],
     "layers_per_block": 1,
@@ -73,7 +86,29 @@ TINY_UNET = {
     "cross_attention_dim": 32,
     "norm_num_groups": 32,
 }
-MODELS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "tiny": TINY_UNET}
+TINY_SDXL_UNET = {
+    **TINY_UNET,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,  # 6 × 8 (size/crop ids) + 32 (pooled projection)
+    "cross_attention_dim": 64,  # the two encoders' hidden states side by side
+}
+MODELS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "tiny": TINY_UNET, "tiny-sdxl": TINY_SDXL_UNET}
+# SDXL's text encoders (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers, their transformers configs).
+SDXL_TEXT = [
+    {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+     "hidden_act": "quick_gelu", "projection_dim": 768},
+    {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+     "hidden_act": "gelu", "projection_dim": 1280},
+]  # fmt: skip
+TINY_TEXT = [
+    {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+     "hidden_act": "quick_gelu", "projection_dim": 32},
+] * 2  # fmt: skip
+VOCAB = 49408
 # Dense bf16 tensor-core peaks (datasheets, without sparsity), by a substring of the device name.
 PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
 
@@ -88,25 +123,39 @@ def peak_flops(device: torch.device) -> tuple[str, float | None]:
     return name, None
 
 
+@dataclass(frozen=True)
 class Case:
-    def __init__(self, model: str, res: int, batch: int, compile: bool, channels_last: bool):
-        self.model, self.res, self.batch, self.compile, self.channels_last = (
-            model,
-            res,
-            batch,
-            compile,
-            channels_last,
-        )
+    model: str  # key of MODELS
+    res: int
+    batch: int
+    mode: str = "eager"  # eager | compile | graphs  (train.compile none | default | graphs)
+    recipe: str = "lora"  # lora | pivotal-te (embedding phase) | pivotal-frozen (LoRA-only phase)
+    rank: int = 4
+    channels_last: bool = False
 
     @property
     def name(self) -> str:
-        opts = ["compile" if self.compile else "eager"] + (["channels_last"] if self.channels_last else [])
-        return f"{self.model} {self.res}px b{self.batch} {'+'.join(opts)}"
+        label = {"sdxl": "seed job" if self.recipe != "lora" else "sdxl", "tiny-sdxl": "tiny seed job"}
+        model = label.get(self.model, self.model) if self.recipe != "lora" else self.model
+        extra = "+channels_last" if self.channels_last else ""
+        return f"{model} {self.res}px b{self.batch} {self.recipe} r{self.rank} {self.mode}{extra}"
+
+    @property
+    def compile_mode(self) -> str:
+        return {"eager": "none", "compile": "default", "graphs": "graphs"}[self.mode]
+
+
+def _tc(rank: int):
+    from sdtune.config import RunConfig
+
+    return RunConfig.model_validate({"train": {"rank": rank, "snr_gamma": 5.0}}).train
 
 
 def build_unet(model: str, device: torch.device, dtype: torch.dtype, rank: int):
+    """The UNet of ``model`` with random weights, frozen in ``dtype``, under the trainer's LoRA (fp32)."""
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
+
+    from sdtune.train.adapters import add_lora, to_fp32
 
     torch.manual_seed(0)
     with device:  # create the weights on the device: SDXL's 2.6 B parameters initialise in seconds
@@ -114,67 +163,112 @@ def build_unet(model: str, device: torch.device, dtype: torch.dtype, rank: int):
     unet.requires_grad_(False)
     if dtype != torch.float32:
         unet.to(dtype)
-    unet.add_adapter(
-        LoraConfig(
-            r=rank,
-            lora_alpha=rank,
-            init_lora_weights="gaussian",
-            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-        )  # fmt: skip
-    )
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
+    tc = _tc(rank)
+    params = add_lora(unet, tc, tc.target_modules)
+    to_fp32(params)
     unet.train()
     return unet, params
 
 
-def make_inputs(model: str, res: int, batch: int, device, dtype, sets: int = 3) -> list[dict]:
-    """Rotating sets of cached inputs: latents (scaled), text embeddings, SDXL's pooled embeds and time ids."""
-    cfg = MODELS[model]
-    h = res // 8
+def build_text_encoders(model: str, device: torch.device):
+    """SDXL's two text encoders (fp32, as pivotal keeps them), random weights, with 2 concept tokens added
+    at the end of the vocabulary as their own trainable rows. Returns (encoders, concept rows, token ids)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdtune.train.embeddings import concept_embedding
+
+    configs = TINY_TEXT if model.startswith("tiny") else SDXL_TEXT
+    encoders, rows = [], []
+    new_ids = torch.tensor([VOCAB, VOCAB + 1])
+    for i, extra in enumerate(configs):
+        config = CLIPTextConfig(
+            vocab_size=VOCAB + 2, max_position_embeddings=77, eos_token_id=VOCAB - 1, **extra
+        )
+        torch.manual_seed(10 + i)
+        with device:
+            encoder = (CLIPTextModel if i == 0 else CLIPTextModelWithProjection)(config)
+        embedding = concept_embedding(encoder, new_ids)
+        encoder.train()
+        encoders.append(encoder)
+        rows.append(embedding.rows)
+    return encoders, rows, new_ids
+
+
+def make_inputs(case: Case, device, dtype, sets: int = 3) -> list[dict]:
+    """Rotating sets of cached inputs: latents (scaled), and text embeddings (LoRA) or token ids with the
+    concept tokens in them (pivotal)."""
+    cfg = MODELS[case.model]
+    h = case.res // 8
+    g = torch.Generator(device="cpu").manual_seed(0)
     out = []
     for _ in range(sets):
-        item = {
-            "latents": torch.randn(batch, 4, h, h, device=device, dtype=dtype) * 0.18215,
-            "encoder_hidden_states": torch.randn(
-                batch, 77, cfg["cross_attention_dim"], device=device, dtype=dtype
-            ),
-        }
-        if cfg.get("addition_embed_type") == "text_time":
-            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-            item["added_cond_kwargs"] = {
-                "text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
-                "time_ids": torch.tensor([[res, res, 0, 0, res, res]], device=device, dtype=dtype).repeat(
-                    batch, 1
-                ),
-            }
+        item = {"latents": (torch.randn(case.batch, 4, h, h, generator=g) * 0.13).to(device, dtype)}
+        if case.recipe == "lora":
+            item["encoder_hidden_states"] = torch.randn(
+                case.batch, 77, cfg["cross_attention_dim"], generator=g
+            )
+            item["encoder_hidden_states"] = item["encoder_hidden_states"].to(device, dtype)
+            if cfg.get("addition_embed_type") == "text_time":
+                pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+                item["text_embeds"] = torch.randn(case.batch, pooled, generator=g).to(device, dtype)
+        else:
+            ids = torch.randint(0, VOCAB - 2, (case.batch, 77), generator=g)
+            ids[:, 0], ids[:, 1:3], ids[:, 12] = VOCAB - 2, torch.tensor([VOCAB, VOCAB + 1]), VOCAB - 1
+            item["ids"] = ids.to(device)
+        if case.channels_last:
+            item["latents"] = item["latents"].contiguous(memory_format=torch.channels_last)
         out.append(item)
     return out
 
 
-def make_step(unet, params, device, amp_dtype):
+def make_step(case: Case, unet, params, device, amp_dtype, encoders=(), rows=()):
+    """One training step of ``case`` as the trainer runs it; returns the loss (on the device)."""
     from diffusers import DDPMScheduler
+
+    from sdtune.train import data as D
+    from sdtune.train import losses as L
+    from sdtune.train.runtime import make_optimizer
 
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     )
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, fused=fused)
+    tc = _tc(case.rank)
+    objective = L.Denoising(scheduler, tc)
+    train_rows = case.recipe == "pivotal-te"
+    groups = [{"params": list(params), "lr": 1e-4}] + (
+        [{"params": list(rows), "lr": 1e-3}] if train_rows else []
+    )
+    optimizer = make_optimizer(tc, groups)
+    trained = [p for g in groups for p in g["params"]]
     use_amp = amp_dtype != torch.float32
+    parts = (
+        SimpleNamespace(is_sdxl=True, text_encoder=encoders[0], text_encoder_2=encoders[1])
+        if encoders
+        else None
+    )
+    size = D.size_ids(case.res, device)
+    generator = torch.Generator(device=device).manual_seed(0)
 
     def step(inputs: dict) -> torch.Tensor:
         latents = inputs["latents"]
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (latents.shape[0],), device=device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        extra = {"added_cond_kwargs": inputs["added_cond_kwargs"]} if "added_cond_kwargs" in inputs else {}
+        noisy, t, target = objective.add_noise(latents, generator)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            pred = unet(noisy, t, inputs["encoder_hidden_states"], return_dict=False, **extra)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+            if parts is not None:
+                with torch.set_grad_enabled(train_rows):
+                    text = D.text_conditioning(
+                        parts, {"ids": inputs["ids"], "ids_2": inputs["ids"]}, case.res
+                    )
+                cond = D.unet_kwargs(text, latents.dtype)
+            else:
+                cond = {"encoder_hidden_states": inputs["encoder_hidden_states"]}
+                if "text_embeds" in inputs:
+                    time_ids = size.to(latents.dtype).repeat(latents.shape[0], 1)
+                    cond["added_cond_kwargs"] = {"text_embeds": inputs["text_embeds"], "time_ids": time_ids}
+            pred = unet(noisy, t, return_dict=False, **cond)[0]
+        loss = objective.loss(pred, target, t).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=fused or None)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0, foreach=device.type == "cuda" or None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -195,103 +289,160 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, inputs: list[dict], device, steps: int, windows: int) -> list[float]:
-    """Seconds per step for each window (CUDA events on GPU, no host sync inside a window)."""
-    out = []
+def time_steps(step, inputs: list[dict], device, steps: int, windows: int) -> tuple[list[float], list[float]]:
+    """(seconds per step, host enqueue seconds per step) for each window: CUDA events on a GPU, no host sync
+    inside a window; the enqueue time is the host's wall time to issue the window's steps."""
+    per_step, enqueue = [], []
     for _ in range(windows):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for i in range(steps):
-                step(inputs[i % len(inputs)])
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(inputs[i % len(inputs)])
+        issued = time.perf_counter() - t0
+        if device.type == "cuda":
             end.record()
             end.synchronize()
-            out.append(start.elapsed_time(end) / 1000 / steps)
+            per_step.append(start.elapsed_time(end) / 1000 / steps)
         else:
-            t0 = time.perf_counter()
-            for i in range(steps):
-                step(inputs[i % len(inputs)])
-            out.append((time.perf_counter() - t0) / steps)
+            per_step.append(issued / steps)
+        enqueue.append(issued / steps)
+    return per_step, enqueue
+
+
+LAUNCH_CALLS = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaGraphLaunch",
+)
+
+
+def profile_step(step, inputs: list[dict], device, steps: int = 2) -> dict:
+    """Kernel launches and host syncs per step, and the top self-CPU operators, over ``steps`` steps."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step(inputs[i % len(inputs)])
+        _sync(device)
+    averages = prof.key_averages()
+    total_cpu = sum(e.self_cpu_time_total for e in averages) or 1.0
+    top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    out: dict = {
+        "top_self_cpu": [
+            {
+                "op": e.key,
+                "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps,
+                "share": e.self_cpu_time_total / total_cpu,
+                "calls_per_step": e.count / steps,
+            }
+            for e in top
+        ],  # fmt: skip
+        "aten_ops_per_step": sum(e.count for e in averages if e.key.startswith("aten::")) / steps,
+        "kernel_launches_per_step": None,
+        "graph_launches_per_step": None,
+        "syncs_per_step": None,
+    }
+    if device.type == "cuda":
+        out["kernel_launches_per_step"] = sum(e.count for e in averages if e.key in LAUNCH_CALLS) / steps
+        out["graph_launches_per_step"] = sum(e.count for e in averages if e.key == "cudaGraphLaunch") / steps
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for i in range(steps):
+                    step(inputs[i % len(inputs)])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        out["syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught) / steps
+        _sync(device)
     return out
 
 
 def run_case(
-    case: Case, device, dtype, rank: int, warmup: int, steps: int, windows: int, flops_cache: dict
+    case: Case, device, dtype, warmup: int, steps: int, windows: int, flops_cache: dict, backend
 ) -> dict:
-    unet, params = build_unet(case.model, device, dtype, rank)
+    from sdtune.train.compile import compile_denoiser
+
+    unet, params = build_unet(case.model, device, dtype, case.rank)
+    encoders, rows = ((), ())
+    if case.recipe != "lora":
+        encoders, rows, _ = build_text_encoders(case.model, device)
     if case.channels_last:
         unet.to(memory_format=torch.channels_last)
-    inputs = make_inputs(case.model, case.res, case.batch, device, dtype)
-    if case.channels_last:
-        for item in inputs:
-            item["latents"] = item["latents"].contiguous(memory_format=torch.channels_last)
+    inputs = make_inputs(case, device, dtype)
     amp = dtype if device.type == "cuda" else torch.float32
-    key = (case.model, case.res, case.batch)
+    key = (case.model, case.res, case.batch, case.recipe, case.rank)
     if key not in flops_cache:  # FLOPs of the math, counted once per shape on the eager model
-        flops_cache[key] = count_flops(make_step(unet, params, device, amp), inputs[0])
-    if case.compile:
-        unet = torch.compile(unet)
-    step = make_step(unet, params, device, amp)
+        flops_cache[key] = count_flops(make_step(case, unet, params, device, amp, encoders, rows), inputs[0])
+    compile_denoiser(unet, case.compile_mode, backend=backend)
+    step = make_step(case, unet, params, device, amp, encoders, rows)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    loss = None
     for i in range(warmup):
-        loss = step(inputs[i % len(inputs)])
+        step(inputs[i % len(inputs)])
     _sync(device)
     warmup_s = time.perf_counter() - t0
-    per_step = time_steps(step, inputs, device, steps, windows)
+    per_step, enqueue = time_steps(step, inputs, device, steps, windows)
+    profiled = profile_step(step, inputs, device)
     loss = float(step(inputs[0]))
     sec = statistics.median(per_step)
     row = {
         "case": case.name,
-        "model": case.model,
-        "resolution": case.res,
-        "batch": case.batch,
-        "compile": case.compile,
-        "channels_last": case.channels_last,
+        **{k: getattr(case, k) for k in ("model", "res", "batch", "mode", "recipe", "rank", "channels_last")},
         "steps_per_sec": 1 / sec,
         "images_per_sec": case.batch / sec,
         "step_ms": sec * 1000,
         "step_ms_min_max": [min(per_step) * 1000, max(per_step) * 1000],
+        "host_enqueue_ms": statistics.median(enqueue) * 1000,
         "warmup_s": warmup_s,
         "flops_per_step": flops_cache[key],
         "minutes_per_1000_steps": 1000 * sec / 60,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "loss": loss,
-        "lora_params": sum(p.numel() for p in params),
+        "trainable_params": sum(p.numel() for p in params)
+        + (sum(r.numel() for r in rows) if case.recipe == "pivotal-te" else 0),
+        **profiled,
     }
-    del unet, params, step, inputs
+    del unet, params, step, inputs, encoders, rows
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
 def plan(args) -> list[Case]:
-    if args.cpu_tiny:
-        return [
-            Case("tiny", 64, 1, False, False),
-            Case("tiny", 64, 1, False, True),
-            Case("tiny", 64, 2, False, False),
-        ]
-    cases = [  # most wanted first: a run cut short by --budget-s keeps these
-        Case("sd15", 512, 1, False, False),
-        Case("sdxl", 1024, 1, False, False),
-        Case("sd15", 512, 16, False, False),
-        Case("sd15", 512, 1, False, True),
-        Case("sdxl", 1024, 1, False, True),
-        Case("sd15", 512, 4, False, False),
-        Case("sd15", 512, 8, False, False),
-        Case("sd15", 512, 1, True, False),
-        Case("sd15", 512, 16, True, False),
-        Case("sdxl", 1024, 1, True, False),
+    if args.cpu_tiny:  # the same list at tiny sizes
+        sd15, sdxl, res15, resxl, big15, bigxl = "tiny", "tiny-sdxl", 64, 64, 4, 2
+    else:
+        sd15, sdxl, res15, resxl, big15, bigxl = "sd15", "sdxl", 512, 768, 16, 8
+    seed = 4  # the seed job's batch
+    cases = [
+        Case(sd15, res15, 1, "eager"),
+        Case(sd15, res15, 1, "compile"),
+        Case(sd15, res15, 1, "graphs"),
+        Case(sdxl, resxl, seed, "eager", "pivotal-te", rank=32),
+        Case(sdxl, resxl, seed, "graphs", "pivotal-te", rank=32),
+        Case(sdxl, resxl, seed, "eager", "pivotal-frozen", rank=32),
+        Case(sdxl, resxl, seed, "graphs", "pivotal-frozen", rank=32),
+        Case(sd15, res15, big15, "graphs"),
+        Case(sdxl, resxl, bigxl, "graphs", rank=32),
     ]
-    if not args.quick:
+    if not args.quick and not args.cpu_tiny:
         cases += [
-            Case("sd15", 512, 1, True, True),
-            Case("sdxl", 1024, 4, False, False),
-            Case("sd15", 512, 32, False, False),
+            Case(sdxl, resxl, seed, "compile", "pivotal-te", rank=32),
+            Case(sd15, res15, big15, "eager"),
+            Case(sd15, res15, 1, "eager", channels_last=True),
         ]
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        cases = [c for c in cases if any(w in c.name for w in wanted)]
     return cases
 
 
@@ -299,22 +450,36 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     peak = meta["peak_bf16_flops"]
     lines = [
         f"GPU: {meta['device']}; peak used for MFU: "
-        + (f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "none (unknown device)")
+        + (f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "none (no GPU or unknown device)")
         + f"; torch {meta['torch']}, diffusers {meta['diffusers']}, peft {meta['peft']}; {meta['date']}; `{meta['command']}`",
         "",
-        "| case | steps/s | images/s | ms/step | peak mem GiB | TFLOP/step | MFU | 1,000 steps |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | ms/step | host enqueue ms/step | steps/s | TFLOP/step | MFU | peak mem GiB | launches/step "
+        "| syncs/step | warm-up s | 1,000 steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | error: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['case']} | {r['error'][:90]} | | | | | | | | | |")
             continue
-        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+
+        def opt(value, fmt):
+            return "-" if value is None else format(value, fmt)
+
         mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
         lines.append(
-            f"| {r['case']} | {r['steps_per_sec']:.2f} | {r['images_per_sec']:.1f} | {r['step_ms']:.1f} | {mem} | "
-            f"{r['flops_per_step'] / 1e12:.3f} | {mfu} | {r['minutes_per_1000_steps']:.1f} min |"
+            f"| {r['case']} | {r['step_ms']:.1f} | {r['host_enqueue_ms']:.1f} | {r['steps_per_sec']:.2f} | "
+            f"{r['flops_per_step'] / 1e12:.3g} | {mfu} | {opt(r['peak_mem_gib'], '.1f')} | "
+            f"{opt(r['kernel_launches_per_step'], '.0f')} | {opt(r['syncs_per_step'], '.0f')} | "
+            f"{r['warmup_s']:.1f} | {r['minutes_per_1000_steps']:.1f} min |"
         )
+    tops = [r for r in rows if "top_self_cpu" in r]
+    if tops:
+        lines += ["", "Top self-CPU operators per case (ms per step, share of the profiled CPU time):", ""]
+        for r in tops:
+            ops = ", ".join(
+                f"{o['op']} {o['self_cpu_ms_per_step']:.2f} ({o['share']:.0%})" for o in r["top_self_cpu"][:5]
+            )
+            lines.append(f"- {r['case']}: {ops}")
     return "\n".join(lines)
 
 
@@ -322,20 +487,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="fewer timed steps and no extra cases")
-    p.add_argument("--cpu-tiny", action="store_true", help="tiny UNet on the CPU, fp32 (a smoke test)")
+    p.add_argument(
+        "--cpu-tiny", action="store_true", help="the cases on tiny models on the CPU (a rehearsal)"
+    )
+    p.add_argument("--only", default="", help="comma-separated substrings of case names to run")
     p.add_argument(
         "--budget-s", type=float, default=None, help="skip the remaining cases after this many seconds"
     )
-    p.add_argument("--rank", type=int, default=4)
     args = p.parse_args(argv)
 
     import diffusers
     import peft
 
     started = time.perf_counter()
+    backend = None
     if args.cpu_tiny:
         device, dtype = torch.device("cpu"), torch.float32
         warmup, steps, windows = 1, 2, 2
+        backend = "aot_eager"  # the graph capture without inductor's minutes of C++ compilation on a CPU
     else:
         if not torch.cuda.is_available():
             p.error("no CUDA device: use --cpu-tiny on a CPU")
@@ -355,36 +524,37 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python -m sdtune.bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "lora_rank": args.rank,
-        "timing": f"{warmup} warm-up steps, then {windows} windows of {steps} steps; median",
+        "timing": f"{warmup} warm-up steps (compilation included), then {windows} windows of {steps} steps; median",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     flops_cache: dict = {}
     for case in plan(args):
         elapsed = time.perf_counter() - started
-        need = (150 if case.model == "sdxl" else 90) if case.compile else 0  # compile time, roughly
+        need = (150 if "sdxl" in case.model else 90) if case.mode != "eager" and device.type == "cuda" else 0
         if args.budget_s is not None and elapsed + need > args.budget_s:
             rows.append({"case": case.name, "error": f"skipped: budget of {args.budget_s:.0f} s spent"})
             continue
+        if case.mode == "graphs" and device.type != "cuda":
+            rows.append({"case": case.name, "error": "skipped: CUDA graphs need a CUDA GPU"})
+            continue
         print(f"[gpu-bench] {case.name} (t={elapsed:.0f} s) …", flush=True)
         try:
-            row = run_case(case, device, dtype, args.rank, warmup, steps, windows, flops_cache)
+            row = run_case(case, device, dtype, warmup, steps, windows, flops_cache, backend)
         except (
             Exception
-        ) as exc:  # keep going: one failing variant (an OOM, a compile error) must not lose the rest
-            row = {
-                "case": case.name,
-                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            }
+        ) as exc:  # keep going: one failing case (an OOM, a compile error) must not lose the rest
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            row = {"case": case.name, "error": f"{type(exc).__name__}: {first}"}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if "error" not in row:
             row["mfu"] = row["flops_per_step"] * row["steps_per_sec"] / peak if peak else None
             print(
-                f"    {row['steps_per_sec']:.2f} steps/s, {row['step_ms']:.1f} ms/step, "
-                f"{row['flops_per_step'] / 1e12:.3f} TFLOP/step, MFU {row['mfu'] or 0:.1%}, "
-                f"peak {row['peak_mem_gib'] or 0:.1f} GiB, warm-up {row['warmup_s']:.1f} s",
+                f"    {row['step_ms']:.1f} ms/step (host {row['host_enqueue_ms']:.1f}), "
+                f"{row['flops_per_step'] / 1e12:.3g} TFLOP/step, MFU {row['mfu'] or 0:.1%}, "
+                f"peak {row['peak_mem_gib'] or 0:.1f} GiB, launches {row['kernel_launches_per_step']}, "
+                f"syncs {row['syncs_per_step']}, warm-up {row['warmup_s']:.1f} s",
                 flush=True,
             )
         else:

@@ -1,6 +1,7 @@
 """One implementation in its own process (so its peak RSS is its own), timed in windows the parent paces.
 
-``python -m sdtune.bench.worker {trainer|reference|trainer+fused_adamw} CONFIG DATA OUT --window W --windows K``
+``python -m sdtune.bench.worker IMPL CONFIG DATA OUT --window W --windows K``; IMPL is one of :data:`IMPLS`:
+the trainer (eager), the trainer with ``train.compile=default|regional``, the reference loop, or an experiment.
 
 Protocol (JSON lines on the original stdout; everything else goes to stderr): after each window of W steps
 the worker writes ``{"window": i, "seconds": s, "loss": mean loss of the window}`` and waits for a line on
@@ -61,9 +62,12 @@ class PacedLogger:
         pass
 
 
+IMPLS = ("trainer", "trainer+compile=default", "trainer+compile=regional", "reference", "trainer+fused_adamw")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("impl", choices=["trainer", "reference", "trainer+fused_adamw"])
+    p.add_argument("impl", choices=IMPLS)
     p.add_argument("config")
     p.add_argument("data")
     p.add_argument("out")
@@ -78,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
     channel = Channel()
     steps = args.window * args.windows
-    cfg = load_config(args.config, [f"train.max_steps={steps}", f"train.log_every={args.window}"])
+    overrides = [f"train.max_steps={steps}", f"train.log_every={args.window}"]
+    if "+compile=" in args.impl:
+        overrides.append(f"train.compile={args.impl.split('+compile=')[1]}")
+    cfg = load_config(args.config, overrides)
 
     if args.impl.startswith("trainer"):
         from sdtune.train.lora import train

@@ -69,6 +69,7 @@ OPERATIONAL_TRAIN_KEYS = frozenset(
         "validation_every",
         "validation_inference_steps",
         "export_single_file",
+        "compile",  # the same math (to round-off), compiled or not: a run may resume either way
     }
 )
 

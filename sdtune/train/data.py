@@ -107,13 +107,35 @@ def text_conditioning(parts, ids: dict[str, torch.Tensor], resolution: int) -> d
     out_1 = parts.text_encoder(input_ids, output_hidden_states=True)
     out_2 = parts.text_encoder_2(ids["ids_2"], output_hidden_states=True)
     embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
-    # (original h, w, crop top, left, target h, w): images arrive already cropped to the training size.
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=input_ids.device)
     return {
         "prompt_embeds": embeds,
         "pooled_embeds": out_2.text_embeds,
-        "time_ids": time_ids.float().repeat(input_ids.shape[0], 1),
+        "time_ids": size_ids(resolution, input_ids.device).repeat(input_ids.shape[0], 1),
     }
+
+
+_SIZE_IDS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def size_ids(resolution: int, device) -> torch.Tensor:
+    """SDXL's size/crop conditioning ``[1, 6]`` (original h, w, crop top, left, target h, w; images arrive
+    already cropped to the training size), built once per device: a fresh ``torch.tensor(…, device=cuda)``
+    in every step would be a host-to-device copy each time (textual inversion encodes every step)."""
+    key = (resolution, str(device))
+    if key not in _SIZE_IDS:
+        _SIZE_IDS[key] = torch.tensor(
+            [[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32, device=device
+        )
+    return _SIZE_IDS[key]
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor`` on ``device`` without making the host wait: on CUDA it is copied from pinned memory
+    asynchronously (a pageable copy blocks the host until the transfer is done); on the CPU it is returned as is."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device == device:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @torch.no_grad()

@@ -2,15 +2,14 @@
 
 A concept with ``n`` vectors gets the tokens ``<sks>``, ``<sks>_1`` … ``<sks>_{n-1}`` (diffusers' own
 multi-vector naming, so ``pipe.load_textual_inversion`` recreates them and expands ``<sks>`` in prompts).
-Training captions have the trigger word replaced by all ``n`` tokens. Only the new rows of the embedding
-matrix may change: :class:`RowGuard` copies the original rows back after every optimizer step (AdamW's
-weight decay would otherwise touch them) and :meth:`RowGuard.unchanged` checks it bit for bit.
+Training captions have the trigger word replaced by all ``n`` tokens. Only the new rows train: they are
+their own small parameter (:class:`ConceptEmbedding`) in front of the frozen table, and the table's hash at
+the end is checked against its hash at the start, bit for bit.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,31 +53,54 @@ def add_concept_tokens(tokenizer, text_encoder, tokens: list[str], init_word: st
     return token_ids
 
 
-@dataclass
-class RowGuard:
-    """Keeps every embedding row except ``trainable`` exactly as it was."""
+class ConceptEmbedding(torch.nn.Module):
+    """A text encoder's token-embedding table, frozen, plus the concept's rows as their own small parameter.
 
-    original: torch.Tensor
-    keep: torch.Tensor  # bool mask over rows
+    Only :attr:`rows` (``[n, dim]``, fp32) trains: the optimizer, the gradient clipping and the checkpoint see
+    ``n × dim`` values instead of the whole table (SDXL: 101 M), and every other row stays what it was by
+    construction. The lookup is a gather and a ``where`` (no boolean indexing, no data-dependent shapes), so
+    the encoder can be captured in a compiled or CUDA-graphed step. :meth:`merged` writes the rows into a
+    plain table again (what a file loaded with ``load_textual_inversion`` recreates)."""
 
-    @classmethod
-    def for_embedding(cls, weight: torch.Tensor, trainable: torch.Tensor) -> RowGuard:
-        keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
-        keep[trainable.to(weight.device)] = False
-        return cls(original=weight.detach().clone(), keep=keep)
+    def __init__(self, table: torch.nn.Embedding, token_ids: torch.Tensor):
+        super().__init__()
+        self.table = table.requires_grad_(False)
+        token_ids = token_ids.to(table.weight.device)
+        self.rows = torch.nn.Parameter(table.weight.detach()[token_ids].float().clone())
+        slots = torch.full((table.num_embeddings,), -1, dtype=torch.long, device=table.weight.device)
+        slots[token_ids] = torch.arange(len(token_ids), device=slots.device)
+        self.register_buffer("slots", slots, persistent=False)  # token id → row of `rows`, -1 for the others
+        self.register_buffer("token_ids", token_ids, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen table (what callers that read ``get_input_embeddings().weight`` expect)."""
+        return self.table.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        base = self.table(input_ids)
+        slot = self.slots[input_ids]
+        new = self.rows[slot.clamp(min=0)].to(base.dtype)
+        return torch.where((slot >= 0).unsqueeze(-1), new, base)
 
     @torch.no_grad()
-    def restore(self, weight: torch.Tensor) -> None:
-        weight[self.keep] = self.original[self.keep]
+    def merged(self) -> torch.nn.Embedding:
+        """A plain embedding table with the trained rows written in (a copy; this module is left as it is)."""
+        table = torch.nn.Embedding.from_pretrained(self.table.weight.detach().clone(), freeze=True)
+        table.weight[self.token_ids] = self.rows.detach().to(table.weight.dtype)
+        return table
 
-    @torch.no_grad()
-    def unchanged(self, weight: torch.Tensor) -> bool:
-        return bool(torch.equal(weight[self.keep], self.original[self.keep]))
+
+def table_digest(weight: torch.Tensor) -> str:
+    """sha256 of a table's bytes: the bit-for-bit check that no other row moved, without keeping a copy."""
+    import hashlib
+
+    return hashlib.sha256(weight.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 class Concept:
-    """The concept's new tokens in every tokenizer/text encoder of ``parts`` (SDXL: both), their ids and the
-    embedding matrices that train (fp32), each guarded so only the new rows move."""
+    """The concept's new tokens in every tokenizer/text encoder of ``parts`` (SDXL: both) and their rows,
+    which train as their own parameters (:attr:`weights`, fp32) in front of the frozen tables."""
 
     def __init__(self, parts, cfg: RunConfig, device):
         self.cfg = cfg
@@ -87,14 +109,13 @@ class Concept:
         if parts.is_sdxl:
             pairs.append((parts.tokenizer_2, parts.text_encoder_2))
         self.encoders = [encoder for _, encoder in pairs]
-        self.new_ids, self.weights, self.guards = [], [], []
+        self.embeddings: list[ConceptEmbedding] = []
         for tokenizer, encoder in pairs:
             ids = add_concept_tokens(tokenizer, encoder, self.tokens, initializer_word(cfg))
             encoder.to(device)
-            weight = trainable_embeddings(encoder)
-            self.new_ids.append(ids.to(device))
-            self.weights.append(weight)
-            self.guards.append(RowGuard.for_embedding(weight, ids))
+            self.embeddings.append(concept_embedding(encoder, ids))
+        self.weights = [e.rows for e in self.embeddings]  # what trains: n × dim values per encoder
+        self.digests = [table_digest(e.weight) for e in self.embeddings]
 
     def caption(self, caption: str) -> str:
         return with_concept_tokens(caption, self.cfg.caption.trigger, self.tokens)
@@ -122,18 +143,20 @@ class Concept:
         if parts.is_sdxl:
             parts.text_encoder_2 = models["text_encoder_1"]
 
-    def restore(self) -> None:
-        """After each optimizer step: put every row but the new ones back."""
-        for guard, weight in zip(self.guards, self.weights, strict=True):
-            guard.restore(weight)
-
     def checked_summary(self) -> dict:
         """The concept's facts for ``train_summary.json``, once every other row is checked bit for bit."""
         from sdtune.errors import TrainingError
 
-        if not all(g.unchanged(w) for g, w in zip(self.guards, self.weights, strict=True)):
+        now = [table_digest(e.weight) for e in self.embeddings]
+        if now != self.digests:
             raise TrainingError("textual inversion changed embedding rows other than the new tokens")
         return {"tokens": self.tokens, "other_embeddings_unchanged": True}
+
+    def merge(self) -> None:
+        """Write the trained rows into each encoder's table (plain ``nn.Embedding`` again), e.g. to sample
+        with the trained encoders in this process."""
+        for encoder, embedding in zip(self.encoders, self.embeddings, strict=True):
+            encoder.set_input_embeddings(embedding.merged())
 
     @property
     def prompt(self) -> str:
@@ -141,23 +164,21 @@ class Concept:
         return self.cfg.format_prompt("a photo of <{trigger}> {class_noun}")
 
     def metrics(self) -> dict[str, float]:
-        return {"embedding_norm": float(self.weights[0].detach()[self.new_ids[0]].norm(dim=-1).mean())}
+        return {"embedding_norm": float(self.weights[0].detach().norm(dim=-1).mean())}
 
     def save(self, out_dir: Path) -> list[str]:
         names = ["clip_l", "clip_g"]
-        vectors = {
-            names[i]: w[ids] for i, (w, ids) in enumerate(zip(self.weights, self.new_ids, strict=True))
-        }
+        vectors = {names[i]: rows for i, rows in enumerate(self.weights)}
         return save_embeddings(vectors, self.tokens, out_dir, self.cfg.caption.trigger)
 
 
-def trainable_embeddings(text_encoder) -> torch.nn.Parameter:
-    """Freeze the encoder except its token embedding matrix; return that matrix (as fp32)."""
+def concept_embedding(text_encoder, token_ids: torch.Tensor) -> ConceptEmbedding:
+    """Freeze the whole encoder and put a :class:`ConceptEmbedding` (its ``token_ids`` rows trainable, fp32)
+    in place of its token-embedding table; return it."""
     text_encoder.requires_grad_(False)
-    weight = text_encoder.get_input_embeddings().weight
-    weight.data = weight.data.float()
-    weight.requires_grad_(True)
-    return weight
+    embedding = ConceptEmbedding(text_encoder.get_input_embeddings(), token_ids)
+    text_encoder.set_input_embeddings(embedding)
+    return embedding
 
 
 def save_embeddings(

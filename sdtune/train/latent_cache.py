@@ -94,7 +94,9 @@ class ShardedLatents:
     def batch(self, idx: torch.Tensor) -> D.EncodedData:
         rows = [self.index[i] for i in idx.tolist()]
         out = {
-            f: torch.stack([self.handles[s].get_slice(f)[row] for s, row in rows]).to(self.device, self.dtype)
+            f: D.to_device(
+                torch.stack([self.handles[s].get_slice(f)[row] for s, row in rows]), self.device
+            ).to(self.dtype)
             for f in self.fields
         }
         return D.EncodedData(**out)

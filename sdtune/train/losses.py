@@ -88,8 +88,26 @@ def sample_flow_timesteps(
     else:
         raise ValueError(f"unsupported timestep density {density!r}")
     count = scheduler.config.num_train_timesteps
-    index = (u.cpu() * count).long().clamp(0, count - 1)
-    return scheduler.timesteps[index].to(device), scheduler.sigmas[index].to(device)
+    index = (u * count).long().clamp(0, count - 1)  # on the device: no copy back to the host
+    timesteps, sigmas = _tables_on(scheduler, device)
+    return timesteps[index], sigmas[index]
+
+
+def _tables_on(scheduler, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scheduler's timestep and sigma tables on ``device``, copied there once (not in every step); copied
+    again if the scheduler replaced its tables (``set_timesteps``)."""
+    device = torch.device(device)
+    source = (scheduler.timesteps, scheduler.sigmas)
+    cached = getattr(scheduler, "_sdtune_tables", None)
+    if (
+        cached is None
+        or cached[0][0] is not source[0]
+        or cached[0][1] is not source[1]
+        or cached[1] != device
+    ):
+        cached = (source, device, (source[0].to(device), source[1].to(device)))
+        scheduler._sdtune_tables = cached
+    return cached[2]
 
 
 def flow_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

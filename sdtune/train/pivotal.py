@@ -60,7 +60,6 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 {"params": concept.weights, "lr": tc.embedding_learning_rate or tc.learning_rate},
                 {"params": lora_params, "lr": tc.learning_rate},
             ],
-            after_step=concept.restore,  # only the new rows may move
             metrics=concept.metrics,
             validate=False,
             desc=f"pivotal x{tc.num_vectors} r{tc.rank}",

@@ -525,6 +525,18 @@ def estimate(
     peak = backward_peak(activations, grads)
     total = weights + optimizer + peak + data_cache + overhead
     capacity = card.memory_gb * GB
+    if tc.gradient_checkpointing:  # recomputing the forward costs a third more work: worth it only if needed
+        plain = prof.saved_bytes * ACTIVATION_FACTOR * (HALF_ACTIVATION_SHARE if half else 1.0)
+        without = total - peak + backward_peak(plain, grads)
+        if without <= capacity:
+            notes.append(
+                f"fits without gradient checkpointing too ({without / GB:.1f} GiB of {card.memory_gb:.0f}): "
+                "train.gradient_checkpointing=false saves the forward recomputation (about 1/4 of the step)"
+            )
+    notes.append(
+        "time is the training loop only: model loading, the one-off VAE/text encoding, class-image generation, "
+        "validation and evaluation are not included"
+    )
 
     # Time: forward FLOPs × (1 forward + 2 backward for weights and inputs; LoRA/TI skip most weight grads)
     # + 1 forward recompute under gradient checkpointing.

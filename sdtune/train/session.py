@@ -29,7 +29,12 @@ What the session owns, in order of a run:
   and the run files (``config.yaml``, ``train_summary.json``, ``README.md``); leaving the ``with`` closes the
   logger and the SIGTERM watch and, on success, the process group.
 
-A change to the loop (e.g. a compiled step) is made here once, for every method.
+- **Compilation** (``train.compile``, :mod:`.compile`): the denoiser (``unet``/``transformer``) given to
+  :meth:`start` or :meth:`place` is compiled in place, whole, per repeated block, or as CUDA graphs. The step
+  around it has no host sync: batch indices copied asynchronously from pinned memory (CUDA), noise and
+  timesteps drawn on the device, the loss kept on the device until a log step, the fused AdamW on CUDA.
+
+A change to the loop is made here once, for every method.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from sdtune.config import RunConfig
 from sdtune.tracking import MetricLogger
 
 from . import checkpoint as C
+from . import compile as K
 from . import data as D
 from . import parallel as P
 from .outputs import TrainResult, write_run_files
@@ -62,6 +68,8 @@ from .runtime import (
     weight_dtype,
 )
 
+DENOISERS = frozenset({"unet", "transformer"})  # the models `train.compile` applies to, by checkpoint name
+
 
 class Session:
     """One training run of one process. Use it as a context manager (see the module docstring)."""
@@ -71,6 +79,7 @@ class Session:
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
         self.accelerator = acc = make_accelerator(self.tc)
         self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
+        K.check_mode(self.tc.compile, self.device)  # before any work: graphs on a CPU is refused here
         self.is_main = acc.is_main_process
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.all_records = D.train_records(cfg, self.data_dir)
@@ -118,14 +127,14 @@ class Session:
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen base (under adapters or new embeddings) on the training device: its weights in
-        :attr:`dtype` (half precision under mixed precision), gradient checkpointing as configured. A full
-        fine-tune keeps fp32 master weights: :meth:`trainable_unet`."""
+        :attr:`dtype` (half precision under mixed precision), gradient checkpointing and ``train.compile`` as
+        configured (:mod:`.compile`). A full fine-tune keeps fp32 master weights: :meth:`trainable_unet`."""
         model.to(self.device)
         if self.dtype != torch.float32:
             model.to(self.dtype)
         if self.tc.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        return model
+        return K.compile_denoiser(model, self.tc.compile)
 
     def start(
         self,
@@ -163,6 +172,8 @@ class Session:
             num_warmup_steps=tc.lr_warmup_steps,
             num_training_steps=tc.max_steps,
         )
+        for name in DENOISERS.intersection(models):  # compiled in place, before any wrapper (DDP)
+            K.compile_denoiser(models[name], tc.compile)
         fsdp = self.fsdp
         wrap = [] if fsdp else list(models if prepare is None else prepare)
         if wrap:
@@ -226,7 +237,7 @@ class Session:
             self.step = step
             for micro in range(accumulate):
                 idx = next(self.batches)
-                self._idx = idx.to(self.device)
+                self._idx = D.to_device(idx, self.device)  # pinned and asynchronous on CUDA
                 last = micro == accumulate - 1
                 with contextlib.ExitStack() as stack:
                     for model in self.wrapped:

@@ -9,8 +9,9 @@ Features (config key → behaviour):
 - ``train.num_vectors``: N vectors for the concept, tokens ``<sks>``, ``<sks>_1`` … (``caption.trigger``);
   the trigger word in each caption is replaced by all N tokens.
 - ``train.initializer_token`` (default: last word of ``caption.class_noun``): where the new rows start.
-- Only the new embedding rows change: the others are copied back after every step and checked bit for bit
-  at the end (``train_summary.json``: ``other_embeddings_unchanged``). SDXL: both text encoders get the tokens.
+- Only the new embedding rows train, as their own ``[num_vectors, dim]`` parameter in front of the frozen table
+  (:class:`~.embeddings.ConceptEmbedding`); the table is checked bit for bit at the end
+  (``train_summary.json``: ``other_embeddings_unchanged``). SDXL: both text encoders get the tokens.
 - VAE latents cached once; the text encoder runs every step (its input embeddings are what trains).
 - Same optimizer, schedule, accumulation, seeding, logging and multi-process behaviour as :mod:`.lora`.
 
@@ -48,7 +49,6 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         models = session.start(
             concept.modules(),
             concept.weights,
-            after_step=concept.restore,  # only the new rows may move
             metrics=concept.metrics,
             validate=False,
             desc=f"textual inversion x{tc.num_vectors}",

@@ -2,47 +2,63 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_gpu_script():
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "sdtune" / "bench" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("sdtune.bench.gpu")
 
 
 def test_cpu_tiny_writes_json_and_markdown(tmp_path):
     gpu = _load_gpu_script()
-    assert gpu.main(["--out", str(tmp_path), "--cpu-tiny"]) == 0
+    only = (
+        "tiny 64px b1 lora r4 eager,tiny 64px b1 lora r4 graphs,pivotal-te r32 eager,pivotal-frozen r32 eager"
+    )
+    assert gpu.main(["--out", str(tmp_path), "--cpu-tiny", "--only", only]) == 0
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
-    rows = result["rows"]
-    assert [r["case"] for r in rows] == [
-        "tiny 64px b1 eager",
-        "tiny 64px b1 eager+channels_last",
-        "tiny 64px b2 eager",
+    rows = {r["case"]: r for r in result["rows"]}
+    assert list(rows) == [
+        "tiny 64px b1 lora r4 eager",
+        "tiny 64px b1 lora r4 graphs",
+        "tiny seed job 64px b4 pivotal-te r32 eager",
+        "tiny seed job 64px b4 pivotal-frozen r32 eager",
     ]
-    for row in rows:
-        assert "error" not in row, row
+    assert rows["tiny 64px b1 lora r4 graphs"]["error"] == "skipped: CUDA graphs need a CUDA GPU"
+    measured = [r for r in rows.values() if "error" not in r]
+    assert len(measured) == 3
+    for row in measured:
         assert row["steps_per_sec"] > 0 and row["flops_per_step"] > 0 and row["loss"] == row["loss"]
-        assert row["minutes_per_1000_steps"] > 0 and row["lora_params"] > 0
-    assert rows[2]["flops_per_step"] > 1.5 * rows[0]["flops_per_step"]  # batch 2 does about twice the math
+        assert row["host_enqueue_ms"] > 0 and row["aten_ops_per_step"] > 0 and row["top_self_cpu"]
+        assert row["kernel_launches_per_step"] is None and row["syncs_per_step"] is None  # CUDA only
+    te, frozen = (
+        rows["tiny seed job 64px b4 pivotal-te r32 eager"],
+        rows["tiny seed job 64px b4 pivotal-frozen r32 eager"],
+    )
+    # the embedding phase trains the 2 new rows of both encoders too, and backpropagates through them
+    assert te["trainable_params"] == frozen["trainable_params"] + 2 * 32 * 2
+    assert te["flops_per_step"] > frozen["flops_per_step"]
     assert result["meta"]["peak_bf16_flops"] is None  # no MFU on a CPU
-    assert "| tiny 64px b1 eager |" in (tmp_path / "gpu_bench.md").read_text()
+    md = (tmp_path / "gpu_bench.md").read_text()
+    assert "| tiny 64px b1 lora r4 eager |" in md and "host enqueue ms/step" in md
 
 
-def test_real_configs_and_peaks():
+def test_plan_puts_the_most_wanted_cases_first():
     gpu = _load_gpu_script()
     assert gpu.SD15_UNET["block_out_channels"] == [320, 640, 1280, 1280]
     assert gpu.SDXL_UNET["transformer_layers_per_block"] == [1, 2, 10]
     assert dict(gpu.PEAK_BF16)["H100"] == 989e12 and dict(gpu.PEAK_BF16)["H200"] == 989e12
-    names = [c.name for c in gpu.plan(type("A", (), {"cpu_tiny": False, "quick": True})())]
-    assert (
-        "sd15 512px b1 eager" in names
-        and "sdxl 1024px b1 compile" in names
-        and "sd15 512px b16 eager" in names
-    )
+    args = type("A", (), {"cpu_tiny": False, "quick": True, "only": ""})()
+    names = [c.name for c in gpu.plan(args)]
+    assert names[:3] == [
+        "sd15 512px b1 lora r4 eager",
+        "sd15 512px b1 lora r4 compile",
+        "sd15 512px b1 lora r4 graphs",
+    ]
+    assert names[3:7] == [
+        "seed job 768px b4 pivotal-te r32 eager",
+        "seed job 768px b4 pivotal-te r32 graphs",
+        "seed job 768px b4 pivotal-frozen r32 eager",
+        "seed job 768px b4 pivotal-frozen r32 graphs",
+    ]
+    assert "sd15 512px b16 lora r4 graphs" in names and "sdxl 768px b8 lora r32 graphs" in names
