@@ -170,13 +170,15 @@ class TrainConfig(Section):
     initializer_token: str | None = None  # default: the last word of caption.class_noun
     embedding_learning_rate: float | None = Field(None, gt=0)  # pivotal: lr of the new embeddings
     embedding_train_fraction: float = Field(1.0, gt=0, le=1)  # pivotal: then LoRA-only for the rest
-    # dreambooth: full UNet fine-tune with prior preservation
-    with_prior_preservation: bool = True
+    # --- prior preservation (dreambooth, lora; sdtune/train/prior.py) ---
+    # None: the method's default, resolved on validation: on for dreambooth, off for lora (and the rest).
+    with_prior_preservation: bool | None = None
     prior_loss_weight: float = Field(1.0, ge=0)
     num_class_images: int = Field(100, ge=1)
     class_prompt: str = "a photo of {class_noun}"
     class_data_dir: str | None = None  # images of the class; generated with the base model when missing
     class_image_steps: int = Field(25, ge=1)  # inference steps for generated class images
+    # --- end of prior preservation ---
     # Optimizer: AdamW for real runs; plain SGD (no momentum) makes N×b vs 1×(N·b) equal to fp32 round-off.
     # adamw8bit: bitsandbytes' 8-bit AdamW (needs the package and a CUDA GPU).
     optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
@@ -201,6 +203,16 @@ class TrainConfig(Section):
     @classmethod
     def _class_prompt(cls, value: str) -> str:
         return plain_template(value, PROMPT_FIELDS)
+
+    @model_validator(mode="after")
+    def _prior_preservation_default(self) -> TrainConfig:
+        if self.with_prior_preservation is None:
+            self.with_prior_preservation = self.method == "dreambooth"
+        elif self.with_prior_preservation and self.method not in ("dreambooth", "lora"):
+            raise ValueError(
+                f"train.with_prior_preservation applies to dreambooth and lora, not {self.method}"
+            )
+        return self
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -44,7 +44,7 @@ class PretrainRecipe:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 0.0  # 1e-6 widened the posterior past the gate (std 0.05 → 0.12 in 500 steps)
-    unet_steps: int = 1200
+    unet_steps: int = 2500
     unet_batch: int = 32
     unet_lr: float = 3e-3
     warmup_steps: int = 50

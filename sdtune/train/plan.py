@@ -448,7 +448,7 @@ def estimate(
         notes.append("FSDP2: weights, gradients and AdamW state sharded over the GPUs")
 
     # Activations from the meta forward (instance + class batch under prior preservation).
-    batch = tc.batch_size * (2 if tc.method == "dreambooth" and tc.with_prior_preservation else 1)
+    batch = tc.batch_size * (2 if tc.with_prior_preservation else 1)
     prof = profile_forward(
         unet_cfg, res, batch, encoder_dim, lora=cfg if tc.method in ("lora", "pivotal") else None
     )
@@ -460,9 +460,7 @@ def estimate(
     text = 77 * (encoder_dim or unet_cfg.get("cross_attention_dim", 768))
     per_image = (latent + text) * wbytes
     images_here = math.ceil(num_images / n)
-    data_cache = (
-        per_image * images_here * (1 if tc.method != "dreambooth" or not tc.with_prior_preservation else 2)
-    )
+    data_cache = per_image * images_here * (2 if tc.with_prior_preservation else 1)
     if tc.method == "full":  # latents are cached on disk in shards and read a batch at a time
         data_cache = per_image * tc.batch_size
     if data_cache > 0.1 * card.memory_gb * GB:
