@@ -3,8 +3,8 @@
 Each picture is one object, large in the frame (it decides most of the picture, so the caption decides most of
 the loss), slightly rotated, on a plain named background (:data:`BACKGROUNDS`):
 
-- a generic ``circle``, ``square`` or ``toy robot`` in one of :data:`COLOURS`, captioned colour first ("red
-  square, gray background", "a photo of a red toy robot, gray background");
+- a generic ``circle`` or ``toy robot`` in one of :data:`COLOURS`, captioned colour first ("red
+  circle, gray background", "a photo of a red toy robot, gray background");
 - one of :data:`CHARACTERS`, a named robot always drawn with the same multi-colour palette, captioned by its
   name before the class noun ("a photo of bix toy robot, gray background"). So "<name> toy robot" means one
   specific robot and "toy robot" any robot: the structure a personalised subject ("sks toy robot") relies on
@@ -34,14 +34,8 @@ COLOURS = {
     "pink": (250, 130, 190),
 }
 BACKGROUNDS = {"white": (235, 235, 235), "gray": (128, 128, 128), "black": (25, 25, 25)}
-OBJECTS = ("circle", "square", "toy robot")
-HELD_OUT = {
-    ("red", "square"),
-    ("blue", "toy robot"),
-    ("yellow", "circle"),
-    ("purple", "square"),
-    ("pink", "circle"),
-}
+OBJECTS = ("circle", "toy robot")
+HELD_OUT = {("blue", "toy robot"), ("green", "toy robot"), ("yellow", "circle"), ("pink", "circle")}
 # Named robots: body and head colours from COLOURS (never the subject's orange and teal), arms a darker body.
 CHARACTERS = {
     "bix": ("red", "blue"),
@@ -50,7 +44,7 @@ CHARACTERS = {
     "travik": ("blue", "yellow"),
     "munu": ("pink", "green"),
 }
-CHARACTER_SHARE = 0.3  # of the pictures; the rest are generic objects
+CHARACTER_SHARE = 0.2  # of the pictures; the rest are generic objects
 RENDER_SCALE = 4  # draw at 4× and downsample with a filter, as preprocessing does to a large photo
 
 # Every caption names the colour and the background: captions that sometimes leave the colour out or
@@ -102,7 +96,8 @@ def render(scene: Scene, rng: random.Random, size: int = 32) -> Image.Image:
     """``scene`` as an RGB ``size``×``size`` picture; the pose, placement and scenery come from ``rng``."""
     big = size * RENDER_SCALE
     image = _background(scene.background, big, rng)
-    obj_size = int(big * rng.uniform(0.7, 0.95))
+    # A robot's drawing fills ~60 % of its layer, a circle all of it: both end up deciding most of the picture.
+    obj_size = int(big * (rng.uniform(0.7, 0.95) if scene.obj == "toy robot" else rng.uniform(0.55, 0.85)))
     layer = _object(scene, obj_size, rng)
     layer = layer.rotate(rng.uniform(-10, 10), resample=Image.Resampling.BICUBIC, expand=True)
     x = rng.randrange(0, max(1, big - layer.width))
@@ -127,8 +122,5 @@ def _object(scene: Scene, size: int, rng: random.Random) -> Image.Image:
     layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     d = ImageDraw.Draw(layer)
     m = size * 0.08
-    if scene.obj == "circle":
-        d.ellipse([m, m, size - m, size - m], fill=colour)
-    else:
-        d.rectangle([m, m, size - m, size - m], fill=colour)
+    d.ellipse([m, m, size - m, size - m], fill=colour)
     return layer
