@@ -76,8 +76,8 @@ images:  ## build and push the container images, record their digests in images/
 	    $(PY) images/record_digest.py $$n build/$$n.json || exit 1; done; \
 	else echo "no Docker engine here: skipping image builds (Dockerfiles are linted by 'make lint')"; fi
 
-pretrained-base: $(STAMP)  ## rebuild the shipped pre-trained tiny SD 1.x (about 30 min on one CPU core; see its MODEL_CARD.md)
-	$(SDTUNE) models pretrain --out $(PRETRAINED_BASE) --seed 0 --vae-steps 800 --unet-steps 2500
+pretrained-base: $(STAMP)  ## rebuild the shipped pre-trained tiny SD 1.x (about 15 min on one CPU core; see its MODEL_CARD.md)
+	$(SDTUNE) models pretrain --out $(PRETRAINED_BASE)
 
 bench: $(STAMP)  ## CPU benchmark suite (not part of make test)
 	$(PY) -m sdtune.bench

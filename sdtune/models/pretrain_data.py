@@ -1,23 +1,20 @@
-"""The pre-training domain of the tiny base: coloured shapes, generic toy robots and named robots, captioned.
+"""The pre-training domain of the tiny base: coloured shapes and generic toy robots, captioned by what is drawn.
 
-Each picture is one object, large in the frame (it decides most of the picture, so the caption decides most of
-the loss), slightly rotated, on a plain named background (:data:`BACKGROUNDS`):
-
-- a generic ``circle`` or ``toy robot`` in one of :data:`COLOURS`, captioned colour first ("red
-  circle, gray background", "a photo of a red toy robot, gray background");
-- one of :data:`CHARACTERS`, a named robot always drawn with the same multi-colour palette, captioned by its
-  name before the class noun ("a photo of bix toy robot, gray background"). So "<name> toy robot" means one
-  specific robot and "toy robot" any robot: the structure a personalised subject ("sks toy robot") relies on
-  in a real Stable Diffusion.
+Each picture is one object — a ``circle``, ``square``, ``triangle`` or ``toy robot`` — in one of
+:data:`COLOURS`, scaled, rotated and placed like the sample dataset's subject, on a plain named
+background (:data:`BACKGROUNDS`). Every caption names colour, object and background, colour first ("red
+square, gray background", "a photo of a red square, gray background"): the text encoder learns what each
+word draws, the class noun "toy robot" among them, before fine-tuning.
 
 The sample dataset's subject (orange body, teal head, white star: :data:`sdtune.data.sample.SUBJECT_PALETTE`)
-is never drawn here: no palette uses orange or teal, none has a star, and the trigger word never appears in a
-caption. :data:`HELD_OUT` (colour, object) pairs are never drawn either, so the conditioning gates measure
-generalisation, not memory.
+is never drawn here: a generic robot has one colour for body and head and no star, and the trigger word never
+appears in a caption. :data:`HELD_OUT` (colour, object) pairs are never drawn either, so the conditioning
+gates measure generalisation, not memory.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -34,17 +31,15 @@ COLOURS = {
     "pink": (250, 130, 190),
 }
 BACKGROUNDS = {"white": (235, 235, 235), "gray": (128, 128, 128), "black": (25, 25, 25)}
-OBJECTS = ("circle", "toy robot")
-HELD_OUT = {("blue", "toy robot"), ("green", "toy robot"), ("yellow", "circle"), ("pink", "circle")}
-# Named robots: body and head colours from COLOURS (never the subject's orange and teal), arms a darker body.
-CHARACTERS = {
-    "bix": ("red", "blue"),
-    "quolo": ("yellow", "purple"),
-    "zemby": ("green", "pink"),
-    "travik": ("blue", "yellow"),
-    "munu": ("pink", "green"),
+OBJECTS = ("circle", "square", "triangle", "toy robot")
+HELD_OUT = {
+    ("red", "square"),
+    ("green", "triangle"),
+    ("blue", "toy robot"),
+    ("yellow", "circle"),
+    ("purple", "square"),
+    ("pink", "circle"),
 }
-CHARACTER_SHARE = 0.2  # of the pictures; the rest are generic objects
 RENDER_SCALE = 4  # draw at 4× and downsample with a filter, as preprocessing does to a large photo
 
 # Every caption names the colour and the background: captions that sometimes leave the colour out or
@@ -56,20 +51,13 @@ _TEMPLATES = (
     "a {c} {n} on a {b} background",
     "a photo of a {c} {n}, {b} background",
 )
-_CHARACTER_TEMPLATES = (
-    "{name} toy robot, {b} background",
-    "a photo of {name} toy robot, {b} background",
-    "a photo of {name} toy robot",
-    "{name} toy robot on a {b} background",
-)
 
 
 @dataclass(frozen=True)
 class Scene:
-    colour: str | None  # None for a character
+    colour: str
     obj: str
     background: str  # a name of BACKGROUNDS
-    character: str | None = None  # a name of CHARACTERS
 
 
 def training_pairs() -> list[tuple[str, str]]:
@@ -77,18 +65,12 @@ def training_pairs() -> list[tuple[str, str]]:
 
 
 def random_scene(rng: random.Random, pairs: list[tuple[str, str]] | None = None) -> Scene:
-    """A training scene: a character ``CHARACTER_SHARE`` of the time, else a generic object; only generic
-    objects of ``pairs`` when ``pairs`` is given."""
-    if pairs is None and rng.random() < CHARACTER_SHARE:
-        return Scene(None, "toy robot", rng.choice(list(BACKGROUNDS)), rng.choice(list(CHARACTERS)))
     colour, obj = rng.choice(pairs or training_pairs())
     return Scene(colour, obj, rng.choice(list(BACKGROUNDS)))
 
 
 def caption(scene: Scene, rng: random.Random) -> str:
-    """One caption of ``scene`` in a random template: colour (or name) first, then object and background."""
-    if scene.character:
-        return rng.choice(_CHARACTER_TEMPLATES).format(name=scene.character, b=scene.background)
+    """One caption of ``scene``: colour first, then the object, then the background, in a random template."""
     return rng.choice(_TEMPLATES).format(c=scene.colour, n=scene.obj, b=scene.background)
 
 
@@ -96,10 +78,9 @@ def render(scene: Scene, rng: random.Random, size: int = 32) -> Image.Image:
     """``scene`` as an RGB ``size``×``size`` picture; the pose, placement and scenery come from ``rng``."""
     big = size * RENDER_SCALE
     image = _background(scene.background, big, rng)
-    # A robot's drawing fills ~60 % of its layer, a circle all of it: both end up deciding most of the picture.
-    obj_size = int(big * (rng.uniform(0.7, 0.95) if scene.obj == "toy robot" else rng.uniform(0.55, 0.85)))
+    obj_size = int(big * rng.uniform(0.45, 0.85))
     layer = _object(scene, obj_size, rng)
-    layer = layer.rotate(rng.uniform(-10, 10), resample=Image.Resampling.BICUBIC, expand=True)
+    layer = layer.rotate(rng.uniform(-25, 25), resample=Image.Resampling.BICUBIC, expand=True)
     x = rng.randrange(0, max(1, big - layer.width))
     y = rng.randrange(0, max(1, big - layer.height))
     image.paste(layer, (x, y), layer)
@@ -112,15 +93,24 @@ def _background(name: str, size: int, rng: random.Random) -> Image.Image:
 
 
 def _object(scene: Scene, size: int, rng: random.Random) -> Image.Image:
-    if scene.obj == "toy robot":
-        names = CHARACTERS[scene.character] if scene.character else (scene.colour, scene.colour)
-        body, head = (COLOURS[n] for n in names)
-        arms = tuple(int(v * 0.6) for v in body)
-        palette = {"body": body, "head": head, "eyes": (250, 250, 250), "antenna": DARK, "arms": arms}
-        return draw_robot(size, rng, palette)
     colour = COLOURS[scene.colour]
+    if scene.obj == "toy robot":
+        shade = tuple(int(v * 0.6) for v in colour)
+        palette = {"body": colour, "head": colour, "eyes": (250, 250, 250), "antenna": DARK, "arms": shade}
+        return draw_robot(size, rng, palette)
     layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     d = ImageDraw.Draw(layer)
     m = size * 0.08
-    d.ellipse([m, m, size - m, size - m], fill=colour)
+    if scene.obj == "circle":
+        d.ellipse([m, m, size - m, size - m], fill=colour)
+    elif scene.obj == "square":
+        d.rectangle([m, m, size - m, size - m], fill=colour)
+    else:
+        r = (size - 2 * m) / 2
+        c = size / 2
+        points = [
+            (c + r * math.cos(a), c - r * math.sin(a))
+            for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
+        ]
+        d.polygon(points, fill=colour)
     return layer

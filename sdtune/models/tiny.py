@@ -42,7 +42,6 @@ walking jumping flying wearing holding looking front side back top view high qua
 blurry lowres bad best masterpiece cinematic lighting studio background simple plain colorful bright dark
 wood metal plastic glass stone space astronaut rocket wall floor window door road bridge building castle
 circle square triangle shape
-bix quolo zemby travik munu
 """
 WORDS = _WORD_TEXT.split()
 

@@ -18,7 +18,7 @@ from PIL import Image
 from sdtune.data.sample import render_scene
 from sdtune.manifest import Record, StageReport, sha256_file, write_stage
 
-# Not part of `make test` until the shipped base passes its conditioning gates (see test_learning.py).
+# Not part of `make test` until the learning checks pass on the shipped base (see test_learning.py).
 collect_ignore_glob = [] if os.environ.get("SDTUNE_LEARNING_TESTS") else ["test_*.py"]
 
 RESOLUTION = 32
