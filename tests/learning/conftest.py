@@ -18,8 +18,9 @@ from PIL import Image
 from sdtune.data.sample import render_scene
 from sdtune.manifest import Record, StageReport, sha256_file, write_stage
 
-# Not part of `make test` until the learning checks pass on the shipped base (see test_learning.py).
-collect_ignore_glob = [] if os.environ.get("SDTUNE_LEARNING_TESTS") else ["test_*.py"]
+# test_learning.py is not part of `make test` until its checks pass on the shipped base (see its docstring);
+# test_lora_specificity.py is.
+collect_ignore_glob = [] if os.environ.get("SDTUNE_LEARNING_TESTS") else ["test_learning.py"]
 
 RESOLUTION = 32
 TRAIN_VIEWS, HELD_OUT_VIEWS = 12, 8
