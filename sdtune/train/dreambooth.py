@@ -36,7 +36,7 @@ from sdtune.tracking import MetricLogger
 from . import data as D
 from . import losses as L
 from .outputs import TrainResult, save_full_pipeline
-from .prior import Prior, class_image_paths
+from .prior import Prior, class_image_paths, denoising_step
 from .session import Session
 
 
@@ -67,12 +67,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             n = len(idx)
             if prior is not None:
                 latents, cond = prior.join(latents, cond, vae_config, session.draw, device)
-            noisy, t, target = objective.add_noise(latents, session.draw)
-            per_sample = objective.loss(unet(noisy, t, **cond).sample, target, t)
-            loss = total = per_sample[:n].mean()
-            if prior is not None:
-                loss, total = prior.loss(per_sample, n, session)
-            session.backward(total, tracked=loss)
+            denoising_step(unet, objective, latents, cond, n, prior, session)
 
         # 4. Save the whole pipeline with the new UNet (rank 0).
         new_unet = session.trained_unet(unet)  # FSDP: gathered from the shards (every rank takes part)

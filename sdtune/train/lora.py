@@ -53,7 +53,7 @@ from . import losses as L
 from .adapters import add_lora, to_fp32
 from .class_images import class_prompt
 from .outputs import TrainResult, save_unet_lora
-from .prior import Prior, class_image_paths
+from .prior import Prior, class_image_paths, denoising_step
 from .session import Session
 
 
@@ -122,12 +122,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                 cond = D.unet_conditioning(cache, idx)
                 if prior is not None:
                     latents, cond = prior.join(latents, cond, vae_config, session.draw, device)
-            noisy, t, target = objective.add_noise(latents, session.draw)
-            per_sample = objective.loss(unet(noisy, t, **cond).sample, target, t)
-            loss = total = per_sample[:n].mean()
-            if prior is not None:
-                loss, total = prior.loss(per_sample, n, session)
-            session.backward(total, tracked=loss)
+            denoising_step(unet, objective, latents, cond, n, prior, session)
 
         # 4. Save (rank 0 only).
         return session.finish(

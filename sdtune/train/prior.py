@@ -65,3 +65,16 @@ class Prior:
         prior_loss = per_sample[n:].mean()
         session.track("prior_loss", prior_loss)
         return instance, instance + self.weight * prior_loss
+
+
+def denoising_step(
+    unet, objective, latents: torch.Tensor, cond: dict, n: int, prior: Prior | None, session
+) -> None:
+    """Noise a batch of ``n`` instances (and the class batch :meth:`Prior.join` appended), predict, and
+    back-propagate the instance loss (+ ``prior_loss_weight`` × the class loss); the instance loss is logged."""
+    noisy, t, target = objective.add_noise(latents, session.draw)
+    per_sample = objective.loss(unet(noisy, t, **cond).sample, target, t)
+    loss = total = per_sample[:n].mean()
+    if prior is not None:
+        loss, total = prior.loss(per_sample, n, session)
+    session.backward(total, tracked=loss)
