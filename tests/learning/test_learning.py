@@ -8,13 +8,13 @@ and is run twice: on the real run, expecting nothing to fail, and on runs that c
 training: learning rate 1e-8; the trigger dropped from the captions; the random tiny base of the same shape),
 expecting it to fail.
 
-The LoRA recipe is DreamBooth-LoRA: prior preservation (class images from the base in every batch) and a LoRA
-on the text encoder too. A UNet-only LoRA, with or without prior preservation, moves the class prompt exactly
-as much as the trigger prompt on this base (specificity 0.3 %); the text-encoder LoRA with prior preservation is
-the only variant measured to separate them (7.8 %, still short of the 15 % asked; docs/evaluation.md).
+The LoRA recipe is DreamBooth-LoRA: prior preservation (class images from the base in every batch, weight 2)
+and a LoRA on the text encoder too. A UNet-only LoRA, with or without prior preservation, moves the class
+prompt as much as the trigger prompt on this base (specificity 0.4 %); this recipe reaches 17.2 % (its loss
+half runs in `make test`: test_lora_specificity.py), but its trigger samples move away from the subject.
 
-Opt-in (`make test-learning`, SDTUNE_LEARNING_TESTS=1) until they pass: today the successful-run checks fail
-with the figures docs/evaluation.md lists, so `make test` does not run them.
+Opt-in (`make test-learning`, SDTUNE_LEARNING_TESTS=1) until the successful-run checks pass: today they fail
+with the figures docs/evaluation.md lists, so `make test` does not collect this file.
 """
 
 from __future__ import annotations
