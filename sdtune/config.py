@@ -249,15 +249,6 @@ class LoraTrain(LoraAdapter, Dora, KohyaExport, PriorPreservation, TrainConfig):
     )
     with_prior_preservation: bool = False  # opt-in for LoRA (DreamBooth-LoRA)
 
-    @field_validator("with_prior_preservation")
-    @classmethod
-    def _prior_not_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(
-                "prior preservation is not available for method lora yet (use method dreambooth)"
-            )
-        return value
-
 
 class TextualInversionTrain(ConceptTokens, TrainConfig):
     method: Literal["textual_inversion"] = "textual_inversion"

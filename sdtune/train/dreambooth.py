@@ -8,8 +8,9 @@ Features (config key → behaviour):
 
 - The whole UNet trains (text encoder and VAE frozen); AdamW, schedule, accumulation, seeding, logging and
   multi-process behaviour as in :mod:`.lora`. Use ``gradient_checkpointing`` and bf16 on real models.
-- ``train.with_prior_preservation`` (default on): each step also denoises class images captioned
-  ``train.class_prompt`` ("a photo of {class_noun}"), loss = instance + ``prior_loss_weight`` × class.
+- ``train.with_prior_preservation`` (default on here): each step also denoises class images captioned
+  ``train.class_prompt`` ("a photo of {class_noun}"), loss = instance + ``prior_loss_weight`` × class
+  (:mod:`.prior`, shared with :mod:`.lora`).
 - Class images: ``train.class_data_dir`` when it holds at least ``num_class_images`` images; otherwise
   generated with the base model (``class_image_steps`` steps, seeded), shared out over the ranks, and cached
   under ``<model.cache_dir>/../class-images/<key>`` where the key hashes everything that determines them,
@@ -28,34 +29,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from sdtune.config import RunConfig
 from sdtune.models.loading import load_components
 from sdtune.tracking import MetricLogger
 
 from . import data as D
 from . import losses as L
-from .class_images import class_images, class_prompt
 from .outputs import TrainResult, save_full_pipeline
+from .prior import Prior, class_image_paths, denoising_step
 from .session import Session
 
 
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
-    tc = cfg.train
     with Session(cfg, data_dir, out_dir, logger) as session:
         # 1. Class images for prior preservation (generated once, cached by content).
-        class_paths = class_images(cfg, session.accelerator) if tc.with_prior_preservation else []
+        class_paths = class_image_paths(cfg, session)
 
         # 2. Model and data: instance and class images encoded once.
         parts = load_components(cfg)
         device, dtype = session.device, session.dtype
         instance = D.encode_records(parts, session.records, data_dir, cfg, device, dtype)
-        prior, samplers = None, {}
-        if class_paths:
-            mine = D.shard(class_paths, session.rank, session.world)
-            prior = D.encode_files(parts, mine, [class_prompt(cfg)] * len(mine), cfg, device, dtype)
-            samplers["class"] = D.EpochSampler(len(prior), tc.batch_size, tc.seed + 7919 + session.rank)
+        prior = Prior.encode(parts, class_paths, cfg, session)
+        samplers = {"class": prior.sampler} if prior else {}
         objective = L.objective_for(cfg, parts.noise_scheduler)
         vae_config = parts.vae.config
         del parts.vae, parts.text_encoder, parts.text_encoder_2
@@ -71,17 +66,8 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             cond = D.unet_conditioning(instance, idx)
             n = len(idx)
             if prior is not None:
-                cidx = next(samplers["class"]).to(device)
-                latents = torch.cat([latents, D.sample_latents(vae_config, prior, cidx, session.draw)])
-                cond = D.cat_conditioning(cond, D.unet_conditioning(prior, cidx))
-            noisy, t, target = objective.add_noise(latents, session.draw)
-            per_sample = objective.loss(unet(noisy, t, **cond).sample, target, t)
-            loss = total = per_sample[:n].mean()
-            if prior is not None:
-                prior_loss = per_sample[n:].mean()
-                total = loss + tc.prior_loss_weight * prior_loss
-                session.track("prior_loss", prior_loss)
-            session.backward(total, tracked=loss)
+                latents, cond = prior.join(latents, cond, vae_config, session.draw, device)
+            denoising_step(unet, objective, latents, cond, n, prior, session)
 
         # 4. Save the whole pipeline with the new UNet (rank 0).
         new_unet = session.trained_unet(unet)  # FSDP: gathered from the shards (every rank takes part)

@@ -14,6 +14,10 @@ Features (config key → behaviour):
   ``train.use_dora``: weight-decomposed LoRA (DoRA; diffusers file only, kohya has no DoRA format).
 - ``train.train_text_encoder``: a LoRA on the text encoder(s) too (``text_encoder_target_modules``), at
   ``text_encoder_lr``; captions are then tokenized once and encoded every step (the encoder changes).
+- ``train.with_prior_preservation`` (default off for LoRA): each step also denoises class images captioned
+  ``train.class_prompt``, loss = instance + ``prior_loss_weight`` × class (DreamBooth-LoRA; :mod:`.prior`,
+  class images as in :mod:`.dreambooth`). Without it the adapter moves the class prompt as much as the
+  trigger prompt (docs/evaluation.md).
 - ``train.validation_every``: sample grids with the current weights (:mod:`sdtune.train.validation`).
 - Data: the ``split == "train"`` records of the stage directory at ``preprocess.resolution``, sharded by
   rank; VAE latents and text embeddings are computed ONCE before the loop (see :mod:`sdtune.train.data`).
@@ -47,7 +51,9 @@ from sdtune.tracking import MetricLogger
 from . import data as D
 from . import losses as L
 from .adapters import add_lora, to_fp32
+from .class_images import class_prompt
 from .outputs import TrainResult, save_unet_lora
+from .prior import Prior, class_image_paths, denoising_step
 from .session import Session
 
 
@@ -55,9 +61,11 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
     tc = cfg.train
     with Session(cfg, data_dir, out_dir, logger) as session:
         # 1. Model and data. Frozen weights in half precision under mixed precision, fp32 otherwise.
+        class_paths = class_image_paths(cfg, session)  # prior preservation: generated before the model loads
         parts = load_components(cfg)
         device, dtype = session.device, session.dtype
         cache = D.encode_records(parts, session.records, data_dir, cfg, device, dtype)
+        prior = Prior.encode(parts, class_paths, cfg, session)
         objective = L.objective_for(cfg, parts.noise_scheduler)
         vae_config = parts.vae.config
         del parts.vae  # the latents are cached; the text encoders too unless they train
@@ -65,6 +73,10 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         if tc.train_text_encoder:
             captions = [D.caption_of(r, cfg) for r in session.records]
             token_ids = {k: v.to(device) for k, v in D.tokenize_prompts(parts, captions).items()}
+            if prior is not None:  # the class prompt goes through the training encoders too
+                class_ids = {
+                    k: v.to(device) for k, v in D.tokenize_prompts(parts, [class_prompt(cfg)]).items()
+                }
             encoders = {k: getattr(parts, k) for k in ("text_encoder", "text_encoder_2") if getattr(parts, k)}
         else:
             del parts.text_encoder, parts.text_encoder_2
@@ -90,23 +102,27 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             groups=groups,
             prepare=["unet"],
             average_grads=te_params,
-            desc=f"lora r{tc.rank}",
+            samplers={"class": prior.sampler} if prior else None,
+            desc=f"lora r{tc.rank}" + (" +prior" if prior else ""),
         )
         unet = models["unet"]
 
         # 3. Loop: the denoising loss on cached latents (the trainable text encoders run every step).
         for idx in session.steps():
-            latents = D.scaled_latents(
-                vae_config, cache.latent_mean[idx], cache.latent_std[idx], session.draw
-            )
-            noisy, t, target = objective.add_noise(latents, session.draw)
+            latents = D.sample_latents(vae_config, cache, idx, session.draw)
+            n = len(idx)
             if encoders:
                 ids = {k: v[idx] for k, v in token_ids.items()}
+                if prior is not None:
+                    cidx, class_latents = prior.next_batch(vae_config, session.draw, device)
+                    latents = torch.cat([latents, class_latents])
+                    ids = {k: torch.cat([v, class_ids[k].expand(len(cidx), -1)]) for k, v in ids.items()}
                 cond = D.unet_kwargs(D.text_conditioning(parts, ids, cfg.preprocess.resolution))
             else:
                 cond = D.unet_conditioning(cache, idx)
-            pred = unet(noisy, t, **cond).sample
-            session.backward(objective.loss(pred, target, t).mean())
+                if prior is not None:
+                    latents, cond = prior.join(latents, cond, vae_config, session.draw, device)
+            denoising_step(unet, objective, latents, cond, n, prior, session)
 
         # 4. Save (rank 0 only).
         return session.finish(
@@ -115,5 +131,6 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             check_replicas=True,
             text_encoder_lora=sorted(encoders),
             dora=tc.use_dora,
+            class_images=len(class_paths),
             prediction_type=objective.prediction_type,
         )

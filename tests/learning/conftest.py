@@ -18,12 +18,14 @@ from PIL import Image
 from sdtune.data.sample import render_scene
 from sdtune.manifest import Record, StageReport, sha256_file, write_stage
 
-# Not part of `make test` until the shipped base passes its conditioning gates (see test_learning.py).
-collect_ignore_glob = [] if os.environ.get("SDTUNE_LEARNING_TESTS") else ["test_*.py"]
+# test_learning.py is not part of `make test` until its checks pass on the shipped base (see its docstring);
+# test_lora_specificity.py is.
+collect_ignore_glob = [] if os.environ.get("SDTUNE_LEARNING_TESTS") else ["test_learning.py"]
 
 RESOLUTION = 32
 TRAIN_VIEWS, HELD_OUT_VIEWS = 12, 8
 CAPTION = "a photo of sks toy robot"
+CLASS_CAPTION = "a photo of toy robot"
 
 
 def _square(image: Image.Image, size: int) -> Image.Image:
@@ -64,13 +66,30 @@ def pretrained_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def random_base(tmp_path_factory) -> Path:
+    """The same architecture with random weights: nothing can be learned on it (its VAE latents are noise)."""
+    from sdtune.models.tiny import build_tiny
+
+    return build_tiny("sd15", tmp_path_factory.mktemp("learning") / "random", pretrained=False)
+
+
+@pytest.fixture(scope="session")
 def subject_stage(tmp_path_factory) -> Path:
     return write_subject_stage(tmp_path_factory.mktemp("learning") / "subject")
 
 
-def run_config(base: Path, arch: str = "sd15", **train) -> dict:
+@pytest.fixture(scope="session")
+def untriggered_stage(tmp_path_factory) -> Path:
+    """The subject's pictures captioned with the class only: no word can come to mean this robot."""
+    return write_subject_stage(tmp_path_factory.mktemp("learning") / "untriggered", CLASS_CAPTION)
+
+
+def run_config(base: Path, arch: str = "sd15", cache_dir: Path | None = None, **train) -> dict:
+    model = {"base": str(base), "arch": arch}
+    if cache_dir is not None:  # generated class images are cached next to it (prior preservation)
+        model["cache_dir"] = str(cache_dir)
     return {
-        "model": {"base": str(base), "arch": arch},
+        "model": model,
         "preprocess": {"resolution": RESOLUTION},
         "caption": {"trigger": "sks", "class_noun": "toy robot"},
         "train": {"mixed_precision": "no", "seed": 0, "log_every": 50, "checkpoint_every": 0, **train},
@@ -101,7 +120,7 @@ class Learner:
         key = json.dumps([str(base), str(stage), arch, train], sort_keys=True)
         if key not in self.runs:
             folder = self.root / f"run{len(self.runs):02d}"
-            cfg = RunConfig.model_validate(run_config(base, arch, **train))
+            cfg = RunConfig.model_validate(run_config(base, arch, self.root / "cache" / "models", **train))
             (folder).mkdir(parents=True)
             (folder / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
             run(cfg, stage, folder / "train")

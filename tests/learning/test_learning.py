@@ -1,24 +1,84 @@
 """Each method learns the sample robot on the pre-trained tiny base, and the same checks fail when it cannot.
 
-Opt-in (`make test-learning`) until the shipped base is prompt-conditional enough to pass them: today it is
-not (docs/evaluation.md), and this test fails with "specificity … < 0.15".
-
 Numbers are relative changes of the held-out denoising loss (tuned / base − 1, on the 8 held-out views, same
-noise for both) and of the colour-histogram distance of samples to those views (``sdtune.evaluate``).
+noise for both) with the trigger prompt ("a photo of sks toy robot") and the class prompt ("a photo of toy
+robot"), their difference (specificity), and how much closer samples' colours get to those views
+(``image_closer_*``, from ``sdtune.evaluate``). Each check is one ``*_failures`` function (empty list = learned)
+and is run twice: on the real run, expecting nothing to fail, and on runs that cannot learn the subject (no
+training: learning rate 1e-8; the trigger dropped from the captions; the random tiny base of the same shape),
+expecting it to fail.
+
+The LoRA recipe is DreamBooth-LoRA: prior preservation (class images from the base in every batch, weight 2)
+and a LoRA on the text encoder too. A UNet-only LoRA, with or without prior preservation, moves the class
+prompt as much as the trigger prompt on this base (specificity 0.4 %); this recipe reaches 17.2 % (its loss
+half runs in `make test`: test_lora_specificity.py), but its trigger samples move away from the subject.
+
+Opt-in (`make test-learning`, SDTUNE_LEARNING_TESTS=1) until the successful-run checks pass: today they fail
+with the figures docs/evaluation.md lists, so `make test` does not collect this file.
 """
 
 from __future__ import annotations
 
+import pytest
+
 from tests.learning.conftest import Learner
 
-LORA = {"method": "lora", "max_steps": 200, "batch_size": 4, "learning_rate": 1e-2, "rank": 8}
+CLASS_IMAGES = {"num_class_images": 24, "class_image_steps": 15}
+LORA = {
+    "method": "lora",
+    "max_steps": 300,
+    "batch_size": 4,
+    "learning_rate": 3e-3,
+    "rank": 8,
+    "with_prior_preservation": True,
+    "prior_loss_weight": 2.0,
+    "train_text_encoder": True,
+    "text_encoder_lr": 2e-2,
+    **CLASS_IMAGES,
+}
+DREAMBOOTH = {
+    "method": "dreambooth",
+    "max_steps": 150,
+    "batch_size": 4,
+    "learning_rate": 2e-4,
+    **CLASS_IMAGES,
+}
+TEXTUAL_INVERSION = {
+    "method": "textual_inversion",
+    "max_steps": 200,
+    "batch_size": 4,
+    "learning_rate": 5e-2,
+    "num_vectors": 2,
+}
+PIVOTAL = {
+    **TEXTUAL_INVERSION,
+    "method": "pivotal",
+    "learning_rate": 1e-2,
+    "embedding_learning_rate": 5e-2,
+    "rank": 8,
+}
+NO_TRAINING = {"learning_rate": 1e-8, "embedding_learning_rate": 1e-8, "text_encoder_lr": 1e-8}
+
+
+def _figures(m: dict) -> dict:
+    keys = (
+        "loss_change_trigger",
+        "loss_change_class",
+        "specificity",
+        "image_closer_trigger",
+        "image_closer_class",
+    )
+    return {k: round(m[k], 4) for k in keys if k in m}
+
+
+def specificity_failures(m: dict) -> list[str]:
+    """The loss half of :func:`lora_failures`: the trigger loss fell ≥ 15 points more than the class loss."""
+    return [f"specificity {m['specificity']:.3f} < 0.15"] if m["specificity"] < 0.15 else []
 
 
 def lora_failures(m: dict) -> list[str]:
-    """What a LoRA that learned the subject (and not the class) must show; empty when it did."""
-    out = []
-    if m["specificity"] < 0.15:
-        out.append(f"specificity {m['specificity']:.3f} < 0.15")
+    """What a fine-tune that learned the subject (and not the class) must show; empty when it did."""
+    out = specificity_failures(m)
     if m["image_closer_trigger"] < 0.30:
         out.append(f"trigger samples only {m['image_closer_trigger']:.3f} closer to the subject (< 0.30)")
     if m["image_closer_class"] >= m["image_closer_trigger"]:
@@ -26,6 +86,83 @@ def lora_failures(m: dict) -> list[str]:
     return out
 
 
+def dreambooth_failures(with_prior: dict, without_prior: dict) -> list[str]:
+    """DreamBooth with prior preservation learns the subject like LoRA and keeps the class prompt within 5 %
+    of the base's loss; the same run without it drifts the class prompt measurably more (≥ 5 points)."""
+    out = [f"with prior: {f}" for f in lora_failures(with_prior)]
+    if abs(with_prior["loss_change_class"]) > 0.05:
+        out.append(f"with prior the class loss moved {with_prior['loss_change_class']:+.3f} (> 5 %)")
+    drift = abs(without_prior["loss_change_class"]) - abs(with_prior["loss_change_class"])
+    if drift < 0.05:
+        out.append(f"without prior the class loss drifts only {drift:+.3f} more than with it (< 0.05)")
+    return out
+
+
+def embedding_failures(ti: dict, pivotal: dict) -> list[str]:
+    """Textual inversion and pivotal tuning: the trigger loss falls ≥ 10 %, no other embedding row changes,
+    and pivotal (embeddings + LoRA) beats textual inversion alone."""
+    out = []
+    for name, m in (("textual inversion", ti), ("pivotal", pivotal)):
+        if m["loss_change_trigger"] > -0.10:
+            out.append(f"{name}: trigger loss changed only {m['loss_change_trigger']:+.3f} (needs ≤ −0.10)")
+        if m["summary"]["extra"].get("other_embeddings_unchanged") is not True:
+            out.append(f"{name}: other embedding rows changed")
+    if pivotal["loss_change_trigger"] >= ti["loss_change_trigger"]:
+        out.append("pivotal does not beat textual inversion")
+    return out
+
+
+# --- LoRA --------------------------------------------------------------------------------------------------
+
+
 def test_lora_learns_the_subject(learn: Learner, pretrained_base, subject_stage):
     m = learn(pretrained_base, subject_stage, **LORA)
-    assert lora_failures(m) == [], m
+    assert lora_failures(m) == [], _figures(m)
+
+
+@pytest.mark.parametrize("defect", ["no_training", "trigger_dropped", "random_base"])
+def test_lora_check_fails_when_nothing_is_learned(
+    defect, learn: Learner, pretrained_base, random_base, subject_stage, untriggered_stage
+):
+    base, stage, train = pretrained_base, subject_stage, dict(LORA)
+    if defect == "no_training":
+        train["learning_rate"] = NO_TRAINING["learning_rate"]
+    elif defect == "trigger_dropped":
+        stage = untriggered_stage
+    else:
+        base = random_base
+    assert lora_failures(learn(base, stage, **train)) != []
+
+
+# --- DreamBooth ± prior preservation -----------------------------------------------------------------------
+
+
+def test_dreambooth_prior_preservation_keeps_the_class(learn: Learner, pretrained_base, subject_stage):
+    with_prior = learn(pretrained_base, subject_stage, **DREAMBOOTH)
+    without_prior = learn(pretrained_base, subject_stage, **DREAMBOOTH, with_prior_preservation=False)
+    assert dreambooth_failures(with_prior, without_prior) == [], (
+        _figures(with_prior),
+        _figures(without_prior),
+    )
+
+
+def test_dreambooth_check_fails_without_training(learn: Learner, pretrained_base, subject_stage):
+    frozen = {**DREAMBOOTH, "learning_rate": NO_TRAINING["learning_rate"]}
+    with_prior = learn(pretrained_base, subject_stage, **frozen)
+    without_prior = learn(pretrained_base, subject_stage, **frozen, with_prior_preservation=False)
+    assert dreambooth_failures(with_prior, without_prior) != []
+
+
+# --- Textual inversion and pivotal tuning ------------------------------------------------------------------
+
+
+def test_embeddings_learn_the_subject(learn: Learner, pretrained_base, subject_stage):
+    ti = learn(pretrained_base, subject_stage, **TEXTUAL_INVERSION)
+    pivotal = learn(pretrained_base, subject_stage, **PIVOTAL)
+    assert embedding_failures(ti, pivotal) == [], (_figures(ti), _figures(pivotal))
+
+
+def test_embedding_check_fails_without_training(learn: Learner, pretrained_base, subject_stage):
+    ti = learn(pretrained_base, subject_stage, **{**TEXTUAL_INVERSION, **NO_TRAINING})
+    pivotal = learn(pretrained_base, subject_stage, **{**PIVOTAL, **NO_TRAINING})
+    assert embedding_failures(ti, pivotal) != []

@@ -98,3 +98,42 @@ def test_sd2_v_prediction_lora(tmp_path, tiny_sd2, stage_dir):
     before = sample(pipe)
     pipe.load_lora_weights(out)
     assert (sample(pipe) - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_lora_with_prior_preservation(tmp_path, tiny_sd15, stage_dir, train_text_encoder):
+    """DreamBooth-LoRA: class images generated with the base, a class batch in every step, prior loss logged."""
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd15,
+        model={"cache_dir": str(tmp_path / "cache" / "models")},
+        train={
+            "max_steps": 2,
+            "log_every": 1,
+            "with_prior_preservation": True,
+            "num_class_images": 2,
+            "class_image_steps": 2,
+            "train_text_encoder": train_text_encoder,
+        },
+    )
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["method"] == "lora" and summary["extra"]["class_images"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("prior_loss" in row for row in rows)
+    assert len(list((tmp_path / "cache" / "class-images").glob("*/class_*.png"))) == 2
+
+
+def test_prior_preservation_defaults_by_method():
+    from sdtune.config import RunConfig
+    from sdtune.errors import ConfigError
+
+    def prior(**train) -> bool:
+        return RunConfig.model_validate({"train": train}).train.with_prior_preservation
+
+    assert prior(method="lora") is False
+    assert prior(method="dreambooth") is True
+    assert prior(method="lora", with_prior_preservation=True) is True
+    with pytest.raises((ConfigError, ValueError), match="does not apply to method textual_inversion"):
+        prior(method="textual_inversion", with_prior_preservation=True)
