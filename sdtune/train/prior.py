@@ -49,7 +49,7 @@ class Prior:
 
     def next_batch(self, vae_config, draw, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, scaled latents) of the next class batch."""
-        idx = next(self.sampler).to(device)
+        idx = D.to_device(next(self.sampler), device)  # pinned, asynchronous on CUDA
         return idx, D.sample_latents(vae_config, self.data, idx, draw)
 
     def join(self, latents: torch.Tensor, cond: dict, vae_config, draw, device) -> tuple[torch.Tensor, dict]:
