@@ -13,14 +13,17 @@ shows which pipeline a run used, and an unchanged pipeline is reused instead of 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -135,8 +138,53 @@ def kfp_client(
         from kfp.client import ServiceAccountTokenVolumeCredentials
 
         kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=token_path)
-    with api_errors(host or "the KFP API"):
+    with kfp.errors():
         return kfp.Client(**kwargs)
+
+
+@dataclass(frozen=True)
+class Kfp:
+    """The connection options every cluster command takes (see ``kfp_command``)."""
+
+    host: str | None
+    namespace: str | None
+    token: str | None
+    cookie: str | None
+    ca_cert: Path | None
+
+    def client(self):
+        return kfp_client(self.host, self.namespace, self.token, self.cookie, self.ca_cert)
+
+    def errors(self) -> AbstractContextManager[None]:
+        return api_errors(self.host or "the KFP API")
+
+
+def _option(name: str, annotation: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+# --host stands where the command puts its ``kfp`` parameter, the login options come last.
+_HOST = _option("host", HostOpt)
+_LOGIN = [
+    _option("namespace", NamespaceOpt),
+    _option("token", TokenOpt),
+    _option("cookie", CookieOpt),
+    _option("ssl_ca_cert", CaCertOpt),
+]
+
+
+def kfp_command(func):
+    """Give a command the KFP connection options, declared once, as one ``kfp: Kfp`` argument."""
+    own = inspect.signature(func, eval_str=True).parameters.values()
+    params = [_HOST if p.name == "kfp" else p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+
+    @functools.wraps(func)
+    def command(*, host, namespace, token, cookie, ssl_ca_cert, **kwargs):
+        return func(**kwargs, kfp=Kfp(host, namespace, token, cookie, ssl_ca_cert))
+
+    command.__signature__ = inspect.Signature([*params, *_LOGIN], return_annotation=None)
+    command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+    return command
 
 
 @contextmanager
@@ -219,23 +267,21 @@ def pipeline_version(client: Any, package: str, cfg: RunConfig, namespace: str |
     return pipeline_id, version.pipeline_version_id
 
 
+@kfp_command
 def submit_cmd(
+    *,
     config: Annotated[Path, typer.Argument(help="Run config YAML.")],
     overrides: OverridesArg = None,
-    host: HostOpt = None,
+    kfp: Kfp,
     experiment: ExperimentOpt = None,
     run_name: Annotated[str | None, typer.Option("--run-name", help="Default: the config's name.")] = None,
-    namespace: NamespaceOpt = None,
-    token: TokenOpt = None,
-    cookie: CookieOpt = None,
-    ssl_ca_cert: CaCertOpt = None,
 ) -> None:
     """Compile the pipeline for CONFIG and start one run on the cluster; prints the run URL."""
     cfg = load_config(config, overrides or [])
-    client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
-    with tempfile.TemporaryDirectory() as tmp, api_errors(host or "the KFP API"), _quiet():
-        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, namespace)
-        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=namespace)
+    client = kfp.client()
+    with tempfile.TemporaryDirectory() as tmp, kfp.errors(), _quiet():
+        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, kfp.namespace)
+        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=kfp.namespace)
         result = client.run_pipeline(
             experiment_id=exp.experiment_id,
             job_name=run_name or cfg.name,
@@ -246,13 +292,15 @@ def submit_cmd(
     console.print(f"run {result.run_id}: {run_url(client, result.run_id)}", highlight=False, soft_wrap=True)
 
 
+@kfp_command
 def schedule_create_cmd(
+    *,
     config: Annotated[Path, typer.Argument(help="Run config YAML.")],
     overrides: OverridesArg = None,
     cron: Annotated[
         str, typer.Option("--cron", help="6-field cron (seconds first), e.g. '0 0 3 * * *'.")
     ] = "0 0 3 * * *",
-    host: HostOpt = None,
+    kfp: Kfp,
     experiment: ExperimentOpt = None,
     name: Annotated[
         str | None, typer.Option("--name", help="Schedule name (default: <config name>-schedule).")
@@ -262,19 +310,15 @@ def schedule_create_cmd(
         bool, typer.Option("--catchup/--no-catchup", help="Backfill missed intervals when re-enabled.")
     ] = False,
     paused: Annotated[bool, typer.Option("--paused", help="Create it disabled.")] = False,
-    namespace: NamespaceOpt = None,
-    token: TokenOpt = None,
-    cookie: CookieOpt = None,
-    ssl_ca_cert: CaCertOpt = None,
 ) -> None:
     """Create a recurring run of CONFIG (no catch-up and one run at a time unless told otherwise)."""
     if len(cron.split()) != 6:
         raise ClusterError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 3 * * *'")
     cfg = load_config(config, overrides or [])
-    client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
-    with tempfile.TemporaryDirectory() as tmp, api_errors(host or "the KFP API"), _quiet():
-        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, namespace)
-        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=namespace)
+    client = kfp.client()
+    with tempfile.TemporaryDirectory() as tmp, kfp.errors(), _quiet():
+        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, kfp.namespace)
+        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=kfp.namespace)
         job = client.create_recurring_run(
             experiment_id=exp.experiment_id,
             job_name=name or f"{cfg.name}-schedule",
@@ -290,23 +334,20 @@ def schedule_create_cmd(
     console.print(f"recurring run {job.recurring_run_id} ({state}, cron '{cron}')", highlight=False)
 
 
+@kfp_command
 def schedule_list_cmd(
-    host: HostOpt = None,
+    kfp: Kfp,
     experiment: ExperimentOpt = None,
-    namespace: NamespaceOpt = None,
-    token: TokenOpt = None,
-    cookie: CookieOpt = None,
-    ssl_ca_cert: CaCertOpt = None,
 ) -> None:
     """List recurring runs (id, status, cron, name)."""
-    client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
-    with api_errors(host or "the KFP API"):
+    client = kfp.client()
+    with kfp.errors():
         exp_id = (
-            client.get_experiment(experiment_name=experiment, namespace=namespace).experiment_id
+            client.get_experiment(experiment_name=experiment, namespace=kfp.namespace).experiment_id
             if experiment
             else None
         )
-        resp = client.list_recurring_runs(experiment_id=exp_id, namespace=namespace, page_size=100)
+        resp = client.list_recurring_runs(experiment_id=exp_id, namespace=kfp.namespace, page_size=100)
     for job in resp.recurring_runs or []:
         cron = (job.trigger.cron_schedule.cron if job.trigger and job.trigger.cron_schedule else "") or ""
         console.print(
@@ -315,18 +356,15 @@ def schedule_list_cmd(
 
 
 def _schedule_action(action: str):
+    @kfp_command
     def command(
         recurring_run_id: Annotated[
             str, typer.Argument(help="Recurring run id (see `sdtune schedule list`).")
         ],
-        host: HostOpt = None,
-        namespace: NamespaceOpt = None,
-        token: TokenOpt = None,
-        cookie: CookieOpt = None,
-        ssl_ca_cert: CaCertOpt = None,
+        kfp: Kfp,
     ) -> None:
-        client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
-        with api_errors(host or "the KFP API"):
+        client = kfp.client()
+        with kfp.errors():
             getattr(client, f"{action}_recurring_run")(recurring_run_id)
         console.print(f"recurring run {recurring_run_id}: {action}d", highlight=False)
 
@@ -334,17 +372,14 @@ def _schedule_action(action: str):
     return command
 
 
+@kfp_command
 def status_cmd(
     run_id: Annotated[str, typer.Argument(help="KFP run id (printed by `sdtune submit`).")],
-    host: HostOpt = None,
-    namespace: NamespaceOpt = None,
-    token: TokenOpt = None,
-    cookie: CookieOpt = None,
-    ssl_ca_cert: CaCertOpt = None,
+    kfp: Kfp,
 ) -> None:
     """Show a run's state, times and failed tasks."""
-    client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
-    with api_errors(host or "the KFP API"):
+    client = kfp.client()
+    with kfp.errors():
         run = client.get_run(run_id)
     console.print(f"{run.display_name}: {run.state}", highlight=False)
     console.print(f"  created {run.created_at}  finished {run.finished_at or '-'}", highlight=False)
