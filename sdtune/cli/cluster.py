@@ -138,12 +138,12 @@ def kfp_client(
         from kfp.client import ServiceAccountTokenVolumeCredentials
 
         kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=token_path)
-    with kfp.errors():
+    with api_errors(host or "the KFP API"):
         return kfp.Client(**kwargs)
 
 
 @dataclass(frozen=True)
-class Kfp:
+class KfpConnection:
     """The connection options every cluster command takes (see ``kfp_command``)."""
 
     host: str | None
@@ -163,7 +163,7 @@ def _option(name: str, annotation: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
-# --host stands where the command puts its ``kfp`` parameter, the login options come last.
+# --host stands where the command puts its ``conn`` parameter, the login options come last.
 _HOST = _option("host", HostOpt)
 _LOGIN = [
     _option("namespace", NamespaceOpt),
@@ -174,13 +174,13 @@ _LOGIN = [
 
 
 def kfp_command(func):
-    """Give a command the KFP connection options, declared once, as one ``kfp: Kfp`` argument."""
+    """Give a command the KFP connection options, declared once, as one ``conn: KfpConnection`` argument."""
     own = inspect.signature(func, eval_str=True).parameters.values()
-    params = [_HOST if p.name == "kfp" else p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+    params = [_HOST if p.name == "conn" else p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
 
     @functools.wraps(func)
     def command(*, host, namespace, token, cookie, ssl_ca_cert, **kwargs):
-        return func(**kwargs, kfp=Kfp(host, namespace, token, cookie, ssl_ca_cert))
+        return func(**kwargs, conn=KfpConnection(host, namespace, token, cookie, ssl_ca_cert))
 
     command.__signature__ = inspect.Signature([*params, *_LOGIN], return_annotation=None)
     command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
@@ -272,16 +272,16 @@ def submit_cmd(
     *,
     config: Annotated[Path, typer.Argument(help="Run config YAML.")],
     overrides: OverridesArg = None,
-    kfp: Kfp,
+    conn: KfpConnection,
     experiment: ExperimentOpt = None,
     run_name: Annotated[str | None, typer.Option("--run-name", help="Default: the config's name.")] = None,
 ) -> None:
     """Compile the pipeline for CONFIG and start one run on the cluster; prints the run URL."""
     cfg = load_config(config, overrides or [])
-    client = kfp.client()
-    with tempfile.TemporaryDirectory() as tmp, kfp.errors(), _quiet():
-        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, kfp.namespace)
-        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=kfp.namespace)
+    client = conn.client()
+    with tempfile.TemporaryDirectory() as tmp, conn.errors(), _quiet():
+        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, conn.namespace)
+        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=conn.namespace)
         result = client.run_pipeline(
             experiment_id=exp.experiment_id,
             job_name=run_name or cfg.name,
@@ -300,7 +300,7 @@ def schedule_create_cmd(
     cron: Annotated[
         str, typer.Option("--cron", help="6-field cron (seconds first), e.g. '0 0 3 * * *'.")
     ] = "0 0 3 * * *",
-    kfp: Kfp,
+    conn: KfpConnection,
     experiment: ExperimentOpt = None,
     name: Annotated[
         str | None, typer.Option("--name", help="Schedule name (default: <config name>-schedule).")
@@ -315,10 +315,10 @@ def schedule_create_cmd(
     if len(cron.split()) != 6:
         raise ClusterError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 3 * * *'")
     cfg = load_config(config, overrides or [])
-    client = kfp.client()
-    with tempfile.TemporaryDirectory() as tmp, kfp.errors(), _quiet():
-        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, kfp.namespace)
-        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=kfp.namespace)
+    client = conn.client()
+    with tempfile.TemporaryDirectory() as tmp, conn.errors(), _quiet():
+        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, conn.namespace)
+        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=conn.namespace)
         job = client.create_recurring_run(
             experiment_id=exp.experiment_id,
             job_name=name or f"{cfg.name}-schedule",
@@ -336,18 +336,18 @@ def schedule_create_cmd(
 
 @kfp_command
 def schedule_list_cmd(
-    kfp: Kfp,
+    conn: KfpConnection,
     experiment: ExperimentOpt = None,
 ) -> None:
     """List recurring runs (id, status, cron, name)."""
-    client = kfp.client()
-    with kfp.errors():
+    client = conn.client()
+    with conn.errors():
         exp_id = (
-            client.get_experiment(experiment_name=experiment, namespace=kfp.namespace).experiment_id
+            client.get_experiment(experiment_name=experiment, namespace=conn.namespace).experiment_id
             if experiment
             else None
         )
-        resp = client.list_recurring_runs(experiment_id=exp_id, namespace=kfp.namespace, page_size=100)
+        resp = client.list_recurring_runs(experiment_id=exp_id, namespace=conn.namespace, page_size=100)
     for job in resp.recurring_runs or []:
         cron = (job.trigger.cron_schedule.cron if job.trigger and job.trigger.cron_schedule else "") or ""
         console.print(
@@ -361,10 +361,10 @@ def _schedule_action(action: str):
         recurring_run_id: Annotated[
             str, typer.Argument(help="Recurring run id (see `sdtune schedule list`).")
         ],
-        kfp: Kfp,
+        conn: KfpConnection,
     ) -> None:
-        client = kfp.client()
-        with kfp.errors():
+        client = conn.client()
+        with conn.errors():
             getattr(client, f"{action}_recurring_run")(recurring_run_id)
         console.print(f"recurring run {recurring_run_id}: {action}d", highlight=False)
 
@@ -375,11 +375,11 @@ def _schedule_action(action: str):
 @kfp_command
 def status_cmd(
     run_id: Annotated[str, typer.Argument(help="KFP run id (printed by `sdtune submit`).")],
-    kfp: Kfp,
+    conn: KfpConnection,
 ) -> None:
     """Show a run's state, times and failed tasks."""
-    client = kfp.client()
-    with kfp.errors():
+    client = conn.client()
+    with conn.errors():
         run = client.get_run(run_id)
     console.print(f"{run.display_name}: {run.state}", highlight=False)
     console.print(f"  created {run.created_at}  finished {run.finished_at or '-'}", highlight=False)
