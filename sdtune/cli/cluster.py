@@ -238,10 +238,6 @@ def run_url(client: Any, run_id: str) -> str:
     return f"{client._get_url_prefix()}/#/runs/details/{run_id}"
 
 
-def _compiled(cfg: RunConfig, tmp: str) -> str:
-    return str(_compile(cfg, Path(tmp) / "pipeline.yaml"))
-
-
 def _name_filter(name: str) -> str:
     return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "string_value": name}]})
 
@@ -267,6 +263,21 @@ def pipeline_version(client: Any, package: str, cfg: RunConfig, namespace: str |
     return pipeline_id, version.pipeline_version_id
 
 
+def _run_target(client: Any, cfg: RunConfig, experiment: str | None, namespace: str | None) -> dict[str, str]:
+    """Where a run or a recurring run of ``cfg`` goes: its experiment, the pipeline version holding the
+    compiled spec (uploaded when new) and the service account (keyword arguments of kfp.Client)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        package = str(_compile(cfg, Path(tmp) / "pipeline.yaml"))
+        pipeline_id, version_id = pipeline_version(client, package, cfg, namespace)
+    exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=namespace)
+    return {
+        "experiment_id": exp.experiment_id,
+        "pipeline_id": pipeline_id,
+        "version_id": version_id,
+        "service_account": cfg.cluster.service_account,
+    }
+
+
 @kfp_command
 def submit_cmd(
     *,
@@ -279,15 +290,9 @@ def submit_cmd(
     """Compile the pipeline for CONFIG and start one run on the cluster; prints the run URL."""
     cfg = load_config(config, overrides or [])
     client = conn.client()
-    with tempfile.TemporaryDirectory() as tmp, conn.errors(), _quiet():
-        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, conn.namespace)
-        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=conn.namespace)
+    with conn.errors(), _quiet():
         result = client.run_pipeline(
-            experiment_id=exp.experiment_id,
-            job_name=run_name or cfg.name,
-            pipeline_id=pipeline_id,
-            version_id=version_id,
-            service_account=cfg.cluster.service_account,
+            job_name=run_name or cfg.name, **_run_target(client, cfg, experiment, conn.namespace)
         )
     console.print(f"run {result.run_id}: {run_url(client, result.run_id)}", highlight=False, soft_wrap=True)
 
@@ -316,19 +321,14 @@ def schedule_create_cmd(
         raise ClusterError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 3 * * *'")
     cfg = load_config(config, overrides or [])
     client = conn.client()
-    with tempfile.TemporaryDirectory() as tmp, conn.errors(), _quiet():
-        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, conn.namespace)
-        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=conn.namespace)
+    with conn.errors(), _quiet():
         job = client.create_recurring_run(
-            experiment_id=exp.experiment_id,
             job_name=name or f"{cfg.name}-schedule",
             cron_expression=cron,
             max_concurrency=str(max_concurrency),  # int64: a string in the API's JSON (swagger)
             no_catchup=not catchup,
             enabled=not paused,
-            pipeline_id=pipeline_id,
-            version_id=version_id,
-            service_account=cfg.cluster.service_account,
+            **_run_target(client, cfg, experiment, conn.namespace),
         )
     state = "paused" if paused else "enabled"
     console.print(f"recurring run {job.recurring_run_id} ({state}, cron '{cron}')", highlight=False)
