@@ -163,7 +163,8 @@ def _option(name: str, annotation: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
-# --host stands where the command puts its ``conn`` parameter, the login options come last.
+# --host stands where the command declares ``conn`` and the login options come last: the order every
+# command's --help had when each declared the five options itself.
 _HOST = _option("host", HostOpt)
 _LOGIN = [
     _option("namespace", NamespaceOpt),
@@ -174,7 +175,8 @@ _LOGIN = [
 
 
 def kfp_command(func):
-    """Give a command the KFP connection options, declared once, as one ``conn: KfpConnection`` argument."""
+    """Give a command the KFP connection options, declared once, as one ``conn: KfpConnection`` argument
+    (keyword-only where defaulted parameters come before it: ``conn`` itself has no default)."""
     own = inspect.signature(func, eval_str=True).parameters.values()
     params = [_HOST if p.name == "conn" else p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
 
