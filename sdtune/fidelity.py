@@ -17,6 +17,7 @@ when one is not set, its metrics are skipped with a note — never a failure.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -59,19 +60,33 @@ def _normalise(x):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-class ClipScorer:
-    def __init__(self, source: str):
-        from transformers import CLIPModel, CLIPProcessor
+class _ImageEmbedder(ABC):
+    """A transformers vision model (eval mode) and its processor; images become unit-length embeddings."""
 
-        self.model = CLIPModel.from_pretrained(source).eval()
-        self.processor = CLIPProcessor.from_pretrained(source)
+    def __init__(self, model, processor):
+        self.model = model.eval()
+        self.processor = processor
+
+    @abstractmethod
+    def _embed(self, pixels):
+        """The model's embedding of a batch of processed images."""
 
     def images(self, images: list[Image.Image]):
         import torch
 
         with torch.no_grad():
             pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            return _normalise(self.model.get_image_features(pixel_values=pixels))
+            return _normalise(self._embed(pixels))
+
+
+class ClipScorer(_ImageEmbedder):
+    def __init__(self, source: str):
+        from transformers import CLIPModel, CLIPProcessor
+
+        super().__init__(CLIPModel.from_pretrained(source), CLIPProcessor.from_pretrained(source))
+
+    def _embed(self, pixels):
+        return self.model.get_image_features(pixel_values=pixels)
 
     def texts(self, texts: list[str]):
         import torch
@@ -85,22 +100,16 @@ class ClipScorer:
             )
 
 
-class DinoScorer:
+class DinoScorer(_ImageEmbedder):
     """CLS embedding of a ViT-style encoder (DINO/DINOv2 checkpoints, or any AutoModel with pooler/CLS)."""
 
     def __init__(self, source: str):
         from transformers import AutoImageProcessor, AutoModel
 
-        self.model = AutoModel.from_pretrained(source).eval()
-        self.processor = AutoImageProcessor.from_pretrained(source)
+        super().__init__(AutoModel.from_pretrained(source), AutoImageProcessor.from_pretrained(source))
 
-    def images(self, images: list[Image.Image]):
-        import torch
-
-        with torch.no_grad():
-            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            hidden = self.model(pixel_values=pixels).last_hidden_state
-            return _normalise(hidden[:, 0])
+    def _embed(self, pixels):
+        return self.model(pixel_values=pixels).last_hidden_state[:, 0]
 
 
 def fidelity_metrics(cfg: RunConfig, evaluation_dir: Path, data_dir: Path) -> Metrics:

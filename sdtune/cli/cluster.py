@@ -13,14 +13,17 @@ shows which pipeline a run used, and an unchanged pipeline is reused instead of 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -139,6 +142,53 @@ def kfp_client(
         return kfp.Client(**kwargs)
 
 
+@dataclass(frozen=True)
+class KfpConnection:
+    """The connection options every cluster command takes (see ``kfp_command``)."""
+
+    host: str | None
+    namespace: str | None
+    token: str | None
+    cookie: str | None
+    ca_cert: Path | None
+
+    def client(self):
+        return kfp_client(self.host, self.namespace, self.token, self.cookie, self.ca_cert)
+
+    def errors(self) -> AbstractContextManager[None]:
+        return api_errors(self.host or "the KFP API")
+
+
+def _option(name: str, annotation: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+# --host stands where the command declares ``conn`` and the login options come last: the order every
+# command's --help had when each declared the five options itself.
+_HOST = _option("host", HostOpt)
+_LOGIN = [
+    _option("namespace", NamespaceOpt),
+    _option("token", TokenOpt),
+    _option("cookie", CookieOpt),
+    _option("ssl_ca_cert", CaCertOpt),
+]
+
+
+def kfp_command(func):
+    """Give a command the KFP connection options, declared once, as one ``conn: KfpConnection`` argument
+    (keyword-only where defaulted parameters come before it: ``conn`` itself has no default)."""
+    own = inspect.signature(func, eval_str=True).parameters.values()
+    params = [_HOST if p.name == "conn" else p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+
+    @functools.wraps(func)
+    def command(*, host, namespace, token, cookie, ssl_ca_cert, **kwargs):
+        return func(**kwargs, conn=KfpConnection(host, namespace, token, cookie, ssl_ca_cert))
+
+    command.__signature__ = inspect.Signature([*params, *_LOGIN], return_annotation=None)
+    command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+    return command
+
+
 @contextmanager
 def _quiet() -> Iterator[None]:
     """kfp.Client prints a details link per call; the command prints its own one line."""
@@ -190,10 +240,6 @@ def run_url(client: Any, run_id: str) -> str:
     return f"{client._get_url_prefix()}/#/runs/details/{run_id}"
 
 
-def _compiled(cfg: RunConfig, tmp: str) -> str:
-    return str(_compile(cfg, Path(tmp) / "pipeline.yaml"))
-
-
 def _name_filter(name: str) -> str:
     return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "string_value": name}]})
 
@@ -219,40 +265,49 @@ def pipeline_version(client: Any, package: str, cfg: RunConfig, namespace: str |
     return pipeline_id, version.pipeline_version_id
 
 
+def _run_target(client: Any, cfg: RunConfig, experiment: str | None, namespace: str | None) -> dict[str, str]:
+    """Where a run or a recurring run of ``cfg`` goes: its experiment, the pipeline version holding the
+    compiled spec (uploaded when new) and the service account (keyword arguments of kfp.Client)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        package = str(_compile(cfg, Path(tmp) / "pipeline.yaml"))
+        pipeline_id, version_id = pipeline_version(client, package, cfg, namespace)
+    exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=namespace)
+    return {
+        "experiment_id": exp.experiment_id,
+        "pipeline_id": pipeline_id,
+        "version_id": version_id,
+        "service_account": cfg.cluster.service_account,
+    }
+
+
+@kfp_command
 def submit_cmd(
+    *,
     config: Annotated[Path, typer.Argument(help="Run config YAML.")],
     overrides: OverridesArg = None,
-    host: HostOpt = None,
+    conn: KfpConnection,
     experiment: ExperimentOpt = None,
     run_name: Annotated[str | None, typer.Option("--run-name", help="Default: the config's name.")] = None,
-    namespace: NamespaceOpt = None,
-    token: TokenOpt = None,
-    cookie: CookieOpt = None,
-    ssl_ca_cert: CaCertOpt = None,
 ) -> None:
     """Compile the pipeline for CONFIG and start one run on the cluster; prints the run URL."""
     cfg = load_config(config, overrides or [])
-    client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
-    with tempfile.TemporaryDirectory() as tmp, api_errors(host or "the KFP API"), _quiet():
-        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, namespace)
-        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=namespace)
+    client = conn.client()
+    with conn.errors(), _quiet():
         result = client.run_pipeline(
-            experiment_id=exp.experiment_id,
-            job_name=run_name or cfg.name,
-            pipeline_id=pipeline_id,
-            version_id=version_id,
-            service_account=cfg.cluster.service_account,
+            job_name=run_name or cfg.name, **_run_target(client, cfg, experiment, conn.namespace)
         )
     console.print(f"run {result.run_id}: {run_url(client, result.run_id)}", highlight=False, soft_wrap=True)
 
 
+@kfp_command
 def schedule_create_cmd(
+    *,
     config: Annotated[Path, typer.Argument(help="Run config YAML.")],
     overrides: OverridesArg = None,
     cron: Annotated[
         str, typer.Option("--cron", help="6-field cron (seconds first), e.g. '0 0 3 * * *'.")
     ] = "0 0 3 * * *",
-    host: HostOpt = None,
+    conn: KfpConnection,
     experiment: ExperimentOpt = None,
     name: Annotated[
         str | None, typer.Option("--name", help="Schedule name (default: <config name>-schedule).")
@@ -262,51 +317,39 @@ def schedule_create_cmd(
         bool, typer.Option("--catchup/--no-catchup", help="Backfill missed intervals when re-enabled.")
     ] = False,
     paused: Annotated[bool, typer.Option("--paused", help="Create it disabled.")] = False,
-    namespace: NamespaceOpt = None,
-    token: TokenOpt = None,
-    cookie: CookieOpt = None,
-    ssl_ca_cert: CaCertOpt = None,
 ) -> None:
     """Create a recurring run of CONFIG (no catch-up and one run at a time unless told otherwise)."""
     if len(cron.split()) != 6:
         raise ClusterError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 3 * * *'")
     cfg = load_config(config, overrides or [])
-    client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
-    with tempfile.TemporaryDirectory() as tmp, api_errors(host or "the KFP API"), _quiet():
-        pipeline_id, version_id = pipeline_version(client, _compiled(cfg, tmp), cfg, namespace)
-        exp = client.create_experiment(experiment or cfg.tracking.experiment, namespace=namespace)
+    client = conn.client()
+    with conn.errors(), _quiet():
         job = client.create_recurring_run(
-            experiment_id=exp.experiment_id,
             job_name=name or f"{cfg.name}-schedule",
             cron_expression=cron,
             max_concurrency=str(max_concurrency),  # int64: a string in the API's JSON (swagger)
             no_catchup=not catchup,
             enabled=not paused,
-            pipeline_id=pipeline_id,
-            version_id=version_id,
-            service_account=cfg.cluster.service_account,
+            **_run_target(client, cfg, experiment, conn.namespace),
         )
     state = "paused" if paused else "enabled"
     console.print(f"recurring run {job.recurring_run_id} ({state}, cron '{cron}')", highlight=False)
 
 
+@kfp_command
 def schedule_list_cmd(
-    host: HostOpt = None,
+    conn: KfpConnection,
     experiment: ExperimentOpt = None,
-    namespace: NamespaceOpt = None,
-    token: TokenOpt = None,
-    cookie: CookieOpt = None,
-    ssl_ca_cert: CaCertOpt = None,
 ) -> None:
     """List recurring runs (id, status, cron, name)."""
-    client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
-    with api_errors(host or "the KFP API"):
+    client = conn.client()
+    with conn.errors():
         exp_id = (
-            client.get_experiment(experiment_name=experiment, namespace=namespace).experiment_id
+            client.get_experiment(experiment_name=experiment, namespace=conn.namespace).experiment_id
             if experiment
             else None
         )
-        resp = client.list_recurring_runs(experiment_id=exp_id, namespace=namespace, page_size=100)
+        resp = client.list_recurring_runs(experiment_id=exp_id, namespace=conn.namespace, page_size=100)
     for job in resp.recurring_runs or []:
         cron = (job.trigger.cron_schedule.cron if job.trigger and job.trigger.cron_schedule else "") or ""
         console.print(
@@ -315,18 +358,15 @@ def schedule_list_cmd(
 
 
 def _schedule_action(action: str):
+    @kfp_command
     def command(
         recurring_run_id: Annotated[
             str, typer.Argument(help="Recurring run id (see `sdtune schedule list`).")
         ],
-        host: HostOpt = None,
-        namespace: NamespaceOpt = None,
-        token: TokenOpt = None,
-        cookie: CookieOpt = None,
-        ssl_ca_cert: CaCertOpt = None,
+        conn: KfpConnection,
     ) -> None:
-        client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
-        with api_errors(host or "the KFP API"):
+        client = conn.client()
+        with conn.errors():
             getattr(client, f"{action}_recurring_run")(recurring_run_id)
         console.print(f"recurring run {recurring_run_id}: {action}d", highlight=False)
 
@@ -334,17 +374,14 @@ def _schedule_action(action: str):
     return command
 
 
+@kfp_command
 def status_cmd(
     run_id: Annotated[str, typer.Argument(help="KFP run id (printed by `sdtune submit`).")],
-    host: HostOpt = None,
-    namespace: NamespaceOpt = None,
-    token: TokenOpt = None,
-    cookie: CookieOpt = None,
-    ssl_ca_cert: CaCertOpt = None,
+    conn: KfpConnection,
 ) -> None:
     """Show a run's state, times and failed tasks."""
-    client = kfp_client(host, namespace, token, cookie, ssl_ca_cert)
-    with api_errors(host or "the KFP API"):
+    client = conn.client()
+    with conn.errors():
         run = client.get_run(run_id)
     console.print(f"{run.display_name}: {run.state}", highlight=False)
     console.print(f"  created {run.created_at}  finished {run.finished_at or '-'}", highlight=False)

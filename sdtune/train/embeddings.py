@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
 from sdtune.config import RunConfig
 from sdtune.errors import ConfigError
+from sdtune.models.loading import load_components
+
+from .losses import Denoising, FlowMatching, objective_for
 
 
 def concept_tokens(cfg: RunConfig) -> list[str]:
@@ -170,6 +174,26 @@ class Concept:
         names = ["clip_l", "clip_g"]
         vectors = {names[i]: rows for i, rows in enumerate(self.weights)}
         return save_embeddings(vectors, self.tokens, out_dir, self.cfg.caption.trigger)
+
+
+class ConceptStart(NamedTuple):
+    """Where both concept recipes (textual inversion, pivotal tuning) start from."""
+
+    parts: Any  # the loaded model, the concept's tokens in every tokenizer/text encoder
+    concept: Concept
+    data: Any  # latents and concept-caption token ids (see :meth:`Concept.encode`)
+    unet: torch.nn.Module  # frozen, on the session's device
+    objective: Denoising | FlowMatching
+
+
+def start_concept(cfg: RunConfig, session) -> ConceptStart:
+    """Load the model with the concept's new tokens (only their embedding rows train), encode the session's
+    records once (the VAE is freed then), and place the UNet; the noise objective comes with it."""
+    parts = load_components(cfg)
+    concept = Concept(parts, cfg, session.device)
+    data = concept.encode(parts, session.records, session.data_dir, session.device)
+    unet = session.place(parts.unet)
+    return ConceptStart(parts, concept, data, unet, objective_for(cfg, parts.noise_scheduler))
 
 
 def concept_embedding(text_encoder, token_ids: torch.Tensor) -> ConceptEmbedding:

@@ -27,12 +27,10 @@ from pathlib import Path
 import torch
 
 from sdtune.config import RunConfig
-from sdtune.models.loading import load_components
 from sdtune.tracking import MetricLogger
 
 from . import data as D
 from . import embeddings as E
-from . import losses as L
 from .adapters import add_lora, to_fp32
 from .outputs import TrainResult, save_unet_lora
 from .session import Session
@@ -41,16 +39,11 @@ from .session import Session
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
     tc = cfg.train
     with Session(cfg, data_dir, out_dir, logger) as session:
-        # 1. The concept's tokens, exactly as in textual inversion: only their embedding rows train.
-        parts = load_components(cfg)
-        concept = E.Concept(parts, cfg, session.device)
+        # 1. As in textual inversion: the concept's tokens (only their embedding rows train), latents and
+        # the concept captions' token ids once; the UNet frozen under its LoRA.
+        parts, concept, data, unet, objective = E.start_concept(cfg, session)
 
-        # 2. Latents and the concept captions' token ids, once; the UNet frozen under its LoRA.
-        data = concept.encode(parts, session.records, data_dir, session.device)  # then frees the VAE
-        unet = session.place(parts.unet)
-        objective = L.objective_for(cfg, parts.noise_scheduler)
-
-        # 3. A LoRA on the UNet, as in the LoRA recipe; two learning rates.
+        # 2. A LoRA on the UNet, as in the LoRA recipe; two learning rates.
         lora_params = add_lora(unet, tc, tc.target_modules)
         to_fp32(lora_params)
         models = session.start(
@@ -68,7 +61,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         concept.use(parts, models)
         embedding_steps = max(1, round(tc.embedding_train_fraction * tc.max_steps))
 
-        # 4. Loop: the embeddings train for the first `embedding_steps`, then the LoRA alone.
+        # 3. Loop: the embeddings train for the first `embedding_steps`, then the LoRA alone.
         for idx in session.steps():
             with torch.set_grad_enabled(session.step <= embedding_steps):
                 text = D.text_conditioning(parts, data.ids(idx), cfg.preprocess.resolution)
@@ -78,7 +71,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             pred = unet(noisy.to(session.dtype), t, **cond).sample
             session.backward(objective.loss(pred, target, t).mean())
 
-        # 5. Save (rank 0): the embeddings and the LoRA.
+        # 4. Save (rank 0): the embeddings and the LoRA.
         return session.finish(
             "pivotal",
             lambda out: concept.save(out) + save_unet_lora(session.plain_models()["unet"], out, cfg),

@@ -24,12 +24,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdtune.config import RunConfig
-from sdtune.models.loading import load_components
 from sdtune.tracking import MetricLogger
 
 from . import data as D
 from . import embeddings as E
-from . import losses as L
 from .outputs import TrainResult
 from .session import Session
 
@@ -37,14 +35,9 @@ from .session import Session
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
     tc = cfg.train
     with Session(cfg, data_dir, out_dir, logger) as session:
-        # 1. Model: new tokens in every tokenizer/text encoder; only their embedding rows train.
-        parts = load_components(cfg)
-        concept = E.Concept(parts, cfg, session.device)
-
-        # 2. Data: latents cached once; captions tokenized once (with the concept tokens).
-        data = concept.encode(parts, session.records, data_dir, session.device)  # then frees the VAE
-        unet = session.place(parts.unet)
-        objective = L.objective_for(cfg, parts.noise_scheduler)
+        # 1. Model: new tokens in every tokenizer/text encoder (only their embedding rows train);
+        # data: latents cached once, captions tokenized once (with the concept tokens).
+        parts, concept, data, unet, objective = E.start_concept(cfg, session)
 
         models = session.start(
             concept.modules(),
@@ -55,7 +48,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         )
         concept.use(parts, models)
 
-        # 3. Loop: the text encoders run every step (their input embeddings are what trains).
+        # 2. Loop: the text encoders run every step (their input embeddings are what trains).
         for idx in session.steps():
             cond = D.text_conditioning(parts, data.ids(idx), cfg.preprocess.resolution)
             latents = D.sample_latents(data.vae_config, data, idx, session.draw)
@@ -63,7 +56,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             pred = unet(noisy.to(session.dtype), t, **D.unet_kwargs(cond, session.dtype)).sample
             session.backward(objective.loss(pred, target, t).mean())
 
-        # 4. Save (rank 0).
+        # 3. Save (rank 0).
         return session.finish(
             "textual_inversion",
             concept.save,
