@@ -126,7 +126,7 @@ def test_lora_with_prior_preservation(tmp_path, tiny_sd15, stage_dir, train_text
 
 
 def test_prior_preservation_defaults_by_method():
-    from sdtune.config import RunConfig
+    from sdtune.config import RunConfig, config_from_dict
     from sdtune.errors import ConfigError
 
     def prior(**train) -> bool:
@@ -135,5 +135,7 @@ def test_prior_preservation_defaults_by_method():
     assert prior(method="lora") is False
     assert prior(method="dreambooth") is True
     assert prior(method="lora", with_prior_preservation=True) is True
-    with pytest.raises((ConfigError, ValueError), match="does not apply to method textual_inversion"):
+    with pytest.raises((ConfigError, ValueError), match="textual_inversion.with_prior_preservation"):
         prior(method="textual_inversion", with_prior_preservation=True)
+    with pytest.raises(ConfigError, match="does not apply to method textual_inversion"):
+        config_from_dict({"train": {"method": "textual_inversion", "with_prior_preservation": True}})
