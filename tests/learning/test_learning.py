@@ -8,10 +8,11 @@ and is run twice: on the real run, expecting nothing to fail, and on runs that c
 training: learning rate 1e-8; the trigger dropped from the captions; the random tiny base of the same shape),
 expecting it to fail.
 
-The LoRA recipe is DreamBooth-LoRA: prior preservation (class images from the base in every batch, weight 2)
+The LoRA recipe is DreamBooth-LoRA: prior preservation (class images from the base in every batch, weight 6)
 and a LoRA on the text encoder too. A UNet-only LoRA, with or without prior preservation, moves the class
-prompt as much as the trigger prompt on this base (specificity 0.4 %); this recipe reaches 17.2 % (its loss
-half runs in `make test`: test_lora_specificity.py), but its trigger samples move away from the subject.
+prompt as much as the trigger prompt on this base (specificity 0.4 %); this recipe reaches 16.7 % with training
+seed 0 and 15.1 % with seed 1 (its loss half runs in `make test`: test_lora_specificity.py), but its trigger
+samples move away from the subject.
 
 Opt-in (`make test-learning`, SDTUNE_LEARNING_TESTS=1) until the successful-run checks pass: today they fail
 with the figures docs/evaluation.md lists, so `make test` does not collect this file.
@@ -31,7 +32,7 @@ LORA = {
     "learning_rate": 3e-3,
     "rank": 8,
     "with_prior_preservation": True,
-    "prior_loss_weight": 2.0,
+    "prior_loss_weight": 6.0,
     "train_text_encoder": True,
     "text_encoder_lr": 2e-2,
     **CLASS_IMAGES,
@@ -71,9 +72,10 @@ def _figures(m: dict) -> dict:
     return {k: round(m[k], 4) for k in keys if k in m}
 
 
-def specificity_failures(m: dict) -> list[str]:
-    """The loss half of :func:`lora_failures`: the trigger loss fell ≥ 15 points more than the class loss."""
-    return [f"specificity {m['specificity']:.3f} < 0.15"] if m["specificity"] < 0.15 else []
+def specificity_failures(m: dict, floor: float = 0.15) -> list[str]:
+    """The loss half of :func:`lora_failures`: the trigger loss fell ≥ ``floor`` (the issue's 15 points) more
+    than the class loss."""
+    return [f"specificity {m['specificity']:.3f} < {floor}"] if m["specificity"] < floor else []
 
 
 def lora_failures(m: dict) -> list[str]:
