@@ -167,7 +167,9 @@ def test_job_args_carry_the_storable_config(tmp_path, monkeypatch):
     monkeypatch.setattr("sdtune.cluster.launch_training", lambda cfg, **kw: seen.update(kw))
     cfg = _secret_config()
     cfg.cluster.train_image = "img"
-    cfg.cluster.staging_uri = "s3://mlpipeline/private-artifacts/team/sdtune/staging"  # as compile resolves it
+    cfg.cluster.staging_uri = (
+        "s3://mlpipeline/private-artifacts/team/sdtune/staging"  # as compile resolves it
+    )
     assert steps._train_as_job(cfg, tmp_path, tmp_path / "out", "mlflow-run", "job-run") == 0
     _assert_clean(" ".join(seen["args"]))
 
