@@ -62,8 +62,8 @@ def pretrain(out_dir: Path, recipe: PretrainRecipe, log: Callable[[str], None] =
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     torch.manual_seed(recipe.seed)
-    tokenizer = tiny._write_tokenizer(out_dir / "tokenizer")
-    start = tiny._sd15(tokenizer, recipe.seed)
+    tokenizer = tiny.write_tokenizer(out_dir / "tokenizer")
+    start = tiny.sd15_pipeline(tokenizer, recipe.seed)
     if recipe.init_from:
         start = StableDiffusionPipeline.from_pretrained(recipe.init_from, local_files_only=True)
     vae, unet, text_encoder = start.vae, start.unet, start.text_encoder

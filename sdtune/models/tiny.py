@@ -89,7 +89,7 @@ def build_tiny(arch: str, out_dir: Path, seed: int = 0, pretrained: bool = False
     out_dir.mkdir(parents=True)
     (out_dir / TINY_MARKER).write_text("written by `sdtune models tiny`; replaced on the next build\n")
     tok_dir = out_dir / "tokenizer"
-    tokenizer = _write_tokenizer(tok_dir)
+    tokenizer = write_tokenizer(tok_dir)
     # Each component is seeded on its own: the same seed gives the same bytes whatever ran before.
     with torch.random.fork_rng(devices=[]):
         if arch in ("sdxl", "sdxl-inpaint"):
@@ -97,7 +97,7 @@ def build_tiny(arch: str, out_dir: Path, seed: int = 0, pretrained: bool = False
         elif arch == "sd3":
             pipe = _sd3(tokenizer, _t5_tokenizer(), seed)
         else:
-            pipe = _sd15(tokenizer, seed, variant=arch)
+            pipe = sd15_pipeline(tokenizer, seed, variant=arch)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     if arch in ("sdxl", "sdxl-inpaint", "sd3"):
         shutil.rmtree(out_dir / "tokenizer_2", ignore_errors=True)
@@ -155,7 +155,7 @@ def _widen_to_inpaint(model_dir: Path) -> None:
     (model_dir / "sdtune_tiny.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def _write_tokenizer(tok_dir: Path):
+def write_tokenizer(tok_dir: Path):
     """Write ``vocab.json`` + ``merges.txt`` for a BPE learned on :data:`WORDS`, then load it as a CLIPTokenizer.
 
     The BPE is learned here (greedy most-frequent pair, ties broken alphabetically) rather than with
@@ -258,7 +258,7 @@ def _unet(seed: int, inpaint: bool, **extra):
     )
 
 
-def _sd15(tokenizer, seed: int, variant: str = "sd15"):
+def sd15_pipeline(tokenizer, seed: int, variant: str = "sd15"):
     import torch
     from diffusers import (
         DDIMScheduler,
