@@ -50,9 +50,9 @@ def tiny_swin2sr(folder: Path) -> Path:
 
 
 def tiny_clip_tokenizer(folder: Path):
-    from sdtune.models.tiny import _write_tokenizer
+    from sdtune.models.tiny import write_tokenizer
 
-    return _write_tokenizer(folder)
+    return write_tokenizer(folder)
 
 
 def tiny_clipseg(folder: Path) -> Path:
