@@ -19,8 +19,8 @@
 - **Samples.** ``evaluate.prompts`` × ``evaluate.seeds`` for the base model (top row) and the tuned model
   (bottom row), same seeds per column: ``samples/{base,tuned}/p{i}_s{seed}.png`` and ``grid.png``.
 - **Image metric.** ``evaluate.image_metric_samples`` pictures from the trigger prompt and from the class
-  prompt, base and tuned, against the held-out views: ``image_distance_{base,tuned}_{trigger,class}`` (colour
-  histogram distance, 0 = same colours) and ``image_closer_{trigger,class}`` (1 − tuned / base: how much
+  prompt, base and tuned, against the held-out views: ``image_distance_{base,tuned}_{trigger,class}`` (hue
+  histogram distance of the saturated pixels, 0 = same colours) and ``image_closer_{trigger,class}`` (1 − tuned / base: how much
   closer to the subject fine-tuning brought the samples). A personalised model brings its trigger samples
   much closer and its class samples much less.
 
@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sdtune.config import RunConfig
 from sdtune.manifest import read_manifest
 from sdtune.models.loading import SDComponents, load_pipeline
-from sdtune.subject_metrics import flow_reference_losses, histogram_distance, reference_losses
+from sdtune.subject_metrics import flow_reference_losses, hue_distance, reference_losses
 from sdtune.train import data as D
 from sdtune.train.losses import diffusion_loss, prediction_target
 
@@ -73,7 +73,7 @@ def evaluate(
     metrics.update({f"loss_ref_{k}": v for k, v in _reference_losses(pipe, latents, cfg).items()})
     for name, prompt in prompts.items():
         samples = _metric_samples(pipe, prompt, cfg, device)
-        metrics[f"image_distance_base_{name}"] = histogram_distance(samples, views)
+        metrics[f"image_distance_base_{name}"] = hue_distance(samples, views)
     rows["base"] = _samples(pipe, cfg, device, out_dir / "samples" / "base")
 
     if lora_dir is not None:
@@ -98,7 +98,7 @@ def evaluate(
                 float(torch.tensor(changes).std()) if len(changes) > 1 else 0.0
             )
             samples = _metric_samples(pipe, tuned_prompts[name], cfg, device)
-            distance = histogram_distance(samples, views)
+            distance = hue_distance(samples, views)
             metrics[f"image_distance_tuned_{name}"] = distance
             metrics[f"image_closer_{name}"] = 1.0 - distance / max(
                 metrics[f"image_distance_base_{name}"], 1e-9

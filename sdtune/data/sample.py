@@ -1,8 +1,9 @@
 """A small, deterministic sample dataset: one recognisable toy robot, drawn with PIL, no download.
 
 The robot has a fixed, distinctive look (orange body, teal head, yellow eyes, red antenna ball, purple arms,
-a white star on the chest) and each picture varies pose, scale, position, rotation and background, like the
-photos of a subject a user would bring. The files also exercise ingest: mixed sizes (several below 512 px,
+a white star on the chest) and each picture varies pose, scale, position, rotation and backdrop (plain white,
+grey or black studio backdrops, the pre-trained tiny base's own: what is new to that base is the robot alone,
+not the scenery), like the photos of a subject a user would bring. The files also exercise ingest: mixed sizes (several below 512 px,
 so preprocessing upscales), JPEG/PNG/WebP, one JPEG stored sideways with an EXIF orientation tag, and one
 sidecar caption. Same ``seed`` → same bytes.
 """
@@ -73,33 +74,31 @@ def _star(d: ImageDraw.ImageDraw, cx: float, cy: float, r: float, fill: tuple[in
     d.polygon(points, fill=fill)
 
 
-def muted_colour(rng: random.Random) -> tuple[int, int, int]:
-    grey = rng.randrange(50, 220)
-    return tuple(min(255, max(0, grey + rng.randint(-30, 30))) for _ in range(3))
+BACKDROPS = {"white": (235, 235, 235), "gray": (128, 128, 128), "black": (25, 25, 25)}
+
+
+def backdrop(name: str, width: int, height: int, rng: random.Random) -> Image.Image:
+    """A plain backdrop of :data:`BACKDROPS`, its shade moved a little at random (as lighting would)."""
+    shade = rng.randint(-12, 12)
+    return Image.new("RGB", (width, height), tuple(min(255, max(0, v + shade)) for v in BACKDROPS[name]))
+
+
+def paste_posed(scene: Image.Image, layer: Image.Image, rng: random.Random) -> Image.Image:
+    """Paste ``layer`` (RGBA) onto ``scene`` rotated by up to ±25° at a random place; returns ``scene``."""
+    layer = layer.rotate(rng.uniform(-25, 25), resample=Image.Resampling.BICUBIC, expand=True)
+    x = rng.randrange(0, max(1, scene.width - layer.width))
+    y = rng.randrange(0, max(1, scene.height - layer.height))
+    scene.paste(layer, (x, y), layer)
+    return scene
 
 
 def render_scene(index: int, seed: int = 0) -> Image.Image:
-    """Picture ``index``: background gradient + floor, the robot scaled, rotated and placed at random."""
+    """Picture ``index``: the robot scaled, rotated and placed at random on a plain backdrop."""
     rng = random.Random(seed * 100_003 + index)
     width, height = SIZES[index % len(SIZES)]
-    # Muted, greyish scenery (as in the pre-training pictures): what is new to the tiny base is the robot alone.
-    top, bottom = muted_colour(rng), muted_colour(rng)
-    scene = Image.new("RGB", (width, height))
-    d = ImageDraw.Draw(scene)
-    for y in range(height):
-        t = y / max(height - 1, 1)
-        d.line([0, y, width, y], fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bottom, strict=True)))
-    floor_y = int(height * rng.uniform(0.6, 0.85))
-    d.rectangle([0, floor_y, width, height], fill=tuple(c // 2 for c in bottom))
-    for _ in range(rng.randrange(2, 6)):  # a little clutter, so backgrounds differ in structure too
-        x, y, r = rng.randrange(width), rng.randrange(height), rng.randrange(10, max(11, width // 8))
-        d.ellipse([x - r, y - r, x + r, y + r], fill=muted_colour(rng))
+    scene = backdrop(rng.choice(list(BACKDROPS)), width, height, rng)
     size = int(min(width, height) * rng.uniform(0.45, 0.85))
-    robot = draw_robot(size, rng).rotate(rng.uniform(-25, 25), resample=Image.Resampling.BICUBIC, expand=True)
-    x = rng.randrange(0, max(1, width - robot.width))
-    y = rng.randrange(0, max(1, min(height - robot.height, floor_y - robot.height // 2)))
-    scene.paste(robot, (x, y), robot)
-    return scene
+    return paste_posed(scene, draw_robot(size, rng), rng)
 
 
 def write_sample_dataset(out_dir: Path, count: int = 12, seed: int = 0) -> list[Path]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from sdtune.data.sample import DARK, draw_robot
+from sdtune.data.sample import BACKDROPS, DARK, backdrop, draw_robot, paste_posed
 
 COLOURS = {
     "red": (220, 30, 40),
@@ -30,7 +30,7 @@ COLOURS = {
     "purple": (130, 50, 180),
     "pink": (250, 130, 190),
 }
-BACKGROUNDS = {"white": (235, 235, 235), "gray": (128, 128, 128), "black": (25, 25, 25)}
+BACKGROUNDS = BACKDROPS  # the sample subject is photographed on the same backdrops
 OBJECTS = ("circle", "square", "triangle", "toy robot")
 HELD_OUT = {
     ("red", "square"),
@@ -77,19 +77,9 @@ def caption(scene: Scene, rng: random.Random) -> str:
 def render(scene: Scene, rng: random.Random, size: int = 32) -> Image.Image:
     """``scene`` as an RGB ``size``×``size`` picture; the pose, placement and scenery come from ``rng``."""
     big = size * RENDER_SCALE
-    image = _background(scene.background, big, rng)
-    obj_size = int(big * rng.uniform(0.45, 0.85))
-    layer = _object(scene, obj_size, rng)
-    layer = layer.rotate(rng.uniform(-25, 25), resample=Image.Resampling.BICUBIC, expand=True)
-    x = rng.randrange(0, max(1, big - layer.width))
-    y = rng.randrange(0, max(1, big - layer.height))
-    image.paste(layer, (x, y), layer)
-    return image.resize((size, size), Image.Resampling.LANCZOS)
-
-
-def _background(name: str, size: int, rng: random.Random) -> Image.Image:
-    shade = rng.randint(-12, 12)
-    return Image.new("RGB", (size, size), tuple(min(255, max(0, v + shade)) for v in BACKGROUNDS[name]))
+    image = backdrop(scene.background, big, big, rng)
+    layer = _object(scene, int(big * rng.uniform(0.45, 0.85)), rng)
+    return paste_posed(image, layer, rng).resize((size, size), Image.Resampling.LANCZOS)
 
 
 def _object(scene: Scene, size: int, rng: random.Random) -> Image.Image:

@@ -1,11 +1,11 @@
-"""The model-free loss references and the colour-histogram distance used by ``sdtune evaluate``."""
+"""The model-free loss references and the hue distance used by ``sdtune evaluate``."""
 
 from __future__ import annotations
 
 import torch
 from PIL import Image
 
-from sdtune.subject_metrics import histogram_distance, reference_losses
+from sdtune.subject_metrics import hue_distance, hue_histogram, reference_losses
 
 
 def _schedule():
@@ -33,11 +33,32 @@ def test_references_bracket_what_a_blind_predictor_can_do():
         assert worse > refs["variance"]
 
 
-def test_histogram_distance_sees_colour_make_up():
-    red = [Image.new("RGB", (32, 32), (220, 30, 40))] * 2
-    blue = [Image.new("RGB", (32, 32), (40, 80, 220))]
-    half = Image.new("RGB", (32, 32), (220, 30, 40))
-    half.paste((40, 80, 220), (0, 0, 32, 16))
-    assert histogram_distance(red, red) == 0.0
-    assert histogram_distance(red, blue) == 1.0
-    assert abs(histogram_distance([half], red) - 0.5) < 1e-9
+def _picture(background, blobs=()):
+    image = Image.new("RGB", (32, 32), background)
+    for colour, box in blobs:
+        image.paste(colour, box)
+    return image
+
+
+ORANGE, TEAL, PURPLE = (245, 130, 30), (0, 150, 150), (130, 50, 180)
+
+
+def test_hue_distance_sees_the_palette_not_the_background():
+    subject = [_picture((235, 235, 235), [(ORANGE, (8, 8, 24, 24)), (TEAL, (8, 0, 24, 8))])]
+    # The same palette on a muddy, darker background: the background's pixels do not vote.
+    same_palette = [_picture((90, 85, 80), [(ORANGE, (0, 0, 32, 20)), (TEAL, (0, 20, 32, 30))])]
+    other_palette = [_picture((235, 235, 235), [(PURPLE, (8, 8, 24, 24))])]
+    assert hue_distance(subject, subject) < 1e-9
+    assert hue_distance(same_palette, subject) < 0.15
+    assert hue_distance(other_palette, subject) == 1.0
+    grey = [_picture((128, 128, 128))]
+    assert hue_distance(grey, grey) == 0.0
+    assert hue_distance(grey, subject) == 1.0
+
+
+def test_hue_votes_split_between_neighbouring_bins():
+    # A hue on the edge between two bins counts half in each, so a tiny shift cannot flip the distance.
+    edge = Image.new("HSV", (32, 32), (int(255 / 12), 255, 255)).convert("RGB")
+    histogram, voted = hue_histogram([edge])
+    assert voted == 1.0
+    assert sorted(histogram)[-2] > 0.3
