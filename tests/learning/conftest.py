@@ -100,7 +100,7 @@ def run_config(base: Path, arch: str = "sd15", cache_dir: Path | None = None, **
             "guidance_scale": 3.0,
             "loss_timesteps": [100, 300, 500, 700, 900],
             "loss_seeds": [0, 1, 2],
-            "image_metric_samples": 8,
+            "image_metric_samples": 16,
         },
     }
 

@@ -31,6 +31,7 @@ LORA = {
     "batch_size": 4,
     "learning_rate": 3e-3,
     "rank": 8,
+    "target_modules": ["attn2.to_k", "attn2.to_v"],
     "with_prior_preservation": True,
     "prior_loss_weight": 6.0,
     "train_text_encoder": True,

@@ -1,13 +1,19 @@
-"""LoRA learns the sample robot's trigger, not its class: the loss half of the learning checks, in `make test`.
+"""LoRA learns the sample robot's trigger, not its class: the learning check that runs in `make test`.
 
-DreamBooth-LoRA (prior preservation, weight 6, and a LoRA on the text encoder too; the recipe is
-``test_learning.LORA``) on the shipped pre-trained base. Measured (held-out loss change, trigger / class):
-training seed 0: −35.4 % / −18.7 %, specificity 16.7 %; seed 1: 15.1 % (weight 4 gave 16.4 % and 13.0 %). The
-runs that cannot learn the subject score 0.0 % (no training), 0.4 % (trigger dropped from the captions) and
-0.0 % (the random tiny base). The floor here is 10 points: clear of both sides, so a CPU with other round-off
-(300 steps amplify it by ±2 points between training seeds) cannot turn a learning run red; the issue's 15-point
-bar stays in the opt-in ``test_learning.py``. A UNet-only LoRA scores 0.4 % with or without prior
-preservation (docs/evaluation.md). The image half (trigger samples ≥ 30 % closer) does not pass yet.
+DreamBooth-LoRA on the shipped pre-trained base (``test_learning.LORA``): a LoRA on the UNet's cross-attention
+keys and values (as Custom Diffusion trains) and on the text encoder, with prior preservation (24 class
+pictures drawn by the base, weight 6), 300 steps. The subject is the sample robot on the base's own plain
+backdrops (12 training views, 8 held-out poses, 32 px), so what is new to the base is the robot alone.
+
+Measured (held-out loss change trigger / class; trigger and class samples' hue distance to the held-out
+views, how much closer than the base's; 16 samples each):
+- training seed 0: −9.6 % / +3.0 %, specificity 12.6 %; samples 39 % / 38 % closer;
+- training seed 1: −11.0 % / +3.0 %, specificity 13.9 %; samples 61 % / 25 % closer.
+The runs that cannot learn the subject score ≈ 0 specificity (no training, the trigger dropped from the
+captions, the random tiny base). The floors here — specificity ≥ 10 points and trigger samples ≥ 30 % closer
+— sit between the two. The issue's bars (15 points; class samples moving less than trigger samples) stay in
+the opt-in ``test_learning.py``: training seeds move specificity by ±5 points for the attention-wide LoRA
+(5.2 % vs 16.0 %) and the class samples' move from 25 % to 38 %, so one seed cannot carry them.
 
 The same assertion runs on the three runs that cannot learn and must fail there. About 3 CPU-minutes (four
 300-step runs, each evaluated).
@@ -18,22 +24,37 @@ from __future__ import annotations
 import pytest
 
 from tests.learning.conftest import Learner
-from tests.learning.test_learning import LORA, NO_TRAINING, specificity_failures
+from tests.learning.test_learning import LORA, NO_TRAINING
 
-FLOOR = 0.10
+SPECIFICITY_FLOOR = 0.10
+CLOSER_FLOOR = 0.30
 
 pytestmark = pytest.mark.slow
 
 
-def test_lora_trigger_loss_falls_more_than_the_class_loss(learn: Learner, pretrained_base, subject_stage):
+def learning_failures(m: dict) -> list[str]:
+    """Empty when the trigger's held-out loss fell ≥ 10 points more than the class's and trigger samples came
+    ≥ 30 % closer to the subject's colours than the base's."""
+    out = []
+    if m["specificity"] < SPECIFICITY_FLOOR:
+        out.append(f"specificity {m['specificity']:.3f} < {SPECIFICITY_FLOOR}")
+    if m["image_closer_trigger"] < CLOSER_FLOOR:
+        out.append(f"trigger samples only {m['image_closer_trigger']:.3f} closer (< {CLOSER_FLOOR})")
+    return out
+
+
+def _figures(m: dict) -> dict:
+    keys = ("loss_change_trigger", "loss_change_class", "image_closer_trigger", "image_closer_class")
+    return {k: round(m[k], 4) for k in keys}
+
+
+def test_lora_learns_the_trigger_not_the_class(learn: Learner, pretrained_base, subject_stage):
     m = learn(pretrained_base, subject_stage, **LORA)
-    assert specificity_failures(m, FLOOR) == [], {
-        k: m[k] for k in ("loss_change_trigger", "loss_change_class")
-    }
+    assert learning_failures(m) == [], _figures(m)
 
 
 @pytest.mark.parametrize("defect", ["no_training", "trigger_dropped", "random_base"])
-def test_specificity_check_fails_when_nothing_is_learned(
+def test_the_check_fails_when_nothing_is_learned(
     defect, learn: Learner, pretrained_base, random_base, subject_stage, untriggered_stage
 ):
     base, stage, train = pretrained_base, subject_stage, dict(LORA)
@@ -45,4 +66,4 @@ def test_specificity_check_fails_when_nothing_is_learned(
         stage = untriggered_stage
     else:
         base = random_base
-    assert specificity_failures(learn(base, stage, **train), FLOOR) != []
+    assert learning_failures(learn(base, stage, **train)) != []
