@@ -1,7 +1,7 @@
 """Learning tests: fine-tune the pre-trained tiny base on the sample robot and measure what was learned.
 
 The subject stage holds 12 training views and 8 held-out views (new poses) of the sample robot at 32 px, the
-resolution the base was pre-trained at. :func:`learn` trains with the real recipe and evaluates with the real
+resolution the base was pre-trained at, on the base's own plain backdrops (what is new to it is the robot). :func:`learn` trains with the real recipe and evaluates with the real
 ``sdtune.evaluate``; runs are memoised for the session, so tests that read the same run train it once.
 """
 
