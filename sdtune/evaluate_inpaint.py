@@ -129,7 +129,9 @@ def evaluate_inpainting(
     masks = [subject_box(v) for v in views]
     ev = cfg.evaluate
     args = (views, masks, cfg.format_prompt(TRIGGER_PROMPT), seeds, ev.num_inference_steps, ev.guidance_scale)
-    base = load_pipeline(cfg, base_model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = load_pipeline(cfg, base_model).to(device)
     base_outputs, roundtrip = inpaint(base, *args), vae_roundtrip(base, views)
-    tuned_outputs = inpaint(load_trained_pipeline(cfg, Path(tuned_dir)), *args)
+    del base
+    tuned_outputs = inpaint(load_trained_pipeline(cfg, Path(tuned_dir)).to(device), *args)
     return inpainting_metrics(base_outputs, tuned_outputs, views, masks, roundtrip)
