@@ -63,8 +63,9 @@ def hue_histogram(
     size: int | None = 32,
 ) -> tuple[np.ndarray, float]:
     """Pooled hue histogram of the saturated pixels of ``images`` (each resized to ``size``² so each counts the
-    same; ``None``: as they are; a pixel's vote split between its two nearest bin centres, so a hue on a bin edge does not flip), sum 1
-    (all zeros when no pixel is saturated), and the share of pixels that voted."""
+    same, or taken as it is with ``size=None``; a pixel's vote split between its two nearest bin centres, so a
+    hue on a bin edge does not flip), sum 1 (all zeros when no pixel is saturated), and the share of pixels
+    that voted."""
     counts = np.zeros(bins)
     voters = pixels = 0
     for image in images:
