@@ -60,15 +60,19 @@ def hue_histogram(
     bins: int = 12,
     min_saturation: float = 0.35,
     min_value: float = 0.25,
-    size: int = 32,
+    size: int | None = 32,
 ) -> tuple[np.ndarray, float]:
     """Pooled hue histogram of the saturated pixels of ``images`` (each resized to ``size``² so each counts the
-    same; a pixel's vote split between its two nearest bin centres, so a hue on a bin edge does not flip), sum 1
-    (all zeros when no pixel is saturated), and the share of pixels that voted."""
+    same, or taken as it is with ``size=None``; a pixel's vote split between its two nearest bin centres, so a
+    hue on a bin edge does not flip), sum 1 (all zeros when no pixel is saturated), and the share of pixels
+    that voted."""
     counts = np.zeros(bins)
-    voters = 0
+    voters = pixels = 0
     for image in images:
-        small = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        small = image.convert("RGB")
+        if size is not None:
+            small = small.resize((size, size), Image.Resampling.BILINEAR)
+        pixels += small.width * small.height
         hsv = np.asarray(small.convert("HSV"), dtype=np.float64) / 255.0
         vivid = (hsv[..., 1] >= min_saturation) & (hsv[..., 2] >= min_value)
         position = hsv[..., 0][vivid] * bins - 0.5  # bin centres at (i + 0.5) / bins
@@ -78,14 +82,16 @@ def hue_histogram(
         np.add.at(counts, (low.astype(int) + 1) % bins, upper_share)
         voters += int(vivid.sum())
     total = counts.sum()
-    return (counts / total if total else counts), voters / max(1, len(images) * size * size)
+    return (counts / total if total else counts), voters / max(1, pixels)
 
 
-def hue_distance(images: list[Image.Image], references: list[Image.Image], bins: int = 12) -> float:
+def hue_distance(
+    images: list[Image.Image], references: list[Image.Image], bins: int = 12, size: int | None = 32
+) -> float:
     """1 − intersection of the two sets' saturated-pixel hue histograms (0 = same colours; 1 = none shared, or
-    one set has no colourful pixel at all)."""
-    mine, _ = hue_histogram(images, bins)
-    theirs, _ = hue_histogram(references, bins)
+    one set has no colourful pixel at all); ``size`` as in :func:`hue_histogram`."""
+    mine, _ = hue_histogram(images, bins, size=size)
+    theirs, _ = hue_histogram(references, bins, size=size)
     if not mine.any() and not theirs.any():
         return 0.0
     return float(1.0 - np.minimum(mine, theirs).sum())

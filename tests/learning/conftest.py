@@ -37,12 +37,21 @@ def _square(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def write_subject_stage(out: Path, caption: str = CAPTION) -> Path:
+def write_subject_stage(out: Path, caption: str = CAPTION, subject_masks: bool = False) -> Path:
+    """The 20 views; ``subject_masks``: each with a ``<stem>.mask.png`` of the box around the robot (as
+    preprocess writes them with ``preprocess.mask_prompt``; :func:`sdtune.evaluate_inpaint.subject_box`)."""
+    from sdtune.evaluate_inpaint import subject_box
+
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(TRAIN_VIEWS + HELD_OUT_VIEWS):
         path = out / f"robot_{i:02d}.png"
-        _square(render_scene(i), RESOLUTION).save(path)
+        view = _square(render_scene(i), RESOLUTION)
+        view.save(path)
+        extra = {}
+        if subject_masks:
+            extra["mask"] = f"{path.stem}.mask.png"
+            subject_box(view).save(out / extra["mask"])
         records.append(
             Record(
                 file=path.name,
@@ -52,6 +61,7 @@ def write_subject_stage(out: Path, caption: str = CAPTION) -> Path:
                 sha256=sha256_file(path),
                 source=f"sample://{i}",
                 split="train" if i < TRAIN_VIEWS else "holdout",
+                extra=extra,
             )
         )
     write_stage(out, records, StageReport(stage="caption"))
@@ -71,6 +81,26 @@ def random_base(tmp_path_factory) -> Path:
     from sdtune.models.tiny import build_tiny
 
     return build_tiny("sd15", tmp_path_factory.mktemp("learning") / "random", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def inpaint_base(tmp_path_factory) -> Path:
+    """The pre-trained base with a 9-channel UNet (the extra input channels start at zero)."""
+    from sdtune.models.tiny import build_tiny
+
+    return build_tiny("sd15-inpaint", tmp_path_factory.mktemp("learning") / "inpaint", pretrained=True)
+
+
+@pytest.fixture(scope="session")
+def random_inpaint_base(tmp_path_factory) -> Path:
+    from sdtune.models.tiny import build_tiny
+
+    return build_tiny("sd15-inpaint", tmp_path_factory.mktemp("learning") / "random-inpaint")
+
+
+@pytest.fixture(scope="session")
+def masked_subject_stage(tmp_path_factory) -> Path:
+    return write_subject_stage(tmp_path_factory.mktemp("learning") / "masked", subject_masks=True)
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +145,7 @@ class Learner:
     def __call__(self, base: Path, stage: Path, arch: str = "sd15", **train) -> dict:
         from sdtune.config import RunConfig
         from sdtune.evaluate import evaluate
+        from sdtune.evaluate_inpaint import evaluate_inpainting
         from sdtune.train import run
 
         key = json.dumps([str(base), str(stage), arch, train], sort_keys=True)
@@ -124,7 +155,10 @@ class Learner:
             (folder).mkdir(parents=True)
             (folder / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
             run(cfg, stage, folder / "train")
-            metrics = evaluate(cfg, str(base), folder / "train", stage, folder / "eval")
+            if cfg.train.method == "inpaint":  # the inpainting pipeline needs a picture and a mask
+                metrics = evaluate_inpainting(cfg, str(base), folder / "train", stage)
+            else:
+                metrics = evaluate(cfg, str(base), folder / "train", stage, folder / "eval")
             summary = json.loads((folder / "train" / "train_summary.json").read_text())
             self.runs[key] = {**metrics, "summary": summary, "dir": folder}
         return self.runs[key]
