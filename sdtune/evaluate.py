@@ -66,7 +66,7 @@ def evaluate(
     metrics: dict[str, float] = {}
     rows: dict[str, list[Image.Image]] = {}
     latents = _encode_latents(pipe, records, data_dir, cfg, device)
-    views = [_view(Path(data_dir) / r.file, cfg.preprocess.resolution) for r in records]
+    views = [training_view(Path(data_dir) / r.file, cfg.preprocess.resolution) for r in records]
     base_losses = _denoising_losses(pipe, latents, prompts, cfg, device)
     for name, per_seed in base_losses.items():
         metrics[f"loss_base_{name}"] = sum(per_seed) / len(per_seed)
@@ -229,7 +229,7 @@ def _reference_losses(pipe, latents: torch.Tensor, cfg: RunConfig) -> dict[str, 
     return totals
 
 
-def _view(path: Path, resolution: int) -> Image.Image:
+def training_view(path: Path, resolution: int) -> Image.Image:
     """A held-out view as the model sees it (resized and centre-cropped like the training images)."""
     pixels = D.load_image(path, resolution)
     return Image.fromarray(

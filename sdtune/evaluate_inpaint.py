@@ -119,13 +119,13 @@ def evaluate_inpainting(
 ) -> dict[str, float]:
     """The module's keys for the held-out views of ``data_dir`` (the train views when none is held out),
     inpainted with the trigger prompt at ``evaluate.num_inference_steps`` and ``evaluate.guidance_scale``."""
-    from sdtune.evaluate import TRIGGER_PROMPT, _view
+    from sdtune.evaluate import TRIGGER_PROMPT, training_view
     from sdtune.models.loading import load_pipeline
     from sdtune.registry import load_trained_pipeline
 
     records = read_manifest(data_dir)
     records = [r for r in records if r.split == "holdout"] or records
-    views = [_view(Path(data_dir) / r.file, cfg.preprocess.resolution) for r in records]
+    views = [training_view(Path(data_dir) / r.file, cfg.preprocess.resolution) for r in records]
     masks = [subject_box(v) for v in views]
     ev = cfg.evaluate
     args = (views, masks, cfg.format_prompt(TRIGGER_PROMPT), seeds, ev.num_inference_steps, ev.guidance_scale)
