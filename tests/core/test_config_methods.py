@@ -37,7 +37,7 @@ EXPECTED = {
     | {"use_dora", "export_kohya", "train_text_encoder", "text_encoder_lr", "text_encoder_target_modules"},
     "textual_inversion": CONCEPT,
     "pivotal": LORA | CONCEPT | {"export_kohya", "embedding_learning_rate", "embedding_train_fraction"},
-    "dreambooth": PRIOR | {"export_single_file"},
+    "dreambooth": PRIOR | {"export_single_file", "train_text_encoder", "text_encoder_lr"},
     "inpaint": LORA
     | {"use_dora", "export_kohya", "inpaint_full_unet", "inpaint_masks", "inpaint_masks_per_image"},
     "full": {"export_single_file", "use_ema", "ema_decay", "cache_shard_size"},
