@@ -163,3 +163,18 @@ def test_dreambooth_with_text_encoder_saves_it_and_resumes_exactly(tmp_path, tin
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         a, b = load_file(str(out / part)), load_file(str(resumed / part))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_text_encoder_training_is_refused_under_fsdp(tmp_path, tiny_sd15, stage_dir, capsys):
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd15,
+        train={"method": "dreambooth", "parallelism": "fsdp", "train_text_encoder": True},
+    )
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: train.parallelism=fsdp shards the UNet only: train.train_text_encoder needs parallelism ddp\n"
+    )
+    assert not out.exists()
