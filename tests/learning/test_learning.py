@@ -43,7 +43,7 @@ LORA = {
 # subject is learned mostly through what the trigger word comes to mean; weight 3 keeps the class words put.
 DREAMBOOTH = {
     "method": "dreambooth",
-    "max_steps": 150,
+    "max_steps": 250,
     "batch_size": 4,
     "learning_rate": 2e-5,
     "train_text_encoder": True,

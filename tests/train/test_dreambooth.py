@@ -78,7 +78,7 @@ def test_dreambooth_with_prior_preservation(tmp_path, tiny_sd15, stage_dir):
     assert "loss_tuned_trigger" in json.loads((eval_dir / "metrics.json").read_text())
 
 
-def test_dreambooth_without_prior_sdxl(tmp_path, tiny_sdxl, stage_dir):
+def test_dreambooth_without_prior_sdxl_trains_both_text_encoders(tmp_path, tiny_sdxl, stage_dir):
     config = write_config(
         tmp_path / "c.yaml",
         tiny_sdxl,
@@ -88,12 +88,16 @@ def test_dreambooth_without_prior_sdxl(tmp_path, tiny_sdxl, stage_dir):
             "max_steps": 2,
             "learning_rate": 1e-3,
             "with_prior_preservation": False,
+            "train_text_encoder": True,
         },
     )
     out = tmp_path / "out"
     assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert (out / "text_encoder_2").is_dir()
+    for name in ("text_encoder", "text_encoder_2"):
+        a = load_file(str(out / name / "model.safetensors"))
+        b = load_file(str(tiny_sdxl / name / "model.safetensors"))
+        assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), f"{name} trained"
 
 
 def test_dreambooth_with_text_encoder_saves_it_and_resumes_exactly(tmp_path, tiny_sd15, stage_dir):
