@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -12,27 +13,27 @@ from sdtune.train import checkpoint as C
 from tests.train.conftest import sample, write_config
 
 
+def train_dreambooth(tmp_path, base, stage_dir, **train) -> tuple[Path, list[str], dict]:
+    """A dreambooth config (class images cached under ``tmp_path``) trained into ``tmp_path/out``: returns the
+    config, the ``sdtune train`` arguments and ``train_summary.json``."""
+    config = write_config(
+        tmp_path / "c.yaml",
+        base,
+        model={"cache_dir": str(tmp_path / "cache" / "models")},
+        train={"method": "dreambooth", "learning_rate": 1e-3, "class_image_steps": 2, **train},
+    )
+    args = ["train", "--config", str(config), "--data", str(stage_dir), "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    return config, args, json.loads((tmp_path / "out" / "train_summary.json").read_text())
+
+
 def test_dreambooth_with_prior_preservation(tmp_path, tiny_sd15, stage_dir):
     from diffusers import StableDiffusionPipeline
 
-    cache = tmp_path / "cache" / "models"
-    config = write_config(
-        tmp_path / "c.yaml",
-        tiny_sd15,
-        model={"cache_dir": str(cache)},
-        train={
-            "method": "dreambooth",
-            "max_steps": 3,
-            "learning_rate": 1e-3,
-            "num_class_images": 3,
-            "class_image_steps": 2,
-            "log_every": 1,
-        },
+    config, args, summary = train_dreambooth(
+        tmp_path, tiny_sd15, stage_dir, max_steps=3, num_class_images=3, log_every=1
     )
     out = tmp_path / "out"
-    args = ["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]
-    assert main(args) == 0
-    summary = json.loads((out / "train_summary.json").read_text())
     assert summary["method"] == "dreambooth" and summary["extra"]["class_images"] == 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("prior_loss" in row for row in rows)
@@ -113,27 +114,19 @@ def test_dreambooth_with_text_encoder_saves_it_and_resumes_exactly(tmp_path, tin
     from sdtune.train.runtime import make_accelerator
     from sdtune.train.validation import Validator
 
-    config = write_config(
-        tmp_path / "c.yaml",
+    config, args, summary = train_dreambooth(
+        tmp_path,
         tiny_sd15,
-        model={"cache_dir": str(tmp_path / "cache" / "models")},
-        train={
-            "method": "dreambooth",
-            "train_text_encoder": True,
-            "text_encoder_lr": 1e-2,
-            "max_steps": 4,
-            "learning_rate": 1e-3,
-            "num_class_images": 2,
-            "class_image_steps": 2,
-            "checkpoint_every": 2,
-            "validation_every": 4,
-            "validation_inference_steps": 2,
-        },
+        stage_dir,
+        train_text_encoder=True,
+        text_encoder_lr=1e-2,
+        max_steps=4,
+        num_class_images=2,
+        checkpoint_every=2,
+        validation_every=4,
+        validation_inference_steps=2,
     )
     out = tmp_path / "out"
-    args = ["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]
-    assert main(args) == 0
-    summary = json.loads((out / "train_summary.json").read_text())
     assert summary["extra"]["text_encoders_trained"] == ["text_encoder"]
 
     base_te = CLIPTextModel.from_pretrained(tiny_sd15, subfolder="text_encoder", local_files_only=True)
