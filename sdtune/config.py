@@ -233,17 +233,21 @@ class PriorPreservation(Section):
         return plain_template(value, PROMPT_FIELDS)
 
 
+class TextEncoderTraining(Section):
+    # the text encoder(s) train too (lora: a LoRA on them; dreambooth: the whole encoders), at their own lr;
+    # captions are then tokenized once and encoded every step (sdtune/train/text_encoders.py)
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = Field(None, gt=0)  # default: learning_rate
+
+
 class SingleFileExport(Section):
     # also model.safetensors in the original SD layout (SD 1.x, 2.x, SDXL: sdtune.train.single_file)
     export_single_file: bool = True
 
 
 # One section per method. The mixins come first so that the shared fields lead in a dumped config.
-class LoraTrain(LoraAdapter, Dora, KohyaExport, PriorPreservation, TrainConfig):
+class LoraTrain(LoraAdapter, Dora, KohyaExport, PriorPreservation, TextEncoderTraining, TrainConfig):
     method: Literal["lora"] = "lora"
-    # a LoRA on the text encoder(s) too (its own lr; embeddings are then computed every step)
-    train_text_encoder: bool = False
-    text_encoder_lr: float | None = Field(None, gt=0)  # default: learning_rate
     text_encoder_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
     )
@@ -260,7 +264,7 @@ class PivotalTrain(LoraAdapter, KohyaExport, ConceptTokens, TrainConfig):
     embedding_train_fraction: float = Field(1.0, gt=0, le=1)  # then LoRA-only for the rest
 
 
-class DreamboothTrain(PriorPreservation, SingleFileExport, TrainConfig):
+class DreamboothTrain(PriorPreservation, TextEncoderTraining, SingleFileExport, TrainConfig):
     method: Literal["dreambooth"] = "dreambooth"
 
 

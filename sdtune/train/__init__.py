@@ -51,6 +51,10 @@ def run(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | No
             "train.parallelism=fsdp is for full fine-tunes (train.method=dreambooth or full); "
             f"{cfg.train.method} trains a few MB: use ddp"
         )
+    if cfg.train.parallelism == "fsdp" and cfg.train.option("train_text_encoder"):
+        raise ConfigError(
+            "train.parallelism=fsdp shards the UNet only: train.train_text_encoder needs parallelism ddp"
+        )
     if cfg.train.parallelism == "fsdp" and cfg.train.mixed_precision == "fp16":
         raise ConfigError(
             "train.parallelism=fsdp needs mixed_precision bf16 or no (fp16 needs a sharded grad scaler)"

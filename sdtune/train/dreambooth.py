@@ -6,8 +6,13 @@ Run it::
 
 Features (config key → behaviour):
 
-- The whole UNet trains (text encoder and VAE frozen); AdamW, schedule, accumulation, seeding, logging and
+- The whole UNet trains (VAE frozen); AdamW, schedule, accumulation, seeding, logging and
   multi-process behaviour as in :mod:`.lora`. Use ``gradient_checkpointing`` and bf16 on real models.
+- ``train.train_text_encoder``: the whole text encoder(s) train too (SDXL: both), at ``text_encoder_lr``
+  (default ``learning_rate``); captions are tokenized once and encoded every step, the class prompt through
+  the training encoders too (:mod:`.text_encoders`, shared with :mod:`.lora`). Without it the text encoders
+  stay frozen, and on a base that barely tells the trigger prompt from the class prompt a UNet-only change
+  lowers both prompts' loss alike (docs/evaluation.md). Not with ``parallelism: fsdp`` (refused).
 - ``train.with_prior_preservation`` (default on here): each step also denoises class images captioned
   ``train.class_prompt`` ("a photo of {class_noun}"), loss = instance + ``prior_loss_weight`` × class
   (:mod:`.prior`, shared with :mod:`.lora`).
@@ -20,14 +25,16 @@ Features (config key → behaviour):
   sharded over the ranks, :mod:`.parallel`) — the SDXL full fine-tune on 40/80 GB cards.
 - Checkpoints, exact resume and SIGTERM handling as in :mod:`.lora` (FSDP shards are gathered to rank 0).
 
-Writes (rank 0): a full diffusers pipeline folder (``model_index.json``, ``unet/`` …: load it with
-``from_pretrained``), ``model.safetensors`` in the original SD layout (SD 1.x, ``train.export_single_file``:
+Writes (rank 0): a full diffusers pipeline folder (``model_index.json``, ``unet/``, ``text_encoder/`` — the
+trained one with ``train_text_encoder`` — …: load it with ``from_pretrained``), ``model.safetensors`` in the original SD layout (SD 1.x, ``train.export_single_file``:
 ``from_single_file``, A1111, ComfyUI), ``metrics.jsonl``, ``config.yaml``, ``train_summary.json``, ``README.md``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from sdtune.config import RunConfig
 from sdtune.models.loading import load_components
@@ -38,6 +45,7 @@ from . import losses as L
 from .outputs import TrainResult, save_full_pipeline
 from .prior import Prior, class_image_paths, denoising_step
 from .session import Session
+from .text_encoders import TrainableText, step_inputs
 
 
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
@@ -53,27 +61,46 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         samplers = {"class": prior.sampler} if prior else {}
         objective = L.objective_for(cfg, parts.noise_scheduler)
         vae_config = parts.vae.config
-        del parts.vae, parts.text_encoder, parts.text_encoder_2
+        del parts.vae  # the latents are cached; the text encoders too unless they train
+        text = TrainableText.prepare(parts, cfg, session.records, prior, device)
+        encoders = text.encoders if text else {}
 
         unet = session.trainable_unet(parts.unet)
         params = list(unet.parameters())
-        desc = "dreambooth" + (" +prior" if prior is not None else "")
-        unet = session.start({"unet": unet}, params, samplers=samplers, sampler="instance", desc=desc)["unet"]
+        groups = [{"params": params, "lr": cfg.train.learning_rate}]
+        te_params: list = []
+        for encoder in encoders.values():  # fp32 master weights, as the UNet's
+            encoder.to(device).requires_grad_(True)
+            te_params += list(encoder.parameters())
+        if te_params:
+            groups.append({"params": te_params, "lr": text.lr(cfg)})
+        desc = "dreambooth" + (" +text" if text else "") + (" +prior" if prior is not None else "")
+        models = session.start(
+            {"unet": unet, **encoders},
+            params + te_params,
+            groups=groups,
+            prepare=["unet"],
+            average_grads=te_params,  # the text encoders stay unwrapped (.text_encoders)
+            samplers=samplers,
+            sampler="instance",
+            desc=desc,
+        )
+        unet = models["unet"]
 
         # 3. Loop: instance batch and class batch go through the UNet together.
         for idx in session.steps():
             latents = D.sample_latents(vae_config, instance, idx, session.draw)
-            cond = D.unet_conditioning(instance, idx)
             n = len(idx)
-            if prior is not None:
-                latents, cond = prior.join(latents, cond, vae_config, session.draw, device)
+            latents, cond = step_inputs(latents, idx, instance, prior, text, vae_config, session)
             denoising_step(unet, objective, latents, cond, n, prior, session)
 
-        # 4. Save the whole pipeline with the new UNet (rank 0).
+        # 4. Save the whole pipeline with the new UNet and text encoders (rank 0).
         new_unet = session.trained_unet(unet)  # FSDP: gathered from the shards (every rank takes part)
+        new_encoders = {k: m.to(torch.float32).eval() for k, m in encoders.items()}
         return session.finish(
             "dreambooth",
-            lambda out: save_full_pipeline(cfg, new_unet, out),
+            lambda out: save_full_pipeline(cfg, new_unet, out, **new_encoders),
             class_images=len(class_paths),
+            text_encoders_trained=sorted(encoders),
             parallelism="fsdp" if session.fsdp else "ddp",
         )

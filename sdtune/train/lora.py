@@ -51,10 +51,10 @@ from sdtune.tracking import MetricLogger
 from . import data as D
 from . import losses as L
 from .adapters import add_lora, to_fp32
-from .class_images import class_prompt
 from .outputs import TrainResult, save_unet_lora
 from .prior import Prior, class_image_paths, denoising_step
 from .session import Session
+from .text_encoders import TrainableText, step_inputs
 
 
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
@@ -69,17 +69,8 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         objective = L.objective_for(cfg, parts.noise_scheduler)
         vae_config = parts.vae.config
         del parts.vae  # the latents are cached; the text encoders too unless they train
-        encoders: dict[str, torch.nn.Module] = {}
-        if tc.train_text_encoder:
-            captions = [D.caption_of(r, cfg) for r in session.records]
-            token_ids = {k: v.to(device) for k, v in D.tokenize_prompts(parts, captions).items()}
-            if prior is not None:  # the class prompt goes through the training encoders too
-                class_ids = {
-                    k: v.to(device) for k, v in D.tokenize_prompts(parts, [class_prompt(cfg)]).items()
-                }
-            encoders = {k: getattr(parts, k) for k in ("text_encoder", "text_encoder_2") if getattr(parts, k)}
-        else:
-            del parts.text_encoder, parts.text_encoder_2
+        text = TrainableText.prepare(parts, cfg, session.records, prior, device)
+        encoders = text.encoders if text else {}
 
         # 2. LoRA adapters on the UNet's attention projections (and the text encoders'); only they train (fp32).
         unet = parts.unet.to(device)
@@ -93,9 +84,8 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         to_fp32(params + te_params)
         groups = [{"params": params, "lr": tc.learning_rate}]
         if te_params:
-            groups.append({"params": te_params, "lr": tc.text_encoder_lr or tc.learning_rate})
-        # The text encoders stay unwrapped: their LoRA gradients are averaged over ranks by hand (SDXL's
-        # first encoder feeds its penultimate layer, so its last layer gets no gradient, which DDP rejects).
+            groups.append({"params": te_params, "lr": text.lr(cfg)})
+        # The text encoders stay unwrapped: their gradients are averaged over ranks by hand (.text_encoders).
         models = session.start(
             {"unet": unet, **encoders},
             params + te_params,
@@ -111,17 +101,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         for idx in session.steps():
             latents = D.sample_latents(vae_config, cache, idx, session.draw)
             n = len(idx)
-            if encoders:
-                ids = {k: v[idx] for k, v in token_ids.items()}
-                if prior is not None:
-                    cidx, class_latents = prior.next_batch(vae_config, session.draw, device)
-                    latents = torch.cat([latents, class_latents])
-                    ids = {k: torch.cat([v, class_ids[k].expand(len(cidx), -1)]) for k, v in ids.items()}
-                cond = D.unet_kwargs(D.text_conditioning(parts, ids, cfg.preprocess.resolution))
-            else:
-                cond = D.unet_conditioning(cache, idx)
-                if prior is not None:
-                    latents, cond = prior.join(latents, cond, vae_config, session.draw, device)
+            latents, cond = step_inputs(latents, idx, cache, prior, text, vae_config, session)
             denoising_step(unet, objective, latents, cond, n, prior, session)
 
         # 4. Save (rank 0 only).

@@ -101,13 +101,14 @@ def save_transformer_lora(transformer, out_dir: Path) -> list[str]:
     return [LORA_WEIGHTS]
 
 
-def save_full_pipeline(cfg: RunConfig, unet, out_dir: Path) -> list[str]:
-    """The base pipeline with the trained ``unet`` as a diffusers folder (``from_pretrained``), plus
-    ``model.safetensors`` in the original SD layout (``from_single_file``, A1111, ComfyUI) when
-    ``train.export_single_file`` and the architecture has a writer (SD 1.x, 2.x, SDXL). Returns the file names."""
+def save_full_pipeline(cfg: RunConfig, unet, out_dir: Path, **text_encoders) -> list[str]:
+    """The base pipeline with the trained ``unet`` (and ``text_encoder=``/``text_encoder_2=`` when they
+    trained) as a diffusers folder (``from_pretrained``), plus ``model.safetensors`` in the original SD layout
+    (``from_single_file``, A1111, ComfyUI) when ``train.export_single_file`` and the architecture has a writer
+    (SD 1.x, 2.x, SDXL). Returns the file names."""
     from sdtune.models.loading import load_pipeline
 
-    pipe = load_pipeline(cfg, unet=unet)
+    pipe = load_pipeline(cfg, unet=unet, **text_encoders)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     files = ["model_index.json"]
     if cfg.train.option("export_single_file") and family_of(cfg).single_file:

@@ -37,7 +37,7 @@ EXPECTED = {
     | {"use_dora", "export_kohya", "train_text_encoder", "text_encoder_lr", "text_encoder_target_modules"},
     "textual_inversion": CONCEPT,
     "pivotal": LORA | CONCEPT | {"export_kohya", "embedding_learning_rate", "embedding_train_fraction"},
-    "dreambooth": PRIOR | {"export_single_file"},
+    "dreambooth": PRIOR | {"export_single_file", "train_text_encoder", "text_encoder_lr"},
     "inpaint": LORA
     | {"use_dora", "export_kohya", "inpaint_full_unet", "inpaint_masks", "inpaint_masks_per_image"},
     "full": {"export_single_file", "use_ema", "ema_decay", "cache_shard_size"},
@@ -137,7 +137,11 @@ def test_unknown_method_and_misspelt_option_name_the_choices():
 def test_sweep_trials_may_switch_method_and_are_checked_per_method():
     base = load_config(TINY)
     trial = trial_config(base, Trial(0, {"train.method": "pivotal", "train.num_vectors": 3}))
-    assert trial.train.method == "pivotal" and trial.train.num_vectors == 3 and trial.train.rank == 4
+    assert (
+        trial.train.method == "pivotal"
+        and trial.train.num_vectors == 3
+        and trial.train.rank == base.train.rank
+    )
     with pytest.raises(ConfigError, match="train.num_vectors does not apply to method lora"):
         trial_config(base, Trial(1, {"train.num_vectors": 3}))
 

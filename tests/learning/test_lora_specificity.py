@@ -7,13 +7,16 @@ backdrops (12 training views, 8 held-out poses, 32 px), so what is new to the ba
 
 Measured (held-out loss change trigger / class; trigger and class samples' hue distance to the held-out
 views, how much closer than the base's; 16 samples each):
-- training seed 0: −9.6 % / +3.0 %, specificity 12.6 %; samples 39 % / 38 % closer;
-- training seed 1: −11.0 % / +3.0 %, specificity 13.9 %; samples 61 % / 25 % closer.
-The runs that cannot learn the subject score ≈ 0 specificity (no training, the trigger dropped from the
-captions, the random tiny base). The floors here — specificity ≥ 10 points and trigger samples ≥ 30 % closer
-— sit between the two. The issue's bars (15 points; class samples moving less than trigger samples) stay in
-the opt-in ``test_learning.py``: training seeds move specificity by ±5 points for the attention-wide LoRA
-(5.2 % vs 16.0 %) and the class samples' move from 25 % to 38 %, so one seed cannot carry them.
+- training seed 0: −9.6 % / +3.0 %, specificity 12.6 %; samples 35–43 % / 37–46 % closer (8 to 24 samples,
+  two CPUs);
+- training seed 1: −11.0 % / +3.0 %, specificity 13.9 %; samples 58–61 % / 25–29 % closer.
+The runs that cannot learn the subject: no training 0.0 % specificity, samples 0 % closer; the trigger dropped
+from the captions 1.2 % (samples 41 % closer: the class prompt learned the robot); the random tiny base
+0.0 % (1 % closer). The floors here — specificity ≥ 10 points and trigger samples ≥ 20 % closer — sit between
+the two, with room for another CPU's round-off. The issue's bars (15 points; class samples moving less than trigger samples) stay in
+the opt-in ``test_learning.py`` (and its 30 % bar for the samples): training seeds move specificity by
+±5 points for the attention-wide LoRA (5.2 % vs 16.0 %) and the class samples' move from 25 % to 46 %, so one
+seed cannot carry them.
 
 The same assertion runs on the three runs that cannot learn and must fail there. About 3 CPU-minutes (four
 300-step runs, each evaluated).
@@ -27,14 +30,14 @@ from tests.learning.conftest import Learner
 from tests.learning.test_learning import LORA, NO_TRAINING
 
 SPECIFICITY_FLOOR = 0.10
-CLOSER_FLOOR = 0.30
+CLOSER_FLOOR = 0.20
 
 pytestmark = pytest.mark.slow
 
 
 def learning_failures(m: dict) -> list[str]:
     """Empty when the trigger's held-out loss fell ≥ 10 points more than the class's and trigger samples came
-    ≥ 30 % closer to the subject's colours than the base's."""
+    ≥ 20 % closer to the subject's colours than the base's."""
     out = []
     if m["specificity"] < SPECIFICITY_FLOOR:
         out.append(f"specificity {m['specificity']:.3f} < {SPECIFICITY_FLOOR}")
