@@ -62,6 +62,36 @@ def clip_grad_norm(model, params, accelerator, max_norm: float) -> torch.Tensor:
     return accelerator.clip_grad_norm_(params, max_norm)
 
 
+def full_tensors(tensors, keep: bool) -> list[torch.Tensor]:
+    """Whole CPU copies of ``tensors`` where ``keep`` (else []): an FSDP shard (a DTensor) is all-gathered
+    one tensor at a time, so no rank ever holds more than one whole tensor beyond its shards (a collective:
+    every rank calls it). Plain tensors are copied as they are."""
+    from torch.distributed.tensor import DTensor
+
+    whole = []
+    for tensor in tensors:
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+        if keep:
+            whole.append(full.to("cpu", copy=True))
+    return whole
+
+
+@torch.no_grad()
+def load_full_tensors(targets: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """Copy whole tensors (as :func:`full_tensors` gave them) into ``targets``; a target that is an FSDP
+    shard takes only its own slice of the value, the slice FSDP gives this rank (no communication: every
+    rank holds the whole value)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if len(targets) != len(values):
+        raise ValueError(f"{len(values)} tensors for {len(targets)} places")
+    for target, value in zip(targets, values, strict=True):
+        value = value.to(target.device)
+        if isinstance(target, DTensor):
+            value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+        target.copy_(value)
+
+
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The whole model's weights on CPU: gathered to rank 0 under FSDP (a collective; others get {})."""
     if is_fsdp(model):
