@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +167,58 @@ def test_fsdp_ema_equals_single_process_ema_and_resumes_exactly(tmp_path, tiny_s
     assert launch_training(config, one_record, resumed, 2, None, overrides) == 0
     assert json.loads((resumed / "train_summary.json").read_text())["extra"]["resumed_from_step"] == 2
     assert (resumed / unet).read_bytes() == (fsdp / unet).read_bytes()
+
+
+def _sharded_ema_rank(rank: int, world: int, folder: str) -> None:
+    """One rank of :func:`test_ema_of_fsdp_shards_holds_only_this_ranks_slice_and_round_trips_exactly`."""
+    from diffusers.training_utils import EMAModel
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from sdtune.train import parallel as P
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{folder}/rdzv", rank=rank, world_size=world
+    )
+    torch.manual_seed(0)
+    model = fully_shard(torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3)))
+    params = list(model.parameters())
+    ema = EMAModel(params, decay=0.5)  # as the full recipe builds it, from the sharded parameters
+    for _ in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.mul_(1.5).add_(0.1)
+        ema.step(params)
+    whole = P.full_tensors(ema.shadow_params, keep=True)
+    fresh = EMAModel(params, decay=0.5)  # starts from the raw weights, which the average lags behind
+
+    def same() -> bool:
+        pairs = zip(ema.shadow_params, fresh.shadow_params, strict=True)
+        return all(torch.equal(a.to_local(), b.to_local()) for a, b in pairs)
+
+    before = same()
+    P.load_full_tensors(fresh.shadow_params, whole)
+    result = {
+        "sharded": all(isinstance(s, DTensor) for s in ema.shadow_params),
+        "local": sum(s.to_local().numel() for s in ema.shadow_params),
+        "total": sum(s.numel() for s in ema.shadow_params),
+        "whole": [t.tolist() for t in whole],
+        "round_trip": not before and same(),
+    }
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def test_ema_of_fsdp_shards_holds_only_this_ranks_slice_and_round_trips_exactly(tmp_path):
+    """diffusers' EMAModel over FSDP2 parameters keeps DTensor shards (about 1/2 of the elements on each of
+    2 ranks, never a whole copy); gathering it whole and loading it back gives each rank its slice, bit for bit."""
+    torch.multiprocessing.spawn(_sharded_ema_rank, args=(2, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    total = 8 * 6 + 6 + 6 * 3 + 3
+    for r in ranks:
+        assert r["sharded"] and r["total"] == total and r["round_trip"]
+    assert sum(r["local"] for r in ranks) == total and max(r["local"] for r in ranks) < total
+    assert ranks[0]["whole"] == ranks[1]["whole"], "every rank gathers the same whole EMA"
 
 
 def test_sigterm_through_launch_training_checkpoints_and_exits_75(tmp_path, tiny_config, stage_dir):
