@@ -212,7 +212,12 @@ def _sharded_ema_rank(rank: int, world: int, folder: str) -> None:
 def test_ema_of_fsdp_shards_holds_only_this_ranks_slice_and_round_trips_exactly(tmp_path):
     """diffusers' EMAModel over FSDP2 parameters keeps DTensor shards (about 1/2 of the elements on each of
     2 ranks, never a whole copy); gathering it whole and loading it back gives each rank its slice, bit for bit."""
-    torch.multiprocessing.spawn(_sharded_ema_rank, args=(2, str(tmp_path)), nprocs=2)
+    import diffusers.training_utils  # noqa: F401  (imported once here: the forked ranks inherit it)
+    import torch.distributed.fsdp  # noqa: F401
+
+    torch.multiprocessing.start_processes(
+        _sharded_ema_rank, args=(2, str(tmp_path)), nprocs=2, start_method="fork"
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     total = 8 * 6 + 6 + 6 * 3 + 3
     for r in ranks:
