@@ -1,10 +1,12 @@
 """FSDP2 for full fine-tunes: functions applied to a plain UNet; the model code never knows it is sharded.
 
-``train.parallelism=fsdp`` (dreambooth): every ``BasicTransformerBlock`` and ``ResnetBlock2D`` becomes its
+``train.parallelism=fsdp`` (dreambooth, full): every ``BasicTransformerBlock`` and ``ResnetBlock2D`` becomes its
 own FSDP unit, then the root. Each rank holds 1/N of the weights, gradients and optimizer state; a unit's
 full weights exist only while it runs (all-gather before, reduce-scatter of its gradients after). That is
 what lets an SDXL UNet (2.6 G parameters: 10.3 GB fp32 weights + 20.6 GB AdamW state + 10.3 GB grads) train
 on 40 GB cards. DDP stays the default: it is simpler and faster when a replica fits (every LoRA, SD 1.5).
+An EMA (diffusers ``EMAModel``) built from the sharded parameters holds shards too (DTensors, 1/N each);
+:func:`full_tensors` and :func:`load_full_tensors` move such shards to and from whole tensors for checkpoints.
 
 Works on CPU with gloo (the tests), on GPUs with NCCL.
 """
