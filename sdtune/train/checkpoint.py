@@ -326,7 +326,7 @@ def load(found: Found, state: TrainState, accelerator) -> int:
         options = StateDictOptions(full_state_dict=True)
         ((name, module),) = state.modules.items()
         set_model_state_dict(module, _strip(weights, name), options=options)
-        if optim["optimizer"]["state"]:
+        if optim["optimizer"].get("state"):
             set_optimizer_state_dict(module, _raw(state.optimizer), optim["optimizer"], options=options)
         else:  # stateless (SGD): torch's full-state loader needs a state tensor to find the device
             _load_param_groups(_raw(state.optimizer), optim["optimizer"]["param_groups"], found)
