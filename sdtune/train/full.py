@@ -15,8 +15,9 @@ Features (config key → behaviour; the rest as in :mod:`.dreambooth`, without p
   ``<out>/cache/latents-NNNNN.safetensors``, each rank its own, no collectives while caching, reused when
   unchanged) and read back a batch at a time, so memory stays flat however large the catalogue.
 - ``train.use_ema`` / ``ema_decay``: an exponential moving average of the UNet weights (diffusers
-  ``EMAModel``), checkpointed with the rest, and what is saved at the end. Not with FSDP (the EMA would hold
-  only this rank's shards): use DDP or no EMA there.
+  ``EMAModel``), checkpointed with the rest, and what is saved at the end. Under FSDP it is built from the
+  sharded parameters, so each rank averages only its own shards (1/N of the EMA memory); checkpoints and
+  the saved model gather it whole.
 - ``train.parallelism``: ``ddp`` or ``fsdp`` (FSDP2 over the UNet, :mod:`.parallel`), as in DreamBooth.
 - ``train.validation_every``: step-tagged grids (:mod:`.validation`).
 
@@ -32,7 +33,6 @@ from pathlib import Path
 import torch
 
 from sdtune.config import RunConfig
-from sdtune.errors import ConfigError
 from sdtune.models.loading import load_components
 from sdtune.tracking import MetricLogger
 
@@ -45,10 +45,6 @@ from .session import Session
 
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
     tc = cfg.train
-    if tc.use_ema and tc.parallelism == "fsdp":
-        raise ConfigError(
-            "train.use_ema is not supported with train.parallelism=fsdp yet: use ddp, or no EMA"
-        )
     with Session(cfg, data_dir, out_dir, logger) as session:
         # 1. Model; this rank's records encoded into disk shards (reused when unchanged), read a batch at a time.
         parts = load_components(cfg)

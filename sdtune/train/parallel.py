@@ -1,10 +1,12 @@
 """FSDP2 for full fine-tunes: functions applied to a plain UNet; the model code never knows it is sharded.
 
-``train.parallelism=fsdp`` (dreambooth): every ``BasicTransformerBlock`` and ``ResnetBlock2D`` becomes its
+``train.parallelism=fsdp`` (dreambooth, full): every ``BasicTransformerBlock`` and ``ResnetBlock2D`` becomes its
 own FSDP unit, then the root. Each rank holds 1/N of the weights, gradients and optimizer state; a unit's
 full weights exist only while it runs (all-gather before, reduce-scatter of its gradients after). That is
 what lets an SDXL UNet (2.6 G parameters: 10.3 GB fp32 weights + 20.6 GB AdamW state + 10.3 GB grads) train
 on 40 GB cards. DDP stays the default: it is simpler and faster when a replica fits (every LoRA, SD 1.5).
+An EMA (diffusers ``EMAModel``) built from the sharded parameters holds shards too (DTensors, 1/N each);
+:func:`full_tensors` and :func:`load_full_tensors` move such shards to and from whole tensors for checkpoints.
 
 Works on CPU with gloo (the tests), on GPUs with NCCL.
 """
@@ -60,6 +62,36 @@ def clip_grad_norm(model, params, accelerator, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     return accelerator.clip_grad_norm_(params, max_norm)
+
+
+def full_tensors(tensors, keep: bool) -> list[torch.Tensor]:
+    """Whole CPU copies of ``tensors`` where ``keep`` (else []): an FSDP shard (a DTensor) is all-gathered
+    one tensor at a time, so no rank ever holds more than one whole tensor beyond its shards (a collective:
+    every rank calls it). Plain tensors are copied as they are."""
+    from torch.distributed.tensor import DTensor
+
+    whole = []
+    for tensor in tensors:
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+        if keep:
+            whole.append(full.to("cpu", copy=True))
+    return whole
+
+
+@torch.no_grad()
+def load_full_tensors(targets: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """Copy whole tensors (as :func:`full_tensors` gave them) into ``targets``; a target that is an FSDP
+    shard takes only its own slice of the value, the slice FSDP gives this rank (no communication: every
+    rank holds the whole value)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if len(targets) != len(values):
+        raise ValueError(f"{len(values)} tensors for {len(targets)} places")
+    for target, value in zip(targets, values, strict=True):
+        value = value.to(target.device)
+        if isinstance(target, DTensor):
+            value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+        target.copy_(value)
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:

@@ -330,7 +330,10 @@ class Session:
 
     def trained_unet(self, unet: torch.nn.Module) -> torch.nn.Module | None:
         """A full fine-tune's UNet as a plain fp32 module on rank 0 (None elsewhere): gathered from the
-        shards under FSDP (a collective: every rank calls it), with the EMA weights when there is an EMA."""
+        shards under FSDP (a collective: every rank calls it), with the EMA weights when there is an EMA
+        (under FSDP each rank first puts its averaged shards into its own shards of the model)."""
+        if self.fsdp and self.ema is not None:
+            self.ema.copy_to(unet.parameters())
         weights = P.full_state_dict(unet) if self.fsdp else None
         if not self.is_main:
             return None
