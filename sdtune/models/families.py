@@ -86,11 +86,13 @@ FAMILIES: dict[str, Family] = {
             "SD3",
             (*CLIP_L_G, "text_encoder_3"),
             "StableDiffusion3Pipeline",
-            kohya_layout=None,
+            kohya_layout=None,  # no SD3 reader of a kohya file to check one against; ComfyUI reads diffusers keys
             conditioning=("pooled_embeds",),
             denoiser="transformer",
             objective="flow_matching",
-            methods={"lora": "sd3_lora"},
+            # DreamBooth / full need a trainable transformer through prior preservation, EMA, FSDP and the
+            # single-file writer; not yet (refused when the config loads)
+            methods={"lora": "sd3_lora", "textual_inversion": "textual_inversion", "pivotal": "pivotal"},
         ),
     )
 }

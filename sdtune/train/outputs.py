@@ -49,19 +49,22 @@ def pipeline_class(arch: str, inpaint: bool = False):
     return getattr(diffusers, name)
 
 
-def save_unet_lora(unet, out_dir: Path, cfg: RunConfig, text_encoders: dict | None = None) -> list[str]:
-    """Diffusers-format LoRA (with the adapter configs as metadata, so alpha ≠ rank loads right) and, when
-    ``train.export_kohya`` (and not DoRA, which kohya's format cannot hold), the same weights in
-    kohya/A1111/ComfyUI format. ``text_encoders``: ``{"text_encoder": module, "text_encoder_2": module}``
-    with LoRA adapters (``train.train_text_encoder``). Returns the file names."""
+def save_lora(denoiser, out_dir: Path, cfg: RunConfig, text_encoders: dict | None = None) -> list[str]:
+    """Diffusers-format LoRA of the UNet (SD3: the transformer, ``transformer.`` keys), with the adapter configs
+    as metadata so alpha ≠ rank loads right, and, when ``train.export_kohya``, the family has a kohya layout
+    (SD 1.x/2.x, SDXL) and the adapter is no DoRA (kohya's format cannot hold one), the same weights in
+    kohya/A1111/ComfyUI format. ``text_encoders``: ``{"text_encoder": module, "text_encoder_2": module}`` with
+    LoRA adapters (``train.train_text_encoder``). Returns the file names."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    peft_state = get_peft_model_state_dict(unet)
-    lora_config = unet.peft_config["default"]
+    family = family_of(cfg)
+    peft_state = get_peft_model_state_dict(denoiser)
+    lora_config = denoiser.peft_config["default"]
+    layers = peft_state if family.denoiser == "transformer" else convert_state_dict_to_diffusers(peft_state)
     kwargs: dict = {
-        "unet_lora_layers": convert_state_dict_to_diffusers(peft_state),
-        "unet_lora_adapter_metadata": lora_config.to_dict(),
+        f"{family.denoiser}_lora_layers": layers,
+        f"{family.denoiser}_lora_adapter_metadata": lora_config.to_dict(),
     }
     kohya_parts = {"unet": (peft_state, lora_config.lora_alpha)}
     for name, encoder in (text_encoders or {}).items():
@@ -72,7 +75,7 @@ def save_unet_lora(unet, out_dir: Path, cfg: RunConfig, text_encoders: dict | No
         kohya_parts[name] = (te_state, te_config.lora_alpha)
     pipeline_class(cfg.model.arch).save_lora_weights(out_dir, safe_serialization=True, **kwargs)
     files = [LORA_WEIGHTS]
-    layout = family_of(cfg).kohya_layout
+    layout = family.kohya_layout
     if cfg.train.option("export_kohya") and not cfg.train.option("use_dora") and layout is not None:
         from .export import save_kohya_lora
 
@@ -85,20 +88,6 @@ def save_unet_lora(unet, out_dir: Path, cfg: RunConfig, text_encoders: dict | No
         save_kohya_lora(kohya_parts, out_dir / KOHYA_LORA, meta, sdxl=layout == "sdxl")
         files.append(KOHYA_LORA)
     return files
-
-
-def save_transformer_lora(transformer, out_dir: Path) -> list[str]:
-    """The diffusers-format LoRA (``transformer.`` keys, adapter config as metadata so alpha ≠ rank loads)."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
-
-    StableDiffusion3Pipeline.save_lora_weights(
-        out_dir,
-        transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
-        safe_serialization=True,
-    )
-    return [LORA_WEIGHTS]
 
 
 def save_full_pipeline(cfg: RunConfig, unet, out_dir: Path) -> list[str]:

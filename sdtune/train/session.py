@@ -9,7 +9,7 @@ A recipe reads top to bottom::
         for idx in session.steps():                                 # one micro-batch (indices into the shard)
             loss = …                                                # the method's own objective, in view
             session.backward(loss)
-        return session.finish("lora", lambda out: save_unet_lora(…, out, cfg))  # rank 0: files, summary, card
+        return session.finish("lora", lambda out: save_lora(…, out, cfg))  # rank 0: files, summary, card
 
 What the session owns, in order of a run:
 
