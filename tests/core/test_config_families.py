@@ -68,11 +68,11 @@ def test_cli_refuses_the_pair_before_touching_data_exit_2(capsys, tmp_path):
             str(tmp_path / "none"),
             "--out",
             str(out),
-            "train.method=pivotal",
+            "train.method=dreambooth",
         ]
     )
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith("error: override train.method=pivotal: train.method:")
-    assert "supports train.method=lora only (not pivotal)" in lines[0] and not out.exists()
+    assert lines[0].startswith("error: override train.method=dreambooth: train.method:")
+    assert "(not dreambooth)" in lines[0] and not out.exists()

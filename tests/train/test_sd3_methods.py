@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdtune.cli import main
@@ -54,8 +53,7 @@ def test_sd3_text_encoder_lora_loads_to_the_in_memory_image(tmp_path, tiny_sd3, 
     cfg_path, out, summary = _train(tmp_path, tiny_sd3, stage_dir, validation_inference_steps=2, **train)
     assert summary["extra"]["text_encoder_lora"] == ["text_encoder", "text_encoder_2"]
     assert summary["files"] == ["pytorch_lora_weights.safetensors"]  # no kohya file for SD3
-    with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as fh:
-        prefixes = {k.split(".")[0] for k in fh.keys()}
+    prefixes = {k.split(".")[0] for k in load_file(out / "pytorch_lora_weights.safetensors")}
     assert prefixes == {"transformer", "text_encoder", "text_encoder_2"}  # T5 frozen
 
     # The step-4 validation grid was sampled by the pipeline around the live, in-memory tuned modules; the
@@ -128,7 +126,8 @@ def test_sd3_concept_methods_train_only_new_rows_and_load(tmp_path, tiny_sd3, st
     embedded = sample(pipe, CONCEPT, guidance_scale=1.0)
     assert (embedded - base).abs().max() > 1e-4
     if method == "pivotal":
-        with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as fh:
-            assert {k.split(".")[0] for k in fh.keys()} == {"transformer"}
+        assert {k.split(".")[0] for k in load_file(out / "pytorch_lora_weights.safetensors")} == {
+            "transformer"
+        }
         pipe.load_lora_weights(out)
         assert (sample(pipe, CONCEPT, guidance_scale=1.0) - embedded).abs().max() > 1e-3
