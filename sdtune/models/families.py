@@ -90,9 +90,12 @@ FAMILIES: dict[str, Family] = {
             conditioning=("pooled_embeds",),
             denoiser="transformer",
             objective="flow_matching",
-            # DreamBooth / full need a trainable transformer through prior preservation, EMA, FSDP and the
-            # single-file writer; not yet (refused when the config loads)
-            methods={"lora": "sd3_lora", "textual_inversion": "textual_inversion", "pivotal": "pivotal"},
+            methods={
+                "lora": "sd3_lora",
+                "textual_inversion": "textual_inversion",
+                "pivotal": "pivotal",
+                "dreambooth": "dreambooth",
+            },
         ),
     )
 }

@@ -380,12 +380,6 @@ def cached_text(data: EncodedData, idx: torch.Tensor) -> dict:
     }
 
 
-def cat_conditioning(a: dict, b: dict) -> dict:
-    """Two batches' UNet keyword arguments (:func:`unet_conditioning`) as one batch."""
-    out = {"encoder_hidden_states": torch.cat([a["encoder_hidden_states"], b["encoder_hidden_states"]])}
-    if "added_cond_kwargs" in a:
-        out["added_cond_kwargs"] = {
-            k: torch.cat([a["added_cond_kwargs"][k], b["added_cond_kwargs"][k]])
-            for k in a["added_cond_kwargs"]
-        }
-    return out
+def cat_text(a: dict, b: dict) -> dict:
+    """Two batches' text conditioning (:func:`text_conditioning`, :func:`cached_text`) as one batch."""
+    return {k: None if v is None else torch.cat([v, b[k]]) for k, v in a.items()}

@@ -111,12 +111,12 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                     cidx, class_latents = prior.next_batch(vae_config, session.draw, device)
                     latents = torch.cat([latents, class_latents])
                     ids = {k: torch.cat([v, class_ids[k].expand(len(cidx), -1)]) for k, v in ids.items()}
-                cond = D.unet_kwargs(D.text_conditioning(parts, ids, cfg.preprocess.resolution))
+                text = D.text_conditioning(parts, ids, cfg.preprocess.resolution)
             else:
-                cond = D.unet_conditioning(cache, idx)
+                text = D.cached_text(cache, idx)
                 if prior is not None:
-                    latents, cond = prior.join(latents, cond, vae_config, session.draw, device)
-            denoising_step(unet, objective, latents, cond, n, prior, session)
+                    latents, text = prior.join(latents, text, vae_config, session.draw, device)
+            denoising_step(parts, unet, objective, latents, text, n, prior, session)
 
         # 4. Save (rank 0 only).
         return session.finish(

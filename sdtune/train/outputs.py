@@ -96,7 +96,7 @@ def save_full_pipeline(cfg: RunConfig, unet, out_dir: Path) -> list[str]:
     ``train.export_single_file`` and the architecture has a writer (SD 1.x, 2.x, SDXL). Returns the file names."""
     from sdtune.models.loading import load_pipeline
 
-    pipe = load_pipeline(cfg, unet=unet)
+    pipe = load_pipeline(cfg, **{family_of(cfg).denoiser: unet})
     pipe.save_pretrained(out_dir, safe_serialization=True)
     files = ["model_index.json"]
     if cfg.train.option("export_single_file") and family_of(cfg).single_file:

@@ -335,9 +335,7 @@ class Session:
         if not self.is_main:
             return None
         if self.fsdp:
-            from diffusers import UNet2DConditionModel
-
-            plain = UNet2DConditionModel.from_config(unet.config)
+            plain = P.unsharded_class(unet).from_config(unet.config)
             plain.load_state_dict(weights)
         else:
             plain = self.accelerator.unwrap_model(unet)

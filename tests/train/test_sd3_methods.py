@@ -18,9 +18,10 @@ from tests.train.conftest import load_quiet, sample, write_config
 CONCEPT = "a photo of <sks> <sks>_1 toy robot"  # SD3's pipeline does not expand <sks>: all tokens written
 
 
-def _train(tmp_path, base, stage_dir, **train):
+def _train(tmp_path, base, stage_dir, model: dict | None = None, **train):
+    model = {"arch": "sd3", **(model or {})}
     config = write_config(
-        tmp_path / "c.yaml", base, model={"arch": "sd3"}, train=train, evaluate={"guidance_scale": 1.0}
+        tmp_path / "c.yaml", base, model=model, train=train, evaluate={"guidance_scale": 1.0}
     )
     out = tmp_path / "out"
     assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
@@ -31,6 +32,27 @@ def _pipe(base):
     from diffusers import StableDiffusion3Pipeline
 
     return load_quiet(StableDiffusion3Pipeline, base)
+
+
+def _grid(pipe, cfg, step: int) -> np.ndarray:
+    """The validation grid of ``step`` (:mod:`sdtune.train.validation`) drawn again with ``pipe``."""
+    from sdtune.evaluate import make_grid
+
+    pairs = [(cfg.format_prompt(p), s) for p in cfg.evaluate.prompts for s in cfg.evaluate.seeds]
+    images = pipe(
+        [p for p, _ in pairs],
+        num_inference_steps=cfg.train.validation_inference_steps,
+        guidance_scale=cfg.evaluate.guidance_scale,
+        generator=[torch.Generator("cpu").manual_seed(s) for _, s in pairs],
+        height=cfg.preprocess.resolution,
+        width=cfg.preprocess.resolution,
+    ).images
+    grid = make_grid({f"step {step}": images}, [f"{p} | seed {s}" for p, s in pairs])
+    return np.asarray(grid, dtype=np.int16)
+
+
+def _validation_grid(out, step: int) -> np.ndarray:
+    return np.asarray(Image.open(out / "validation" / f"step_{step:06d}.png").convert("RGB"), dtype=np.int16)
 
 
 def test_sd3_text_conditioning_is_the_pipelines(tiny_sd3, tmp_path):
@@ -58,28 +80,16 @@ def test_sd3_text_encoder_lora_loads_to_the_in_memory_image(tmp_path, tiny_sd3, 
 
     # The step-4 validation grid was sampled by the pipeline around the live, in-memory tuned modules; the
     # base pipeline with the saved file loaded through diffusers draws the same grid.
-    from sdtune.evaluate import make_grid
-
     cfg = load_config(cfg_path)
     pipe = _pipe(tiny_sd3)
-    pairs = [(cfg.format_prompt(p), s) for p in cfg.evaluate.prompts for s in cfg.evaluate.seeds]
+    in_memory = _validation_grid(out, 4)
 
     def grid():
-        images = pipe(
-            [p for p, _ in pairs],
-            num_inference_steps=2,
-            guidance_scale=1.0,
-            generator=[torch.Generator("cpu").manual_seed(s) for _, s in pairs],
-            height=64,
-            width=64,
-        ).images
-        labels = [f"{p} | seed {s}" for p, s in pairs]
-        return np.asarray(make_grid({"step 4": images}, labels), dtype=np.int16)
+        return _grid(pipe, cfg, 4)
 
     base = grid()
     pipe.load_lora_weights(out, adapter_name="diffusers")
     loaded = grid()
-    in_memory = np.asarray(Image.open(out / "validation" / "step_000004.png").convert("RGB"), dtype=np.int16)
     assert np.abs(loaded - in_memory).max() <= 1 < np.abs(base - in_memory).max()
     for name in ("text_encoder", "text_encoder_2"):
         assert "diffusers" in getattr(pipe, name).peft_config
@@ -131,3 +141,17 @@ def test_sd3_concept_methods_train_only_new_rows_and_load(tmp_path, tiny_sd3, st
         }
         pipe.load_lora_weights(out)
         assert (sample(pipe, CONCEPT, guidance_scale=1.0) - embedded).abs().max() > 1e-3
+
+
+def test_sd3_dreambooth_with_prior_saves_the_in_memory_pipeline(tmp_path, tiny_sd3, stage_dir):
+    from diffusers import StableDiffusion3Pipeline
+
+    train = {"num_class_images": 2, "class_image_steps": 2, "validation_every": 2, "max_steps": 2}
+    model = {"cache_dir": str(tmp_path / "cache")}  # class images generated with SD3's pipeline, cached here
+    cfg_path, out, summary = _train(tmp_path, tiny_sd3, stage_dir, model, method="dreambooth", **train)
+    assert summary["extra"]["class_images"] == 2 and "model.safetensors" not in summary["files"]
+    cfg = load_config(cfg_path)
+    base = _grid(_pipe(tiny_sd3), cfg, 2)
+    tuned = _grid(load_quiet(StableDiffusion3Pipeline, out), cfg, 2)  # the whole pipeline, as saved
+    in_memory = _validation_grid(out, 2)
+    assert np.abs(tuned - in_memory).max() <= 1 < np.abs(base - in_memory).max()
