@@ -95,6 +95,7 @@ FAMILIES: dict[str, Family] = {
                 "textual_inversion": "textual_inversion",
                 "pivotal": "pivotal",
                 "dreambooth": "dreambooth",
+                "full": "full",
             },
         ),
     )

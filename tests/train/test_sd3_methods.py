@@ -155,3 +155,18 @@ def test_sd3_dreambooth_with_prior_saves_the_in_memory_pipeline(tmp_path, tiny_s
     tuned = _grid(load_quiet(StableDiffusion3Pipeline, out), cfg, 2)  # the whole pipeline, as saved
     in_memory = _validation_grid(out, 2)
     assert np.abs(tuned - in_memory).max() <= 1 < np.abs(base - in_memory).max()
+
+
+def test_sd3_full_with_ema_and_disk_shards_saves_the_in_memory_pipeline(tmp_path, tiny_sd3, stage_dir):
+    """EMA at a decay of ~0 holds the live weights: the saved (EMA) transformer draws the in-memory grid."""
+    from diffusers import StableDiffusion3Pipeline
+
+    train = {"use_ema": True, "ema_decay": 1e-6, "cache_shard_size": 2, "validation_every": 2, "max_steps": 2}
+    cfg_path, out, summary = _train(tmp_path, tiny_sd3, stage_dir, method="full", learning_rate=1e-3, **train)
+    assert summary["files"] == ["model_index.json"]  # no original-layout single file for SD3
+    assert summary["extra"]["ema"] and summary["extra"]["cache_shards"] == 2
+    cfg = load_config(cfg_path)
+    base = _grid(_pipe(tiny_sd3), cfg, 2)
+    tuned = _grid(load_quiet(StableDiffusion3Pipeline, out), cfg, 2)
+    in_memory = _validation_grid(out, 2)
+    assert np.abs(tuned - in_memory).max() <= 1 < np.abs(base - in_memory).max()
