@@ -86,7 +86,7 @@ FAMILIES: dict[str, Family] = {
             "SD3",
             (*CLIP_L_G, "text_encoder_3"),
             "StableDiffusion3Pipeline",
-            kohya_layout=None,  # no SD3 reader of a kohya file to check one against; ComfyUI reads diffusers keys
+            kohya_layout=None,  # no kohya reader for SD3 to check one against; ComfyUI reads the diffusers keys
             conditioning=("pooled_embeds",),
             denoiser="transformer",
             objective="flow_matching",

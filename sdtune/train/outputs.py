@@ -119,10 +119,14 @@ HOW_TO_LOAD = {
     LORA_WEIGHTS: 'pipe.load_lora_weights("{dir}")',
     KOHYA_LORA: 'AUTOMATIC1111 / ComfyUI `models/Lora/`, or pipe.load_lora_weights("{dir}", weight_name="{file}")',
     EMBEDDINGS: 'pipe.load_textual_inversion("{dir}/{file}")',
-    "model_index.json": 'StableDiffusionPipeline.from_pretrained("{dir}")',
+    "model_index.json": '{pipeline}.from_pretrained("{dir}")',
     "model.safetensors": "AUTOMATIC1111 / ComfyUI `models/Stable-diffusion/`, or "
-    'StableDiffusionPipeline.from_single_file("{dir}/{file}", config="{dir}")',
+    '{pipeline}.from_single_file("{dir}/{file}", config="{dir}")',
 }
+# A pipeline without diffusers' textual-inversion loader (SD3) gets the rows the way transformers documents it.
+EMBEDDINGS_WITHOUT_LOADER = (
+    'sdtune.train.embeddings.load_into_pipeline(pipe, "{dir}/{file}"), then write every token in the prompt'
+)
 
 
 def model_card(
@@ -173,8 +177,12 @@ def model_card(
         "## Files",
         "",
     ]
+    pipeline = pipeline_class(cfg.model.arch)
     for name in result.files:
-        how = HOW_TO_LOAD.get(name, "").format(dir=".", file=name)
+        how = HOW_TO_LOAD.get(name, "")
+        if name == EMBEDDINGS and not hasattr(pipeline, "load_textual_inversion"):
+            how = EMBEDDINGS_WITHOUT_LOADER
+        how = how.format(dir=".", file=name, pipeline=pipeline.__name__)
         lines.append(f"- `{name}`" + (f": {how}" if how else ""))
     lines += ["", "## Hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]

@@ -112,6 +112,7 @@ def test_sd3_concept_methods_train_only_new_rows_and_load(tmp_path, tiny_sd3, st
     if method == "pivotal":
         files.add("pytorch_lora_weights.safetensors")
     assert set(summary["files"]) == files
+    assert "load_into_pipeline" in (out / "README.md").read_text()  # SD3's pipeline has no TI loader
 
     pipe = _pipe(tiny_sd3)
     encoders = {
@@ -150,6 +151,7 @@ def test_sd3_dreambooth_with_prior_saves_the_in_memory_pipeline(tmp_path, tiny_s
     model = {"cache_dir": str(tmp_path / "cache")}  # class images generated with SD3's pipeline, cached here
     cfg_path, out, summary = _train(tmp_path, tiny_sd3, stage_dir, model, method="dreambooth", **train)
     assert summary["extra"]["class_images"] == 2 and "model.safetensors" not in summary["files"]
+    assert 'StableDiffusion3Pipeline.from_pretrained(".")' in (out / "README.md").read_text()
     cfg = load_config(cfg_path)
     base = _grid(_pipe(tiny_sd3), cfg, 2)
     tuned = _grid(load_quiet(StableDiffusion3Pipeline, out), cfg, 2)  # the whole pipeline, as saved
