@@ -6,7 +6,7 @@ Run it::
 
 Features (config key → behaviour):
 
-- The whole UNet trains (text encoder and VAE frozen); AdamW, schedule, accumulation, seeding, logging and
+- The whole UNet trains (SD3: the transformer, flow matching; text encoders and VAE frozen); AdamW, schedule, accumulation, seeding, logging and
   multi-process behaviour as in :mod:`.lora`. Use ``gradient_checkpointing`` and bf16 on real models.
 - ``train.with_prior_preservation`` (default on here): each step also denoises class images captioned
   ``train.class_prompt`` ("a photo of {class_noun}"), loss = instance + ``prior_loss_weight`` × class

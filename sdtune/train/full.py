@@ -8,6 +8,7 @@ Run it::
 
 Features (config key → behaviour; the rest as in :mod:`.dreambooth`, without prior preservation):
 
+- The family's denoiser and objective (SD3: the transformer, flow matching; no single file for it).
 - Text-to-image objective over every ``train`` record with its OWN caption (the catalogue's captions, e.g.
   from the data stage's sharded output); records without one fall back to ``caption.template`` and are
   counted in the summary (``uncaptioned``).
