@@ -200,8 +200,8 @@ def start_concept(cfg: RunConfig, session) -> ConceptStart:
     parts = load_components(cfg)
     concept = Concept(parts, cfg, session.device)
     data = concept.encode(parts, session.records, session.data_dir, session.device)
-    unet = session.place(parts.denoiser)
-    return ConceptStart(parts, concept, data, unet, objective_for(cfg, parts.noise_scheduler))
+    denoiser = session.place(parts.denoiser)
+    return ConceptStart(parts, concept, data, denoiser, objective_for(cfg, parts.noise_scheduler))
 
 
 def concept_embedding(text_encoder, token_ids: torch.Tensor) -> ConceptEmbedding:

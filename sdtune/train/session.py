@@ -113,7 +113,7 @@ class Session:
     # --------------------------------------------------------------------------------------------- setup
 
     def trainable_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
-        """A full fine-tune's UNet: fp32 master weights on the device (autocast does the half-precision maths),
+        """A full fine-tune's denoiser (the UNet; SD3: the transformer): fp32 master weights on the device (autocast does the half-precision maths),
         every weight trains; sharded with FSDP2 (:mod:`.parallel`) under ``train.parallelism=fsdp`` with more
         than one process — before the optimizer is built, so its parameters become this rank's shards."""
         unet.to(self.device)
