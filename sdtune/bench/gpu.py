@@ -243,7 +243,7 @@ def make_step(case: Case, unet, params, device, amp_dtype, encoders=(), rows=())
     trained = [p for g in groups for p in g["params"]]
     use_amp = amp_dtype != torch.float32
     parts = (
-        SimpleNamespace(is_sdxl=True, text_encoder=encoders[0], text_encoder_2=encoders[1])
+        SimpleNamespace(is_sdxl=True, is_sd3=False, text_encoder=encoders[0], text_encoder_2=encoders[1])
         if encoders
         else None
     )

@@ -1,11 +1,13 @@
 """Training recipes, one module per method, plus the pure pieces they share.
 
 - :mod:`sdtune.train.lora`: LoRA on the UNet (SD 1.x/2.x/SDXL), diffusers + kohya files.
-- :mod:`sdtune.train.sd3_lora`: LoRA on the SD3 MMDiT transformer, flow matching (``method: lora`` with
-  ``model.arch: sd3``).
+- :mod:`sdtune.train.sd3_lora`: LoRA on the SD3 MMDiT transformer (and its CLIP encoders), flow matching
+  (``method: lora`` with ``model.arch: sd3``).
 - :mod:`sdtune.train.textual_inversion`: new multi-vector tokens, all other embedding rows bit-identical.
-- :mod:`sdtune.train.pivotal`: textual inversion + UNet LoRA together.
-- :mod:`sdtune.train.dreambooth`: full UNet with prior preservation (class images generated and cached).
+- :mod:`sdtune.train.pivotal`: textual inversion + a LoRA on the denoiser together.
+- :mod:`sdtune.train.dreambooth`: full denoiser with prior preservation (class images generated and cached).
+  These three and ``full`` run on SD3 too: the family's parts, text conditioning and model call come from
+  :func:`sdtune.models.loading.load_components`, :func:`.data.text_conditioning` and :func:`.data.predict`.
 - :mod:`sdtune.train.inpaint`: 9-channel inpainting UNet (LoRA or full), random/supplied masks.
 - :mod:`sdtune.train.full`: full UNet fine-tune over a large captioned catalogue (EMA, latents sharded on disk).
 - :mod:`sdtune.train.validation`: step-tagged sample grids during training; :mod:`~sdtune.train.masks`:

@@ -31,3 +31,23 @@ def to_fp32(params: list[torch.nn.Parameter]) -> None:
     """Trainable weights in fp32 over a half-precision frozen base (autocast does the half-precision maths)."""
     for p in params:
         p.data = p.data.float()
+
+
+def add_text_encoder_lora(
+    encoders: dict[str, torch.nn.Module], tc: TrainConfig, device, dtype
+) -> list[torch.nn.Parameter]:
+    """``train_text_encoder``: a LoRA on each text encoder (``text_encoder_target_modules``), the frozen
+    weights on ``device`` in ``dtype``; returns the adapters' parameters (cast them with :func:`to_fp32`)."""
+    params: list[torch.nn.Parameter] = []
+    for encoder in encoders.values():
+        encoder.to(device, dtype)
+        params += add_lora(encoder, tc, tc.text_encoder_target_modules, use_dora=tc.use_dora)
+    return params
+
+
+def lora_groups(tc: TrainConfig, params: list, te_params: list) -> list[dict]:
+    """Optimizer groups: the denoiser's LoRA at ``learning_rate``, the text encoders' at ``text_encoder_lr``."""
+    groups = [{"params": params, "lr": tc.learning_rate}]
+    if te_params:
+        groups.append({"params": te_params, "lr": tc.text_encoder_lr or tc.learning_rate})
+    return groups

@@ -6,7 +6,7 @@ Run it::
 
 Features (config key → behaviour):
 
-- The whole UNet trains (text encoder and VAE frozen); AdamW, schedule, accumulation, seeding, logging and
+- The whole UNet trains (SD3: the transformer, flow matching; text encoders and VAE frozen); AdamW, schedule, accumulation, seeding, logging and
   multi-process behaviour as in :mod:`.lora`. Use ``gradient_checkpointing`` and bf16 on real models.
 - ``train.with_prior_preservation`` (default on here): each step also denoises class images captioned
   ``train.class_prompt`` ("a photo of {class_noun}"), loss = instance + ``prior_loss_weight`` × class
@@ -30,6 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdtune.config import RunConfig
+from sdtune.models.families import family_of
 from sdtune.models.loading import load_components
 from sdtune.tracking import MetricLogger
 
@@ -53,23 +54,24 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         samplers = {"class": prior.sampler} if prior else {}
         objective = L.objective_for(cfg, parts.noise_scheduler)
         vae_config = parts.vae.config
-        del parts.vae, parts.text_encoder, parts.text_encoder_2
+        parts.vae = parts.text_encoder = parts.text_encoder_2 = parts.text_encoder_3 = None
 
-        unet = session.trainable_unet(parts.unet)
+        name = family_of(cfg).denoiser  # the UNet, or SD3's transformer
+        unet = session.trainable_unet(parts.denoiser)
         params = list(unet.parameters())
         desc = "dreambooth" + (" +prior" if prior is not None else "")
-        unet = session.start({"unet": unet}, params, samplers=samplers, sampler="instance", desc=desc)["unet"]
+        unet = session.start({name: unet}, params, samplers=samplers, sampler="instance", desc=desc)[name]
 
-        # 3. Loop: instance batch and class batch go through the UNet together.
+        # 3. Loop: instance batch and class batch go through the denoiser together.
         for idx in session.steps():
             latents = D.sample_latents(vae_config, instance, idx, session.draw)
-            cond = D.unet_conditioning(instance, idx)
+            text = D.cached_text(instance, idx)
             n = len(idx)
             if prior is not None:
-                latents, cond = prior.join(latents, cond, vae_config, session.draw, device)
-            denoising_step(unet, objective, latents, cond, n, prior, session)
+                latents, text = prior.join(latents, text, vae_config, session.draw, device)
+            denoising_step(parts, unet, objective, latents, text, n, prior, session)
 
-        # 4. Save the whole pipeline with the new UNet (rank 0).
+        # 4. Save the whole pipeline with the new denoiser (rank 0).
         new_unet = session.trained_unet(unet)  # FSDP: gathered from the shards (every rank takes part)
         return session.finish(
             "dreambooth",

@@ -8,6 +8,7 @@ Run it::
 
 Features (config key → behaviour; the rest as in :mod:`.dreambooth`, without prior preservation):
 
+- The family's denoiser and objective (SD3: the transformer, flow matching; no single file for it).
 - Text-to-image objective over every ``train`` record with its OWN caption (the catalogue's captions, e.g.
   from the data stage's sharded output); records without one fall back to ``caption.template`` and are
   counted in the summary (``uncaptioned``).
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from sdtune.config import RunConfig
+from sdtune.models.families import family_of
 from sdtune.models.loading import load_components
 from sdtune.tracking import MetricLogger
 
@@ -55,9 +57,10 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         cache = LC.ShardedLatents(shard_paths, session.device, session.dtype)
         objective = L.objective_for(cfg, parts.noise_scheduler)
         vae_config = parts.vae.config
-        del parts.vae, parts.text_encoder, parts.text_encoder_2
+        parts.vae = parts.text_encoder = parts.text_encoder_2 = parts.text_encoder_3 = None
 
-        unet = session.trainable_unet(parts.unet)
+        name = family_of(cfg).denoiser  # the UNet, or SD3's transformer
+        unet = session.trainable_unet(parts.denoiser)
         params = list(unet.parameters())
         ema = None
         if tc.use_ema:
@@ -65,7 +68,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
 
             ema = EMAModel(params, decay=tc.ema_decay)
             ema.to(session.device)
-        unet = session.start({"unet": unet}, params, ema=ema, desc="full" + (" +ema" if ema else ""))["unet"]
+        unet = session.start({name: unet}, params, ema=ema, desc="full" + (" +ema" if ema else ""))[name]
 
         # 2. Loop: each micro-batch's rows read from the disk shards.
         for idx in session.steps(index_on_device=False):
@@ -73,7 +76,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             all_rows = torch.arange(len(idx), device=session.device)
             latents = D.scaled_latents(vae_config, batch.latent_mean, batch.latent_std, session.draw)
             noisy, t, target = objective.add_noise(latents, session.draw)
-            pred = unet(noisy, t, **D.unet_conditioning(batch, all_rows)).sample
+            pred = D.predict(parts, unet, noisy, t, D.cached_text(batch, all_rows), session.dtype)
             session.backward(objective.loss(pred, target, t).mean())
 
         # 3. Save (rank 0): the pipeline with the new (EMA) UNet, and the single-file checkpoint.

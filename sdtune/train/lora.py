@@ -50,9 +50,9 @@ from sdtune.tracking import MetricLogger
 
 from . import data as D
 from . import losses as L
-from .adapters import add_lora, to_fp32
+from .adapters import add_lora, add_text_encoder_lora, lora_groups, to_fp32
 from .class_images import class_prompt
-from .outputs import TrainResult, save_unet_lora
+from .outputs import TrainResult, save_lora
 from .prior import Prior, class_image_paths, denoising_step
 from .session import Session
 
@@ -86,20 +86,14 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         if dtype != torch.float32:
             unet.to(dtype)
         params = add_lora(unet, tc, tc.target_modules, use_dora=tc.use_dora)
-        te_params: list[torch.nn.Parameter] = []
-        for encoder in encoders.values():
-            encoder.to(device, dtype)
-            te_params += add_lora(encoder, tc, tc.text_encoder_target_modules, use_dora=tc.use_dora)
+        te_params = add_text_encoder_lora(encoders, tc, device, dtype)
         to_fp32(params + te_params)
-        groups = [{"params": params, "lr": tc.learning_rate}]
-        if te_params:
-            groups.append({"params": te_params, "lr": tc.text_encoder_lr or tc.learning_rate})
         # The text encoders stay unwrapped: their LoRA gradients are averaged over ranks by hand (SDXL's
         # first encoder feeds its penultimate layer, so its last layer gets no gradient, which DDP rejects).
         models = session.start(
             {"unet": unet, **encoders},
             params + te_params,
-            groups=groups,
+            groups=lora_groups(tc, params, te_params),
             prepare=["unet"],
             average_grads=te_params,
             samplers={"class": prior.sampler} if prior else None,
@@ -117,17 +111,17 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
                     cidx, class_latents = prior.next_batch(vae_config, session.draw, device)
                     latents = torch.cat([latents, class_latents])
                     ids = {k: torch.cat([v, class_ids[k].expand(len(cidx), -1)]) for k, v in ids.items()}
-                cond = D.unet_kwargs(D.text_conditioning(parts, ids, cfg.preprocess.resolution))
+                text = D.text_conditioning(parts, ids, cfg.preprocess.resolution)
             else:
-                cond = D.unet_conditioning(cache, idx)
+                text = D.cached_text(cache, idx)
                 if prior is not None:
-                    latents, cond = prior.join(latents, cond, vae_config, session.draw, device)
-            denoising_step(unet, objective, latents, cond, n, prior, session)
+                    latents, text = prior.join(latents, text, vae_config, session.draw, device)
+            denoising_step(parts, unet, objective, latents, text, n, prior, session)
 
         # 4. Save (rank 0 only).
         return session.finish(
             "lora",
-            lambda out: save_unet_lora(session.plain_models()["unet"], out, cfg, text_encoders=encoders),
+            lambda out: save_lora(session.plain_models()["unet"], out, cfg, text_encoders=encoders),
             check_replicas=True,
             text_encoder_lora=sorted(encoders),
             dora=tc.use_dora,

@@ -21,15 +21,22 @@ import torch
 def apply_fsdp(unet: torch.nn.Module) -> torch.nn.Module:
     """Shard ``unet`` in place over the default process group (call after gradient checkpointing is set,
     before the optimizer is built: its parameters become DTensor shards)."""
-    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
     from torch.distributed.fsdp import fully_shard
 
-    for module in unet.modules():
-        if isinstance(module, BasicTransformerBlock | ResnetBlock2D):
+    for module in unet.modules():  # the repeated blocks: the UNet's, or SD3's joint blocks
+        if isinstance(module, BasicTransformerBlock | ResnetBlock2D | JointTransformerBlock):
             fully_shard(module)
     fully_shard(unet)  # the rest (conv_in/out, time embedding, norms) as the root unit
     return unet
+
+
+def unsharded_class(model: torch.nn.Module) -> type:
+    """The model's own class (``fully_shard`` swaps it for a subclass that mixes in ``FSDPModule``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:

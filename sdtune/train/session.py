@@ -9,7 +9,7 @@ A recipe reads top to bottom::
         for idx in session.steps():                                 # one micro-batch (indices into the shard)
             loss = …                                                # the method's own objective, in view
             session.backward(loss)
-        return session.finish("lora", lambda out: save_unet_lora(…, out, cfg))  # rank 0: files, summary, card
+        return session.finish("lora", lambda out: save_lora(…, out, cfg))  # rank 0: files, summary, card
 
 What the session owns, in order of a run:
 
@@ -113,7 +113,7 @@ class Session:
     # --------------------------------------------------------------------------------------------- setup
 
     def trainable_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
-        """A full fine-tune's UNet: fp32 master weights on the device (autocast does the half-precision maths),
+        """A full fine-tune's denoiser (the UNet; SD3: the transformer): fp32 master weights on the device (autocast does the half-precision maths),
         every weight trains; sharded with FSDP2 (:mod:`.parallel`) under ``train.parallelism=fsdp`` with more
         than one process — before the optimizer is built, so its parameters become this rank's shards."""
         unet.to(self.device)
@@ -338,9 +338,7 @@ class Session:
         if not self.is_main:
             return None
         if self.fsdp:
-            from diffusers import UNet2DConditionModel
-
-            plain = UNet2DConditionModel.from_config(unet.config)
+            plain = P.unsharded_class(unet).from_config(unet.config)
             plain.load_state_dict(weights)
         else:
             plain = self.accelerator.unwrap_model(unet)
