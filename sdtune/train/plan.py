@@ -820,7 +820,8 @@ def checkpointing_choice(
     try:
         plan = estimate(with_checkpointing(cfg, False), gpu, num_gpus, num_images=num_images)
     except Exception as err:  # noqa: BLE001 - a model the planner cannot size: the choice that cannot OOM
-        return CheckpointingChoice(True, f"auto: the planner cannot size this run ({err}), on to be safe")
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return CheckpointingChoice(True, f"auto: the planner cannot size this run ({why}), on to be safe")
     capacity = capacity_bytes if capacity_bytes is not None else plan.capacity
     need = f"the planner's estimate without it, {plan.total / GB:.1f} GiB, {{}} the {capacity / GB:.0f} GiB of {plan.gpu}"
     if plan.total <= capacity:

@@ -97,7 +97,16 @@ def test_auto_gradient_checkpointing_is_off_when_the_run_fits_the_card(preset, o
 def test_the_plan_of_an_auto_run_is_the_plan_of_its_resolved_choice():
     from sdtune.config import load_config
 
-    cfg = load_config(REPO / "configs" / "sdxl" / "seed_job.yaml", ["train.gradient_checkpointing=auto"])
+    big = ["train.gradient_checkpointing=auto", "train.batch_size=16", "preprocess.resolution=768"]
+    cfg = load_config(REPO / "configs" / "sd15" / "lora_1gpu.yaml", big)  # ≈ 34 GiB without checkpointing
     plan = P.estimate(cfg, "l4-24gb")
     assert plan.gradient_checkpointing is True and plan.fits  # on, and then it fits the 24 GB card
     assert plan.notes[0].startswith("gradient checkpointing: on (auto: ")
+
+
+def test_auto_gradient_checkpointing_is_on_when_the_planner_cannot_size_the_run(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({**TINY, "block_out_channels": "wide"}))
+    cfg = config_from_dict({}, [f"model.base={tmp_path}", "train.gradient_checkpointing=auto"])
+    choice = P.checkpointing_choice(cfg, "h100-80gb")
+    assert choice.enabled is True and "cannot size" in choice.reason and "\n" not in choice.reason
