@@ -455,8 +455,15 @@ def estimate(
     num_images: int = 1000,
     mfu: float | None = None,
 ) -> Plan:
-    """The plan for ``cfg`` on ``num_gpus`` (default ``train.num_processes``) × ``gpu``."""
-
+    """The plan for ``cfg`` on ``num_gpus`` (default ``train.num_processes``) × ``gpu``.
+    ``train.gradient_checkpointing=auto`` is planned as :func:`checkpointing_choice` resolves it there."""
+    if cfg.train.gradient_checkpointing == "auto":
+        choice = checkpointing_choice(cfg, gpu, num_gpus, num_images)
+        plan = estimate(
+            with_checkpointing(cfg, choice.enabled), gpu, num_gpus, usd_per_gpu_hour, num_images, mfu
+        )
+        plan.notes.insert(0, f"gradient checkpointing: {choice.describe()}")
+        return plan
     if family_of(cfg).denoiser == "transformer":  # SD3: its own model, see estimate_sd3
         return estimate_sd3(
             cfg, gpu_key(gpu), num_gpus or cfg.train.num_processes, usd_per_gpu_hour, num_images, mfu
@@ -782,7 +789,7 @@ def fitting_settings(
     tc = cfg.train
     n = num_gpus or tc.num_processes
     tries: list[list[str]] = []
-    if not tc.gradient_checkpointing:
+    if tc.gradient_checkpointing is False:  # auto already turned it on where that was needed
         tries.append(["train.gradient_checkpointing=true"])
     if tc.mixed_precision == "no":
         tries.append(["train.mixed_precision=bf16", "train.gradient_checkpointing=true"])
@@ -818,6 +825,62 @@ def fitting_settings(
         if len(fits) == 2:
             break
     return fits
+
+
+@dataclass(frozen=True)
+class CheckpointingChoice:
+    """What ``train.gradient_checkpointing`` resolves to for a run, and why."""
+
+    enabled: bool
+    reason: str
+
+    def describe(self) -> str:
+        return f"{'on' if self.enabled else 'off'} ({self.reason})"
+
+
+def with_checkpointing(cfg: RunConfig, enabled: bool) -> RunConfig:
+    from sdtune.config import config_from_dict
+
+    value = "true" if enabled else "false"
+    return config_from_dict(cfg.model_dump(mode="json"), [f"train.gradient_checkpointing={value}"])
+
+
+def checkpointing_choice(
+    cfg: RunConfig,
+    gpu: str | None,
+    num_gpus: int | None = None,
+    num_images: int = 1000,
+    capacity_bytes: float | None = None,
+) -> CheckpointingChoice:
+    """``train.gradient_checkpointing`` for a run on ``gpu`` (a :data:`GPUS` name; None: no GPU). ``auto``
+    is off when the planner's training-loop memory without checkpointing fits the card (``capacity_bytes``:
+    the real device's memory, else the table's) — recomputing the forward costs about a third more FLOPs —
+    and on when it does not. On a CPU (no GPU) auto is off: host memory is not the limit it saves."""
+    setting = cfg.train.gradient_checkpointing
+    if setting != "auto":
+        return CheckpointingChoice(bool(setting), "set in the config")
+    if gpu is None:
+        return CheckpointingChoice(False, "auto: no GPU, nothing to save accelerator memory for")
+    try:
+        plan = estimate(with_checkpointing(cfg, False), gpu, num_gpus, num_images=num_images)
+    except Exception as err:  # noqa: BLE001 - a model the planner cannot size: the choice that cannot OOM
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return CheckpointingChoice(True, f"auto: the planner cannot size this run ({why}), on to be safe")
+    capacity = capacity_bytes if capacity_bytes is not None else plan.capacity
+    need = f"the planner's estimate without it, {plan.total / GB:.1f} GiB, {{}} the {capacity / GB:.0f} GiB of {plan.gpu}"
+    if plan.total <= capacity:
+        return CheckpointingChoice(False, "auto: " + need.format("fits"))
+    return CheckpointingChoice(True, "auto: " + need.format("does not fit"))
+
+
+def checkpointing_for_device(
+    cfg: RunConfig, device: torch.device, num_gpus: int, num_images: int
+) -> CheckpointingChoice:
+    """:func:`checkpointing_choice` for the device this process trains on (its real memory on CUDA)."""
+    if torch.device(device).type != "cuda" or cfg.train.gradient_checkpointing != "auto":
+        return checkpointing_choice(cfg, None)
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return checkpointing_choice(cfg, gpu_name_to_key(total), num_gpus, num_images, capacity_bytes=total)
 
 
 def gpu_name_to_key(total_bytes: int) -> str:

@@ -15,6 +15,8 @@ What the session owns, in order of a run:
 
 - **Processes**: the Accelerator (one process, ``torchrun`` or ``accelerate launch``: gloo on CPU, NCCL on
   GPUs); only rank 0 logs and writes. Frozen weights' dtype (:attr:`dtype`).
+  Gradient checkpointing as ``train.gradient_checkpointing`` resolves on this device (:attr:`checkpointing`:
+  ``auto`` asks the planner whether the run fits the card without it; recorded in the train summary).
 - **Data**: the ``train`` records (:attr:`all_records`), this rank's share (:attr:`records`), the seeded
   resumable sampler over it and the global-batch random draw (:attr:`draw`, see :class:`.data.GlobalDraw`).
 - **Resume and preemption**: the checkpoint to continue is found before any work (a refusal comes early);
@@ -40,6 +42,7 @@ A change to the loop is made here once, for every method.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,6 +58,7 @@ from . import compile as K
 from . import data as D
 from . import parallel as P
 from .outputs import TrainResult, write_run_files
+from .plan import checkpointing_for_device
 from .runtime import (
     LossTracker,
     PreemptWatch,
@@ -90,6 +94,10 @@ class Session:
         self.watch = PreemptWatch(acc, self.tc.preempt_grace_s)
         self.dtype = weight_dtype(acc)
         self.records = D.shard(self.all_records, self.rank, self.world)
+        # train.gradient_checkpointing=auto asks the planner whether the run fits this card without it.
+        self.checkpointing = checkpointing_for_device(cfg, self.device, self.world, len(self.all_records))
+        if self.is_main:
+            print(f"gradient checkpointing: {self.checkpointing.describe()}", file=sys.stderr, flush=True)
         self.validator = None
         self.fsdp = False
         self.step = 0
@@ -118,7 +126,7 @@ class Session:
         than one process — before the optimizer is built, so its parameters become this rank's shards."""
         unet.to(self.device)
         unet.requires_grad_(True)
-        if self.tc.gradient_checkpointing:
+        if self.checkpointing.enabled:
             unet.enable_gradient_checkpointing()
         self.fsdp = self.tc.parallelism == "fsdp" and self.world > 1
         if self.fsdp:
@@ -132,7 +140,7 @@ class Session:
         model.to(self.device)
         if self.dtype != torch.float32:
             model.to(self.dtype)
-        if self.tc.gradient_checkpointing:
+        if self.checkpointing.enabled:
             model.enable_gradient_checkpointing()
         return K.compile_denoiser(model, self.tc.compile)
 
@@ -305,7 +313,12 @@ class Session:
         """The run's result; rank 0 calls ``save(out_dir)`` (→ the file names written) and writes the run files.
         ``check_replicas``: record whether all DDP ranks hold bit-identical trainable weights."""
         trained = self.tc.max_steps - self.start_step
-        extra.update(resumed_from_step=self.start_step, attempt=self.state.attempt)
+        extra.update(
+            resumed_from_step=self.start_step,
+            attempt=self.state.attempt,
+            gradient_checkpointing=self.checkpointing.enabled,
+            gradient_checkpointing_reason=self.checkpointing.reason,
+        )
         if self.validator is not None:
             extra["validation_grids"] = [str(p.relative_to(self.out_dir)) for p in self.validator.files]
         result = TrainResult(
