@@ -285,6 +285,15 @@ def lora_params(unet, cfg: RunConfig) -> int:
     return count_params(unet, trainable_only=True)
 
 
+def _needing_grads(model, lora: RunConfig | None):
+    """``model`` with ``lora``'s adapters as its only trainable weights, or every weight trainable (no LoRA)."""
+    if lora is not None:
+        lora_params(model, lora)
+    else:
+        model.requires_grad_(True)
+    return model
+
+
 # ------------------------------------------------------------------------------------ meta forward pass
 
 
@@ -307,11 +316,7 @@ def profile_forward(
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    unet = meta_unet(unet_config)
-    if lora is not None:
-        lora_params(unet, lora)
-    else:
-        unet.requires_grad_(True)
+    unet = _needing_grads(meta_unet(unet_config), lora)
     cfg = unet.config
     latent = resolution // 8
     dim = encoder_dim or cfg.cross_attention_dim
@@ -671,11 +676,7 @@ def profile_sd3_forward(
     weight needing its gradient (a full fine-tune; textual inversion back-propagates through it all too)."""
     from diffusers.models.attention import JointTransformerBlock
 
-    transformer = meta_transformer(transformer_config)
-    if lora is not None:
-        lora_params(transformer, lora)
-    else:
-        transformer.requires_grad_(True)
+    transformer = _needing_grads(meta_transformer(transformer_config), lora)
     c = transformer.config
     with torch.device("meta"):
         inputs = {
