@@ -154,7 +154,9 @@ class TrainConfig(Section):
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the scheduler's own
     snr_gamma: float | None = Field(None, gt=0)  # min-SNR-γ loss weighting (5.0 is the usual value)
     noise_offset: float = Field(0.0, ge=0)  # e.g. 0.05: helps very dark/bright images
-    gradient_checkpointing: bool = False
+    # auto: off when the planner says the run fits the GPU without it (it costs ~1/3 more FLOPs), on when not;
+    # off on a CPU (sdtune.train.plan.checkpointing_choice). The choice is in train_summary.json.
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     # denoiser: eager, torch.compile whole/per repeated block, CUDA graphs (CUDA only): sdtune/train/compile.py
     compile: Literal["none", "default", "regional", "graphs"] = "none"
     # Validation during training: every N optimizer steps (0: off) rank 0 samples evaluate.prompts ×

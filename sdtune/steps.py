@@ -286,6 +286,9 @@ def train_step(
             if key:
                 store.store("train", key, out_dir, summary)
             run.set_tags({"sdtune.cache": "miss" if key else "off"})
+        resolved = summary.get("extra", {}).get("gradient_checkpointing")
+        if resolved is not None:  # what train.gradient_checkpointing=auto became on the card it ran on
+            run.log_params({"train.gradient_checkpointing.resolved": resolved})
         if model_uri:
             run.set_tags({"sdtune.model_uri": summary["model_uri"]})
         else:

@@ -15,7 +15,7 @@ What one step is (the trainer's, built from the project's own pieces): the UNet 
 random weights (no download), frozen in bf16, peft LoRA (``sdtune.train.adapters.add_lora``) in fp32 under
 bf16 autocast; SDXL's text encoders (real CLIP-L/CLIP-G configs, fp32) with the concept rows as their own
 parameter (:class:`sdtune.train.embeddings.ConceptEmbedding`); cached latents; noise and timesteps drawn on the
-device; min-SNR loss; backward; gradient clipping; fused AdamW; the UNet compiled by
+device; min-SNR loss; backward; gradient clipping; fused AdamW (graphed cases: capturable, device-tensor LR); the UNet compiled by
 :func:`sdtune.train.compile.compile_denoiser`. No host sync inside the timed steps.
 
 Per case: ms/step (CUDA events; median of windows), **host enqueue ms/step** (wall time for the host to
@@ -145,10 +145,12 @@ class Case:
         return {"eager": "none", "compile": "default", "graphs": "graphs"}[self.mode]
 
 
-def _tc(rank: int):
+def _tc(rank: int, compile_mode: str = "none"):
+    """The trainer's settings for a case (``compile_mode``: graphs makes the optimizer graph-safe)."""
     from sdtune.config import RunConfig
 
-    return RunConfig.model_validate({"train": {"rank": rank, "snr_gamma": 5.0}}).train
+    train = {"rank": rank, "snr_gamma": 5.0, "compile": compile_mode}
+    return RunConfig.model_validate({"train": train}).train
 
 
 def build_unet(model: str, device: torch.device, dtype: torch.dtype, rank: int):
@@ -233,7 +235,7 @@ def make_step(case: Case, unet, params, device, amp_dtype, encoders=(), rows=())
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     )
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    tc = _tc(case.rank)
+    tc = _tc(case.rank, case.compile_mode)
     objective = L.Denoising(scheduler, tc)
     train_rows = case.recipe == "pivotal-te"
     groups = [{"params": list(params), "lr": 1e-4}] + (
@@ -243,7 +245,7 @@ def make_step(case: Case, unet, params, device, amp_dtype, encoders=(), rows=())
     trained = [p for g in groups for p in g["params"]]
     use_amp = amp_dtype != torch.float32
     parts = (
-        SimpleNamespace(is_sdxl=True, text_encoder=encoders[0], text_encoder_2=encoders[1])
+        SimpleNamespace(is_sdxl=True, is_sd3=False, text_encoder=encoders[0], text_encoder_2=encoders[1])
         if encoders
         else None
     )

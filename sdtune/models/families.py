@@ -86,11 +86,17 @@ FAMILIES: dict[str, Family] = {
             "SD3",
             (*CLIP_L_G, "text_encoder_3"),
             "StableDiffusion3Pipeline",
-            kohya_layout=None,
+            kohya_layout=None,  # no kohya reader for SD3 to check one against; ComfyUI reads the diffusers keys
             conditioning=("pooled_embeds",),
             denoiser="transformer",
             objective="flow_matching",
-            methods={"lora": "sd3_lora"},
+            methods={
+                "lora": "sd3_lora",
+                "textual_inversion": "textual_inversion",
+                "pivotal": "pivotal",
+                "dreambooth": "dreambooth",
+                "full": "full",
+            },
         ),
     )
 }

@@ -152,7 +152,8 @@ def _from_pretrained(cls: Any, source: str, revision: str | None, **kwargs: Any)
 
 @dataclass
 class SDComponents:
-    """The parts a training recipe needs; ``text_encoder_2``/``tokenizer_2`` only for SDXL."""
+    """The parts a training recipe needs: ``text_encoder_2``/``tokenizer_2`` for SDXL and SD3 (CLIP-G);
+    SD3 has a ``transformer`` instead of the ``unet`` and the T5 encoder ``text_encoder_3``/``tokenizer_3``."""
 
     source: str
     unet: Any
@@ -162,24 +163,35 @@ class SDComponents:
     noise_scheduler: Any
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    transformer: Any = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
+
+    @property
+    def is_sd3(self) -> bool:
+        return self.transformer is not None
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.text_encoder_2 is not None and not self.is_sd3
+
+    @property
+    def denoiser(self) -> Any:
+        """The network that predicts the noise (the UNet) or the velocity (SD3's MMDiT transformer)."""
+        return self.transformer if self.is_sd3 else self.unet
 
 
 def load_components(cfg: RunConfig, base: str | None = None) -> SDComponents:
-    """Load UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler, all fp32 on CPU."""
+    """Load the denoiser, VAE, text encoder(s), tokenizer(s) and the training scheduler (DDPM; SD3: its
+    flow-matching scheduler), all fp32 on CPU and frozen."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if cfg.model.arch == "sd3":
+        return _sd3_components(cfg, base)
     source = resolve_base(base or cfg.model.base, cfg.model.cache_dir, cfg.model.revision)
     rev = cfg.model.revision
     sdxl = cfg.model.arch == "sdxl"
-    if cfg.model.arch == "sd3":
-        raise ModelLoadError(
-            f"model.arch sd3 is trained by train.method=lora only (sdtune.train.sd3_lora), not {cfg.train.method}"
-        )
     if cfg.model.arch not in ("sd15", "sd2", "sdxl"):
         raise ModelLoadError(f"model.arch {cfg.model.arch!r} is not supported by the training recipes yet")
     parts = SDComponents(
@@ -197,8 +209,28 @@ def load_components(cfg: RunConfig, base: str | None = None) -> SDComponents:
         parts.tokenizer_2 = _from_pretrained(CLIPTokenizer, source, rev, subfolder="tokenizer_2")
     elif getattr(parts.unet.config, "addition_embed_type", None) == "text_time":
         raise ModelLoadError(f"{source} is an SDXL model: set model.arch=sdxl")
-    for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
-        if module is not None:
+    return _frozen(parts)
+
+
+def _sd3_components(cfg: RunConfig, base: str | None) -> SDComponents:
+    """SD3's parts, as its pipeline loads them (the classes are the pipeline's to know)."""
+    source = resolve_base(base or cfg.model.base, cfg.model.cache_dir, cfg.model.revision)
+    pipe = load_pipeline(cfg, source)
+    names = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+    parts = SDComponents(
+        source=source,
+        unet=None,
+        noise_scheduler=pipe.scheduler,
+        text_encoder_3=pipe.text_encoder_3,
+        tokenizer_3=pipe.tokenizer_3,
+        **{name: getattr(pipe, name) for name in names},
+    )
+    return _frozen(parts)
+
+
+def _frozen(parts: SDComponents) -> SDComponents:
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if (module := getattr(parts, name)) is not None:
             module.requires_grad_(False)
     return parts
 

@@ -1,11 +1,13 @@
 """Training recipes, one module per method, plus the pure pieces they share.
 
 - :mod:`sdtune.train.lora`: LoRA on the UNet (SD 1.x/2.x/SDXL), diffusers + kohya files.
-- :mod:`sdtune.train.sd3_lora`: LoRA on the SD3 MMDiT transformer, flow matching (``method: lora`` with
-  ``model.arch: sd3``).
+- :mod:`sdtune.train.sd3_lora`: LoRA on the SD3 MMDiT transformer (and its CLIP encoders), flow matching
+  (``method: lora`` with ``model.arch: sd3``).
 - :mod:`sdtune.train.textual_inversion`: new multi-vector tokens, all other embedding rows bit-identical.
-- :mod:`sdtune.train.pivotal`: textual inversion + UNet LoRA together.
-- :mod:`sdtune.train.dreambooth`: full UNet with prior preservation (class images generated and cached).
+- :mod:`sdtune.train.pivotal`: textual inversion + a LoRA on the denoiser together.
+- :mod:`sdtune.train.dreambooth`: full denoiser with prior preservation (class images generated and cached).
+  These three and ``full`` run on SD3 too: the family's parts, text conditioning and model call come from
+  :func:`sdtune.models.loading.load_components`, :func:`.data.text_conditioning` and :func:`.data.predict`.
 - :mod:`sdtune.train.inpaint`: 9-channel inpainting UNet (LoRA or full), random/supplied masks.
 - :mod:`sdtune.train.full`: full UNet fine-tune over a large captioned catalogue (EMA, latents sharded on disk).
 - :mod:`sdtune.train.validation`: step-tagged sample grids during training; :mod:`~sdtune.train.masks`:
@@ -54,6 +56,15 @@ def run(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | No
     if cfg.train.parallelism == "fsdp" and cfg.train.option("train_text_encoder"):
         raise ConfigError(
             "train.parallelism=fsdp shards the UNet only: train.train_text_encoder needs parallelism ddp"
+        )
+    if (
+        cfg.model.arch == "sd3"
+        and cfg.train.method == "dreambooth"
+        and cfg.train.option("train_text_encoder")
+    ):
+        raise ConfigError(
+            "train.train_text_encoder with model.arch=sd3 is for train.method=lora (a LoRA on both CLIP "
+            "encoders); SD3 DreamBooth trains the transformer only"
         )
     if cfg.train.parallelism == "fsdp" and cfg.train.mixed_precision == "fp16":
         raise ConfigError(

@@ -154,7 +154,7 @@ def save(cfg: RunConfig, out_dir: Path, step: int, state: TrainState, accelerato
     from .runtime import all_gather_objects
 
     ranks = all_gather_objects(_rank_state(state))  # every rank's RNG and data position, in rank order
-    weights, optim = _full_state(state)  # FSDP: gathered to rank 0 (collective); others get {}
+    weights, optim = _full_state(state, accelerator.is_main_process)  # FSDP: gathered to rank 0 (collective)
     location = None
     if accelerator.is_main_process:
         root = checkpoint_root(cfg, out_dir)
@@ -326,7 +326,10 @@ def load(found: Found, state: TrainState, accelerator) -> int:
         options = StateDictOptions(full_state_dict=True)
         ((name, module),) = state.modules.items()
         set_model_state_dict(module, _strip(weights, name), options=options)
-        set_optimizer_state_dict(module, _raw(state.optimizer), optim["optimizer"], options=options)
+        if optim["optimizer"].get("state"):
+            set_optimizer_state_dict(module, _raw(state.optimizer), optim["optimizer"], options=options)
+        else:  # stateless (SGD): torch's full-state loader needs a state tensor to find the device
+            _load_param_groups(_raw(state.optimizer), optim["optimizer"]["param_groups"], found)
     else:
         with torch.no_grad():
             for name, module in state.modules.items():
@@ -343,7 +346,7 @@ def load(found: Found, state: TrainState, accelerator) -> int:
     if state.scaler is not None and optim.get("scaler"):
         state.scaler.load_state_dict(optim["scaler"])
     if state.ema is not None and optim.get("ema"):
-        state.ema.load_state_dict(optim["ema"])
+        _load_ema(state.ema, optim["ema"], found)
     ranks = _load_pickled_state(found, RNG)
     _restore_rank_state(ranks[accelerator.process_index], state)
     state.attempt = int(found.meta.get("attempt", 0)) + 1
@@ -430,11 +433,11 @@ def _restore_rank_state(saved: dict[str, Any], state: TrainState) -> None:
         sampler.load_state_dict(saved["samplers"][key])
 
 
-def _full_state(state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _full_state(state: TrainState, keep: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     extra = {
         "lr_scheduler": state.lr_scheduler.state_dict(),
         "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-        "ema": state.ema.state_dict() if state.ema is not None else None,
+        "ema": _ema_state(state.ema, keep) if state.ema is not None else None,
     }
     if state.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -450,6 +453,37 @@ def _full_state(state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, A
         if p.requires_grad
     }
     return weights, {"optimizer": state.optimizer.state_dict(), **extra}
+
+
+def _load_param_groups(optimizer, saved: list[dict[str, Any]], found: Found) -> None:
+    """The settings of each param group (learning rate …), for an optimizer that keeps no state."""
+    if len(saved) != len(optimizer.param_groups):
+        raise CheckpointError(f"checkpoint {found.location}: optimizer param groups do not match")
+    for group, then in zip(optimizer.param_groups, saved, strict=True):
+        group.update({k: v for k, v in then.items() if k != "params"})
+
+
+def _ema_state(ema, keep: bool) -> dict[str, Any]:
+    """diffusers ``EMAModel`` state with whole averaged weights: under FSDP each rank averages only its own
+    shards, gathered here like the model's (a collective), so the file does not depend on the world size."""
+    from .parallel import full_tensors
+
+    return {**ema.state_dict(), "shadow_params": full_tensors(ema.shadow_params, keep)}
+
+
+def _load_ema(ema, saved: dict[str, Any], found: Found) -> None:
+    """Restore the EMA in place: its scalars, then the averaged weights copied into the tensors it already
+    holds, so each keeps its device and, under FSDP, its shard (this rank's slice of the whole weight)."""
+    from .parallel import load_full_tensors
+
+    scalars = {k: v for k, v in saved.items() if k != "shadow_params"}
+    ema.load_state_dict(scalars)
+    try:
+        load_full_tensors(ema.shadow_params, saved["shadow_params"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {found.location}: EMA weights do not match the model ({exc})"
+        ) from None
 
 
 def _raw(optimizer):

@@ -21,10 +21,11 @@ def class_prompt(cfg: RunConfig) -> str:
 
 def class_images_key(cfg: RunConfig) -> str:
     """Everything that determines the generated class images, hashed."""
+    from sdtune.models.families import family_of
     from sdtune.models.loading import resolve_base
 
     source = resolve_base(cfg.model.base, cfg.model.cache_dir, cfg.model.revision)
-    weights = Path(source) / "unet"
+    weights = Path(source) / family_of(cfg).denoiser
     fingerprint = source
     if weights.is_dir():  # a local folder: its UNet bytes, not its path, name the model
         fingerprint = hashlib.sha256(

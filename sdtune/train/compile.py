@@ -14,7 +14,9 @@
   guards it. Other models: diffusers' ``_repeated_blocks``, else the items of ``transformer_blocks`` (SD3).
 - ``graphs``: CUDA only: ``default`` with ``mode="reduce-overhead"``, i.e. the compiled forward and backward
   replayed as CUDA graphs (one launch instead of thousands; the step's shapes are static, which the cached
-  latents guarantee). On a CPU it is a one-line config error.
+  latents guarantee). On a CPU it is a one-line config error. The optimizer becomes graph-safe too: fused
+  AdamW with ``capturable=True`` and its learning rates as device tensors the LR schedule writes into
+  (:func:`.runtime.adamw_with_tensor_lr`), so ``optimizer.step()`` reads no host value and can be captured.
 
 The compile wraps the module in place (``nn.Module.compile``), so parameter names, ``state_dict``, peft's
 LoRA export and checkpoints are the same as eager. The rest of the step (noise and timestep draws, the

@@ -88,9 +88,9 @@ def encode_image_files(vae, paths: list[Path], resolution: int, device) -> tuple
 
 
 def tokenize_prompts(parts, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Token ids for each text encoder: ``{"ids": …}`` plus ``"ids_2"`` for SDXL."""
+    """Token ids for each CLIP text encoder: ``{"ids": …}`` plus ``"ids_2"`` for SDXL and SD3."""
     out = {"ids": tokenize(parts.tokenizer, prompts)}
-    if parts.is_sdxl:
+    if parts.tokenizer_2 is not None:
         out["ids_2"] = tokenize(parts.tokenizer_2, prompts)
     return out
 
@@ -99,14 +99,23 @@ def text_conditioning(parts, ids: dict[str, torch.Tensor], resolution: int) -> d
     """Text conditioning from token ids (differentiable: textual inversion calls it inside the loop).
 
     SD 1.x/2.x: the last hidden state. SDXL: both encoders' penultimate states concatenated, the pooled
-    projection of the second, and the size/crop ``time_ids``.
+    projection of the second, and the size/crop ``time_ids``. SD3 (as its pipeline's ``encode_prompt``): the
+    two CLIP penultimate states concatenated, zero-padded to the T5 width and followed by the T5 states
+    (``ids["t5_embeds"]``, computed once: T5 stays frozen), and both CLIP projections as the pooled embedding.
     """
     input_ids = ids["ids"]
-    if not parts.is_sdxl:
+    if not parts.is_sdxl and not parts.is_sd3:
         return {"prompt_embeds": parts.text_encoder(input_ids)[0]}
     out_1 = parts.text_encoder(input_ids, output_hidden_states=True)
     out_2 = parts.text_encoder_2(ids["ids_2"], output_hidden_states=True)
     embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+    if parts.is_sd3:
+        t5 = ids["t5_embeds"]
+        embeds = torch.nn.functional.pad(embeds, (0, t5.shape[-1] - embeds.shape[-1]))
+        return {
+            "prompt_embeds": torch.cat([embeds, t5.to(embeds.dtype)], dim=-2),
+            "pooled_embeds": torch.cat([out_1[0], out_2[0]], dim=-1),
+        }
     return {
         "prompt_embeds": embeds,
         "pooled_embeds": out_2.text_embeds,
@@ -139,12 +148,16 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_prompts(parts, prompts: list[str], device, resolution: int) -> dict[str, torch.Tensor]:
-    """Text conditioning for ``prompts``, computed once (fp32)."""
+def encode_prompts(
+    parts, prompts: list[str], device, resolution: int, max_sequence_length: int = 77
+) -> dict[str, torch.Tensor]:
+    """Text conditioning for ``prompts``, computed once (fp32; SD3: T5 at ``max_sequence_length`` tokens)."""
     for encoder in (parts.text_encoder, parts.text_encoder_2):
         if encoder is not None:
             encoder.to(device)
     ids = {k: v.to(device) for k, v in tokenize_prompts(parts, prompts).items()}
+    if parts.is_sd3:
+        ids["t5_embeds"] = t5_embeddings(parts, prompts, device, max_sequence_length)
     return {k: v.float() for k, v in text_conditioning(parts, ids, resolution).items()}
 
 
@@ -162,7 +175,7 @@ def encode_files(
     """Encode images and their captions once (VAE in fp32; tensors stored on ``device`` in ``dtype``)."""
     res = cfg.preprocess.resolution
     mean, std = encode_image_files(parts.vae, paths, res, device)
-    text = encode_prompts(parts, captions, device, res)
+    text = encode_prompts(parts, captions, device, res, cfg.train.max_sequence_length)
     return EncodedData(
         latent_mean=mean.to(dtype),
         latent_std=std.to(dtype),
@@ -172,30 +185,22 @@ def encode_files(
     )
 
 
-def encode_records_sd3(pipe, records, data_dir: Path, cfg: RunConfig, device, dtype) -> EncodedData:
-    """VAE latent distributions (fp32 VAE) and SD3 prompt embeddings of this rank's records, once.
-
-    ``prompt_embeds``: [N, 77 + max_sequence_length, joint_attention_dim] (CLIP-L ⊕ CLIP-G penultimate
-    states padded to the T5 width, then the T5 states); ``pooled_embeds``: [N, pooled_projection_dim]."""
-    paths = [Path(data_dir) / r.file for r in records]
-    mean, std = encode_image_files(pipe.vae, paths, cfg.preprocess.resolution, device)
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        getattr(pipe, name).to(device)
-    with torch.no_grad():
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=[caption_of(r, cfg) for r in records],
-            prompt_2=None,
-            prompt_3=None,
-            device=device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=cfg.train.max_sequence_length,
-        )
-    return EncodedData(
-        latent_mean=mean.to(dtype),
-        latent_std=std.to(dtype),
-        prompt_embeds=embeds.float().to(dtype),
-        pooled_embeds=pooled.float().to(dtype),
-    )
+@torch.no_grad()
+def t5_embeddings(parts, prompts: list[str], device, max_sequence_length: int = 77) -> torch.Tensor:
+    """SD3's T5 states of ``prompts`` (as its pipeline computes them; zeros when the model has no T5), once:
+    T5 is frozen in every method, so no recipe runs it in the loop."""
+    if parts.text_encoder_3 is None:
+        width = parts.transformer.config.joint_attention_dim
+        return torch.zeros(len(prompts), max_sequence_length, width, device=device)
+    ids = parts.tokenizer_3(
+        prompts,
+        padding="max_length",
+        max_length=max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    ).input_ids
+    return parts.text_encoder_3.to(device)(ids.to(device))[0].float()
 
 
 def index_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -307,7 +312,7 @@ class TokenizedData:
 
     latent_mean: torch.Tensor
     latent_std: torch.Tensor
-    token_ids: dict[str, torch.Tensor]  # {"ids": …} plus "ids_2" for SDXL
+    token_ids: dict[str, torch.Tensor]  # {"ids": …} plus "ids_2" for SDXL/SD3, "t5_embeds" for SD3
     vae_config: Any  # how the latents are scaled for the denoiser
 
     def __len__(self) -> int:
@@ -317,22 +322,21 @@ class TokenizedData:
         return {k: v[idx] for k, v in self.token_ids.items()}
 
 
-def encode_tokenized(parts, paths: list[Path], captions: list[str], resolution: int, device) -> TokenizedData:
-    """Latent distributions (fp32) of the images and token ids of the captions, on ``device``."""
+def encode_tokenized(
+    parts, paths: list[Path], captions: list[str], resolution: int, device, max_sequence_length: int = 77
+) -> TokenizedData:
+    """Latent distributions (fp32) of the images and token ids of the captions, on ``device`` (SD3: with the
+    frozen T5's states of the captions, ``t5_embeds``, computed here once)."""
     mean, std = encode_image_files(parts.vae, paths, resolution, device)
     token_ids = {k: v.to(device) for k, v in tokenize_prompts(parts, captions).items()}
+    if parts.is_sd3:
+        token_ids["t5_embeds"] = t5_embeddings(parts, captions, device, max_sequence_length)
     return TokenizedData(mean, std, token_ids, parts.vae.config)
 
 
 def unet_conditioning(data: EncodedData, idx: torch.Tensor) -> dict:
     """Keyword arguments for the UNet call for the batch ``idx``."""
-    return unet_kwargs(
-        {
-            "prompt_embeds": data.prompt_embeds[idx],
-            "pooled_embeds": data.pooled_embeds[idx] if data.pooled_embeds is not None else None,
-            "time_ids": data.time_ids[idx] if data.time_ids is not None else None,
-        }
-    )
+    return unet_kwargs(cached_text(data, idx))
 
 
 def unet_kwargs(text: dict, dtype: torch.dtype | None = None) -> dict:
@@ -351,12 +355,31 @@ def unet_kwargs(text: dict, dtype: torch.dtype | None = None) -> dict:
     return kwargs
 
 
-def cat_conditioning(a: dict, b: dict) -> dict:
-    """Two batches' UNet keyword arguments (:func:`unet_conditioning`) as one batch."""
-    out = {"encoder_hidden_states": torch.cat([a["encoder_hidden_states"], b["encoder_hidden_states"]])}
-    if "added_cond_kwargs" in a:
-        out["added_cond_kwargs"] = {
-            k: torch.cat([a["added_cond_kwargs"][k], b["added_cond_kwargs"][k]])
-            for k in a["added_cond_kwargs"]
-        }
-    return out
+def predict(
+    parts, model, noisy: torch.Tensor, t: torch.Tensor, text: dict, dtype: torch.dtype
+) -> torch.Tensor:
+    """The denoiser's output for ``noisy`` at timesteps ``t`` under the text conditioning ``text``
+    (:func:`text_conditioning`): the UNet's noise/velocity (SD 1.x/2.x/SDXL) or the SD3 transformer's flow."""
+    if parts.is_sd3:
+        return model(
+            hidden_states=noisy.to(dtype),
+            timestep=t,
+            encoder_hidden_states=text["prompt_embeds"].to(dtype),
+            pooled_projections=text["pooled_embeds"].to(dtype),
+            return_dict=False,
+        )[0]
+    return model(noisy.to(dtype), t, **unet_kwargs(text, dtype)).sample
+
+
+def cached_text(data: EncodedData, idx: torch.Tensor) -> dict:
+    """The cached text conditioning of the batch ``idx`` (:func:`text_conditioning`'s keys)."""
+    return {
+        "prompt_embeds": data.prompt_embeds[idx],
+        "pooled_embeds": data.pooled_embeds[idx] if data.pooled_embeds is not None else None,
+        "time_ids": data.time_ids[idx] if data.time_ids is not None else None,
+    }
+
+
+def cat_text(a: dict, b: dict) -> dict:
+    """Two batches' text conditioning (:func:`text_conditioning`, :func:`cached_text`) as one batch."""
+    return {k: None if v is None else torch.cat([v, b[k]]) for k, v in a.items()}

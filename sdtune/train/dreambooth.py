@@ -6,7 +6,7 @@ Run it::
 
 Features (config key → behaviour):
 
-- The whole UNet trains (VAE frozen); AdamW, schedule, accumulation, seeding, logging and
+- The whole UNet trains (SD3: the transformer, flow matching; VAE frozen); AdamW, schedule, accumulation, seeding, logging and
   multi-process behaviour as in :mod:`.lora`. Use ``gradient_checkpointing`` and bf16 on real models.
 - ``train.train_text_encoder``: the whole text encoder(s) train too (SDXL: both), at ``text_encoder_lr``
   (default ``learning_rate``); captions are tokenized once and encoded every step, the class prompt through
@@ -37,11 +37,13 @@ from pathlib import Path
 import torch
 
 from sdtune.config import RunConfig
+from sdtune.models.families import family_of
 from sdtune.models.loading import load_components
 from sdtune.tracking import MetricLogger
 
 from . import data as D
 from . import losses as L
+from .adapters import lora_groups
 from .outputs import TrainResult, save_full_pipeline
 from .prior import Prior, class_image_paths, denoising_step
 from .session import Session
@@ -61,40 +63,38 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         samplers = {"class": prior.sampler} if prior else {}
         objective = L.objective_for(cfg, parts.noise_scheduler)
         vae_config = parts.vae.config
-        del parts.vae  # the latents are cached; the text encoders too unless they train
+        parts.vae = None  # the latents are cached; the text encoders too unless they train
         text = TrainableText.prepare(parts, cfg, session.records, prior, device)
         encoders = text.encoders if text else {}
 
-        unet = session.trainable_unet(parts.unet)
+        name = family_of(cfg).denoiser  # the UNet, or SD3's transformer
+        unet = session.trainable_unet(parts.denoiser)
         params = list(unet.parameters())
-        groups = [{"params": params, "lr": cfg.train.learning_rate}]
         te_params: list = []
         for encoder in encoders.values():  # fp32 master weights, as the UNet's
             encoder.to(device).requires_grad_(True)
             te_params += list(encoder.parameters())
-        if te_params:
-            groups.append({"params": te_params, "lr": text.lr(cfg)})
         desc = "dreambooth" + (" +text" if text else "") + (" +prior" if prior is not None else "")
         models = session.start(
-            {"unet": unet, **encoders},
+            {name: unet, **encoders},
             params + te_params,
-            groups=groups,
-            prepare=["unet"],
+            groups=lora_groups(cfg.train, params, te_params),
+            prepare=[name],
             average_grads=te_params,  # the text encoders stay unwrapped (.text_encoders)
             samplers=samplers,
             sampler="instance",
             desc=desc,
         )
-        unet = models["unet"]
+        unet = models[name]
 
-        # 3. Loop: instance batch and class batch go through the UNet together.
+        # 3. Loop: instance batch and class batch go through the denoiser together.
         for idx in session.steps():
             latents = D.sample_latents(vae_config, instance, idx, session.draw)
             n = len(idx)
             latents, cond = step_inputs(latents, idx, instance, prior, text, vae_config, session)
-            denoising_step(unet, objective, latents, cond, n, prior, session)
+            denoising_step(parts, unet, objective, latents, cond, n, prior, session)
 
-        # 4. Save the whole pipeline with the new UNet and text encoders (rank 0).
+        # 4. Save the whole pipeline with the new denoiser (and text encoders) (rank 0).
         new_unet = session.trained_unet(unet)  # FSDP: gathered from the shards (every rank takes part)
         new_encoders = {k: m.to(torch.float32).eval() for k, m in encoders.items()}
         return session.finish(

@@ -43,18 +43,23 @@ def initializer_word(cfg: RunConfig) -> str:
 def add_concept_tokens(tokenizer, text_encoder, tokens: list[str], init_word: str) -> torch.Tensor:
     """Add ``tokens`` to the tokenizer, grow the embedding matrix, start each new row at ``init_word``'s
     embedding (mean of its pieces). Returns the new token ids."""
-    added = tokenizer.add_tokens(tokens)
-    if added != len(tokens):
-        raise ConfigError(f"tokens {tokens} already exist in the tokenizer: pick another caption.trigger")
     init_ids = tokenizer.encode(init_word, add_special_tokens=False)
     if not init_ids:
         raise ConfigError(f"train.initializer_token {init_word!r} does not tokenize")
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(tokens), dtype=torch.long)
+    token_ids = grow_vocabulary(tokenizer, text_encoder, tokens)
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         weight[token_ids] = weight[torch.tensor(init_ids)].mean(dim=0, keepdim=True).to(weight.dtype)
     return token_ids
+
+
+def grow_vocabulary(tokenizer, text_encoder, tokens: list[str]) -> torch.Tensor:
+    """Add ``tokens`` to the tokenizer and rows for them to the encoder's table (the way transformers documents
+    it: ``add_tokens`` + ``resize_token_embeddings``); returns their ids. Rows' values are the caller's to set."""
+    if tokenizer.add_tokens(tokens) != len(tokens):
+        raise ConfigError(f"tokens {tokens} already exist in the tokenizer: pick another caption.trigger")
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return torch.tensor(tokenizer.convert_tokens_to_ids(tokens), dtype=torch.long)
 
 
 class ConceptEmbedding(torch.nn.Module):
@@ -103,14 +108,15 @@ def table_digest(weight: torch.Tensor) -> str:
 
 
 class Concept:
-    """The concept's new tokens in every tokenizer/text encoder of ``parts`` (SDXL: both) and their rows,
-    which train as their own parameters (:attr:`weights`, fp32) in front of the frozen tables."""
+    """The concept's new tokens in every CLIP tokenizer/text encoder of ``parts`` (SDXL, SD3: both) and their
+    rows, which train as their own parameters (:attr:`weights`, fp32) in front of the frozen tables. SD3's T5
+    gets no tokens: it stays frozen and reads the concept captions as they are (its states cached once)."""
 
     def __init__(self, parts, cfg: RunConfig, device):
         self.cfg = cfg
         self.tokens = concept_tokens(cfg)
         pairs = [(parts.tokenizer, parts.text_encoder)]
-        if parts.is_sdxl:
+        if parts.text_encoder_2 is not None:
             pairs.append((parts.tokenizer_2, parts.text_encoder_2))
         self.encoders = [encoder for _, encoder in pairs]
         self.embeddings: list[ConceptEmbedding] = []
@@ -132,8 +138,9 @@ class Concept:
 
         captions = [self.caption(caption_of(r, self.cfg)) for r in records]
         paths = [Path(data_dir) / r.file for r in records]
-        data = encode_tokenized(parts, paths, captions, self.cfg.preprocess.resolution, device)
-        parts.vae = None
+        res, t5_length = self.cfg.preprocess.resolution, self.cfg.train.max_sequence_length
+        data = encode_tokenized(parts, paths, captions, res, device, t5_length)
+        parts.vae = parts.text_encoder_3 = None
         return data
 
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -144,7 +151,7 @@ class Concept:
     def use(parts, models: dict[str, torch.nn.Module]) -> None:
         """Run ``parts``' text conditioning through the (DDP-wrapped) encoders ``models``."""
         parts.text_encoder = models["text_encoder_0"]
-        if parts.is_sdxl:
+        if "text_encoder_1" in models:
             parts.text_encoder_2 = models["text_encoder_1"]
 
     def checked_summary(self) -> dict:
@@ -182,18 +189,19 @@ class ConceptStart(NamedTuple):
     parts: Any  # the loaded model, the concept's tokens in every tokenizer/text encoder
     concept: Concept
     data: Any  # latents and concept-caption token ids (see :meth:`Concept.encode`)
-    unet: torch.nn.Module  # frozen, on the session's device
+    denoiser: torch.nn.Module  # the UNet or SD3's transformer: frozen, on the session's device
     objective: Denoising | FlowMatching
 
 
 def start_concept(cfg: RunConfig, session) -> ConceptStart:
     """Load the model with the concept's new tokens (only their embedding rows train), encode the session's
-    records once (the VAE is freed then), and place the UNet; the noise objective comes with it."""
+    records once (the VAE, and SD3's T5, are freed then), and place the denoiser; the family's objective
+    (denoising; SD3: flow matching) comes with it."""
     parts = load_components(cfg)
     concept = Concept(parts, cfg, session.device)
     data = concept.encode(parts, session.records, session.data_dir, session.device)
-    unet = session.place(parts.unet)
-    return ConceptStart(parts, concept, data, unet, objective_for(cfg, parts.noise_scheduler))
+    denoiser = session.place(parts.denoiser)
+    return ConceptStart(parts, concept, data, denoiser, objective_for(cfg, parts.noise_scheduler))
 
 
 def concept_embedding(text_encoder, token_ids: torch.Tensor) -> ConceptEmbedding:
@@ -231,21 +239,25 @@ def save_embeddings(
 
 
 def load_into_pipeline(pipe, path: Path, tokens_hint: str | None = None) -> str:
-    """Load ``learned_embeds.safetensors`` into a pipeline (SD 1.x or SDXL); return the concept token."""
+    """Load ``learned_embeds.safetensors`` into a pipeline (SD 1.x, SDXL or SD3); return what a prompt
+    writes for the concept (SD3: all its tokens, as its pipeline does not expand ``<sks>``)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     state = load_file(str(path))
     with safe_open(str(path), "pt") as fh:
         tokens = ((fh.metadata() or {}).get("tokens") or tokens_hint or "").split()
-    if "clip_g" in state:
-        token = tokens[0]
-        pipe.load_textual_inversion(
-            state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
-        )
-        pipe.load_textual_inversion(
-            state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-        )
-        return token
-    pipe.load_textual_inversion(str(path))
-    return next(iter(state))
+    if "clip_g" not in state:
+        pipe.load_textual_inversion(str(path))
+        return next(iter(state))
+    pairs = {"clip_l": (pipe.tokenizer, pipe.text_encoder), "clip_g": (pipe.tokenizer_2, pipe.text_encoder_2)}
+    if not hasattr(pipe, "load_textual_inversion"):  # SD3's pipeline has no textual-inversion loader
+        for name, (tokenizer, encoder) in pairs.items():
+            ids = grow_vocabulary(tokenizer, encoder, tokens)
+            weight = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                weight[ids] = state[name].to(weight.device, weight.dtype)
+        return " ".join(tokens)
+    for name, (tokenizer, encoder) in pairs.items():
+        pipe.load_textual_inversion(state[name], token=tokens[0], text_encoder=encoder, tokenizer=tokenizer)
+    return tokens[0]

@@ -8,6 +8,7 @@ Run it::
 
 Features (config key → behaviour; the rest as in :mod:`.dreambooth`, without prior preservation):
 
+- The family's denoiser and objective (SD3: the transformer, flow matching; no single file for it).
 - Text-to-image objective over every ``train`` record with its OWN caption (the catalogue's captions, e.g.
   from the data stage's sharded output); records without one fall back to ``caption.template`` and are
   counted in the summary (``uncaptioned``).
@@ -15,8 +16,9 @@ Features (config key → behaviour; the rest as in :mod:`.dreambooth`, without p
   ``<out>/cache/latents-NNNNN.safetensors``, each rank its own, no collectives while caching, reused when
   unchanged) and read back a batch at a time, so memory stays flat however large the catalogue.
 - ``train.use_ema`` / ``ema_decay``: an exponential moving average of the UNet weights (diffusers
-  ``EMAModel``), checkpointed with the rest, and what is saved at the end. Not with FSDP (the EMA would hold
-  only this rank's shards): use DDP or no EMA there.
+  ``EMAModel``), checkpointed with the rest, and what is saved at the end. Under FSDP it is built from the
+  sharded parameters, so each rank averages only its own shards (1/N of the EMA memory); checkpoints and
+  the saved model gather it whole.
 - ``train.parallelism``: ``ddp`` or ``fsdp`` (FSDP2 over the UNet, :mod:`.parallel`), as in DreamBooth.
 - ``train.validation_every``: step-tagged grids (:mod:`.validation`).
 
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from sdtune.config import RunConfig
-from sdtune.errors import ConfigError
+from sdtune.models.families import family_of
 from sdtune.models.loading import load_components
 from sdtune.tracking import MetricLogger
 
@@ -45,10 +47,6 @@ from .session import Session
 
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
     tc = cfg.train
-    if tc.use_ema and tc.parallelism == "fsdp":
-        raise ConfigError(
-            "train.use_ema is not supported with train.parallelism=fsdp yet: use ddp, or no EMA"
-        )
     with Session(cfg, data_dir, out_dir, logger) as session:
         # 1. Model; this rank's records encoded into disk shards (reused when unchanged), read a batch at a time.
         parts = load_components(cfg)
@@ -59,9 +57,10 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         cache = LC.ShardedLatents(shard_paths, session.device, session.dtype)
         objective = L.objective_for(cfg, parts.noise_scheduler)
         vae_config = parts.vae.config
-        del parts.vae, parts.text_encoder, parts.text_encoder_2
+        parts.vae = parts.text_encoder = parts.text_encoder_2 = parts.text_encoder_3 = None
 
-        unet = session.trainable_unet(parts.unet)
+        name = family_of(cfg).denoiser  # the UNet, or SD3's transformer
+        unet = session.trainable_unet(parts.denoiser)
         params = list(unet.parameters())
         ema = None
         if tc.use_ema:
@@ -69,7 +68,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
 
             ema = EMAModel(params, decay=tc.ema_decay)
             ema.to(session.device)
-        unet = session.start({"unet": unet}, params, ema=ema, desc="full" + (" +ema" if ema else ""))["unet"]
+        unet = session.start({name: unet}, params, ema=ema, desc="full" + (" +ema" if ema else ""))[name]
 
         # 2. Loop: each micro-batch's rows read from the disk shards.
         for idx in session.steps(index_on_device=False):
@@ -77,7 +76,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             all_rows = torch.arange(len(idx), device=session.device)
             latents = D.scaled_latents(vae_config, batch.latent_mean, batch.latent_std, session.draw)
             noisy, t, target = objective.add_noise(latents, session.draw)
-            pred = unet(noisy, t, **D.unet_conditioning(batch, all_rows)).sample
+            pred = D.predict(parts, unet, noisy, t, D.cached_text(batch, all_rows), session.dtype)
             session.backward(objective.loss(pred, target, t).mean())
 
         # 3. Save (rank 0): the pipeline with the new (EMA) UNet, and the single-file checkpoint.

@@ -39,7 +39,7 @@ from . import data as D
 from . import losses as L
 from . import masks as M
 from .adapters import add_lora, to_fp32
-from .outputs import TrainResult, save_unet_lora
+from .outputs import TrainResult, save_lora
 from .session import Session
 
 
@@ -90,7 +90,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         def save(out: Path) -> list[str]:
             new_unet = session.plain_models()["unet"]
             if not tc.inpaint_full_unet:
-                return save_unet_lora(new_unet, out, cfg)
+                return save_lora(new_unet, out, cfg)
             # the diffusers folder only: the single-file writer is for text-to-image
             load_pipeline(cfg, unet=new_unet.to(torch.float32).eval()).save_pretrained(
                 out, safe_serialization=True

@@ -50,8 +50,8 @@ from sdtune.tracking import MetricLogger
 
 from . import data as D
 from . import losses as L
-from .adapters import add_lora, to_fp32
-from .outputs import TrainResult, save_unet_lora
+from .adapters import add_lora, add_text_encoder_lora, lora_groups, to_fp32
+from .outputs import TrainResult, save_lora
 from .prior import Prior, class_image_paths, denoising_step
 from .session import Session
 from .text_encoders import TrainableText, step_inputs
@@ -77,19 +77,13 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         if dtype != torch.float32:
             unet.to(dtype)
         params = add_lora(unet, tc, tc.target_modules, use_dora=tc.use_dora)
-        te_params: list[torch.nn.Parameter] = []
-        for encoder in encoders.values():
-            encoder.to(device, dtype)
-            te_params += add_lora(encoder, tc, tc.text_encoder_target_modules, use_dora=tc.use_dora)
+        te_params = add_text_encoder_lora(encoders, tc, device, dtype)
         to_fp32(params + te_params)
-        groups = [{"params": params, "lr": tc.learning_rate}]
-        if te_params:
-            groups.append({"params": te_params, "lr": text.lr(cfg)})
         # The text encoders stay unwrapped: their gradients are averaged over ranks by hand (.text_encoders).
         models = session.start(
             {"unet": unet, **encoders},
             params + te_params,
-            groups=groups,
+            groups=lora_groups(tc, params, te_params),
             prepare=["unet"],
             average_grads=te_params,
             samplers={"class": prior.sampler} if prior else None,
@@ -102,12 +96,12 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             latents = D.sample_latents(vae_config, cache, idx, session.draw)
             n = len(idx)
             latents, cond = step_inputs(latents, idx, cache, prior, text, vae_config, session)
-            denoising_step(unet, objective, latents, cond, n, prior, session)
+            denoising_step(parts, unet, objective, latents, cond, n, prior, session)
 
         # 4. Save (rank 0 only).
         return session.finish(
             "lora",
-            lambda out: save_unet_lora(session.plain_models()["unet"], out, cfg, text_encoders=encoders),
+            lambda out: save_lora(session.plain_models()["unet"], out, cfg, text_encoders=encoders),
             check_replicas=True,
             text_encoder_lora=sorted(encoders),
             dora=tc.use_dora,

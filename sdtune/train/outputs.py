@@ -49,19 +49,22 @@ def pipeline_class(arch: str, inpaint: bool = False):
     return getattr(diffusers, name)
 
 
-def save_unet_lora(unet, out_dir: Path, cfg: RunConfig, text_encoders: dict | None = None) -> list[str]:
-    """Diffusers-format LoRA (with the adapter configs as metadata, so alpha ≠ rank loads right) and, when
-    ``train.export_kohya`` (and not DoRA, which kohya's format cannot hold), the same weights in
-    kohya/A1111/ComfyUI format. ``text_encoders``: ``{"text_encoder": module, "text_encoder_2": module}``
-    with LoRA adapters (``train.train_text_encoder``). Returns the file names."""
+def save_lora(denoiser, out_dir: Path, cfg: RunConfig, text_encoders: dict | None = None) -> list[str]:
+    """Diffusers-format LoRA of the UNet (SD3: the transformer, ``transformer.`` keys), with the adapter configs
+    as metadata so alpha ≠ rank loads right, and, when ``train.export_kohya``, the family has a kohya layout
+    (SD 1.x/2.x, SDXL) and the adapter is no DoRA (kohya's format cannot hold one), the same weights in
+    kohya/A1111/ComfyUI format. ``text_encoders``: ``{"text_encoder": module, "text_encoder_2": module}`` with
+    LoRA adapters (``train.train_text_encoder``). Returns the file names."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    peft_state = get_peft_model_state_dict(unet)
-    lora_config = unet.peft_config["default"]
+    family = family_of(cfg)
+    peft_state = get_peft_model_state_dict(denoiser)
+    lora_config = denoiser.peft_config["default"]
+    layers = peft_state if family.denoiser == "transformer" else convert_state_dict_to_diffusers(peft_state)
     kwargs: dict = {
-        "unet_lora_layers": convert_state_dict_to_diffusers(peft_state),
-        "unet_lora_adapter_metadata": lora_config.to_dict(),
+        f"{family.denoiser}_lora_layers": layers,
+        f"{family.denoiser}_lora_adapter_metadata": lora_config.to_dict(),
     }
     kohya_parts = {"unet": (peft_state, lora_config.lora_alpha)}
     for name, encoder in (text_encoders or {}).items():
@@ -72,7 +75,7 @@ def save_unet_lora(unet, out_dir: Path, cfg: RunConfig, text_encoders: dict | No
         kohya_parts[name] = (te_state, te_config.lora_alpha)
     pipeline_class(cfg.model.arch).save_lora_weights(out_dir, safe_serialization=True, **kwargs)
     files = [LORA_WEIGHTS]
-    layout = family_of(cfg).kohya_layout
+    layout = family.kohya_layout
     if cfg.train.option("export_kohya") and not cfg.train.option("use_dora") and layout is not None:
         from .export import save_kohya_lora
 
@@ -87,28 +90,14 @@ def save_unet_lora(unet, out_dir: Path, cfg: RunConfig, text_encoders: dict | No
     return files
 
 
-def save_transformer_lora(transformer, out_dir: Path) -> list[str]:
-    """The diffusers-format LoRA (``transformer.`` keys, adapter config as metadata so alpha ≠ rank loads)."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
-
-    StableDiffusion3Pipeline.save_lora_weights(
-        out_dir,
-        transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
-        safe_serialization=True,
-    )
-    return [LORA_WEIGHTS]
-
-
 def save_full_pipeline(cfg: RunConfig, unet, out_dir: Path, **text_encoders) -> list[str]:
-    """The base pipeline with the trained ``unet`` (and ``text_encoder=``/``text_encoder_2=`` when they
-    trained) as a diffusers folder (``from_pretrained``), plus ``model.safetensors`` in the original SD layout
-    (``from_single_file``, A1111, ComfyUI) when ``train.export_single_file`` and the architecture has a writer
-    (SD 1.x, 2.x, SDXL). Returns the file names."""
+    """The base pipeline with the trained ``unet`` (SD3: transformer; and ``text_encoder=``/``text_encoder_2=``
+    when they trained) as a diffusers folder (``from_pretrained``), plus ``model.safetensors`` in the original SD
+    layout (``from_single_file``, A1111, ComfyUI) when ``train.export_single_file`` and the architecture has a
+    writer (SD 1.x, 2.x, SDXL). Returns the file names."""
     from sdtune.models.loading import load_pipeline
 
-    pipe = load_pipeline(cfg, unet=unet, **text_encoders)
+    pipe = load_pipeline(cfg, **{family_of(cfg).denoiser: unet}, **text_encoders)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     files = ["model_index.json"]
     if cfg.train.option("export_single_file") and family_of(cfg).single_file:
@@ -131,10 +120,14 @@ HOW_TO_LOAD = {
     LORA_WEIGHTS: 'pipe.load_lora_weights("{dir}")',
     KOHYA_LORA: 'AUTOMATIC1111 / ComfyUI `models/Lora/`, or pipe.load_lora_weights("{dir}", weight_name="{file}")',
     EMBEDDINGS: 'pipe.load_textual_inversion("{dir}/{file}")',
-    "model_index.json": 'StableDiffusionPipeline.from_pretrained("{dir}")',
+    "model_index.json": '{pipeline}.from_pretrained("{dir}")',
     "model.safetensors": "AUTOMATIC1111 / ComfyUI `models/Stable-diffusion/`, or "
-    'StableDiffusionPipeline.from_single_file("{dir}/{file}", config="{dir}")',
+    '{pipeline}.from_single_file("{dir}/{file}", config="{dir}")',
 }
+# A pipeline without diffusers' textual-inversion loader (SD3) gets the rows the way transformers documents it.
+EMBEDDINGS_WITHOUT_LOADER = (
+    'sdtune.train.embeddings.load_into_pipeline(pipe, "{dir}/{file}"), then write every token in the prompt'
+)
 
 
 def model_card(
@@ -185,8 +178,12 @@ def model_card(
         "## Files",
         "",
     ]
+    pipeline = pipeline_class(cfg.model.arch)
     for name in result.files:
-        how = HOW_TO_LOAD.get(name, "").format(dir=".", file=name)
+        how = HOW_TO_LOAD.get(name, "")
+        if name == EMBEDDINGS and not hasattr(pipeline, "load_textual_inversion"):
+            how = EMBEDDINGS_WITHOUT_LOADER
+        how = how.format(dir=".", file=name, pipeline=pipeline.__name__)
         lines.append(f"- `{name}`" + (f": {how}" if how else ""))
     lines += ["", "## Hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]

@@ -1,4 +1,4 @@
-"""Pivotal tuning: textual inversion and a UNet LoRA trained together (the "pivot" is the new token).
+"""Pivotal tuning: textual inversion and a denoiser LoRA trained together (the "pivot" is the new token).
 
 Run it::
 
@@ -8,7 +8,8 @@ Features (config key → behaviour):
 
 - New tokens ``<sks>``, ``<sks>_1`` … (``train.num_vectors``, ``initializer_token``) replace the trigger word in
   captions, exactly as in :mod:`.textual_inversion`; only their rows change (checked bit for bit).
-- A UNet LoRA (``train.rank``, ``alpha``, ``target_modules``) as in :mod:`.lora`.
+- A LoRA on the UNet (SD3: the transformer; ``train.rank``, ``alpha``, ``target_modules``) as in :mod:`.lora`
+  (:mod:`.sd3_lora`); the tokens go into both CLIP encoders on SDXL and SD3 (not T5), as in textual inversion.
 - Two learning rates: ``train.embedding_learning_rate`` (default: ``learning_rate``) for the embeddings,
   ``train.learning_rate`` for the LoRA.
 - ``train.embedding_train_fraction``: after that fraction of the steps the embeddings freeze and training
@@ -27,12 +28,13 @@ from pathlib import Path
 import torch
 
 from sdtune.config import RunConfig
+from sdtune.models.families import family_of
 from sdtune.tracking import MetricLogger
 
 from . import data as D
 from . import embeddings as E
 from .adapters import add_lora, to_fp32
-from .outputs import TrainResult, save_unet_lora
+from .outputs import TrainResult, save_lora
 from .session import Session
 
 
@@ -40,14 +42,15 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
     tc = cfg.train
     with Session(cfg, data_dir, out_dir, logger) as session:
         # 1. As in textual inversion: the concept's tokens (only their embedding rows train), latents and
-        # the concept captions' token ids once; the UNet frozen under its LoRA.
-        parts, concept, data, unet, objective = E.start_concept(cfg, session)
+        # the concept captions' token ids once; the denoiser frozen under its LoRA.
+        parts, concept, data, denoiser, objective = E.start_concept(cfg, session)
 
-        # 2. A LoRA on the UNet, as in the LoRA recipe; two learning rates.
-        lora_params = add_lora(unet, tc, tc.target_modules)
+        # 2. A LoRA on the denoiser (UNet; SD3: transformer), as in the LoRA recipe; two learning rates.
+        denoiser_name = family_of(cfg).denoiser
+        lora_params = add_lora(denoiser, tc, tc.target_modules)
         to_fp32(lora_params)
         models = session.start(
-            {"unet": unet, **concept.modules()},
+            {denoiser_name: denoiser, **concept.modules()},
             [*concept.weights, *lora_params],
             groups=[
                 {"params": concept.weights, "lr": tc.embedding_learning_rate or tc.learning_rate},
@@ -57,7 +60,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             validate=False,
             desc=f"pivotal x{tc.num_vectors} r{tc.rank}",
         )
-        unet = models["unet"]
+        denoiser = models[denoiser_name]
         concept.use(parts, models)
         embedding_steps = max(1, round(tc.embedding_train_fraction * tc.max_steps))
 
@@ -65,16 +68,15 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         for idx in session.steps():
             with torch.set_grad_enabled(session.step <= embedding_steps):
                 text = D.text_conditioning(parts, data.ids(idx), cfg.preprocess.resolution)
-                cond = D.unet_kwargs(text, session.dtype)
             latents = D.sample_latents(data.vae_config, data, idx, session.draw)
             noisy, t, target = objective.add_noise(latents, session.draw)
-            pred = unet(noisy.to(session.dtype), t, **cond).sample
+            pred = D.predict(parts, denoiser, noisy, t, text, session.dtype)
             session.backward(objective.loss(pred, target, t).mean())
 
         # 4. Save (rank 0): the embeddings and the LoRA.
         return session.finish(
             "pivotal",
-            lambda out: concept.save(out) + save_unet_lora(session.plain_models()["unet"], out, cfg),
+            lambda out: concept.save(out) + save_lora(session.plain_models()[denoiser_name], out, cfg),
             prompt=concept.prompt,
             **concept.checked_summary(),  # raises if any other embedding row moved
             embedding_steps=embedding_steps,

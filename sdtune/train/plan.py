@@ -285,6 +285,15 @@ def lora_params(unet, cfg: RunConfig) -> int:
     return count_params(unet, trainable_only=True)
 
 
+def _needing_grads(model, lora: RunConfig | None):
+    """``model`` with ``lora``'s adapters as its only trainable weights, or every weight trainable (no LoRA)."""
+    if lora is not None:
+        lora_params(model, lora)
+    else:
+        model.requires_grad_(True)
+    return model
+
+
 # ------------------------------------------------------------------------------------ meta forward pass
 
 
@@ -307,11 +316,7 @@ def profile_forward(
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    unet = meta_unet(unet_config)
-    if lora is not None:
-        lora_params(unet, lora)
-    else:
-        unet.requires_grad_(True)
+    unet = _needing_grads(meta_unet(unet_config), lora)
     cfg = unet.config
     latent = resolution // 8
     dim = encoder_dim or cfg.cross_attention_dim
@@ -455,8 +460,15 @@ def estimate(
     num_images: int = 1000,
     mfu: float | None = None,
 ) -> Plan:
-    """The plan for ``cfg`` on ``num_gpus`` (default ``train.num_processes``) × ``gpu``."""
-
+    """The plan for ``cfg`` on ``num_gpus`` (default ``train.num_processes``) × ``gpu``.
+    ``train.gradient_checkpointing=auto`` is planned as :func:`checkpointing_choice` resolves it there."""
+    if cfg.train.gradient_checkpointing == "auto":
+        choice = checkpointing_choice(cfg, gpu, num_gpus, num_images)
+        plan = estimate(
+            with_checkpointing(cfg, choice.enabled), gpu, num_gpus, usd_per_gpu_hour, num_images, mfu
+        )
+        plan.notes.insert(0, f"gradient checkpointing: {choice.describe()}")
+        return plan
     if family_of(cfg).denoiser == "transformer":  # SD3: its own model, see estimate_sd3
         return estimate_sd3(
             cfg, gpu_key(gpu), num_gpus or cfg.train.num_processes, usd_per_gpu_hour, num_images, mfu
@@ -641,15 +653,30 @@ def sd3_encoder_params(config: dict) -> int:
         return count_params(T5EncoderModel(T5Config(**keys)))
 
 
+def clip_lora_params(config: dict, cfg: RunConfig) -> int:
+    """Parameters of ``train_text_encoder``'s LoRA on one CLIP encoder (``text_encoder_target_modules``)."""
+    from peft import LoraConfig
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tc = cfg.train
+    keys = {k: v for k, v in config.items() if k in CLIPTextConfig().to_dict()}
+    with torch.device("meta"):
+        encoder = CLIPTextModel(CLIPTextConfig(**keys))
+    encoder.requires_grad_(False)
+    rank = tc.rank
+    encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=tc.text_encoder_target_modules))
+    return count_params(encoder, trainable_only=True)
+
+
 def profile_sd3_forward(
-    transformer_config: dict, resolution: int, batch: int, text_tokens: int, lora: RunConfig
+    transformer_config: dict, resolution: int, batch: int, text_tokens: int, lora: RunConfig | None
 ) -> ForwardProfile:
-    """One transformer forward with LoRA on the meta device at the training resolution, with the joint
-    sequence of ``text_tokens`` prompt tokens (77 CLIP + train.max_sequence_length T5)."""
+    """One transformer forward on the meta device at the training resolution, with the joint sequence of
+    ``text_tokens`` prompt tokens (77 CLIP + train.max_sequence_length T5): with ``lora``'s adapters, or every
+    weight needing its gradient (a full fine-tune; textual inversion back-propagates through it all too)."""
     from diffusers.models.attention import JointTransformerBlock
 
-    transformer = meta_transformer(transformer_config)
-    lora_params(transformer, lora)
+    transformer = _needing_grads(meta_transformer(transformer_config), lora)
     c = transformer.config
     with torch.device("meta"):
         inputs = {
@@ -666,35 +693,57 @@ def profile_sd3_forward(
 def estimate_sd3(
     cfg: RunConfig, gpu: str, n: int, usd_per_gpu_hour: float, num_images: int, mfu: float | None
 ) -> Plan:
-    """The plan of SD3 LoRA (sdtune.train.sd3_lora): the transformer frozen in the training precision with
-    fp32 adapters; the three text encoders and the VAE run once, in fp32, to cache latents and prompt
-    embeddings, and are freed before the loop — a phase of its own that must fit too."""
+    """The plan of an SD3 run, any method: the transformer frozen in the training precision under fp32
+    adapters (LoRA, pivotal) or new rows (textual inversion), or trained whole in fp32 (DreamBooth, full; EMA
+    and FSDP as for the UNet). The three text encoders and the VAE run once, in fp32, to cache latents and
+    prompt embeddings — a phase of its own that must fit too; CLIP stays for the loop when it trains
+    (new rows, ``train_text_encoder``)."""
     card, tc, res = GPUS[gpu], cfg.train, cfg.preprocess.resolution
     transformer_cfg, enc_cfgs, vae_cfg = sd3_model_configs(cfg)
     p_enc = [sd3_encoder_params(c) for c in enc_cfgs]
+    clips = [c for c in enc_cfgs if c.get("model_type") != "t5"]
+    p_clip = sum(sd3_encoder_params(c) for c in clips)
+    full = tc.method in ("dreambooth", "full")
+    adapters = tc.method in ("lora", "pivotal")
+    rows = tc.num_vectors * sum(c["hidden_size"] for c in clips) if tc.option("num_vectors") else 0
+    te_lora = sum(clip_lora_params(c, cfg) for c in clips) if tc.option("train_text_encoder") else 0
+    p_transformer = count_params(meta_transformer(transformer_cfg))
+    lora = lora_params(meta_transformer(transformer_cfg), cfg) if adapters else 0
+    trainable = p_transformer if full else lora + rows + te_lora
     sizes = {  # the transformer is reported in the denoiser's row (params_unet)
-        "params_unet": count_params(meta_transformer(transformer_cfg)),
+        "params_unet": p_transformer,
         "params_text_encoders": sum(p_enc),
         "params_vae": vae_params(vae_cfg),
-        "params_trainable": lora_params(meta_transformer(transformer_cfg), cfg),
+        "params_trainable": trainable,
     }
-    trainable = sizes["params_trainable"]
     half = tc.mixed_precision in ("bf16", "fp16")
     wbytes = 2 if half else 4
+    fsdp = full and tc.parallelism == "fsdp" and n > 1
+    if full:  # fp32 master weights (+ the EMA copy); autocast does the half-precision maths
+        weights = 4 * p_transformer * (2 if tc.option("use_ema") else 1)
+    else:  # the CLIP encoders stay when they train: fp32 under new rows, the training precision under LoRA
+        clip_loop = 4 * p_clip if rows else wbytes * p_clip if te_lora else 0
+        weights = wbytes * p_transformer + 4 * trainable + clip_loop
     memory = {
-        "weights": wbytes * sizes["params_unet"] + 4 * trainable,
+        "weights": weights,
         "grads": 4 * trainable,
         "optimizer": {"adamw": 8, "adamw8bit": 2}.get(tc.optimizer, 0) * trainable,
     }
+    if fsdp:
+        memory = {k: v / n for k, v in memory.items()}
+        memory["weights"] += 4 * p_transformer / transformer_cfg["num_layers"]  # the block being all-gathered
     tokens = 77 + tc.max_sequence_length
-    prof = profile_sd3_forward(transformer_cfg, res, tc.batch_size, tokens, lora=cfg)
+    batch = tc.batch_size * (2 if tc.option("with_prior_preservation") else 1)
+    prof = profile_sd3_forward(transformer_cfg, res, batch, tokens, lora=cfg if adapters else None)
     saved = prof.boundary_bytes + prof.max_block_bytes if tc.gradient_checkpointing else prof.saved_bytes
     memory["activations"] = saved * ACTIVATION_FACTOR * (HALF_ACTIVATION_SHARE if half else 1.0)
     memory["backward_peak"] = backward_peak(memory["activations"], memory["grads"])
-    # Cached per image on the device: the latent mean and std, the joint prompt embeddings and the pooled one.
+    # Cached per image on the device: the latent mean and std, the joint prompt embeddings and the pooled one
+    # (for a full fine-tune a batch at a time, read from disk shards).
     latent = (res // 8) ** 2 * transformer_cfg["in_channels"] * 2
     text = tokens * transformer_cfg["joint_attention_dim"] + transformer_cfg["pooled_projection_dim"]
-    memory["data_cache"] = (latent + text) * wbytes * math.ceil(num_images / n)
+    images = tc.batch_size if tc.method == "full" else math.ceil(num_images / n) * (batch // tc.batch_size)
+    memory["data_cache"] = (latent + text) * wbytes * images
     memory["overhead"] = CUDA_OVERHEAD_GB * GB
     loop = ("weights", "optimizer", "backward_peak", "data_cache", "overhead")
     memory["total"] = sum(memory[k] for k in loop)
@@ -702,11 +751,13 @@ def estimate_sd3(
     encoding = 4 * (sum(p_enc) + sizes["params_vae"]) + memory["overhead"]
     mfu = mfu if mfu is not None else mfu_for(tc.batch_size, res)
     notes = [
-        f"SD3 transformer (MMDiT) with LoRA, flow matching; the {len(p_enc)} text encoders "
+        f"SD3 transformer (MMDiT), {tc.method}, flow matching; the {len(p_enc)} text encoders "
         f"({sum(p_enc) / 1e9:.2f} B parameters, the largest {max(p_enc) / 1e9:.2f} B) and the VAE run once, "
         f"in fp32, to cache the embeddings: that phase needs {encoding / GB:.1f} GiB on its own",
         f"the MFU ({mfu:.0%}) is the UNet assumption; time one real SD3 step and pass --mfu",
     ]
+    if fsdp:
+        notes.append("FSDP2: weights, gradients and AdamW state sharded over the GPUs (joint blocks)")
     fits = memory["total"] <= capacity and encoding <= capacity
     if encoding > capacity:
         notes.append(f"does not fit: caching the embeddings alone needs {encoding / GB:.1f} GiB")
@@ -715,16 +766,17 @@ def estimate_sd3(
         notes.append(
             f"does not fit: the largest share is {biggest.replace('_', ' ')} ({memory[biggest] / GB:.1f} GiB)"
         )
-    # Time: forward + backward through the frozen weights to the adapters (+ a recompute when checkpointing).
-    flops_step = prof.flops * (3.0 if tc.gradient_checkpointing else 2.0) * tc.gradient_accumulation_steps
+    # Time: forward + backward to the inputs (+ the weights' gradients when all train) (+ a recompute).
+    passes = (3.0 if full else 2.0) + (1.0 if tc.gradient_checkpointing else 0.0)
+    flops_step = prof.flops * passes * tc.gradient_accumulation_steps
     return Plan(
-        **plan_settings(cfg, gpu, n, "ddp"),
+        **plan_settings(cfg, gpu, n, "fsdp" if fsdp else "ddp"),
         **sizes,
         **memory,
         capacity=capacity,
         fits=fits,
-        fwd_tflop_per_sample=prof.flops / tc.batch_size / 1e12,
-        **plan_time(cfg, flops_step, card, half, n, "ddp", mfu, usd_per_gpu_hour),
+        fwd_tflop_per_sample=prof.flops / batch / 1e12,
+        **plan_time(cfg, flops_step, card, half, n, "fsdp" if fsdp else "ddp", mfu, usd_per_gpu_hour),
         notes=notes,
     )
 
@@ -738,7 +790,7 @@ def fitting_settings(
     tc = cfg.train
     n = num_gpus or tc.num_processes
     tries: list[list[str]] = []
-    if not tc.gradient_checkpointing:
+    if tc.gradient_checkpointing is False:  # auto already turned it on where that was needed
         tries.append(["train.gradient_checkpointing=true"])
     if tc.mixed_precision == "no":
         tries.append(["train.mixed_precision=bf16", "train.gradient_checkpointing=true"])
@@ -774,6 +826,62 @@ def fitting_settings(
         if len(fits) == 2:
             break
     return fits
+
+
+@dataclass(frozen=True)
+class CheckpointingChoice:
+    """What ``train.gradient_checkpointing`` resolves to for a run, and why."""
+
+    enabled: bool
+    reason: str
+
+    def describe(self) -> str:
+        return f"{'on' if self.enabled else 'off'} ({self.reason})"
+
+
+def with_checkpointing(cfg: RunConfig, enabled: bool) -> RunConfig:
+    from sdtune.config import config_from_dict
+
+    value = "true" if enabled else "false"
+    return config_from_dict(cfg.model_dump(mode="json"), [f"train.gradient_checkpointing={value}"])
+
+
+def checkpointing_choice(
+    cfg: RunConfig,
+    gpu: str | None,
+    num_gpus: int | None = None,
+    num_images: int = 1000,
+    capacity_bytes: float | None = None,
+) -> CheckpointingChoice:
+    """``train.gradient_checkpointing`` for a run on ``gpu`` (a :data:`GPUS` name; None: no GPU). ``auto``
+    is off when the planner's training-loop memory without checkpointing fits the card (``capacity_bytes``:
+    the real device's memory, else the table's) — recomputing the forward costs about a third more FLOPs —
+    and on when it does not. On a CPU (no GPU) auto is off: host memory is not the limit it saves."""
+    setting = cfg.train.gradient_checkpointing
+    if setting != "auto":
+        return CheckpointingChoice(bool(setting), "set in the config")
+    if gpu is None:
+        return CheckpointingChoice(False, "auto: no GPU, nothing to save accelerator memory for")
+    try:
+        plan = estimate(with_checkpointing(cfg, False), gpu, num_gpus, num_images=num_images)
+    except Exception as err:  # noqa: BLE001 - a model the planner cannot size: the choice that cannot OOM
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return CheckpointingChoice(True, f"auto: the planner cannot size this run ({why}), on to be safe")
+    capacity = capacity_bytes if capacity_bytes is not None else plan.capacity
+    need = f"the planner's estimate without it, {plan.total / GB:.1f} GiB, {{}} the {capacity / GB:.0f} GiB of {plan.gpu}"
+    if plan.total <= capacity:
+        return CheckpointingChoice(False, "auto: " + need.format("fits"))
+    return CheckpointingChoice(True, "auto: " + need.format("does not fit"))
+
+
+def checkpointing_for_device(
+    cfg: RunConfig, device: torch.device, num_gpus: int, num_images: int
+) -> CheckpointingChoice:
+    """:func:`checkpointing_choice` for the device this process trains on (its real memory on CUDA)."""
+    if torch.device(device).type != "cuda" or cfg.train.gradient_checkpointing != "auto":
+        return checkpointing_choice(cfg, None)
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return checkpointing_choice(cfg, gpu_name_to_key(total), num_gpus, num_images, capacity_bytes=total)
 
 
 def gpu_name_to_key(total_bytes: int) -> str:

@@ -52,12 +52,10 @@ class Prior:
         idx = D.to_device(next(self.sampler), device)  # pinned, asynchronous on CUDA
         return idx, D.sample_latents(vae_config, self.data, idx, draw)
 
-    def join(self, latents: torch.Tensor, cond: dict, vae_config, draw, device) -> tuple[torch.Tensor, dict]:
-        """The instance batch with a class batch appended (latents and cached UNet conditioning)."""
+    def join(self, latents: torch.Tensor, text: dict, vae_config, draw, device) -> tuple[torch.Tensor, dict]:
+        """The instance batch with a class batch appended (latents and cached text conditioning)."""
         idx, class_latents = self.next_batch(vae_config, draw, device)
-        return torch.cat([latents, class_latents]), D.cat_conditioning(
-            cond, D.unet_conditioning(self.data, idx)
-        )
+        return torch.cat([latents, class_latents]), D.cat_text(text, D.cached_text(self.data, idx))
 
     def loss(self, per_sample: torch.Tensor, n: int, session) -> tuple[torch.Tensor, torch.Tensor]:
         """(instance loss, total loss) from the per-sample losses of a joined batch of ``n`` instances."""
@@ -68,12 +66,13 @@ class Prior:
 
 
 def denoising_step(
-    unet, objective, latents: torch.Tensor, cond: dict, n: int, prior: Prior | None, session
+    parts, model, objective, latents: torch.Tensor, text: dict, n: int, prior: Prior | None, session
 ) -> None:
-    """Noise a batch of ``n`` instances (and the class batch :meth:`Prior.join` appended), predict, and
-    back-propagate the instance loss (+ ``prior_loss_weight`` × the class loss); the instance loss is logged."""
+    """Noise a batch of ``n`` instances (and the class batch :meth:`Prior.join` appended), predict with the
+    denoiser ``model`` (UNet or SD3 transformer, :func:`.data.predict`) and back-propagate the instance loss
+    (+ ``prior_loss_weight`` × the class loss); the instance loss is logged."""
     noisy, t, target = objective.add_noise(latents, session.draw)
-    per_sample = objective.loss(unet(noisy, t, **cond).sample, target, t)
+    per_sample = objective.loss(D.predict(parts, model, noisy, t, text, session.dtype), target, t)
     loss = total = per_sample[:n].mean()
     if prior is not None:
         loss, total = prior.loss(per_sample, n, session)

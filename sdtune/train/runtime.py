@@ -77,9 +77,48 @@ def make_optimizer(tc: TrainConfig, params):
     # tiny 2.2 → 0.7 ms, medium 28 → 5.5 ms per step, docs/performance.md); same update, other rounding.
     devices = {p.device.type for p in tensors}
     fused = bool(tensors) and len(devices) == 1 and devices <= {"cpu", "cuda"}
+    if capturable_step(tc, devices):
+        return adamw_with_tensor_lr(tc, params, tensors[0].device, capturable=True)
     return torch.optim.AdamW(
         params, lr=tc.learning_rate, weight_decay=tc.adam_weight_decay, fused=fused or None
     )
+
+
+def capturable_step(tc: TrainConfig, devices: set[str]) -> bool:
+    """Whether the optimizer step must be CUDA-graph safe: ``train.compile=graphs`` with every trainable
+    tensor on a CUDA device. Elsewhere the plain fused AdamW with a float learning rate is as fast."""
+    return tc.compile == "graphs" and tc.optimizer == "adamw" and devices == {"cuda"}
+
+
+def adamw_with_tensor_lr(
+    tc: TrainConfig, params, device: torch.device, capturable: bool
+) -> torch.optim.AdamW:
+    """Fused AdamW whose learning rates are 0-d tensors on ``device`` (``capturable``: its step count lives
+    there too), so a CUDA graph can capture ``optimizer.step()``: nothing in it reads a host value. The LR
+    schedule writes each new rate into the same tensor (``LRScheduler`` fills tensor rates in place), and a
+    resumed optimizer state is copied into those tensors rather than replacing them (a captured graph keeps
+    reading the tensor it was captured with). Same update as a float rate: tests/train/test_optimizer.py."""
+
+    def rate(value: float) -> torch.Tensor:
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+    groups = [{**g, "lr": rate(g.get("lr", tc.learning_rate))} if isinstance(g, dict) else g for g in params]
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=rate(tc.learning_rate),
+        weight_decay=tc.adam_weight_decay,
+        fused=True,
+        capturable=capturable,
+    )
+    rates = [g["lr"] for g in optimizer.param_groups]
+
+    def keep_rate_tensors(opt: torch.optim.Optimizer) -> None:
+        for group, tensor in zip(opt.param_groups, rates, strict=True):
+            tensor.copy_(group["lr"])  # a checkpoint's rate, loaded on the CPU, into the device tensor
+            group["lr"] = tensor
+
+    optimizer.register_load_state_dict_post_hook(keep_rate_tensors)
+    return optimizer
 
 
 def _adamw8bit(tc: TrainConfig, params, tensors):
@@ -285,7 +324,7 @@ def report_step(step, tc: TrainConfig, tracker, lr_scheduler, grad_norm, bar, lo
     if step % tc.log_every and step != tc.max_steps:
         return
     metrics = tracker.flush(step)
-    metrics.update(lr=lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+    metrics.update(lr=float(lr_scheduler.get_last_lr()[0]), grad_norm=float(grad_norm))  # tensor rates too
     if extra is not None:
         metrics.update(extra())
     bar.set_postfix(loss=f"{metrics['loss']:.4f}")

@@ -9,12 +9,14 @@ A recipe reads top to bottom::
         for idx in session.steps():                                 # one micro-batch (indices into the shard)
             loss = …                                                # the method's own objective, in view
             session.backward(loss)
-        return session.finish("lora", lambda out: save_unet_lora(…, out, cfg))  # rank 0: files, summary, card
+        return session.finish("lora", lambda out: save_lora(…, out, cfg))  # rank 0: files, summary, card
 
 What the session owns, in order of a run:
 
 - **Processes**: the Accelerator (one process, ``torchrun`` or ``accelerate launch``: gloo on CPU, NCCL on
   GPUs); only rank 0 logs and writes. Frozen weights' dtype (:attr:`dtype`).
+  Gradient checkpointing as ``train.gradient_checkpointing`` resolves on this device (:attr:`checkpointing`:
+  ``auto`` asks the planner whether the run fits the card without it; recorded in the train summary).
 - **Data**: the ``train`` records (:attr:`all_records`), this rank's share (:attr:`records`), the seeded
   resumable sampler over it and the global-batch random draw (:attr:`draw`, see :class:`.data.GlobalDraw`).
 - **Resume and preemption**: the checkpoint to continue is found before any work (a refusal comes early);
@@ -40,6 +42,7 @@ A change to the loop is made here once, for every method.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,6 +58,7 @@ from . import compile as K
 from . import data as D
 from . import parallel as P
 from .outputs import TrainResult, write_run_files
+from .plan import checkpointing_for_device
 from .runtime import (
     LossTracker,
     PreemptWatch,
@@ -90,6 +94,10 @@ class Session:
         self.watch = PreemptWatch(acc, self.tc.preempt_grace_s)
         self.dtype = weight_dtype(acc)
         self.records = D.shard(self.all_records, self.rank, self.world)
+        # train.gradient_checkpointing=auto asks the planner whether the run fits this card without it.
+        self.checkpointing = checkpointing_for_device(cfg, self.device, self.world, len(self.all_records))
+        if self.is_main:
+            print(f"gradient checkpointing: {self.checkpointing.describe()}", file=sys.stderr, flush=True)
         self.validator = None
         self.fsdp = False
         self.step = 0
@@ -113,12 +121,12 @@ class Session:
     # --------------------------------------------------------------------------------------------- setup
 
     def trainable_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
-        """A full fine-tune's UNet: fp32 master weights on the device (autocast does the half-precision maths),
+        """A full fine-tune's denoiser (the UNet; SD3: the transformer): fp32 master weights on the device (autocast does the half-precision maths),
         every weight trains; sharded with FSDP2 (:mod:`.parallel`) under ``train.parallelism=fsdp`` with more
         than one process — before the optimizer is built, so its parameters become this rank's shards."""
         unet.to(self.device)
         unet.requires_grad_(True)
-        if self.tc.gradient_checkpointing:
+        if self.checkpointing.enabled:
             unet.enable_gradient_checkpointing()
         self.fsdp = self.tc.parallelism == "fsdp" and self.world > 1
         if self.fsdp:
@@ -132,7 +140,7 @@ class Session:
         model.to(self.device)
         if self.dtype != torch.float32:
             model.to(self.dtype)
-        if self.tc.gradient_checkpointing:
+        if self.checkpointing.enabled:
             model.enable_gradient_checkpointing()
         return K.compile_denoiser(model, self.tc.compile)
 
@@ -305,7 +313,12 @@ class Session:
         """The run's result; rank 0 calls ``save(out_dir)`` (→ the file names written) and writes the run files.
         ``check_replicas``: record whether all DDP ranks hold bit-identical trainable weights."""
         trained = self.tc.max_steps - self.start_step
-        extra.update(resumed_from_step=self.start_step, attempt=self.state.attempt)
+        extra.update(
+            resumed_from_step=self.start_step,
+            attempt=self.state.attempt,
+            gradient_checkpointing=self.checkpointing.enabled,
+            gradient_checkpointing_reason=self.checkpointing.reason,
+        )
         if self.validator is not None:
             extra["validation_grids"] = [str(p.relative_to(self.out_dir)) for p in self.validator.files]
         result = TrainResult(
@@ -330,14 +343,15 @@ class Session:
 
     def trained_unet(self, unet: torch.nn.Module) -> torch.nn.Module | None:
         """A full fine-tune's UNet as a plain fp32 module on rank 0 (None elsewhere): gathered from the
-        shards under FSDP (a collective: every rank calls it), with the EMA weights when there is an EMA."""
+        shards under FSDP (a collective: every rank calls it), with the EMA weights when there is an EMA
+        (under FSDP each rank first puts its averaged shards into its own shards of the model)."""
+        if self.fsdp and self.ema is not None:
+            self.ema.copy_to(unet.parameters())
         weights = P.full_state_dict(unet) if self.fsdp else None
         if not self.is_main:
             return None
         if self.fsdp:
-            from diffusers import UNet2DConditionModel
-
-            plain = UNet2DConditionModel.from_config(unet.config)
+            plain = P.unsharded_class(unet).from_config(unet.config)
             plain.load_state_dict(weights)
         else:
             plain = self.accelerator.unwrap_model(unet)

@@ -37,7 +37,7 @@ class TrainableText:
         """The trainable text side when ``train.train_text_encoder``; otherwise None, and the encoders are
         dropped from ``parts`` (the text embeddings are cached)."""
         if not cfg.train.option("train_text_encoder"):
-            del parts.text_encoder, parts.text_encoder_2
+            parts.text_encoder = parts.text_encoder_2 = parts.text_encoder_3 = None
             return None
 
         def ids(prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -50,9 +50,6 @@ class TrainableText:
             ids([class_prompt(cfg)]) if prior is not None else None,
         )
 
-    def lr(self, cfg: RunConfig) -> float:
-        return cfg.train.text_encoder_lr or cfg.train.learning_rate
-
 
 def step_inputs(
     latents: torch.Tensor,
@@ -63,10 +60,10 @@ def step_inputs(
     vae_config,
     session,
 ) -> tuple[torch.Tensor, dict]:
-    """The UNet's inputs for the instance batch ``idx`` (its ``latents`` drawn), with the class batch appended
-    under prior preservation: conditioning from the cache, or from the training text encoders."""
+    """The latents and text conditioning for the instance batch ``idx`` (its ``latents`` drawn), with the class
+    batch appended under prior preservation: conditioning from the cache, or from the training text encoders."""
     if text is None:
-        cond = D.unet_conditioning(cache, idx)
+        cond = D.cached_text(cache, idx)
         if prior is not None:
             latents, cond = prior.join(latents, cond, vae_config, session.draw, session.device)
         return latents, cond
@@ -75,4 +72,4 @@ def step_inputs(
         cidx, class_latents = prior.next_batch(vae_config, session.draw, session.device)
         latents = torch.cat([latents, class_latents])
         ids = {k: torch.cat([v, text.class_ids[k].expand(len(cidx), -1)]) for k, v in ids.items()}
-    return latents, D.unet_kwargs(D.text_conditioning(text.parts, ids, session.cfg.preprocess.resolution))
+    return latents, D.text_conditioning(text.parts, ids, session.cfg.preprocess.resolution)

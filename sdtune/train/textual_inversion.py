@@ -11,8 +11,10 @@ Features (config key → behaviour):
 - ``train.initializer_token`` (default: last word of ``caption.class_noun``): where the new rows start.
 - Only the new embedding rows train, as their own ``[num_vectors, dim]`` parameter in front of the frozen table
   (:class:`~.embeddings.ConceptEmbedding`); the table is checked bit for bit at the end
-  (``train_summary.json``: ``other_embeddings_unchanged``). SDXL: both text encoders get the tokens.
-- VAE latents cached once; the text encoder runs every step (its input embeddings are what trains).
+  (``train_summary.json``: ``other_embeddings_unchanged``). SDXL and SD3: both CLIP text encoders get the
+  tokens (SD3's T5 stays frozen and reads the concept captions as text; its states are computed once).
+- VAE latents cached once; the text encoder runs every step (its input embeddings are what trains). The
+  denoiser and objective are the family's (:func:`~.data.predict`): the UNet's noise, SD3's flow matching.
 - Same optimizer, schedule, accumulation, seeding, logging and multi-process behaviour as :mod:`.lora`.
 
 Writes (rank 0): ``learned_embeds.safetensors`` (diffusers ``load_textual_inversion``), ``<trigger>.safetensors``
@@ -37,7 +39,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
     with Session(cfg, data_dir, out_dir, logger) as session:
         # 1. Model: new tokens in every tokenizer/text encoder (only their embedding rows train);
         # data: latents cached once, captions tokenized once (with the concept tokens).
-        parts, concept, data, unet, objective = E.start_concept(cfg, session)
+        parts, concept, data, denoiser, objective = E.start_concept(cfg, session)
 
         models = session.start(
             concept.modules(),
@@ -53,7 +55,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
             cond = D.text_conditioning(parts, data.ids(idx), cfg.preprocess.resolution)
             latents = D.sample_latents(data.vae_config, data, idx, session.draw)
             noisy, t, target = objective.add_noise(latents, session.draw)
-            pred = unet(noisy.to(session.dtype), t, **D.unet_kwargs(cond, session.dtype)).sample
+            pred = D.predict(parts, denoiser, noisy, t, cond, session.dtype)
             session.backward(objective.loss(pred, target, t).mean())
 
         # 3. Save (rank 0).

@@ -45,14 +45,14 @@ def test_every_preset_loads(preset):
 
 def test_the_override_that_makes_the_pair_is_blamed(tmp_path):
     sd3 = REPO_ROOT / "configs/sd3/lora_1gpu.yaml"
-    with pytest.raises(ConfigError, match=r"^override train.method=dreambooth: train.method: model.arch=sd3"):
-        load_config(sd3, ["train.method=dreambooth"])
-    dreambooth = REPO_ROOT / "configs/sd15/dreambooth_1gpu.yaml"
-    with pytest.raises(ConfigError, match=r"^override model.arch=sd3: train.method: .*\(not dreambooth\)"):
-        load_config(dreambooth, ["model.arch=sd3"])
+    with pytest.raises(ConfigError, match=r"^override train.method=inpaint: train.method: model.arch=sd3"):
+        load_config(sd3, ["train.method=inpaint"])
+    inpaint = REPO_ROOT / "configs/sd15/inpaint_lora_1gpu.yaml"
+    with pytest.raises(ConfigError, match=r"^override model.arch=sd3: train.method: .*\(not inpaint\)"):
+        load_config(inpaint, ["model.arch=sd3"])
     in_file = tmp_path / "c.yaml"
-    in_file.write_text("model: {arch: sd3}\ntrain: {method: full}\n")
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(in_file))}: train.method: .*\(not full\)"):
+    in_file.write_text("model: {arch: sd3}\ntrain: {method: inpaint}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(in_file))}: train.method: .*\(not inpaint\)"):
         load_config(in_file)
 
 
@@ -68,11 +68,11 @@ def test_cli_refuses_the_pair_before_touching_data_exit_2(capsys, tmp_path):
             str(tmp_path / "none"),
             "--out",
             str(out),
-            "train.method=pivotal",
+            "train.method=inpaint",
         ]
     )
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith("error: override train.method=pivotal: train.method:")
-    assert "supports train.method=lora only (not pivotal)" in lines[0] and not out.exists()
+    assert lines[0].startswith("error: override train.method=inpaint: train.method:")
+    assert "(not inpaint)" in lines[0] and not out.exists()

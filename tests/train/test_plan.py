@@ -68,3 +68,45 @@ def test_memory_estimate_matches_measured_peak_on_cpu(name, unet, method, batch,
     got = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = got["estimate"] / got["measured"]
     assert abs(ratio - 1) <= TOLERANCE, f"{name} {method} gc={gc}: estimate/measured = {ratio:.2f} ({got})"
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, gpu, enabled",
+    [
+        ("sdxl/seed_job.yaml", [], "h100-80gb", False),  # ≈ 24 GiB without it: fits 80 GB with room
+        ("sdxl/seed_job.yaml", [], "l4-24gb", True),  # the same job does not fit 22 GiB without it
+        ("sdxl/full_8xa100-80gb.yaml", ["train.num_processes=1", "train.batch_size=1"], "a10-24gb", True),
+        ("sd15/lora_1gpu.yaml", [], "l4-24gb", False),
+    ],
+)
+def test_auto_gradient_checkpointing_is_off_when_the_run_fits_the_card(preset, overrides, gpu, enabled):
+    from sdtune.config import load_config
+
+    cfg = load_config(REPO / "configs" / preset, ["train.gradient_checkpointing=auto", *overrides])
+    choice = P.checkpointing_choice(cfg, gpu)
+    assert choice.enabled is enabled, choice.reason
+    assert ("does not fit" in choice.reason) is enabled and "GiB" in choice.reason
+    assert P.checkpointing_choice(cfg, None).enabled is False  # a CPU run: host memory is not the limit
+    explicit = P.with_checkpointing(cfg, not enabled)
+    assert P.checkpointing_choice(explicit, gpu).enabled is (not enabled)  # an explicit setting wins
+
+
+def test_the_plan_of_an_auto_run_is_the_plan_of_its_resolved_choice():
+    from sdtune.config import load_config
+
+    big = ["train.gradient_checkpointing=auto", "train.batch_size=16", "preprocess.resolution=768"]
+    cfg = load_config(REPO / "configs" / "sd15" / "lora_1gpu.yaml", big)  # ≈ 34 GiB without checkpointing
+    plan = P.estimate(cfg, "l4-24gb")
+    assert plan.gradient_checkpointing is True and plan.fits  # on, and then it fits the 24 GB card
+    assert plan.notes[0].startswith("gradient checkpointing: on (auto: ")
+
+
+def test_auto_gradient_checkpointing_is_on_when_the_planner_cannot_size_the_run(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({**TINY, "block_out_channels": "wide"}))
+    cfg = config_from_dict({}, [f"model.base={tmp_path}", "train.gradient_checkpointing=auto"])
+    choice = P.checkpointing_choice(cfg, "h100-80gb")
+    assert choice.enabled is True and "cannot size" in choice.reason and "\n" not in choice.reason

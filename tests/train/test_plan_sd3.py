@@ -68,3 +68,23 @@ def test_a_local_sd3_folder_is_planned_from_its_own_configs(tiny_sd3):
     encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
     assert plan.params_text_encoders == sum(P.count_params(e) for e in encoders)
     assert plan.params_vae == P.count_params(pipe.vae) and plan.fits
+
+
+def test_every_sd3_method_is_planned_for_what_it_trains():
+    """What trains, per method: LoRA (+ the CLIP encoders' LoRA), new CLIP rows, both, or the whole MMDiT."""
+    lora = P.estimate(load_config(PRESET), "h100")
+    with_te = P.estimate(load_config(PRESET, ["train.train_text_encoder=true"]), "h100")
+    # CLIP-L (12 layers × 768) and bigG (32 × 1280), q/k/v/out at rank 16: 16 × 8 × Σ layers × width.
+    assert with_te.params_trainable - lora.params_trainable == 16 * 8 * (12 * 768 + 32 * 1280)
+    assert with_te.weights > lora.weights + 2 * (123.7e6 + 694.7e6)  # the bf16 CLIP encoders stay resident
+    ti = P.estimate(load_config(PRESET, ["train.method=textual_inversion", "train.num_vectors=4"]), "h100")
+    assert ti.params_trainable == 4 * (768 + 1280) and ti.grads == 4 * ti.params_trainable
+    pivotal = P.estimate(load_config(PRESET, ["train.method=pivotal", "train.num_vectors=4"]), "h100")
+    assert pivotal.params_trainable == lora.params_trainable + ti.params_trainable
+    full = P.estimate(load_config(PRESET, ["train.method=full", "train.use_ema=true"]), "h100")
+    assert full.params_trainable == full.params_unet and full.weights == 2 * 4 * full.params_unet
+    assert full.grads == 4 * full.params_unet and full.seconds_per_step > lora.seconds_per_step
+    sharded = P.estimate(
+        load_config(PRESET, ["train.method=dreambooth", "train.parallelism=fsdp"]), "h100", 8
+    )
+    assert sharded.parallelism == "fsdp" and sharded.grads == 4 * sharded.params_unet / 8

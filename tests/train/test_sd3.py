@@ -127,7 +127,10 @@ def test_sd3_evaluate_computes_flow_loss_and_grid(trained, tiny_sd3, stage_dir, 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["train.method=dreambooth"], "supports train.method=lora only"),
+        (
+            ["train.method=inpaint"],
+            "lora / textual_inversion / pivotal / dreambooth / full only (not inpaint)",
+        ),
         (["train.snr_gamma=5"], "train.snr_gamma=5.0 is not supported for model.arch=sd3"),
     ],
 )

@@ -109,7 +109,13 @@ def test_the_loop_accumulates_clips_steps_logs_and_saves(tmp_path, stage):
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["method"] == "test" and summary["files"] == ["w.txt"]
     assert (tmp_path / "out" / "w.txt").read_text() == str(float(weight))
-    assert summary["extra"] == {"answer": 42, "resumed_from_step": 0, "attempt": 0}
+    assert summary["extra"] == {
+        "answer": 42,
+        "resumed_from_step": 0,
+        "attempt": 0,
+        "gradient_checkpointing": False,  # auto, on a CPU
+        "gradient_checkpointing_reason": "auto: no GPU, nothing to save accelerator memory for",
+    }
 
 
 def test_a_resumed_session_continues_the_same_run(tmp_path, stage):
@@ -149,3 +155,36 @@ def test_import_directions():
     for path in sorted((REPO / "sdtune" / "models").glob("*.py")):
         wrong = sorted(n for n in imported_names(path, REPO) if n.startswith("sdtune.train"))
         assert not wrong, f"models/{path.name} imports {wrong}"
+
+
+@pytest.mark.parametrize("setting, enabled", [("auto", False), (True, True), (False, False)])
+def test_the_session_applies_the_resolved_gradient_checkpointing(tmp_path, stage, setting, enabled):
+    """auto on a CPU is off (no accelerator memory to save); an explicit setting is applied as given — to the
+    frozen base (place) and to a full fine-tune's UNet (trainable_unet) — and recorded in the summary."""
+    from diffusers import UNet2DConditionModel
+
+    def unet():
+        return UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            norm_num_groups=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            sample_size=8,
+        )
+
+    cfg = _cfg(gradient_checkpointing=setting, max_steps=1)
+    with Session(cfg, stage, tmp_path / "out") as session:
+        assert session.checkpointing.enabled is enabled
+        assert session.place(unet()).is_gradient_checkpointing is enabled
+        model = session.trainable_unet(unet())
+        assert model.is_gradient_checkpointing is enabled
+        session.start({"m": model}, list(model.parameters()), validate=False, desc="t")
+        for _ in session.steps():
+            pass
+        session.finish("test", lambda out: [])
+    extra = json.loads((tmp_path / "out" / "train_summary.json").read_text())["extra"]
+    assert extra["gradient_checkpointing"] is enabled
+    reason = "set in the config" if setting != "auto" else "auto: no GPU"
+    assert extra["gradient_checkpointing_reason"].startswith(reason)
