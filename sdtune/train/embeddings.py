@@ -204,6 +204,23 @@ def start_concept(cfg: RunConfig, session) -> ConceptStart:
     return ConceptStart(parts, concept, data, denoiser, objective_for(cfg, parts.noise_scheduler))
 
 
+def concept_loss(
+    start: ConceptStart, denoiser, idx: torch.Tensor, session, train_rows: bool = True
+) -> torch.Tensor:
+    """The denoising (SD3: flow-matching) loss of ``denoiser`` (as :meth:`.session.Session.start` returned it) on
+    the batch ``idx``, conditioned on its concept captions: the text encoders run every step, so gradients reach
+    the concept rows (not when ``train_rows`` is False)."""
+    from . import data as D
+
+    parts, data = start.parts, start.data
+    with torch.set_grad_enabled(train_rows):
+        cond = D.text_conditioning(parts, data.ids(idx), session.cfg.preprocess.resolution)
+    latents = D.sample_latents(data.vae_config, data, idx, session.draw)
+    noisy, t, target = start.objective.add_noise(latents, session.draw)
+    pred = D.predict(parts, denoiser, noisy, t, cond, session.dtype)
+    return start.objective.loss(pred, target, t).mean()
+
+
 def concept_embedding(text_encoder, token_ids: torch.Tensor) -> ConceptEmbedding:
     """Freeze the whole encoder and put a :class:`ConceptEmbedding` (its ``token_ids`` rows trainable, fp32)
     in place of its token-embedding table; return it."""

@@ -25,13 +25,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from sdtune.config import RunConfig
 from sdtune.models.families import family_of
 from sdtune.tracking import MetricLogger
 
-from . import data as D
 from . import embeddings as E
 from .adapters import add_lora, to_fp32
 from .outputs import TrainResult, save_lora
@@ -43,7 +40,8 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
     with Session(cfg, data_dir, out_dir, logger) as session:
         # 1. As in textual inversion: the concept's tokens (only their embedding rows train), latents and
         # the concept captions' token ids once; the denoiser frozen under its LoRA.
-        parts, concept, data, denoiser, objective = E.start_concept(cfg, session)
+        start = E.start_concept(cfg, session)
+        parts, concept, denoiser = start.parts, start.concept, start.denoiser
 
         # 2. A LoRA on the denoiser (UNet; SD3: transformer), as in the LoRA recipe; two learning rates.
         denoiser_name = family_of(cfg).denoiser
@@ -66,12 +64,8 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
 
         # 3. Loop: the embeddings train for the first `embedding_steps`, then the LoRA alone.
         for idx in session.steps():
-            with torch.set_grad_enabled(session.step <= embedding_steps):
-                text = D.text_conditioning(parts, data.ids(idx), cfg.preprocess.resolution)
-            latents = D.sample_latents(data.vae_config, data, idx, session.draw)
-            noisy, t, target = objective.add_noise(latents, session.draw)
-            pred = D.predict(parts, denoiser, noisy, t, text, session.dtype)
-            session.backward(objective.loss(pred, target, t).mean())
+            train_rows = session.step <= embedding_steps
+            session.backward(E.concept_loss(start, denoiser, idx, session, train_rows))
 
         # 4. Save (rank 0): the embeddings and the LoRA.
         return session.finish(

@@ -28,7 +28,6 @@ from pathlib import Path
 from sdtune.config import RunConfig
 from sdtune.tracking import MetricLogger
 
-from . import data as D
 from . import embeddings as E
 from .outputs import TrainResult
 from .session import Session
@@ -39,7 +38,8 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
     with Session(cfg, data_dir, out_dir, logger) as session:
         # 1. Model: new tokens in every tokenizer/text encoder (only their embedding rows train);
         # data: latents cached once, captions tokenized once (with the concept tokens).
-        parts, concept, data, denoiser, objective = E.start_concept(cfg, session)
+        start = E.start_concept(cfg, session)
+        parts, concept = start.parts, start.concept
 
         models = session.start(
             concept.modules(),
@@ -52,11 +52,7 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
 
         # 2. Loop: the text encoders run every step (their input embeddings are what trains).
         for idx in session.steps():
-            cond = D.text_conditioning(parts, data.ids(idx), cfg.preprocess.resolution)
-            latents = D.sample_latents(data.vae_config, data, idx, session.draw)
-            noisy, t, target = objective.add_noise(latents, session.draw)
-            pred = D.predict(parts, denoiser, noisy, t, cond, session.dtype)
-            session.backward(objective.loss(pred, target, t).mean())
+            session.backward(E.concept_loss(start, start.denoiser, idx, session))
 
         # 3. Save (rank 0).
         return session.finish(

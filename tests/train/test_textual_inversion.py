@@ -36,6 +36,8 @@ def test_outputs_and_row_check(ti_run):
         "other_embeddings_unchanged": True,
         "resumed_from_step": 0,
         "attempt": 0,
+        "gradient_checkpointing": False,
+        "gradient_checkpointing_reason": "auto: no GPU, nothing to save accelerator memory for",
     }
     assert {"learned_embeds.safetensors", "sks.safetensors", "README.md", "metrics.jsonl"} <= {
         p.name for p in out.iterdir()
