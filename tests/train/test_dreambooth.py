@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -162,16 +163,32 @@ def test_dreambooth_with_text_encoder_saves_it_and_resumes_exactly(tmp_path, tin
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
-def test_text_encoder_training_is_refused_under_fsdp(tmp_path, tiny_sd15, stage_dir, capsys):
+@pytest.mark.parametrize(
+    ("arch", "parallelism", "message"),
+    [
+        (
+            "sd15",
+            "fsdp",
+            "train.parallelism=fsdp shards the UNet only: train.train_text_encoder needs parallelism ddp",
+        ),
+        (
+            "sd3",
+            "ddp",
+            "train.train_text_encoder with model.arch=sd3 is for train.method=lora (a LoRA on both CLIP "
+            "encoders); SD3 DreamBooth trains the transformer only",
+        ),
+    ],
+)
+def test_text_encoder_training_is_refused_where_it_cannot_run(
+    arch, parallelism, message, tmp_path, tiny_sd15, stage_dir, capsys
+):
     config = write_config(
         tmp_path / "c.yaml",
         tiny_sd15,
-        train={"method": "dreambooth", "parallelism": "fsdp", "train_text_encoder": True},
+        model={"base": str(tiny_sd15), "arch": arch},
+        train={"method": "dreambooth", "parallelism": parallelism, "train_text_encoder": True},
     )
     out = tmp_path / "out"
     assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err == (
-        "error: train.parallelism=fsdp shards the UNet only: train.train_text_encoder needs parallelism ddp\n"
-    )
+    assert capsys.readouterr().err == f"error: {message}\n"
     assert not out.exists()
