@@ -106,14 +106,27 @@ def make_stage(out: Path, size: int, n_train: int = 5) -> Path:
 
 
 def write_config(path: Path, base: Path, resolution: int) -> Path:
-    """The tiny CPU preset's training section (AdamW, lr 3e-2, rank 4, constant LR, seed 0) on ``base``."""
-    preset = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/debug/tiny_cpu.yaml").read_text())
+    """A plain UNet LoRA on ``base`` (rank 4, AdamW lr 3e-3, constant after 10 warm-up steps, batch 4, fp32,
+    seed 0): the demo preset's settings before it took a text-encoder LoRA and prior preservation, which the
+    reference loop (diffusers' ``train_dreambooth_lora.py`` without its options) does not do."""
     data = {
         "name": f"bench-{resolution}",
         "model": {"base": str(base), "arch": "sd15"},
         "preprocess": {"resolution": resolution},
         "caption": {"trigger": "sks", "class_noun": "toy robot"},
-        "train": {**preset["train"], "export_kohya": False},
+        "train": {
+            "method": "lora",
+            "max_steps": 200,
+            "batch_size": 4,
+            "learning_rate": 3e-3,
+            "lr_scheduler": "constant",
+            "lr_warmup_steps": 10,
+            "rank": 4,
+            "mixed_precision": "no",
+            "seed": 0,
+            "log_every": 20,
+            "export_kohya": False,
+        },
     }
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
