@@ -115,6 +115,10 @@ def test_ctrl_c_closes_the_runs_as_killed_and_a_rerun_reuses_finished_steps(tiny
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group, as a terminal gives the foreground command
+        # A terminal's foreground command has Ctrl-C's default action even when the tests were started in the
+        # background (a shell without job control starts background jobs with SIGINT ignored, and children
+        # inherit that: the interrupt would then never arrive).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines = []
     for line in proc.stdout:
