@@ -163,24 +163,35 @@ def inpaint_failures(m: dict) -> list[str]:
 
 # --- LoRA --------------------------------------------------------------------------------------------------
 
+LORA_DEFECTS = ("no_training", "trigger_dropped", "random_base")
+
+
+def lora_run_that_cannot_learn(
+    defect: str, learn: Learner, pretrained_base, random_base, subject_stage, untriggered_stage
+) -> dict:
+    """The LoRA recipe's run with one defect: learning rates 1e-8, the trigger dropped from the captions, or
+    the random tiny base."""
+    base, stage, train = pretrained_base, subject_stage, dict(LORA)
+    if defect == "no_training":
+        train.update({k: NO_TRAINING[k] for k in ("learning_rate", "text_encoder_lr")})
+    elif defect == "trigger_dropped":
+        stage = untriggered_stage
+    else:
+        base = random_base
+    return learn(base, stage, **train)
+
 
 def test_lora_learns_the_subject(learn: Learner, pretrained_base, subject_stage):
     m = learn(pretrained_base, subject_stage, **LORA)
     assert lora_failures(m) == [], _figures(m)
 
 
-@pytest.mark.parametrize("defect", ["no_training", "trigger_dropped", "random_base"])
+@pytest.mark.parametrize("defect", LORA_DEFECTS)
 def test_lora_check_fails_when_nothing_is_learned(
     defect, learn: Learner, pretrained_base, random_base, subject_stage, untriggered_stage
 ):
-    base, stage, train = pretrained_base, subject_stage, dict(LORA)
-    if defect == "no_training":
-        train["learning_rate"] = NO_TRAINING["learning_rate"]
-    elif defect == "trigger_dropped":
-        stage = untriggered_stage
-    else:
-        base = random_base
-    assert lora_failures(learn(base, stage, **train)) != []
+    runs = (pretrained_base, random_base, subject_stage, untriggered_stage)
+    assert lora_failures(lora_run_that_cannot_learn(defect, learn, *runs)) != []
 
 
 # --- DreamBooth ± prior preservation -----------------------------------------------------------------------

@@ -27,7 +27,7 @@ from __future__ import annotations
 import pytest
 
 from tests.learning.conftest import Learner
-from tests.learning.test_learning import LORA, NO_TRAINING
+from tests.learning.test_learning import LORA, LORA_DEFECTS, lora_run_that_cannot_learn
 
 SPECIFICITY_FLOOR = 0.10
 CLOSER_FLOOR = 0.20
@@ -56,17 +56,9 @@ def test_lora_learns_the_trigger_not_the_class(learn: Learner, pretrained_base, 
     assert learning_failures(m) == [], _figures(m)
 
 
-@pytest.mark.parametrize("defect", ["no_training", "trigger_dropped", "random_base"])
+@pytest.mark.parametrize("defect", LORA_DEFECTS)
 def test_the_check_fails_when_nothing_is_learned(
     defect, learn: Learner, pretrained_base, random_base, subject_stage, untriggered_stage
 ):
-    base, stage, train = pretrained_base, subject_stage, dict(LORA)
-    if defect == "no_training":
-        train.update(
-            learning_rate=NO_TRAINING["learning_rate"], text_encoder_lr=NO_TRAINING["text_encoder_lr"]
-        )
-    elif defect == "trigger_dropped":
-        stage = untriggered_stage
-    else:
-        base = random_base
-    assert learning_failures(learn(base, stage, **train)) != []
+    runs = (pretrained_base, random_base, subject_stage, untriggered_stage)
+    assert learning_failures(lora_run_that_cannot_learn(defect, learn, *runs)) != []
