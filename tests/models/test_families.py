@@ -32,7 +32,11 @@ def test_a_family_names_real_recipes_and_pipelines(arch):
 def test_a_method_the_family_lacks_is_one_config_error_naming_those_it_has():
     cfg = RunConfig()
     cfg.model.arch = "sd3"
-    with pytest.raises(ConfigError, match=r"supports train.method=lora only \(not pivotal\)"):
-        family_of(cfg).recipe("pivotal")
-    cfg.model.arch = "sdxl"
+    with pytest.raises(
+        ConfigError,
+        match=r"supports train.method=lora / textual_inversion / pivotal / dreambooth / full only \(not inpaint\)",
+    ):
+        family_of(cfg).recipe("inpaint")
     assert family_of(cfg).recipe("pivotal") == "pivotal"
+    cfg.model.arch = "sdxl"
+    assert family_of(cfg).recipe("inpaint") == "inpaint"
