@@ -16,6 +16,8 @@ REGISTRY ?= ghcr.io/sdtune
 # On 2 cores, torch threads competing with any other process make steps erratic and up to 50x slower.
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
+# Test files run in parallel, one single-threaded worker per core (at most 4); TEST_WORKERS=0 runs them in-process.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 
 .PHONY: help venv run test test-learning test-fast fuzz lint format compile manifests-check images bench clean pretrained-base
 
@@ -44,7 +46,7 @@ run: $(STAMP) $(TINY_MODEL)/model_index.json $(SAMPLE_DATA)/.complete  ## run th
 	$(SDTUNE) run --local $(CONFIG)
 
 test: $(STAMP)  ## run the test suite (CPU)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-learning: $(STAMP)  ## fine-tune the pre-trained tiny base and check each method learns the subject
 	SDTUNE_LEARNING_TESTS=1 $(PY) -m pytest -q tests/learning

@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from sdtune.config import RunConfig
+from sdtune.evaluate_inpaint import InpaintProbe, is_inpainting, vae_roundtrip
 from sdtune.manifest import read_manifest
 from sdtune.models.loading import SDComponents, load_pipeline
 from sdtune.subject_metrics import flow_reference_losses, hue_distance, reference_losses
@@ -67,14 +68,20 @@ def evaluate(
     rows: dict[str, list[Image.Image]] = {}
     latents = _encode_latents(pipe, records, data_dir, cfg, device)
     views = [training_view(Path(data_dir) / r.file, cfg.preprocess.resolution) for r in records]
-    base_losses = _denoising_losses(pipe, latents, prompts, cfg, device)
+    # An inpainting model is evaluated on the views with the subject masked (sdtune.evaluate_inpaint).
+    probe = InpaintProbe.of(views, cfg.evaluate.image_metric_samples) if is_inpainting(pipe) else None
+    extra = probe.unet_channels(pipe, device) if probe else None
+    base_losses = _denoising_losses(pipe, latents, prompts, cfg, device, extra)
     for name, per_seed in base_losses.items():
         metrics[f"loss_base_{name}"] = sum(per_seed) / len(per_seed)
     metrics.update({f"loss_ref_{k}": v for k, v in _reference_losses(pipe, latents, cfg).items()})
+    base_pictures: dict[str, list[Image.Image]] = {}
     for name, prompt in prompts.items():
-        samples = _metric_samples(pipe, prompt, cfg, device)
-        metrics[f"image_distance_base_{name}"] = hue_distance(samples, views)
-    rows["base"] = _samples(pipe, cfg, device, out_dir / "samples" / "base")
+        base_pictures[name], metrics[f"image_distance_base_{name}"] = _image_metric(
+            pipe, prompt, cfg, device, views, probe
+        )
+    roundtrip = vae_roundtrip(pipe, views) if probe else []
+    rows["base"] = _samples(pipe, cfg, device, out_dir / "samples" / "base", probe)
 
     if lora_dir is not None:
         pipe, token = _load_tuned(pipe, cfg, Path(lora_dir), dtype)
@@ -88,7 +95,8 @@ def evaluate(
         tuned_prompts = {
             k: tuned_cfg.format_prompt(v) for k, v in (("trigger", TRIGGER_PROMPT), ("class", CLASS_PROMPT))
         }
-        for name, per_seed in _denoising_losses(pipe, latents, tuned_prompts, cfg, device).items():
+        tuned_pictures: dict[str, list[Image.Image]] = {}
+        for name, per_seed in _denoising_losses(pipe, latents, tuned_prompts, cfg, device, extra).items():
             value = sum(per_seed) / len(per_seed)
             metrics[f"loss_tuned_{name}"] = value
             metrics[f"loss_delta_{name}"] = value - metrics[f"loss_base_{name}"]
@@ -97,14 +105,17 @@ def evaluate(
             metrics[f"loss_change_{name}_spread"] = (
                 float(torch.tensor(changes).std()) if len(changes) > 1 else 0.0
             )
-            samples = _metric_samples(pipe, tuned_prompts[name], cfg, device)
-            distance = hue_distance(samples, views)
+            tuned_pictures[name], distance = _image_metric(
+                pipe, tuned_prompts[name], cfg, device, views, probe
+            )
             metrics[f"image_distance_tuned_{name}"] = distance
             metrics[f"image_closer_{name}"] = 1.0 - distance / max(
                 metrics[f"image_distance_base_{name}"], 1e-9
             )
         metrics["specificity"] = metrics["loss_change_class"] - metrics["loss_change_trigger"]
-        rows["tuned"] = _samples(pipe, tuned_cfg, device, out_dir / "samples" / "tuned")
+        rows["tuned"] = _samples(pipe, tuned_cfg, device, out_dir / "samples" / "tuned", probe)
+        if probe:
+            metrics.update(probe.metrics(base_pictures["trigger"], tuned_pictures["trigger"], roundtrip))
 
     metrics["loss_records"] = float(len(records))
     metrics["loss_on_train_records"] = float(loss_split == "train")
@@ -157,9 +168,10 @@ def _encode_latents(pipe, records, data_dir: Path, cfg: RunConfig, device) -> to
 
 @torch.no_grad()
 def _denoising_losses(
-    pipe, latents: torch.Tensor, prompts: dict[str, str], cfg: RunConfig, device
+    pipe, latents: torch.Tensor, prompts: dict[str, str], cfg: RunConfig, device, extra=None
 ) -> dict[str, list[float]]:
-    """``{prompt name: [mean loss over the timesteps, one per loss seed]}``."""
+    """``{prompt name: [mean loss over the timesteps, one per loss seed]}``. ``extra``: input channels the UNet
+    takes after the noisy latents (an inpainting UNet's mask and masked-image latents)."""
     if cfg.model.arch == "sd3":
         return _flow_losses(pipe, latents, prompts, cfg, device)
     from diffusers import DDPMScheduler
@@ -190,6 +202,8 @@ def _denoising_losses(
             for t in timesteps:
                 tt = torch.full((n,), t, device=device, dtype=torch.long)
                 noisy = scheduler.add_noise(latents, noise, tt)
+                if extra is not None:
+                    noisy = torch.cat([noisy, extra], dim=1)
                 pred = pipe.unet(noisy.to(pipe.unet.dtype), tt, **kwargs).sample
                 target = prediction_target(scheduler, latents, noise, tt, prediction_type)
                 total += float(diffusion_loss(pred, target).mean())
@@ -256,6 +270,17 @@ def _metric_samples(pipe, prompt: str, cfg: RunConfig, device) -> list[Image.Ima
     return images
 
 
+def _image_metric(pipe, prompt: str, cfg: RunConfig, device, views, probe) -> tuple[list[Image.Image], float]:
+    """Pictures of ``prompt`` and their hue distance to the held-out ``views``: samples, or with an inpainting
+    ``probe`` the views with the subject's box repainted (the distance then counts the painted pixels only)."""
+    ev = cfg.evaluate
+    if probe is None:
+        samples = _metric_samples(pipe, prompt, cfg, device)
+        return samples, hue_distance(samples, views)
+    painted = probe.paint(pipe, prompt, ev.num_inference_steps, ev.guidance_scale)
+    return painted, probe.inside_distance(painted)
+
+
 @torch.no_grad()
 def _flow_losses(
     pipe, latents: torch.Tensor, prompts: dict[str, str], cfg: RunConfig, device
@@ -318,16 +343,21 @@ def _load_tuned(pipe, cfg: RunConfig, tuned_dir: Path, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def _samples(pipe, cfg: RunConfig, device, folder: Path) -> list[Image.Image]:
-    """``evaluate.prompts`` × ``evaluate.seeds`` in one batch; each image's generator seeded on its own."""
+def _samples(pipe, cfg: RunConfig, device, folder: Path, probe=None) -> list[Image.Image]:
+    """``evaluate.prompts`` × ``evaluate.seeds`` in one batch; each image's generator seeded on its own. With an
+    inpainting ``probe``: its first view with the subject's box repainted."""
     folder.mkdir(parents=True, exist_ok=True)
     pairs = [
         (i, cfg.format_prompt(p), s) for i, p in enumerate(cfg.evaluate.prompts) for s in cfg.evaluate.seeds
     ]
     generators = [torch.Generator(device="cpu").manual_seed(s) for _, _, s in pairs]
     res = cfg.preprocess.resolution
+    pictures = (
+        {"image": [probe.views[0]] * len(pairs), "mask_image": [probe.masks[0]] * len(pairs)} if probe else {}
+    )
     images = pipe(
         [p for _, p, _ in pairs],
+        **pictures,
         num_inference_steps=cfg.evaluate.num_inference_steps,
         guidance_scale=cfg.evaluate.guidance_scale,
         generator=generators,

@@ -1,12 +1,13 @@
 """Does an inpainting fine-tune paint the subject inside a mask and keep the rest of the picture?
 
-``evaluate_inpainting(cfg, base_model, tuned_dir, data_dir)`` takes the held-out views of the subject (on
-plain backdrops, as the sample dataset draws them), masks a rectangle around the subject in each
-(:func:`subject_box`), and inpaints it with the trigger prompt, base and tuned, with the same seeds. Keys:
+:func:`sdtune.evaluate.evaluate` evaluates an inpainting model (a UNet with 9 input channels) on an
+:class:`InpaintProbe`: the held-out views of the subject (on plain backdrops, as the sample dataset draws them)
+with a rectangle around the subject masked in each (:func:`subject_box`). Its denoising losses give the UNet
+those masks and masked views, its image metric inpaints the masks (base and tuned, same seeds), and it adds:
 
 - ``inpaint_inside_{base,tuned}``: hue distance (:func:`sdtune.subject_metrics.hue_distance`) of the pixels
-  painted inside the masks to the subject's own pixels in those views (0 = the subject's colours);
-  ``inpaint_inside_closer`` = 1 − tuned / base (how much closer fine-tuning brought the painted region).
+  painted inside the masks with the trigger prompt to the subject's own pixels in those views (0 = the
+  subject's colours); ``inpaint_inside_closer`` = 1 − tuned / base (how much closer fine-tuning brought them).
 - ``inpaint_outside_{base,tuned}``: mean absolute difference (0–255) between output and input outside the
   masks; ``inpaint_outside_vae``: the same for the VAE's own reconstruction of the inputs, the floor any
   latent inpainting model sits on (the 9-channel pipeline does not paste the kept pixels back).
@@ -14,14 +15,14 @@ plain backdrops, as the sample dataset draws them), masks a rectangle around the
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from sdtune.config import RunConfig
-from sdtune.manifest import read_manifest
 from sdtune.subject_metrics import hue_distance
 
 
@@ -110,28 +111,46 @@ def inpainting_metrics(base_outputs, tuned_outputs, views, masks, roundtrip) -> 
     return metrics
 
 
-def evaluate_inpainting(
-    cfg: RunConfig,
-    base_model: str,
-    tuned_dir: Path,
-    data_dir: Path,
-    seeds=(0, 1),
-) -> dict[str, float]:
-    """The module's keys for the held-out views of ``data_dir`` (the train views when none is held out),
-    inpainted with the trigger prompt at ``evaluate.num_inference_steps`` and ``evaluate.guidance_scale``."""
-    from sdtune.evaluate import TRIGGER_PROMPT, training_view
-    from sdtune.models.loading import load_pipeline
-    from sdtune.registry import load_trained_pipeline
+def is_inpainting(pipe) -> bool:
+    return (
+        getattr(getattr(pipe, "unet", None), "config", None) is not None and pipe.unet.config.in_channels == 9
+    )
 
-    records = read_manifest(data_dir)
-    records = [r for r in records if r.split == "holdout"] or records
-    views = [training_view(Path(data_dir) / r.file, cfg.preprocess.resolution) for r in records]
-    masks = [subject_box(v) for v in views]
-    ev = cfg.evaluate
-    args = (views, masks, cfg.format_prompt(TRIGGER_PROMPT), seeds, ev.num_inference_steps, ev.guidance_scale)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = load_pipeline(cfg, base_model).to(device)
-    base_outputs, roundtrip = inpaint(base, *args), vae_roundtrip(base, views)
-    del base
-    tuned_outputs = inpaint(load_trained_pipeline(cfg, Path(tuned_dir)).to(device), *args)
-    return inpainting_metrics(base_outputs, tuned_outputs, views, masks, roundtrip)
+
+@dataclass
+class InpaintProbe:
+    """The views an inpainting model is evaluated on, each with the box around its subject to repaint, and
+    ``rounds`` seeds per view for the pictures."""
+
+    views: list[Image.Image]
+    masks: list[Image.Image]
+    rounds: int
+
+    @classmethod
+    def of(cls, views: list[Image.Image], samples: int) -> InpaintProbe:
+        """``samples`` pictures in all, at least one round."""
+        return cls(list(views), [subject_box(v) for v in views], max(1, math.ceil(samples / len(views))))
+
+    @torch.no_grad()
+    def unet_channels(self, pipe, device) -> torch.Tensor:
+        """``[mask, masked-view latents]`` per view: what the 9-channel UNet takes after the noisy latents,
+        built as the inpainting recipe builds them (posterior mean, nearest-resized mask)."""
+        from sdtune.train.masks import masked_image
+
+        vae = pipe.vae
+        pixels = pipe.image_processor.preprocess(self.views).to(device, torch.float32)
+        masks = torch.stack([torch.from_numpy(np.asarray(m) >= 128) for m in self.masks])[:, None].float()
+        masked = masked_image(pixels, masks.to(device)).to(vae.dtype)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = (vae.encode(masked).latent_dist.mean.float() - shift) * vae.config.scaling_factor
+        small = F.interpolate(masks, size=latents.shape[-2:]).to(device)
+        return torch.cat([small, latents], dim=1)
+
+    def paint(self, pipe, prompt: str, steps: int, guidance: float) -> list[Image.Image]:
+        return inpaint(pipe, self.views, self.masks, prompt, range(self.rounds), steps, guidance)
+
+    def inside_distance(self, outputs) -> float:
+        return inside_distance(outputs, self.views * self.rounds, self.masks * self.rounds)
+
+    def metrics(self, base_outputs, tuned_outputs, roundtrip) -> dict[str, float]:
+        return inpainting_metrics(base_outputs, tuned_outputs, self.views, self.masks, roundtrip)

@@ -61,11 +61,26 @@ def models_pretrain(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     vae_steps: Annotated[int, typer.Option("--vae-steps", min=1)] = 400,
     unet_steps: Annotated[int, typer.Option("--unet-steps", min=1)] = 1200,
+    unet_lr: Annotated[float, typer.Option("--unet-lr", min=0.0)] = 3e-3,
+    noise_offset: Annotated[float, typer.Option("--noise-offset", min=0.0)] = 0.0,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from", help="Continue an earlier result for --unet-steps more (its VAE is kept)."
+        ),
+    ] = None,
 ) -> None:
     """Pre-train the tiny SD 1.x on procedural pictures (CPU, about 15 min), check its gates, write a card."""
     from sdtune.models.pretrain import PretrainRecipe, build_pretrained_base
 
-    recipe = PretrainRecipe(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps)
+    recipe = PretrainRecipe(
+        seed=seed,
+        vae_steps=vae_steps,
+        unet_steps=unet_steps,
+        unet_lr=unet_lr,
+        noise_offset=noise_offset,
+        init_from=str(init_from) if init_from else None,
+    )
     path = build_pretrained_base(out, recipe, log=typer.echo)
     typer.echo(f"wrote pre-trained tiny sd15 pipeline to {path} (see {path / 'MODEL_CARD.md'})")
 

@@ -48,6 +48,7 @@ class PretrainRecipe:
     unet_lr: float = 3e-3
     warmup_steps: int = 50
     caption_dropout: float = 0.1
+    noise_offset: float = 0.0  # as train.noise_offset: lets the UNet move a picture's mean colour
     checkpoint_every: int = 200
     # Continue from an earlier result (its VAE is kept: no VAE stage) for ``unet_steps`` more steps.
     init_from: str | None = None
@@ -159,6 +160,8 @@ def pretrain(out_dir: Path, recipe: PretrainRecipe, log: Callable[[str], None] =
         used_ids.update(ids.unique().tolist())
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
         noise = torch.randn(latents.shape, generator=gen)
+        if recipe.noise_offset:  # as train.noise_offset (models/ does not import the training package)
+            noise = noise + recipe.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
         t = torch.randint(noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
@@ -288,7 +291,8 @@ nothing about real images.
 - VAE: {r["vae_steps"]} steps, batch {r["vae_batch"]}, AdamW LR {r["vae_lr"]} (cosine to 10 %), MSE +
   {r["vae_kl_weight"]} × KL; scaling factor set to 1 / latent std.
 - UNet + text encoder together: {r["unet_steps"]} steps, batch {r["unet_batch"]}, AdamW LR {r["unet_lr"]}
-  (no weight decay), {r["warmup_steps"]} warm-up steps then cosine, caption dropped {r["caption_dropout"]:.0%}.
+  (no weight decay), {r["warmup_steps"]} warm-up steps then cosine, caption dropped {r["caption_dropout"]:.0%},
+  noise offset {r.get("noise_offset", 0.0)}{f", continued from {r['init_from']}" if r.get("init_from") else ""}.
   Token rows no caption used are rescaled to the trained rows' mean norm.
 - Scheduler: DDIM, `clip_sample: false`.
 - Took {meta["seconds"] / 60:.0f} min on {meta["hardware"]} (torch {meta["torch"]}), sharing 2 cores.

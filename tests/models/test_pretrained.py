@@ -109,3 +109,15 @@ def test_pretrain_writes_a_loadable_pipeline_and_its_record(tmp_path):
     used = pipe.tokenizer.convert_tokens_to_ids("red</w>")
     # The never-trained trigger row was brought to the trained rows' scale (not left ~10x shorter).
     assert float(table[trigger].norm()) > 0.5 * float(table[used].norm())
+
+    # A continuation (`--init-from`, here with a noise offset) keeps the VAE and trains the UNet on.
+    import dataclasses
+
+    more = dataclasses.replace(recipe, init_from=str(out), noise_offset=0.1)
+    cont = StableDiffusionPipeline.from_pretrained(
+        pretrain(tmp_path / "more", more, log=lambda _: None), local_files_only=True
+    )
+    assert cont.vae.config.scaling_factor == pipe.vae.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(cont.vae.parameters(), pipe.vae.parameters(), strict=True))
+    assert not torch.equal(cont.unet.conv_out.weight, pipe.unet.conv_out.weight)
+    assert json.loads((tmp_path / "more" / "sdtune_tiny.json").read_text())["recipe"]["noise_offset"] == 0.1

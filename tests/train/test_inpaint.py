@@ -100,6 +100,28 @@ def test_inpaint_full_unet_saves_an_inpainting_pipeline(tmp_path, tiny_inpaint, 
         pipe.set_progress_bar_config(disable=True)
     assert (_inpaint(base) - _inpaint(tuned)).abs().max() > 1e-3
 
+    # `sdtune evaluate` (the pipeline's evaluate step) gives the 9-channel UNet the masked held-out view and
+    # inpaints it, instead of failing on 4-channel latents.
+    ev = tmp_path / "eval"
+    args = [
+        "evaluate",
+        "--config",
+        str(config),
+        "--data",
+        str(stage_dir),
+        "--lora",
+        str(out),
+        "--out",
+        str(ev),
+    ]
+    assert main(args) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    for key in ("loss_change_trigger", "specificity", "image_closer_trigger", "inpaint_inside_closer"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["inpaint_inside_base"] == metrics["image_distance_base_trigger"]
+    assert metrics["inpaint_outside_vae"] > 0 and metrics["inpaint_outside_tuned"] > 0
+    assert Image.open(ev / "grid.png").size[0] > 0
+
 
 def test_inpaint_refuses_a_4_channel_model_and_missing_masks(
     tmp_path, tiny_sd15, tiny_inpaint, stage_dir, capsys
