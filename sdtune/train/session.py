@@ -291,9 +291,24 @@ class Session:
         report_step(  # host sync on log steps only
             step, self.tc, self.tracker, self.lr_scheduler, self.grad_norm, self.bar, self.log, self._extras
         )
-        if self.validator is not None:
-            self.validator(step, **self.plain_models())
+        if self.validator is not None and self.validator.due(step):
+            with self._averaged_weights():
+                self.validator(step, **self.plain_models())
         C.end_of_step(step, self.cfg, self.out_dir, self.state, self.accelerator, self.tracker, self.watch)
+
+    @contextlib.contextmanager
+    def _averaged_weights(self) -> Iterator[None]:
+        """With an EMA, its averaged weights stand in for the trained ones (and are put back after): a
+        validation grid shows the model that will be saved, as diffusers' training scripts do."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
 
     def _extras(self) -> dict[str, float]:
         values = {name: t.flush(self.step)["loss"] for name, t in self._extra_trackers.items()}

@@ -89,3 +89,34 @@ def test_full_finetune_on_sdxl_saves_a_loadable_folder(tmp_path, tiny_sdxl, stag
     base = _image(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True))
     tuned = _image(StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True))
     assert (tuned - base).abs().max() > 1e-3
+
+
+def test_validation_grids_show_the_averaged_weights(tmp_path, tiny_sd15, stage_dir):
+    """With an EMA, the validation grid is drawn with the averaged weights (the model that is saved), and
+    training goes on from the raw ones: the run saves the same UNet with or without validation."""
+    import numpy as np
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
+    from sdtune.config import load_config
+    from sdtune.train.validation import Validator
+
+    train = {"method": "full", "max_steps": 3, "learning_rate": 2e-2, "use_ema": True, "ema_decay": 0.5}
+    unets = {}
+    for every in (3, 0):
+        config = write_config(
+            tmp_path / f"c{every}.yaml",
+            tiny_sd15,
+            train={**train, "validation_every": every, "validation_inference_steps": 2},
+        )
+        out = tmp_path / f"out{every}"
+        assert main(["train", "--config", str(config), "--data", str(stage_dir), "--out", str(out)]) == 0
+        unets[every] = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert unets[3] == unets[0]
+
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "out3" / "unet")
+    cfg = load_config(tmp_path / "c3.yaml")
+    redrawn = Validator(cfg, tmp_path / "redrawn", None, Accelerator(cpu=True))(3, unet=saved.eval())
+    grid = np.asarray(Image.open(tmp_path / "out3" / "validation" / "step_000003.png"), dtype=np.int16)
+    assert np.abs(np.asarray(Image.open(redrawn), dtype=np.int16) - grid).max() <= 1
