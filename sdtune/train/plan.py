@@ -497,6 +497,10 @@ def estimate(
         if tc.option("use_ema"):
             weights += 4 * p_unet  # the EMA copy
             notes.append("EMA: one more fp32 copy of the UNet")
+        if tc.option("train_text_encoder"):  # DreamBooth: the whole encoder(s) too, fp32 like the UNet
+            trainable += sum(p_enc)
+            weights += 4 * sum(p_enc)
+            notes.append("the text encoder(s) train too: fp32 weights, gradients and AdamW state")
     elif tc.method == "textual_inversion":
         trainable = tc.num_vectors * sum(c["hidden_size"] for c in enc_cfgs)
         weights = wbytes * p_unet + 4 * sum(p_enc)
@@ -504,7 +508,12 @@ def estimate(
         trainable = lora_params(meta_unet(unet_cfg), cfg)
         if tc.method == "pivotal":
             trainable += tc.num_vectors * sum(c["hidden_size"] for c in enc_cfgs)
+        te_lora = sum(clip_lora_params(c, cfg) for c in enc_cfgs) if tc.option("train_text_encoder") else 0
+        trainable += te_lora
         weights = wbytes * p_unet + 4 * (trainable if tc.method == "lora" else sum(p_enc))
+        if te_lora:  # the encoders stay for the loop, in the training precision, under their fp32 LoRA
+            weights += wbytes * sum(p_enc)
+            notes.append("the text encoder(s) stay resident for the loop under their LoRA")
     grads = 4 * trainable
     optimizer = {"adamw": 8, "adamw8bit": 2}.get(tc.optimizer, 0) * trainable
     if fsdp:
@@ -555,7 +564,9 @@ def estimate(
     fwd = prof.flops / batch
     passes = 3.0 if full_unet else 2.0
     passes += 1.0 if tc.gradient_checkpointing else 0.0
-    flops_step = fwd * passes * batch * tc.gradient_accumulation_steps
+    # Training text encoders run every step: 2 FLOPs per weight per token, forward and backward passes as above.
+    te_flops = 2 * sum(p_enc) * 77 * (3.0 if full_unet else 2.0) if tc.option("train_text_encoder") else 0.0
+    flops_step = (fwd * passes + te_flops) * batch * tc.gradient_accumulation_steps
     mfu = mfu if mfu is not None else mfu_for(tc.batch_size, res)
     return Plan(
         **plan_settings(cfg, gpu, n, "fsdp" if fsdp else "ddp"),

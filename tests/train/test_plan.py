@@ -110,3 +110,25 @@ def test_auto_gradient_checkpointing_is_on_when_the_planner_cannot_size_the_run(
     cfg = config_from_dict({}, [f"model.base={tmp_path}", "train.gradient_checkpointing=auto"])
     choice = P.checkpointing_choice(cfg, "h100-80gb")
     assert choice.enabled is True and "cannot size" in choice.reason and "\n" not in choice.reason
+
+
+@pytest.mark.parametrize(
+    ("preset", "encoders"),
+    [("sd15/dreambooth_1gpu.yaml", 123_060_480), ("sdxl/lora_1gpu.yaml", None)],
+)
+def test_training_text_encoders_are_planned(preset, encoders):
+    """DreamBooth's whole text encoder (CLIP-L: 123.06 M) and a text-encoder LoRA (on both SDXL encoders) add
+    their weights, gradients, AdamW state and step time to the plan."""
+    from sdtune.config import load_config
+
+    frozen = P.estimate(load_config(REPO / "configs" / preset, ["train.train_text_encoder=false"]), "a100-80gb")
+    trained = P.estimate(load_config(REPO / "configs" / preset, ["train.train_text_encoder=true"]), "a100-80gb")
+    added = trained.params_trainable - frozen.params_trainable
+    if encoders is not None:  # the whole encoder, fp32: weights + grads + AdamW = 16 bytes per parameter
+        assert added == encoders == trained.params_text_encoders
+        assert trained.total - frozen.total >= 16 * encoders
+    else:  # LoRA on q/k/v/out of every layer of CLIP-L (12 × 768) and OpenCLIP-bigG (32 × 1280) at rank r
+        cfg = load_config(REPO / "configs" / preset)
+        assert added == 4 * 2 * cfg.train.rank * (12 * 768 + 32 * 1280)
+        assert trained.total - frozen.total >= 2 * trained.params_text_encoders  # the encoders stay resident
+    assert trained.seconds_per_step > frozen.seconds_per_step
