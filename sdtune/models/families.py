@@ -47,14 +47,16 @@ class Family:
     objective: str = "denoising"  # DDPM (epsilon / v-prediction, from the scheduler) or "flow_matching"
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # adapted by default
     methods: dict[str, str] = field(default_factory=lambda: dict(UNET_METHODS))  # method → recipe module
+    missing: dict[str, str] = field(default_factory=dict)  # method → why this family has no recipe for it
 
     def method_problem(self, method: str) -> str | None:
         """Why ``method`` does not run on this family (naming the methods it has), or None when it does."""
         if method in self.methods:
             return None
+        why = f": {self.missing[method]}" if method in self.missing else ""
         return (
             f"model.arch={self.arch} ({self.title}) supports train.method={' / '.join(self.methods)} only "
-            f"(not {method}) so far"
+            f"(not {method}){why}"
         )
 
     def recipe(self, method: str) -> str:
@@ -97,6 +99,7 @@ FAMILIES: dict[str, Family] = {
                 "dreambooth": "dreambooth",
                 "full": "full",
             },
+            missing={"inpaint": "there is no 9-channel SD3 inpainting base to fine-tune"},
         ),
     )
 }

@@ -34,7 +34,8 @@ def test_a_method_the_family_lacks_is_one_config_error_naming_those_it_has():
     cfg.model.arch = "sd3"
     with pytest.raises(
         ConfigError,
-        match=r"supports train.method=lora / textual_inversion / pivotal / dreambooth / full only \(not inpaint\)",
+        match=r"supports train.method=lora / textual_inversion / pivotal / dreambooth / full only \(not inpaint\): "
+        r"there is no 9-channel SD3 inpainting base",
     ):
         family_of(cfg).recipe("inpaint")
     assert family_of(cfg).recipe("pivotal") == "pivotal"
