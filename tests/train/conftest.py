@@ -124,3 +124,24 @@ def sample(pipe, prompt: str = "a photo of sks toy robot", **extra):
         generator=torch.Generator().manual_seed(0),
         output_type="pt",
     ).images
+
+
+def evaluate_run(config: Path, data: Path, trained: Path, out: Path, *overrides: str) -> dict:
+    """``sdtune evaluate`` of a training output through the CLI; its ``metrics.json``."""
+    import json
+
+    from sdtune.cli import main
+
+    args = [
+        "evaluate",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--lora",
+        str(trained),
+        "--out",
+        str(out),
+    ]
+    assert main([*args, *overrides]) == 0
+    return json.loads((Path(out) / "metrics.json").read_text())

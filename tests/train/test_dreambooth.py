@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from sdtune.cli import main
 from sdtune.train import checkpoint as C
-from tests.train.conftest import sample, write_config
+from tests.train.conftest import evaluate_run, sample, write_config
 
 
 def train_dreambooth(tmp_path, base, stage_dir, **train) -> tuple[Path, list[str], dict]:
@@ -60,23 +60,7 @@ def test_dreambooth_with_prior_preservation(tmp_path, tiny_sd15, stage_dir):
     assert torch.equal(image, images[1])
 
     eval_dir = tmp_path / "eval"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--config",
-                str(config),
-                "--data",
-                str(stage_dir),
-                "--lora",
-                str(out),
-                "--out",
-                str(eval_dir),
-                "evaluate.seeds=[0]",
-            ]
-        )
-        == 0
-    )
+    evaluate_run(config, stage_dir, out, eval_dir, "evaluate.seeds=[0]")
     assert "loss_tuned_trigger" in json.loads((eval_dir / "metrics.json").read_text())
 
 

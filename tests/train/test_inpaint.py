@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdtune.cli import main
 from sdtune.manifest import StageReport, read_manifest, write_stage
-from tests.train.conftest import make_stage, sample, write_config
+from tests.train.conftest import evaluate_run, make_stage, sample, write_config
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +103,7 @@ def test_inpaint_full_unet_saves_an_inpainting_pipeline(tmp_path, tiny_inpaint, 
     # `sdtune evaluate` (the pipeline's evaluate step) gives the 9-channel UNet the masked held-out view and
     # inpaints it, instead of failing on 4-channel latents.
     ev = tmp_path / "eval"
-    args = [
-        "evaluate",
-        "--config",
-        str(config),
-        "--data",
-        str(stage_dir),
-        "--lora",
-        str(out),
-        "--out",
-        str(ev),
-    ]
-    assert main(args) == 0
-    metrics = json.loads((ev / "metrics.json").read_text())
+    metrics = evaluate_run(config, stage_dir, out, ev)
     for key in ("loss_change_trigger", "specificity", "image_closer_trigger", "inpaint_inside_closer"):
         assert np.isfinite(metrics[key]), key
     assert metrics["inpaint_inside_base"] == metrics["image_distance_base_trigger"]

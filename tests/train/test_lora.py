@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from sdtune.cli import main
-from tests.train.conftest import make_stage, sample, write_config
+from tests.train.conftest import evaluate_run, make_stage, sample, write_config
 
 
 @pytest.fixture(scope="module")
@@ -176,22 +176,7 @@ def test_no_train_records_is_a_dataset_error(tmp_path, tiny_config, capsys):
 def test_evaluate_writes_metrics_and_grid(trained, stage_dir, tmp_path, capsys):
     config, out = trained
     eval_dir = tmp_path / "eval"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--config",
-                str(config),
-                "--data",
-                str(stage_dir),
-                "--lora",
-                str(out),
-                "--out",
-                str(eval_dir),
-            ]
-        )
-        == 0
-    )
+    evaluate_run(config, stage_dir, out, eval_dir)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     for key in (
         "loss_base_trigger",

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from tests.train.conftest import load_quiet, sample, write_config
+from tests.train.conftest import evaluate_run, load_quiet, sample, write_config
 
 
 def test_pivotal_trains_both_and_they_load_together(tmp_path, tiny_sd15, stage_dir):
@@ -58,22 +58,6 @@ def test_pivotal_trains_both_and_they_load_together(tmp_path, tiny_sd15, stage_d
     assert (generate() - embeds_only).abs().max() > 1e-3
 
     eval_dir = tmp_path / "eval"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--config",
-                str(config),
-                "--data",
-                str(stage_dir),
-                "--lora",
-                str(out),
-                "--out",
-                str(eval_dir),
-                "evaluate.seeds=[0]",
-            ]
-        )
-        == 0
-    )
+    evaluate_run(config, stage_dir, out, eval_dir, "evaluate.seeds=[0]")
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["loss_delta_class"] != 0.0  # the LoRA touches every prompt

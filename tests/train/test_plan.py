@@ -121,8 +121,12 @@ def test_training_text_encoders_are_planned(preset, encoders):
     their weights, gradients, AdamW state and step time to the plan."""
     from sdtune.config import load_config
 
-    frozen = P.estimate(load_config(REPO / "configs" / preset, ["train.train_text_encoder=false"]), "a100-80gb")
-    trained = P.estimate(load_config(REPO / "configs" / preset, ["train.train_text_encoder=true"]), "a100-80gb")
+    frozen = P.estimate(
+        load_config(REPO / "configs" / preset, ["train.train_text_encoder=false"]), "a100-80gb"
+    )
+    trained = P.estimate(
+        load_config(REPO / "configs" / preset, ["train.train_text_encoder=true"]), "a100-80gb"
+    )
     added = trained.params_trainable - frozen.params_trainable
     if encoders is not None:  # the whole encoder, fp32: weights + grads + AdamW = 16 bytes per parameter
         assert added == encoders == trained.params_text_encoders

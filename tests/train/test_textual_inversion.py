@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from sdtune.cli import main
 from sdtune.config import RunConfig
 from sdtune.train import embeddings as E
-from tests.train.conftest import write_config
+from tests.train.conftest import evaluate_run, write_config
 
 
 @pytest.fixture(scope="module")
@@ -114,23 +114,7 @@ def test_caption_tokens():
 
 def test_evaluate_uses_the_learned_token(ti_run, stage_dir, tmp_path):
     config, out = ti_run
-    assert (
-        main(
-            [
-                "evaluate",
-                "--config",
-                str(config),
-                "--data",
-                str(stage_dir),
-                "--lora",
-                str(out),
-                "--out",
-                str(tmp_path / "eval"),
-                "evaluate.seeds=[0]",
-            ]
-        )
-        == 0
-    )
+    evaluate_run(config, stage_dir, out, tmp_path / "eval", "evaluate.seeds=[0]")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["loss_delta_class"] == 0.0  # the class prompt does not use the new token
     assert metrics["loss_delta_trigger"] != 0.0
