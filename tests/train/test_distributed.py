@@ -272,3 +272,26 @@ def test_fsdp_compiled_run_equals_eager(tmp_path, tiny_sd15, one_record, monkeyp
     assert max(float((unets["none"][k] - base[k]).abs().max()) for k in base) > 1e-3  # it trained
     worst = max(float((unets["none"][k] - unets["default"][k]).abs().max()) for k in base)
     assert worst < 1e-6, f"compiled vs eager under FSDP: max |diff| {worst:.2e}"
+
+
+def test_fsdp_sd3_full_finetune_equals_one_process(tmp_path, tiny_sd3, one_record):
+    """SD3's transformer under FSDP (each joint block a unit): 2 ranks x batch 1 save the transformer that 1
+    process x batch 2 saves (SGD), and it loads into StableDiffusion3Pipeline."""
+    from diffusers import StableDiffusion3Pipeline
+
+    train = {"method": "full", "parallelism": "fsdp", "optimizer": "sgd", "learning_rate": 0.5}
+    config = write_config(
+        tmp_path / "c.yaml", tiny_sd3, model={"arch": "sd3"}, train={**train, "max_steps": 3}
+    )
+    fsdp, single = tmp_path / "fsdp", tmp_path / "single"
+    assert launch_training(config, one_record, fsdp, 2, None, ["train.batch_size=1"]) == 0
+    assert json.loads((fsdp / "train_summary.json").read_text())["extra"]["parallelism"] == "fsdp"
+    args = ["train", "--config", str(config), "--data", str(one_record), "--out", str(single)]
+    assert main([*args, "train.batch_size=2"]) == 0
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(single / weights)), load_file(str(fsdp / weights))
+    base = load_file(str(tiny_sd3 / weights))
+    assert max(float((a[k] - base[k]).abs().max()) for k in base) > 1e-3  # it trained
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-6, f"SD3 transformer, FSDP vs 1 process: max |diff| {worst:.2e}"
+    assert StableDiffusion3Pipeline.from_pretrained(fsdp, local_files_only=True).transformer is not None
