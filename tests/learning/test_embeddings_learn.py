@@ -3,15 +3,15 @@ learning check that runs in `make test`.
 
 Textual inversion (``test_learning.TEXTUAL_INVERSION``): 2 new vectors for the trigger, 200 steps, LR 5e-2;
 pivotal tuning (``test_learning.PIVOTAL``): the same vectors plus a rank-8 UNet LoRA. Measured (held-out loss
-change with the trigger prompt; every other embedding row stays bit-identical): textual inversion −8.5 % (−9.1
-% with 400 steps, −8.7 % at LR 1e-1, −8.9 % with 4 vectors), pivotal −20.5 %. The check: pivotal's trigger
-loss falls ≥ 10 % (the issue's bar) and more than textual inversion's, no other row changes, and textual
-inversion's falls ≥ 5 % — half the issue's 10 %, which no textual-inversion recipe reaches on this base (it
-stays in the opt-in ``test_learning.py``). Both methods' trigger samples must also come ≥ 20 % closer to the
-subject's colours (measured: 53 % / 52 % and 41 % / 40 %, seeds 0 / 1). With the learning rates at 1e-8 (−0.06
-% / 0.0 %) and on the random tiny base (textual inversion −0.09 %; pivotal −12.4 % with the class prompt
-moving alike, collapse, and samples 0.5 % farther) the same check must fail, for each method. Six 200-step
-runs, each evaluated: about 2 CPU-minutes.
+change with the trigger prompt; every other embedding row stays bit-identical): textual inversion −8.5 %
+(−9.1 % with 400 steps, −8.7 % at LR 1e-1, −8.9 % with 4 vectors), pivotal −20.5 %. The check: pivotal's
+trigger loss falls ≥ 10 % (the issue's bar) and more than textual inversion's, no other row changes, and
+textual inversion's falls ≥ 5 % — half the issue's 10 %, which no textual-inversion recipe reaches on this
+base (it stays in the opt-in ``test_learning.py``). Both methods' trigger samples must also come ≥ 20 % closer
+to the subject's colours (measured: 53 % / 52 % and 41 % / 40 %, seeds 0 / 1). With the learning rates at 1e-8
+(−0.06 % / 0.0 %) and on the random tiny base (textual inversion −0.09 %; pivotal −12.4 % with the class
+prompt moving alike, collapse, and samples 0.5 % farther) the same check must fail, for each method. Six
+200-step runs, each evaluated: about 2 CPU-minutes.
 """
 
 from __future__ import annotations
