@@ -112,9 +112,9 @@ def inpainting_metrics(base_outputs, tuned_outputs, views, masks, roundtrip) -> 
 
 
 def is_inpainting(pipe) -> bool:
-    return (
-        getattr(getattr(pipe, "unet", None), "config", None) is not None and pipe.unet.config.in_channels == 9
-    )
+    """A pipeline whose UNet takes the 9 inpainting input channels (SD3's has no UNet)."""
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and unet.config.in_channels == 9
 
 
 @dataclass

@@ -40,6 +40,8 @@ import torch
 
 from sdtune.errors import ConfigError
 
+from .parallel import is_fsdp
+
 MODES = ("none", "default", "regional", "graphs")
 
 
@@ -70,10 +72,10 @@ def compile_denoiser(model: torch.nn.Module, mode: str, *, backend: str | None =
     backend = backend or os.environ.get("SDTUNE_COMPILE_BACKEND")
     if backend:
         kwargs["backend"] = backend
-    if _is_sharded(model):
+    if is_fsdp(model):
         # FSDP2's all-gather / reduce-scatter hooks cannot be traced (dynamo skips them: a graph break), so
         # each sharded unit's own forward is compiled and the hooks around it stay eager.
-        for unit in [m for m in model.modules() if _is_sharded(m) and m is not model]:
+        for unit in [m for m in model.modules() if is_fsdp(m) and m is not model]:
             unit.forward = torch.compile(unit.forward, **kwargs)
     elif mode == "regional":
         blocks = repeated_blocks(model)
@@ -88,12 +90,6 @@ def compile_denoiser(model: torch.nn.Module, mode: str, *, backend: str | None =
         model.compile(**kwargs)
     model._sdtune_compile = mode
     return model
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def is_compiled(model: torch.nn.Module) -> bool:
