@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from sdtune.subject_metrics import hue_distance
@@ -134,16 +133,12 @@ class InpaintProbe:
     @torch.no_grad()
     def unet_channels(self, pipe, device) -> torch.Tensor:
         """``[mask, masked-view latents]`` per view: what the 9-channel UNet takes after the noisy latents,
-        built as the inpainting recipe builds them (posterior mean, nearest-resized mask)."""
-        from sdtune.train.masks import masked_image
+        built by the inpainting recipe's own :func:`sdtune.train.masks.unet_mask_inputs`."""
+        from sdtune.train.masks import masked_image, unet_mask_inputs
 
-        vae = pipe.vae
-        pixels = pipe.image_processor.preprocess(self.views).to(device, torch.float32)
+        pixels = pipe.image_processor.preprocess(self.views).float()
         masks = torch.stack([torch.from_numpy(np.asarray(m) >= 128) for m in self.masks])[:, None].float()
-        masked = masked_image(pixels, masks.to(device)).to(vae.dtype)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = (vae.encode(masked).latent_dist.mean.float() - shift) * vae.config.scaling_factor
-        small = F.interpolate(masks, size=latents.shape[-2:]).to(device)
+        small, latents = unet_mask_inputs(pipe.vae, masked_image(pixels, masks), masks, device)
         return torch.cat([small, latents], dim=1)
 
     def paint(self, pipe, prompt: str, steps: int, guidance: float) -> list[Image.Image]:

@@ -92,12 +92,23 @@ def encode_mask_variants(parts, records, data_dir: Path, cfg: RunConfig, device)
         all_pixels.append(torch.stack([masked_image(pixels, m) for m in masks]))
     masks = torch.stack(all_masks)  # [N, K, 1, H, W]
     n = masks.shape[0]
-    mean, _ = D.encode_images(parts.vae, torch.cat(all_pixels), device)
-    scale = parts.vae.config.scaling_factor
-    shift = getattr(parts.vae.config, "shift_factor", None) or 0.0
-    masked_latents = ((mean - shift) * scale).reshape(n, k, *mean.shape[1:])
-    small = F.interpolate(masks.flatten(0, 1), size=mean.shape[-2:]).reshape(n, k, 1, *mean.shape[-2:])
-    return small.to(device), masked_latents, supplied
+    small, masked_latents = unet_mask_inputs(parts.vae, torch.cat(all_pixels), masks.flatten(0, 1), device)
+    return (
+        small.reshape(n, k, *small.shape[1:]),
+        masked_latents.reshape(n, k, *masked_latents.shape[1:]),
+        supplied,
+    )
+
+
+@torch.no_grad()
+def unet_mask_inputs(vae, masked_pixels: torch.Tensor, masks: torch.Tensor, device):
+    """What a 9-channel UNet takes after the noisy latents, for masked images ``[N, 3, H, W]`` and their masks
+    ``[N, 1, H, W]``: the masks at latent size (nearest) and the masked images' scaled latents (posterior mean,
+    fp32), both on ``device``. Training and evaluation build them here, so they match."""
+    mean, _ = D.encode_images(vae, masked_pixels.to(vae.dtype), device)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = (mean.float() - shift) * vae.config.scaling_factor
+    return F.interpolate(masks.float(), size=mean.shape[-2:]).to(device), latents
 
 
 def validation_inputs(record, data_dir: Path, cfg: RunConfig) -> dict:
