@@ -81,6 +81,8 @@ def evaluate(
             pipe, prompt, cfg, device, views, probe
         )
     roundtrip = vae_roundtrip(pipe, views) if probe else []
+    if probe:
+        rows["masked"] = [probe.shown_input()] * len(cfg.evaluate.prompts) * len(cfg.evaluate.seeds)
     rows["base"] = _samples(pipe, cfg, device, out_dir / "samples" / "base", probe)
 
     if lora_dir is not None:

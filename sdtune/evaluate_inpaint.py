@@ -141,6 +141,14 @@ class InpaintProbe:
         small, latents = unet_mask_inputs(pipe.vae, masked_image(pixels, masks), masks, device)
         return torch.cat([small, latents], dim=1)
 
+    def shown_input(self) -> Image.Image:
+        """The grid's first row: the first view with the region to repaint tinted red (the ``samples`` rows
+        show that view repainted)."""
+        view = self.views[0].convert("RGB")
+        red = Image.new("RGB", view.size, (255, 0, 0))
+        tint = self.masks[0].convert("L").point(lambda v: 96 if v >= 128 else 0)
+        return Image.composite(red, view, tint)
+
     def paint(self, pipe, prompt: str, steps: int, guidance: float) -> list[Image.Image]:
         return inpaint(pipe, self.views, self.masks, prompt, range(self.rounds), steps, guidance)
 

@@ -47,7 +47,7 @@ from .adapters import lora_groups
 from .outputs import TrainResult, save_full_pipeline
 from .prior import Prior, class_image_paths, denoising_step
 from .session import Session
-from .text_encoders import TrainableText, step_inputs
+from .text_encoders import StepConditioning, TrainableText
 
 
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
@@ -87,11 +87,13 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         )
         unet = models[name]
 
+        conditioning = StepConditioning(instance, prior, text, vae_config)
+
         # 3. Loop: instance batch and class batch go through the denoiser together.
         for idx in session.steps():
             latents = D.sample_latents(vae_config, instance, idx, session.draw)
             n = len(idx)
-            latents, cond = step_inputs(latents, idx, instance, prior, text, vae_config, session)
+            latents, cond = conditioning.inputs(latents, idx, session)
             denoising_step(parts, unet, objective, latents, cond, n, prior, session)
 
         # 4. Save the whole pipeline with the new denoiser (and text encoders) (rank 0).

@@ -54,7 +54,7 @@ from .adapters import add_lora, add_text_encoder_lora, lora_groups, to_fp32
 from .outputs import TrainResult, save_lora
 from .prior import Prior, class_image_paths, denoising_step
 from .session import Session
-from .text_encoders import TrainableText, step_inputs
+from .text_encoders import StepConditioning, TrainableText
 
 
 def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | None = None) -> TrainResult:
@@ -91,11 +91,13 @@ def train(cfg: RunConfig, data_dir: Path, out_dir: Path, logger: MetricLogger | 
         )
         unet = models["unet"]
 
+        conditioning = StepConditioning(cache, prior, text, vae_config)
+
         # 3. Loop: the denoising loss on cached latents (the trainable text encoders run every step).
         for idx in session.steps():
             latents = D.sample_latents(vae_config, cache, idx, session.draw)
             n = len(idx)
-            latents, cond = step_inputs(latents, idx, cache, prior, text, vae_config, session)
+            latents, cond = conditioning.inputs(latents, idx, session)
             denoising_step(parts, unet, objective, latents, cond, n, prior, session)
 
         # 4. Save (rank 0 only).

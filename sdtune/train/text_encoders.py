@@ -51,25 +51,27 @@ class TrainableText:
         )
 
 
-def step_inputs(
-    latents: torch.Tensor,
-    idx: torch.Tensor,
-    cache: D.EncodedData,
-    prior: Prior | None,
-    text: TrainableText | None,
-    vae_config,
-    session,
-) -> tuple[torch.Tensor, dict]:
-    """The latents and text conditioning for the instance batch ``idx`` (its ``latents`` drawn), with the class
-    batch appended under prior preservation: conditioning from the cache, or from the training text encoders."""
-    if text is None:
-        cond = D.cached_text(cache, idx)
+@dataclass
+class StepConditioning:
+    """Where a step's text conditioning comes from: the cache, or the training text encoders (``text``); with
+    the class batch of prior preservation (``prior``) appended."""
+
+    cache: D.EncodedData
+    prior: Prior | None
+    text: TrainableText | None
+    vae_config: object  # the class latents are drawn with the VAE's scaling
+
+    def inputs(self, latents: torch.Tensor, idx: torch.Tensor, session) -> tuple[torch.Tensor, dict]:
+        """The latents and conditioning for the instance batch ``idx`` (its ``latents`` drawn)."""
+        prior, text = self.prior, self.text
+        if text is None:
+            cond = D.cached_text(self.cache, idx)
+            if prior is not None:
+                latents, cond = prior.join(latents, cond, self.vae_config, session.draw, session.device)
+            return latents, cond
+        ids = {k: v[idx] for k, v in text.token_ids.items()}
         if prior is not None:
-            latents, cond = prior.join(latents, cond, vae_config, session.draw, session.device)
-        return latents, cond
-    ids = {k: v[idx] for k, v in text.token_ids.items()}
-    if prior is not None:
-        cidx, class_latents = prior.next_batch(vae_config, session.draw, session.device)
-        latents = torch.cat([latents, class_latents])
-        ids = {k: torch.cat([v, text.class_ids[k].expand(len(cidx), -1)]) for k, v in ids.items()}
-    return latents, D.text_conditioning(text.parts, ids, session.cfg.preprocess.resolution)
+            cidx, class_latents = prior.next_batch(self.vae_config, session.draw, session.device)
+            latents = torch.cat([latents, class_latents])
+            ids = {k: torch.cat([v, text.class_ids[k].expand(len(cidx), -1)]) for k, v in ids.items()}
+        return latents, D.text_conditioning(text.parts, ids, session.cfg.preprocess.resolution)

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sdtune.data.sample import ORANGE, TEAL
-from sdtune.evaluate_inpaint import inside_distance, outside_difference, subject_box
+from sdtune.evaluate_inpaint import InpaintProbe, inside_distance, outside_difference, subject_box
 
 
 def _scene(backdrop=(128, 128, 128), box=(8, 10, 20, 26)) -> Image.Image:
@@ -44,3 +44,12 @@ def test_inside_distance_compares_the_painted_colours_with_the_subject():
     other = scene.copy()
     other.paste((106, 63, 181), (8, 10, 21, 27))  # purple where the subject is orange and teal
     assert inside_distance([other], [scene], [mask]) > 0.9
+
+
+def test_the_grid_input_shows_the_mask_on_the_view():
+    scene = _scene()
+    shown = np.asarray(InpaintProbe.of([scene], 1).shown_input()).astype(int)
+    view, inside = np.asarray(scene).astype(int), np.asarray(subject_box(scene)) > 0
+    assert (shown[~inside] == view[~inside]).all()
+    redder = (shown[..., 0] - shown[..., 1:].mean(-1)) - (view[..., 0] - view[..., 1:].mean(-1))
+    assert (redder[inside] > 20).all()
