@@ -63,6 +63,17 @@ def models_pretrain(
     unet_steps: Annotated[int, typer.Option("--unet-steps", min=1)] = 1200,
     unet_lr: Annotated[float, typer.Option("--unet-lr", min=0.0)] = 3e-3,
     noise_offset: Annotated[float, typer.Option("--noise-offset", min=0.0)] = 0.0,
+    v_prediction: Annotated[
+        bool,
+        typer.Option("--v-prediction/--epsilon", help="What the UNet learns to predict: v or the noise."),
+    ] = False,
+    zero_terminal_snr: Annotated[
+        bool,
+        typer.Option(
+            "--zero-terminal-snr/--plain-schedule",
+            help="Rescale the noise schedule so that t = 999 is pure noise (use with --v-prediction).",
+        ),
+    ] = False,
     init_from: Annotated[
         Path | None,
         typer.Option(
@@ -79,6 +90,8 @@ def models_pretrain(
         unet_steps=unet_steps,
         unet_lr=unet_lr,
         noise_offset=noise_offset,
+        prediction_type="v_prediction" if v_prediction else "epsilon",
+        zero_terminal_snr=zero_terminal_snr,
         init_from=str(init_from) if init_from else None,
     )
     path = build_pretrained_base(out, recipe, log=typer.echo)

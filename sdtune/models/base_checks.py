@@ -5,7 +5,8 @@
 - :func:`colour_accuracy`: pictures sampled from "a {colour} {object} on a {background} background" prompts,
   each labelled by :func:`dominant_colour`, a pixel-statistics classifier (a vote of the pixels by nearest
   named colour, greys and background colours not voting); the share that match the prompt's colour.
-- :func:`caption_gap`: held-out denoising loss with the picture's caption vs with the empty caption, same
+- :func:`caption_gap`: held-out denoising loss with the picture's caption ("a photo of a {colour} {object},
+  {background} background") vs with the empty caption, same
   noise, mid timesteps (where the caption decides what the picture becomes; near t = 0 the noisy latent
   already shows it, near t = 1000 nothing is left to see).
 """
@@ -93,7 +94,9 @@ def caption_gap(
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pixels = P.pixels_of(images)
     latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-    captions = [f"a photo of a {s.colour} {s.obj}" for s in scenes]
+    # The caption form pre-training used: a caption that leaves the background out never occurred, and a
+    # model that reads the background from its caption is then (rightly) surprised by it.
+    captions = [f"a photo of a {s.colour} {s.obj}, {s.background} background" for s in scenes]
     ids = tokenize(pipe.tokenizer, captions)
     with_caption = pipe.text_encoder(ids)[0]
     empty = pipe.text_encoder(tokenize(pipe.tokenizer, [""]))[0].expand_as(with_caption)
@@ -105,7 +108,12 @@ def caption_gap(
             noisy = scheduler.add_noise(latents, noise, tt)
             for name, cond in (("caption", with_caption), ("empty", empty)):
                 pred = pipe.unet(noisy, tt, encoder_hidden_states=cond).sample
-                losses[name] += float(((pred - noise) ** 2).mean())
+                target = (
+                    scheduler.get_velocity(latents, noise, tt)
+                    if scheduler.config.prediction_type == "v_prediction"
+                    else noise
+                )
+                losses[name] += float(((pred - target) ** 2).mean())
     n = len(noise_seeds) * len(GAP_TIMESTEPS)
     out = {f"loss_{k}": v / n for k, v in losses.items()}
     out["gap"] = 1.0 - out["loss_caption"] / out["loss_empty"]

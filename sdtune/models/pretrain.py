@@ -49,6 +49,11 @@ class PretrainRecipe:
     warmup_steps: int = 50
     caption_dropout: float = 0.1
     noise_offset: float = 0.0  # as train.noise_offset: lets the UNet move a picture's mean colour
+    # "v_prediction" with zero_terminal_snr: an ε-model has nothing to predict at t = 999 (its input is the noise).
+    prediction_type: str = "epsilon"
+    # Rescale the noise schedule so that t = 999 is pure noise (Lin et al. 2024, "Common Diffusion Noise
+    # Schedules and Sample Steps are Flawed"); sampled with "trailing" timesteps.
+    zero_terminal_snr: bool = False
     checkpoint_every: int = 200
     # Continue from an earlier result (its VAE is kept: no VAE stage) for ``unet_steps`` more steps.
     init_from: str | None = None
@@ -116,7 +121,10 @@ def pretrain(out_dir: Path, recipe: PretrainRecipe, log: Callable[[str], None] =
     note("vae_latents", recipe.vae_steps, scaling_factor=round(scaling, 5), posterior_std=float(stds.mean()))
 
     # 2. UNet + text encoder.
-    noise_scheduler = DDPMScheduler.from_config(start.scheduler.config)
+    schedule = {"prediction_type": recipe.prediction_type, "rescale_betas_zero_snr": recipe.zero_terminal_snr}
+    if recipe.zero_terminal_snr:
+        schedule["timestep_spacing"] = "trailing"
+    noise_scheduler = DDPMScheduler.from_config(start.scheduler.config, **schedule)
     unet.train()
     text_encoder.train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -131,7 +139,7 @@ def pretrain(out_dir: Path, recipe: PretrainRecipe, log: Callable[[str], None] =
             text_encoder=text_encoder.eval(),
             tokenizer=tokenizer,
             scheduler=DDIMScheduler.from_config(
-                start.scheduler.config, clip_sample=False, set_alpha_to_one=False
+                start.scheduler.config, clip_sample=False, set_alpha_to_one=False, **schedule
             ),
             safety_checker=None,
             feature_extractor=None,
@@ -165,13 +173,18 @@ def pretrain(out_dir: Path, recipe: PretrainRecipe, log: Callable[[str], None] =
         t = torch.randint(noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        target = (
+            noise_scheduler.get_velocity(latents, noise, t)
+            if recipe.prediction_type == "v_prediction"
+            else noise
+        )
+        loss = torch.nn.functional.mse_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 25 == 0:
-            note("unet", step, loss=round(float(loss), 5), lr=round(lr, 6))
+            note("unet", step, loss=round(loss.item(), 5), lr=round(lr, 6))
         if step % recipe.checkpoint_every == 0 or step == recipe.unet_steps:
             with torch.no_grad():
                 saved_rows = _snapshot(text_encoder, saved_rows)
@@ -265,10 +278,18 @@ def write_model_card(model_dir: Path) -> dict[str, float]:
     verdict = (
         "All gates are met."
         if not failed
-        else f"Gates not met: {', '.join(sorted(failed))}. This base is a good VAE and denoiser of its domain "
-        "but only weakly prompt-conditional, so fine-tuning on it cannot yet show a prompt-specific subject."
+        else f"Gates not met: {', '.join(sorted(failed))}. docs/evaluation.md says what was tried and measured."
     )
     digests = "\n".join(f"    {sha}  {name}" for name, sha in weight_digests(model_dir).items())
+    v_pred = r.get("prediction_type", "epsilon") == "v_prediction"
+    objective = "v-prediction (the UNet predicts v = √ᾱ·ε − √(1−ᾱ)·x₀)" if v_pred else "ε-prediction"
+    zero_snr = r.get("zero_terminal_snr", False)
+    schedule = (
+        ", betas rescaled to zero terminal SNR (t = 999 is pure noise), `timestep_spacing: trailing`"
+        if zero_snr
+        else ""
+    )
+    flags = (" --v-prediction" if v_pred else "") + (" --zero-terminal-snr" if zero_snr else "")
     card = f"""# tiny-sd15-pretrained
 
 A tiny Stable Diffusion 1.x (sdtune's tiny sizes: UNet (32, 64), 2-block VAE, 2-layer CLIP text encoder,
@@ -279,7 +300,7 @@ nothing about real images.
 ## How it was built
 
     sdtune models pretrain --out sdtune/assets/tiny-sd15-pretrained --seed {r["seed"]} \\
-        --vae-steps {r["vae_steps"]} --unet-steps {r["unet_steps"]}      # = make pretrained-base
+        --vae-steps {r["vae_steps"]} --unet-steps {r["unet_steps"]}{flags}      # = make pretrained-base
 
 - Start: `sdtune models tiny --arch sd15 --seed {r["seed"]}`'s random components.
 - Data (`sdtune/models/pretrain_data.py`, seed {r["seed"]}): {r["pool_size"]} pictures, each one object
@@ -294,7 +315,8 @@ nothing about real images.
   (no weight decay), {r["warmup_steps"]} warm-up steps then cosine, caption dropped {r["caption_dropout"]:.0%},
   noise offset {r.get("noise_offset", 0.0)}{f", continued from {r['init_from']}" if r.get("init_from") else ""}.
   Token rows no caption used are rescaled to the trained rows' mean norm.
-- Scheduler: DDIM, `clip_sample: false`.
+- Objective: {objective}.
+- Scheduler: DDIM, `clip_sample: false`{schedule}.
 - Took {meta["seconds"] / 60:.0f} min on {meta["hardware"]} (torch {meta["torch"]}), sharing 2 cores.
 
 ## Gates (held-out pictures; checked by tests/models/test_pretrained.py)
@@ -308,7 +330,7 @@ nothing about real images.
 
 PSNR: VAE reconstruction of 128 unseen pictures. Colour accuracy: DDIM 25 steps, guidance 3, 32 px, prompts
 "a {{colour}} {{object}} on a {{background}} background", a pixel-vote classifier. Caption gap: denoising
-loss with "a photo of a {{colour}} {{object}}" vs the empty caption, t = 300…700, 64 unseen pictures.
+loss with "a photo of a {{colour}} {{object}}, {{background}} background" (the training form) vs the empty caption, t = 300…700, 64 unseen pictures.
 
 ## sha256 of the weights
 

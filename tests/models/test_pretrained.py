@@ -97,11 +97,25 @@ def test_pretrain_writes_a_loadable_pipeline_and_its_record(tmp_path):
     from sdtune.models.pretrain import PretrainRecipe, pretrain
 
     recipe = PretrainRecipe(
-        pool_size=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, warmup_steps=1
+        pool_size=32,
+        vae_steps=2,
+        vae_batch=4,
+        unet_steps=2,
+        unet_batch=4,
+        warmup_steps=1,
+        prediction_type="v_prediction",
+        zero_terminal_snr=True,
     )
     out = pretrain(tmp_path / "base", recipe, log=lambda _: None)
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     assert pipe.scheduler.config.clip_sample is False  # DDIM would otherwise clip latents to ±1
+    # v-prediction on a zero-terminal-SNR schedule: at t = 999 no trace of the picture is left in the noise,
+    # so the colours come from the prompt (with ε and the default schedule they leaked from the start noise).
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    from diffusers import DDPMScheduler
+
+    assert float(DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod[-1]) < 1e-6
     meta = json.loads((out / "sdtune_tiny.json").read_text())
     assert meta["unet_steps_done"] == 2 and meta["recipe"]["seed"] == 0
     table = pipe.text_encoder.get_input_embeddings().weight
