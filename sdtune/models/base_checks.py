@@ -90,7 +90,6 @@ def caption_gap(
     from diffusers import DDPMScheduler
 
     from sdtune.models.text import tokenize
-    from sdtune.train.losses import prediction_target
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pixels = P.pixels_of(images)
@@ -107,9 +106,13 @@ def caption_gap(
         for t in GAP_TIMESTEPS:
             tt = torch.full((len(latents),), t, dtype=torch.long)
             noisy = scheduler.add_noise(latents, noise, tt)
-            target = prediction_target(scheduler, latents, noise, tt, scheduler.config.prediction_type)
             for name, cond in (("caption", with_caption), ("empty", empty)):
                 pred = pipe.unet(noisy, tt, encoder_hidden_states=cond).sample
+                target = (
+                    scheduler.get_velocity(latents, noise, tt)
+                    if scheduler.config.prediction_type == "v_prediction"
+                    else noise
+                )
                 losses[name] += float(((pred - target) ** 2).mean())
     n = len(noise_seeds) * len(GAP_TIMESTEPS)
     out = {f"loss_{k}": v / n for k, v in losses.items()}

@@ -63,7 +63,6 @@ def pretrain(out_dir: Path, recipe: PretrainRecipe, log: Callable[[str], None] =
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
     from sdtune.models import tiny
-    from sdtune.train.losses import prediction_target
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,14 +168,17 @@ def pretrain(out_dir: Path, recipe: PretrainRecipe, log: Callable[[str], None] =
         used_ids.update(ids.unique().tolist())
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
         noise = torch.randn(latents.shape, generator=gen)
-        if recipe.noise_offset:  # as train.noise_offset
+        if recipe.noise_offset:  # as train.noise_offset (models/ does not import the training package)
             noise = noise + recipe.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
         t = torch.randint(noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(
-            pred, prediction_target(noise_scheduler, latents, noise, t, recipe.prediction_type)
+        target = (
+            noise_scheduler.get_velocity(latents, noise, t)
+            if recipe.prediction_type == "v_prediction"
+            else noise
         )
+        loss = torch.nn.functional.mse_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -298,7 +300,7 @@ nothing about real images.
 ## How it was built
 
     sdtune models pretrain --out sdtune/assets/tiny-sd15-pretrained --seed {r["seed"]} \\
-        --vae-steps {r["vae_steps"]} --unet-steps {r["unet_steps"]}{flags or "      # = make pretrained-base"}
+        --vae-steps {r["vae_steps"]} --unet-steps {r["unet_steps"]}{flags}      # = make pretrained-base
 
 - Start: `sdtune models tiny --arch sd15 --seed {r["seed"]}`'s random components.
 - Data (`sdtune/models/pretrain_data.py`, seed {r["seed"]}): {r["pool_size"]} pictures, each one object
