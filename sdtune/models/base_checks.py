@@ -106,13 +106,14 @@ def caption_gap(
         for t in GAP_TIMESTEPS:
             tt = torch.full((len(latents),), t, dtype=torch.long)
             noisy = scheduler.add_noise(latents, noise, tt)
+            # As train.losses.prediction_target (models/ does not import the training package).
+            target = (
+                scheduler.get_velocity(latents, noise, tt)
+                if scheduler.config.prediction_type == "v_prediction"
+                else noise
+            )
             for name, cond in (("caption", with_caption), ("empty", empty)):
                 pred = pipe.unet(noisy, tt, encoder_hidden_states=cond).sample
-                target = (
-                    scheduler.get_velocity(latents, noise, tt)
-                    if scheduler.config.prediction_type == "v_prediction"
-                    else noise
-                )
                 losses[name] += float(((pred - target) ** 2).mean())
     n = len(noise_seeds) * len(GAP_TIMESTEPS)
     out = {f"loss_{k}": v / n for k, v in losses.items()}
