@@ -228,6 +228,10 @@ class PriorPreservation(Section):
     class_prompt: str = "a photo of {class_noun}"
     class_data_dir: str | None = None  # images of the class; generated with the base model when missing
     class_image_steps: int = Field(25, ge=1)  # inference steps for generated class images
+    # Guidance for generated class images. Lower keeps them closer to what the base itself predicts for the
+    # class prompt (the prior to preserve): on a v-prediction tiny base, class images at 7.5 raised the class
+    # prompt's held-out loss 22–56 %, at 2 it stayed within ±5 % (docs/evaluation.md).
+    class_image_guidance: float = Field(7.5, ge=1.0)
 
     @field_validator("class_prompt")
     @classmethod

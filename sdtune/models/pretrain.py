@@ -146,6 +146,7 @@ def pretrain(out_dir: Path, recipe: PretrainRecipe, log: Callable[[str], None] =
             requires_safety_checker=False,
         )
         pipe.save_pretrained(out_dir, safe_serialization=True)
+        _forget_source_folder(out_dir)
         unet.train()
         text_encoder.train()
 
@@ -199,6 +200,14 @@ def pretrain(out_dir: Path, recipe: PretrainRecipe, log: Callable[[str], None] =
     return out_dir
 
 
+def _forget_source_folder(out_dir: Path) -> None:
+    """A continued run's components remember the folder they were loaded from; the result must not name it."""
+    for config in (out_dir / "unet" / "config.json", out_dir / "vae" / "config.json"):
+        values = json.loads(config.read_text(encoding="utf-8"))
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _rescale_unused_rows(text_encoder, used_ids: set[int]) -> None:
     """Give never-trained token rows the mean norm of the trained ones (their directions stay random)."""
     with torch.no_grad():
@@ -229,6 +238,19 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+STAGE_KEYS = ("recipe", "unet_steps_done", "seconds", "hardware", "torch")
+
+
+def earlier_stages(init_from: str | None) -> list[dict]:
+    """The build record of the result a run continues (its own earlier stages first), so that the card of a
+    continued base still says how the whole of it was made."""
+    record = Path(init_from or "") / "sdtune_tiny.json"
+    if not init_from or not record.is_file():
+        return []
+    meta = json.loads(record.read_text(encoding="utf-8"))
+    return [*meta.get("earlier_stages", []), {k: meta[k] for k in STAGE_KEYS if k in meta}]
+
+
 def _write_meta(out_dir: Path, recipe: PretrainRecipe, steps_done: int, seconds: float) -> None:
     meta = {
         "arch": "sd15",
@@ -239,6 +261,7 @@ def _write_meta(out_dir: Path, recipe: PretrainRecipe, steps_done: int, seconds:
         "seconds": round(seconds, 1),
         "hardware": f"{_cpu_name()}, torch threads {torch.get_num_threads()}",
         "torch": torch.__version__,
+        "earlier_stages": earlier_stages(recipe.init_from),
     }
     (out_dir / "sdtune_tiny.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
@@ -257,6 +280,25 @@ def weight_digests(model_dir: Path) -> dict[str, str]:
         str(p.relative_to(model_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(Path(model_dir).rglob("*.safetensors"))
     }
+
+
+def build_commands(recipes: list[dict], out: str = "sdtune/assets/tiny-sd15-pretrained") -> str:
+    """The command lines that rebuild a base from its stages' recipes (= ``make pretrained-base``)."""
+    lines = []
+    for i, r in enumerate(recipes):
+        target = out if i == len(recipes) - 1 else f".sdtune/pretrain-stage{i + 1}"
+        v_pred = r.get("prediction_type", "epsilon") == "v_prediction"
+        flags = (" --v-prediction" if v_pred else " --epsilon") + (
+            " --zero-terminal-snr" if r.get("zero_terminal_snr", False) else " --plain-schedule"
+        )
+        start = (
+            f" \\\n        --init-from .sdtune/pretrain-stage{i}" if i else f" --vae-steps {r['vae_steps']}"
+        )
+        lines.append(
+            f"    sdtune models pretrain --out {target} --seed {r['seed']} \\\n"
+            f"        --unet-steps {r['unet_steps']}{flags}{start}"
+        )
+    return "\n".join(lines) + "      # = make pretrained-base"
 
 
 def write_model_card(model_dir: Path) -> dict[str, float]:
@@ -289,7 +331,10 @@ def write_model_card(model_dir: Path) -> dict[str, float]:
         if zero_snr
         else ""
     )
-    flags = (" --v-prediction" if v_pred else "") + (" --zero-terminal-snr" if zero_snr else "")
+    stages = [*meta.get("earlier_stages", []), meta]
+    commands = build_commands([stage["recipe"] for stage in stages])
+    unet_steps = sum(stage["recipe"]["unet_steps"] for stage in stages)
+    minutes = sum(stage["seconds"] for stage in stages) / 60
     card = f"""# tiny-sd15-pretrained
 
 A tiny Stable Diffusion 1.x (sdtune's tiny sizes: UNet (32, 64), 2-block VAE, 2-layer CLIP text encoder,
@@ -299,8 +344,7 @@ nothing about real images.
 
 ## How it was built
 
-    sdtune models pretrain --out sdtune/assets/tiny-sd15-pretrained --seed {r["seed"]} \\
-        --vae-steps {r["vae_steps"]} --unet-steps {r["unet_steps"]}{flags}      # = make pretrained-base
+{commands}
 
 - Start: `sdtune models tiny --arch sd15 --seed {r["seed"]}`'s random components.
 - Data (`sdtune/models/pretrain_data.py`, seed {r["seed"]}): {r["pool_size"]} pictures, each one object
@@ -311,13 +355,13 @@ nothing about real images.
   head, white star); the trigger word never appears in a caption.
 - VAE: {r["vae_steps"]} steps, batch {r["vae_batch"]}, AdamW LR {r["vae_lr"]} (cosine to 10 %), MSE +
   {r["vae_kl_weight"]} × KL; scaling factor set to 1 / latent std.
-- UNet + text encoder together: {r["unet_steps"]} steps, batch {r["unet_batch"]}, AdamW LR {r["unet_lr"]}
-  (no weight decay), {r["warmup_steps"]} warm-up steps then cosine, caption dropped {r["caption_dropout"]:.0%},
-  noise offset {r.get("noise_offset", 0.0)}{f", continued from {r['init_from']}" if r.get("init_from") else ""}.
+- UNet + text encoder together: {unet_steps} steps{f" in {len(stages)} runs of {r['unet_steps']}" if len(stages) > 1 else ""},
+  batch {r["unet_batch"]}, AdamW LR {r["unet_lr"]} (no weight decay), {r["warmup_steps"]} warm-up steps then
+  cosine{" in each run" if len(stages) > 1 else ""}, caption dropped {r["caption_dropout"]:.0%}, noise offset {r.get("noise_offset", 0.0)}.
   Token rows no caption used are rescaled to the trained rows' mean norm.
 - Objective: {objective}.
 - Scheduler: DDIM, `clip_sample: false`{schedule}.
-- Took {meta["seconds"] / 60:.0f} min on {meta["hardware"]} (torch {meta["torch"]}), sharing 2 cores.
+- Took {minutes:.0f} min on {meta["hardware"]} (torch {meta["torch"]}), sharing 2 cores.
 
 ## Gates (held-out pictures; checked by tests/models/test_pretrained.py)
 

@@ -39,6 +39,7 @@ def class_images_key(cfg: RunConfig) -> str:
         "n": cfg.train.num_class_images,
         "res": cfg.preprocess.resolution,
         "steps": cfg.train.class_image_steps,
+        "guidance": cfg.train.class_image_guidance,
         "seed": cfg.train.seed,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -82,6 +83,7 @@ def _generate(cfg: RunConfig, device, jobs: list[tuple[int, Path]], batch: int =
         images = pipe(
             [prompt] * len(chunk),
             num_inference_steps=cfg.train.class_image_steps,
+            guidance_scale=cfg.train.class_image_guidance,
             generator=[torch.Generator("cpu").manual_seed(cfg.train.seed * 100003 + i) for i, _ in chunk],
             height=res,
             width=res,

@@ -17,9 +17,9 @@ Features (config key → behaviour):
   ``train.class_prompt`` ("a photo of {class_noun}"), loss = instance + ``prior_loss_weight`` × class
   (:mod:`.prior`, shared with :mod:`.lora`).
 - Class images: ``train.class_data_dir`` when it holds at least ``num_class_images`` images; otherwise
-  generated with the base model (``class_image_steps`` steps, seeded), shared out over the ranks, and cached
-  under ``<model.cache_dir>/../class-images/<key>`` where the key hashes everything that determines them,
-  so a retrain reuses them.
+  generated with the base model (``class_image_steps`` steps at ``class_image_guidance``, seeded), shared out
+  over the ranks, and cached under ``<model.cache_dir>/../class-images/<key>`` where the key hashes
+  everything that determines them, so a retrain reuses them.
 - Latents and text embeddings of instance and class images are computed once, before the loop.
 - ``train.parallelism``: ``ddp`` (a replica per GPU) or ``fsdp`` (FSDP2: weights, grads and optimizer state
   sharded over the ranks, :mod:`.parallel`) — the SDXL full fine-tune on 40/80 GB cards.

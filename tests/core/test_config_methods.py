@@ -28,6 +28,7 @@ PRIOR = {
     "class_prompt",
     "class_data_dir",
     "class_image_steps",
+    "class_image_guidance",
 }
 CONCEPT = {"num_vectors", "initializer_token"}
 # The decision, written out: which method reads which of its own options.

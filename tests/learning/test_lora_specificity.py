@@ -31,14 +31,19 @@ from tests.learning.test_learning import LORA, LORA_DEFECTS, lora_run_that_canno
 
 SPECIFICITY_FLOOR = 0.10
 CLOSER_FLOOR = 0.20
+# Specificity also grows when the class loss rises: on the v-prediction build the recipe scored 40 points with
+# the trigger loss unchanged (−0.05 %) and the class loss up 40 %. The trigger loss itself must fall.
+TRIGGER_FLOOR = 0.05
 
 pytestmark = pytest.mark.slow
 
 
 def learning_failures(m: dict) -> list[str]:
-    """Empty when the trigger's held-out loss fell ≥ 10 points more than the class's and trigger samples came
-    ≥ 20 % closer to the subject's colours than the base's."""
+    """Empty when the trigger's held-out loss fell ≥ 5 % and ≥ 10 points more than the class's, and trigger
+    samples came ≥ 20 % closer to the subject's colours than the base's."""
     out = []
+    if m["loss_change_trigger"] > -TRIGGER_FLOOR:
+        out.append(f"trigger loss changed only {m['loss_change_trigger']:+.3f} (needs ≤ −{TRIGGER_FLOOR})")
     if m["specificity"] < SPECIFICITY_FLOOR:
         out.append(f"specificity {m['specificity']:.3f} < {SPECIFICITY_FLOOR}")
     if m["image_closer_trigger"] < CLOSER_FLOOR:
@@ -62,3 +67,16 @@ def test_the_check_fails_when_nothing_is_learned(
 ):
     runs = (pretrained_base, random_base, subject_stage, untriggered_stage)
     assert learning_failures(lora_run_that_cannot_learn(defect, learn, *runs)) != []
+
+
+def test_a_rising_class_loss_is_not_learning():
+    """The LoRA recipe's run on the v-prediction build (docs/evaluation.md): 40 points of specificity, all of
+    it from the class loss rising under prior preservation with class images drawn at guidance 7.5."""
+    run = {
+        "loss_change_trigger": -0.0005,
+        "loss_change_class": 0.4039,
+        "specificity": 0.4044,
+        "image_closer_trigger": 0.241,
+        "image_closer_class": -0.1185,
+    }
+    assert learning_failures(run) == ["trigger loss changed only -0.001 (needs ≤ −0.05)"]

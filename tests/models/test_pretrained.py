@@ -135,3 +135,14 @@ def test_pretrain_writes_a_loadable_pipeline_and_its_record(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(cont.vae.parameters(), pipe.vae.parameters(), strict=True))
     assert not torch.equal(cont.unet.conv_out.weight, pipe.unet.conv_out.weight)
     assert json.loads((tmp_path / "more" / "sdtune_tiny.json").read_text())["recipe"]["noise_offset"] == 0.1
+    # Its record keeps the first run's, so the card of a continued base still says how the whole was built
+    # (and rebuilds it with both commands), and no component config names the folder it was loaded from.
+    from sdtune.models.pretrain import build_commands
+
+    record = json.loads((tmp_path / "more" / "sdtune_tiny.json").read_text())
+    assert [s["unet_steps_done"] for s in record["earlier_stages"]] == [2]
+    assert record["earlier_stages"][0]["recipe"]["init_from"] is None
+    commands = build_commands([s["recipe"] for s in [*record["earlier_stages"], record]])
+    assert commands.count("sdtune models pretrain") == 2 and "--init-from .sdtune/pretrain-stage1" in commands
+    for part in ("unet", "vae"):
+        assert "_name_or_path" not in json.loads((tmp_path / "more" / part / "config.json").read_text())

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, ImageChops
 from safetensors.torch import load_file
 
 from sdtune.cli import main
@@ -44,6 +45,14 @@ def test_dreambooth_with_prior_preservation(tmp_path, tiny_sd15, stage_dir):
     stamp = {p.name: p.stat().st_mtime_ns for p in folders[0].glob("class_*.png")}
     assert main([*args[:-1], str(tmp_path / "again"), "train.max_steps=1"]) == 0  # reuses the class images
     assert {p.name: p.stat().st_mtime_ns for p in folders[0].glob("class_*.png")} == stamp
+    # Another guidance draws other class images, into their own cache folder.
+    assert (
+        main([*args[:-1], str(tmp_path / "unguided"), "train.max_steps=1", "train.class_image_guidance=1"])
+        == 0
+    )
+    (other,) = set((tmp_path / "cache" / "class-images").iterdir()) - set(folders)
+    first, second = (Image.open(f / "class_00000.png").convert("RGB") for f in (folders[0], other))
+    assert ImageChops.difference(first, second).getbbox() is not None
 
     base = StableDiffusionPipeline.from_pretrained(tiny_sd15, local_files_only=True)
     tuned = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
