@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED := 1
 # Test files run in parallel, one single-threaded worker per core (at most 4); TEST_WORKERS=0 runs them in-process.
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 
-.PHONY: help venv run test test-learning test-fast fuzz lint format compile manifests-check images bench clean pretrained-base
+.PHONY: help venv run test test-learning test-fast fuzz lint format compile manifests-check images bench clean pretrained-base pretrained-base-v
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -80,6 +80,10 @@ images:  ## build and push the container images, record their digests in images/
 
 pretrained-base: $(STAMP)  ## rebuild the shipped pre-trained tiny SD 1.x (about 15 min on one CPU core; see its MODEL_CARD.md)
 	$(SDTUNE) models pretrain --out $(PRETRAINED_BASE)
+
+pretrained-base-v: $(STAMP)  ## rebuild the shipped v-prediction tiny SD 1.x (about 35 min on one CPU core; see its MODEL_CARD.md)
+	$(SDTUNE) models pretrain --out $(HOME_DIR)/pretrain-stage1 --seed 0 --vae-steps 400 --unet-steps 2700 --v-prediction --zero-terminal-snr
+	$(SDTUNE) models pretrain --out $(PRETRAINED_BASE)-v --seed 0 --unet-steps 2700 --v-prediction --zero-terminal-snr --init-from $(HOME_DIR)/pretrain-stage1
 
 bench: $(STAMP)  ## CPU benchmark suite (not part of make test)
 	$(PY) -m sdtune.bench

@@ -43,6 +43,13 @@ def models_tiny(
         bool,
         typer.Option("--pretrained", help="The shipped pre-trained weights (sd15, sd15-inpaint) instead."),
     ] = False,
+    objective: Annotated[
+        str,
+        typer.Option(
+            "--objective",
+            help="With --pretrained: the ε-prediction base (epsilon) or the v-prediction one (v).",
+        ),
+    ] = "epsilon",
 ) -> None:
     """Write a tiny, seeded, randomly initialised pipeline (~1.7 M parameters) that loads offline.
 
@@ -51,7 +58,7 @@ def models_tiny(
     quiet_libraries()
     from sdtune.models.tiny import build_tiny
 
-    path = build_tiny(arch, out, seed=seed, pretrained=pretrained)
+    path = build_tiny(arch, out, seed=seed, pretrained=pretrained, objective=objective)
     typer.echo(f"wrote tiny {'pre-trained ' if pretrained else ''}{arch} pipeline to {path}")
 
 

@@ -282,8 +282,10 @@ def weight_digests(model_dir: Path) -> dict[str, str]:
     }
 
 
-def build_commands(recipes: list[dict], out: str = "sdtune/assets/tiny-sd15-pretrained") -> str:
-    """The command lines that rebuild a base from its stages' recipes (= ``make pretrained-base``)."""
+def build_commands(recipes: list[dict], name: str = "tiny-sd15-pretrained") -> str:
+    """The command lines that rebuild the shipped base ``name`` from its stages' recipes (= its make target)."""
+    out = f"sdtune/assets/{name}"
+    make_target = "pretrained-base" + name.removeprefix("tiny-sd15-pretrained")
     lines = []
     for i, r in enumerate(recipes):
         target = out if i == len(recipes) - 1 else f".sdtune/pretrain-stage{i + 1}"
@@ -298,7 +300,7 @@ def build_commands(recipes: list[dict], out: str = "sdtune/assets/tiny-sd15-pret
             f"    sdtune models pretrain --out {target} --seed {r['seed']} \\\n"
             f"        --unet-steps {r['unet_steps']}{flags}{start}"
         )
-    return "\n".join(lines) + "      # = make pretrained-base"
+    return "\n".join(lines) + f"      # = make {make_target}"
 
 
 def write_model_card(model_dir: Path) -> dict[str, float]:
@@ -332,10 +334,10 @@ def write_model_card(model_dir: Path) -> dict[str, float]:
         else ""
     )
     stages = [*meta.get("earlier_stages", []), meta]
-    commands = build_commands([stage["recipe"] for stage in stages])
+    commands = build_commands([stage["recipe"] for stage in stages], model_dir.name)
     unet_steps = sum(stage["recipe"]["unet_steps"] for stage in stages)
     minutes = sum(stage["seconds"] for stage in stages) / 60
-    card = f"""# tiny-sd15-pretrained
+    card = f"""# {model_dir.name}
 
 A tiny Stable Diffusion 1.x (sdtune's tiny sizes: UNet (32, 64), 2-block VAE, 2-layer CLIP text encoder,
 ~1.7 M parameters) pre-trained by sdtune on a CPU, on procedurally drawn, captioned {r["resolution"]} px

@@ -63,13 +63,21 @@ def _refuse_foreign_out_dir(out_dir: Path) -> None:
 
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd15-pretrained"
+# The v-prediction, zero-terminal-SNR build: it meets every gate of its card (the ε base misses the two
+# conditioning gates) and keeps the unmasked picture when inpainting, but fine-tuning moves its held-out
+# losses about half as much (docs/evaluation.md, "The v-prediction base").
+PRETRAINED_V_DIR = PRETRAINED_DIR.with_name("tiny-sd15-pretrained-v")
+PRETRAINED_DIRS = {"epsilon": PRETRAINED_DIR, "v": PRETRAINED_V_DIR}
 PRETRAINED_ARCHS = ("sd15", "sd15-inpaint")
 
 
-def build_tiny(arch: str, out_dir: Path, seed: int = 0, pretrained: bool = False) -> Path:
+def build_tiny(
+    arch: str, out_dir: Path, seed: int = 0, pretrained: bool = False, objective: str = "epsilon"
+) -> Path:
     """Write a tiny ``arch`` (one of :data:`ARCHS`) diffusers pipeline folder to ``out_dir`` and return it.
 
-    ``pretrained``: the shipped pre-trained weights (``sd15`` and ``sd15-inpaint`` only; ``seed`` unused)."""
+    ``pretrained``: the shipped pre-trained weights (``sd15`` and ``sd15-inpaint`` only; ``seed`` unused), the
+    ε-prediction base or, with ``objective="v"``, the v-prediction one (:data:`PRETRAINED_DIRS`)."""
     from sdtune.errors import ConfigError
 
     if arch not in ARCHS:
@@ -79,7 +87,11 @@ def build_tiny(arch: str, out_dir: Path, seed: int = 0, pretrained: bool = False
             raise ConfigError(
                 f"tiny model: no pre-trained weights for {arch!r} (only {', '.join(PRETRAINED_ARCHS)})"
             )
-        return _copy_pretrained(arch, Path(out_dir))
+        if objective not in PRETRAINED_DIRS:
+            raise ConfigError(
+                f"tiny model: unknown objective {objective!r} (expected one of {', '.join(PRETRAINED_DIRS)})"
+            )
+        return _copy_pretrained(arch, Path(out_dir), PRETRAINED_DIRS[objective])
     import torch
 
     out_dir = Path(out_dir)
@@ -108,15 +120,15 @@ def build_tiny(arch: str, out_dir: Path, seed: int = 0, pretrained: bool = False
     return out_dir
 
 
-def _copy_pretrained(arch: str, out_dir: Path) -> Path:
-    if not (PRETRAINED_DIR / "model_index.json").is_file():
+def _copy_pretrained(arch: str, out_dir: Path, source: Path) -> Path:
+    if not (source / "model_index.json").is_file():
         from sdtune.errors import ConfigError
 
-        raise ConfigError(f"pre-trained tiny model missing at {PRETRAINED_DIR} (make pretrained-base)")
+        raise ConfigError(f"pre-trained tiny model missing at {source} (see its make target in the Makefile)")
     if out_dir.exists():
         _refuse_foreign_out_dir(out_dir)
         shutil.rmtree(out_dir)
-    shutil.copytree(PRETRAINED_DIR, out_dir)
+    shutil.copytree(source, out_dir)
     (out_dir / TINY_MARKER).write_text("written by `sdtune models tiny`; replaced on the next build\n")
     if arch == "sd15-inpaint":
         _widen_to_inpaint(out_dir)

@@ -92,6 +92,15 @@ def inpaint_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def inpaint_v_base(tmp_path_factory) -> Path:
+    """The v-prediction, zero-terminal-SNR pre-trained base with a 9-channel UNet."""
+    from sdtune.models.tiny import build_tiny
+
+    folder = tmp_path_factory.mktemp("learning") / "inpaint-v"
+    return build_tiny("sd15-inpaint", folder, pretrained=True, objective="v")
+
+
+@pytest.fixture(scope="session")
 def random_inpaint_base(tmp_path_factory) -> Path:
     from sdtune.models.tiny import build_tiny
 
