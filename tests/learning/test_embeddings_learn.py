@@ -28,17 +28,30 @@ CLOSER_FLOOR = 0.20
 pytestmark = pytest.mark.slow
 
 
-def learning_failures(ti: dict, pivotal: dict) -> list[str]:
+def learning_failures(
+    ti: dict,
+    pivotal: dict,
+    ti_floor: float = TEXTUAL_INVERSION_FLOOR,
+    pivotal_floor: float = 0.10,
+    closer_floor: float = CLOSER_FLOOR,
+) -> list[str]:
     """The issue's embedding check with textual inversion's floor at 5 %, and both methods' trigger samples
     ≥ 20 % closer to the subject's colours (on the random base pivotal's LoRA lowers every prompt's loss by
     collapse, −12.4 %, but its samples come no closer)."""
-    out = embedding_failures(ti, pivotal, TEXTUAL_INVERSION_FLOOR)
+    out = embedding_failures(ti, pivotal, ti_floor, pivotal_floor)
     for name, m in (("textual inversion", ti), ("pivotal", pivotal)):
-        if m["image_closer_trigger"] < CLOSER_FLOOR:
+        if m["image_closer_trigger"] < closer_floor:
             out.append(
-                f"{name}: trigger samples only {m['image_closer_trigger']:.3f} closer (< {CLOSER_FLOOR})"
+                f"{name}: trigger samples only {m['image_closer_trigger']:.3f} closer (< {closer_floor})"
             )
     return out
+
+
+# The v-prediction base (every gate met) moves held-out losses about half as much (docs/evaluation.md):
+# textual inversion −5.1 % / −2.5 % and pivotal −10.8 % / −6.0 % on training seeds 0 / 1, while their trigger
+# samples come 51 % / 49 % and 64 % / 60 % closer. Its check holds the samples to the issue's 30 % and the
+# losses to floors under the seed-1 figures.
+V_BASE_FLOORS = {"ti_floor": 0.02, "pivotal_floor": 0.05, "closer_floor": 0.30}
 
 
 def test_embeddings_learn_the_trigger(learn: Learner, pretrained_base, subject_stage):
@@ -59,5 +72,34 @@ def test_the_embedding_check_fails_when_nothing_is_learned(
         pivotal.update({k: NO_TRAINING[k] for k in ("learning_rate", "embedding_learning_rate")})
     ti_run, pivotal_run = learn(base, subject_stage, **ti), learn(base, subject_stage, **pivotal)
     assert learning_failures(ti_run, pivotal_run) != []
-    # each method's half fails on its own, not only textual inversion's floor
-    assert any(f.startswith("pivotal") for f in learning_failures(ti_run, pivotal_run))
+    # each method's half fails on its own, not only textual inversion's floor; the v base's lower loss floors
+    # catch these runs too (the random base is the same for both)
+    for floors in ({}, V_BASE_FLOORS):
+        failures = learning_failures(ti_run, pivotal_run, **floors)
+        assert any(f.startswith("textual inversion") for f in failures)
+        assert any(f.startswith("pivotal") for f in failures)
+
+
+@pytest.fixture(scope="module")
+def v_base(tmp_path_factory):
+    from sdtune.models.tiny import build_tiny
+
+    return build_tiny("sd15", tmp_path_factory.mktemp("learning") / "v", pretrained=True, objective="v")
+
+
+def test_embeddings_learn_the_trigger_on_the_v_base(learn: Learner, v_base, subject_stage):
+    ti = learn(v_base, subject_stage, **TEXTUAL_INVERSION)
+    pivotal = learn(v_base, subject_stage, **PIVOTAL)
+    assert learning_failures(ti, pivotal, **V_BASE_FLOORS) == [], (_figures(ti), _figures(pivotal))
+
+
+def test_the_v_base_embedding_check_fails_without_training(learn: Learner, v_base, subject_stage):
+    ti = learn(v_base, subject_stage, **{**TEXTUAL_INVERSION, "learning_rate": NO_TRAINING["learning_rate"]})
+    pivotal = learn(
+        v_base,
+        subject_stage,
+        **{**PIVOTAL, **{k: NO_TRAINING[k] for k in ("learning_rate", "embedding_learning_rate")}},
+    )
+    failures = learning_failures(ti, pivotal, **V_BASE_FLOORS)
+    assert any(f.startswith("textual inversion") for f in failures)
+    assert any(f.startswith("pivotal") for f in failures)

@@ -132,11 +132,13 @@ def dreambooth_failures(with_prior: dict, without_prior: dict) -> list[str]:
     return out
 
 
-def embedding_failures(ti: dict, pivotal: dict, ti_floor: float = 0.10) -> list[str]:
-    """Textual inversion and pivotal tuning: the trigger loss falls ≥ 10 % (textual inversion: ≥ ``ti_floor``),
+def embedding_failures(
+    ti: dict, pivotal: dict, ti_floor: float = 0.10, pivotal_floor: float = 0.10
+) -> list[str]:
+    """Textual inversion and pivotal tuning: the trigger loss falls ≥ 10 % (``ti_floor``, ``pivotal_floor``),
     no other embedding row changes, and pivotal (embeddings + LoRA) beats textual inversion alone."""
     out = []
-    for name, m, floor in (("textual inversion", ti, ti_floor), ("pivotal", pivotal, 0.10)):
+    for name, m, floor in (("textual inversion", ti, ti_floor), ("pivotal", pivotal, pivotal_floor)):
         if m["loss_change_trigger"] > -floor:
             out.append(
                 f"{name}: trigger loss changed only {m['loss_change_trigger']:+.3f} (needs ≤ −{floor})"
@@ -174,11 +176,17 @@ LORA_DEFECTS = ("no_training", "trigger_dropped", "random_base")
 
 
 def lora_run_that_cannot_learn(
-    defect: str, learn: Learner, pretrained_base, random_base, subject_stage, untriggered_stage
+    defect: str,
+    learn: Learner,
+    pretrained_base,
+    random_base,
+    subject_stage,
+    untriggered_stage,
+    recipe: dict = LORA,
 ) -> dict:
-    """The LoRA recipe's run with one defect: learning rates 1e-8, the trigger dropped from the captions, or
+    """The LoRA ``recipe``'s run with one defect: learning rates 1e-8, the trigger dropped from the captions, or
     the random tiny base."""
-    base, stage, train = pretrained_base, subject_stage, dict(LORA)
+    base, stage, train = pretrained_base, subject_stage, dict(recipe)
     if defect == "no_training":
         train.update({k: NO_TRAINING[k] for k in ("learning_rate", "text_encoder_lr")})
     elif defect == "trigger_dropped":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 
 from tests.learning.conftest import Learner
-from tests.learning.test_learning import LORA, NO_TRAINING
+from tests.learning.test_learning import LORA, LORA_DEFECTS, lora_run_that_cannot_learn
 
 LORA_V = {**LORA, "class_image_guidance": 2.0}
 CLOSER_FLOOR = 0.30  # the bar
@@ -63,15 +63,9 @@ def test_lora_on_the_v_base_learns_the_trigger_not_the_class(learn: Learner, v_b
     assert learning_failures(m) == [], _figures(m)
 
 
-@pytest.mark.parametrize("defect", ["no_training", "trigger_dropped", "random_base"])
+@pytest.mark.parametrize("defect", LORA_DEFECTS)
 def test_the_check_fails_when_nothing_is_learned(
     defect, learn: Learner, v_base, random_base, subject_stage, untriggered_stage
 ):
-    base, stage, train = v_base, subject_stage, dict(LORA_V)
-    if defect == "no_training":
-        train.update({k: NO_TRAINING[k] for k in ("learning_rate", "text_encoder_lr")})
-    elif defect == "trigger_dropped":
-        stage = untriggered_stage
-    else:
-        base = random_base
-    assert learning_failures(learn(base, stage, **train)) != []
+    runs = (v_base, random_base, subject_stage, untriggered_stage)
+    assert learning_failures(lora_run_that_cannot_learn(defect, learn, *runs, recipe=LORA_V)) != []
