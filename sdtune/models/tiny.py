@@ -82,6 +82,8 @@ def build_tiny(
 
     if arch not in ARCHS:
         raise ConfigError(f"tiny model: unknown arch {arch!r} (expected one of {', '.join(ARCHS)})")
+    if objective != "epsilon" and not pretrained:
+        raise ConfigError(f"tiny model: objective {objective!r} picks a pre-trained base: add --pretrained")
     if pretrained:
         if arch not in PRETRAINED_ARCHS:
             raise ConfigError(

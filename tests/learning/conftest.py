@@ -92,6 +92,14 @@ def inpaint_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def v_base(tmp_path_factory) -> Path:
+    """The v-prediction, zero-terminal-SNR pre-trained base (``--objective v``): every gate met."""
+    from sdtune.models.tiny import build_tiny
+
+    return build_tiny("sd15", tmp_path_factory.mktemp("learning") / "v", pretrained=True, objective="v")
+
+
+@pytest.fixture(scope="session")
 def inpaint_v_base(tmp_path_factory) -> Path:
     """The v-prediction, zero-terminal-SNR pre-trained base with a 9-channel UNet."""
     from sdtune.models.tiny import build_tiny

@@ -80,13 +80,6 @@ def test_the_embedding_check_fails_when_nothing_is_learned(
         assert any(f.startswith("pivotal") for f in failures)
 
 
-@pytest.fixture(scope="module")
-def v_base(tmp_path_factory):
-    from sdtune.models.tiny import build_tiny
-
-    return build_tiny("sd15", tmp_path_factory.mktemp("learning") / "v", pretrained=True, objective="v")
-
-
 def test_embeddings_learn_the_trigger_on_the_v_base(learn: Learner, v_base, subject_stage):
     ti = learn(v_base, subject_stage, **TEXTUAL_INVERSION)
     pivotal = learn(v_base, subject_stage, **PIVOTAL)

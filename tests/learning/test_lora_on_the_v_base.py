@@ -46,13 +46,6 @@ def learning_failures(m: dict) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def v_base(tmp_path_factory):
-    from sdtune.models.tiny import build_tiny
-
-    return build_tiny("sd15", tmp_path_factory.mktemp("learning") / "v", pretrained=True, objective="v")
-
-
 def _figures(m: dict) -> dict:
     keys = ("loss_change_trigger", "loss_change_class", "image_closer_trigger", "image_closer_class")
     return {k: round(m[k], 4) for k in keys}

@@ -113,6 +113,8 @@ def test_cli_builds_the_pretrained_base_and_its_inpainting_variant(tmp_path, cap
     capsys.readouterr()
     assert main([*v_args[:-3], "x0", "--out", str(tmp_path / "x0")]) == 2
     assert "unknown objective 'x0'" in capsys.readouterr().err
+    assert main(["models", "tiny", "--objective", "v", "--out", str(tmp_path / "r")]) == 2
+    assert "add --pretrained" in capsys.readouterr().err
 
 
 def test_pretrain_writes_a_loadable_pipeline_and_its_record(tmp_path):
