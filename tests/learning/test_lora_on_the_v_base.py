@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 
 from tests.learning.conftest import Learner
-from tests.learning.test_learning import LORA, LORA_DEFECTS, lora_run_that_cannot_learn
+from tests.learning.test_learning import LORA, LORA_DEFECTS, _figures, lora_run_that_cannot_learn
 
 LORA_V = {**LORA, "class_image_guidance": 2.0}
 CLOSER_FLOOR = 0.30  # the bar
@@ -44,11 +44,6 @@ def learning_failures(m: dict) -> list[str]:
     if m["specificity"] < SPECIFICITY_FLOOR:
         out.append(f"specificity {m['specificity']:.3f} < {SPECIFICITY_FLOOR}")
     return out
-
-
-def _figures(m: dict) -> dict:
-    keys = ("loss_change_trigger", "loss_change_class", "image_closer_trigger", "image_closer_class")
-    return {k: round(m[k], 4) for k in keys}
 
 
 def test_lora_on_the_v_base_learns_the_trigger_not_the_class(learn: Learner, v_base, subject_stage):
