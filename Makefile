@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SDTUNE := $(VENV)/bin/sdtune
 STAMP := $(VENV)/.installed
 HOME_DIR := .sdtune
-TINY_MODEL := $(HOME_DIR)/models/tiny-sd15-pretrained
+TINY_MODEL := $(HOME_DIR)/models/tiny-sd15-pretrained-v
 PRETRAINED_BASE := sdtune/assets/tiny-sd15-pretrained
 SAMPLE_DATA := $(HOME_DIR)/sample-data
 CONFIG ?= configs/debug/tiny_cpu.yaml
@@ -78,10 +78,10 @@ images:  ## build and push the container images, record their digests in images/
 	    $(PY) images/record_digest.py $$n build/$$n.json || exit 1; done; \
 	else echo "no Docker engine here: skipping image builds (Dockerfiles are linted by 'make lint')"; fi
 
-pretrained-base: $(STAMP)  ## rebuild the shipped pre-trained tiny SD 1.x (about 15 min on one CPU core; see its MODEL_CARD.md)
+pretrained-base: $(STAMP)  ## rebuild the earlier ε-prediction tiny SD 1.x (--objective epsilon; about 15 min on one CPU core; see its MODEL_CARD.md)
 	$(SDTUNE) models pretrain --out $(PRETRAINED_BASE)
 
-pretrained-base-v: $(STAMP)  ## rebuild the shipped v-prediction tiny SD 1.x (about 35 min on one CPU core; see its MODEL_CARD.md)
+pretrained-base-v: $(STAMP)  ## rebuild the shipped tiny SD 1.x, --pretrained's default (v-prediction; about 35 min on one CPU core; see its MODEL_CARD.md)
 	$(SDTUNE) models pretrain --out $(HOME_DIR)/pretrain-stage1 --seed 0 --vae-steps 400 --unet-steps 2700 --v-prediction --zero-terminal-snr
 	$(SDTUNE) models pretrain --out $(PRETRAINED_BASE)-v --seed 0 --unet-steps 2700 --v-prediction --zero-terminal-snr --init-from $(HOME_DIR)/pretrain-stage1
 

@@ -44,12 +44,13 @@ def models_tiny(
         typer.Option("--pretrained", help="The shipped pre-trained weights (sd15, sd15-inpaint) instead."),
     ] = False,
     objective: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--objective",
-            help="With --pretrained: the ε-prediction base (epsilon) or the v-prediction one (v).",
+            help="With --pretrained: the v-prediction base (v, the default) or the earlier ε-prediction one "
+            "(epsilon).",
         ),
-    ] = "epsilon",
+    ] = None,
 ) -> None:
     """Write a tiny, seeded, randomly initialised pipeline (~1.7 M parameters) that loads offline.
 

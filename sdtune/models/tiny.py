@@ -12,8 +12,9 @@ factors, flow-matching Euler scheduler, two CLIP encoders with projections and a
 ``get_dummy_components`` (~1.7 M parameters, 64 px images in about a second on a CPU).
 
 ``build_tiny("sd15", out, pretrained=True)`` copies instead the pre-trained tiny SD 1.x shipped in
-:data:`PRETRAINED_DIR` (built by :mod:`sdtune.models.pretrain`, see its ``MODEL_CARD.md``): a real model of a
-procedural domain of coloured shapes and toy robots, on which fine-tuning can be seen to learn a subject;
+:data:`PRETRAINED_V_DIR` (v-prediction, zero terminal SNR; built by :mod:`sdtune.models.pretrain`, see its
+``MODEL_CARD.md``): a real model of a procedural domain of coloured shapes and toy robots, on which fine-tuning
+can be seen to learn a subject (``objective="epsilon"``: the earlier ε-prediction build, :data:`PRETRAINED_DIR`);
 ``"sd15-inpaint"`` with ``pretrained=True`` is the same model with a 9-channel UNet whose extra input
 channels start at zero (SD's own inpainting init), so it begins as the text-to-image model.
 
@@ -63,32 +64,34 @@ def _refuse_foreign_out_dir(out_dir: Path) -> None:
 
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd15-pretrained"
-# The v-prediction, zero-terminal-SNR build: it meets every gate of its card (the ε base misses the two
-# conditioning gates) and keeps the unmasked picture when inpainting, but fine-tuning moves its held-out
-# losses about half as much (docs/evaluation.md, "The v-prediction base").
+# The v-prediction, zero-terminal-SNR build is the default: it meets every gate of its card (the ε build misses
+# the two conditioning gates) and keeps the unmasked picture when inpainting; fine-tuning moves its held-out
+# losses about half as much, its samples as much or more (docs/evaluation.md, "The v-prediction base").
 PRETRAINED_V_DIR = PRETRAINED_DIR.with_name("tiny-sd15-pretrained-v")
 PRETRAINED_DIRS = {"epsilon": PRETRAINED_DIR, "v": PRETRAINED_V_DIR}
+DEFAULT_OBJECTIVE = "v"
 PRETRAINED_ARCHS = ("sd15", "sd15-inpaint")
 
 
 def build_tiny(
-    arch: str, out_dir: Path, seed: int = 0, pretrained: bool = False, objective: str = "epsilon"
+    arch: str, out_dir: Path, seed: int = 0, pretrained: bool = False, objective: str | None = None
 ) -> Path:
     """Write a tiny ``arch`` (one of :data:`ARCHS`) diffusers pipeline folder to ``out_dir`` and return it.
 
     ``pretrained``: the shipped pre-trained weights (``sd15`` and ``sd15-inpaint`` only; ``seed`` unused), the
-    ε-prediction base or, with ``objective="v"``, the v-prediction one (:data:`PRETRAINED_DIRS`)."""
+    v-prediction base or, with ``objective="epsilon"``, the ε-prediction one (:data:`PRETRAINED_DIRS`)."""
     from sdtune.errors import ConfigError
 
     if arch not in ARCHS:
         raise ConfigError(f"tiny model: unknown arch {arch!r} (expected one of {', '.join(ARCHS)})")
-    if objective != "epsilon" and not pretrained:
+    if objective is not None and not pretrained:
         raise ConfigError(f"tiny model: objective {objective!r} picks a pre-trained base: add --pretrained")
     if pretrained:
         if arch not in PRETRAINED_ARCHS:
             raise ConfigError(
                 f"tiny model: no pre-trained weights for {arch!r} (only {', '.join(PRETRAINED_ARCHS)})"
             )
+        objective = objective or DEFAULT_OBJECTIVE
         if objective not in PRETRAINED_DIRS:
             raise ConfigError(
                 f"tiny model: unknown objective {objective!r} (expected one of {', '.join(PRETRAINED_DIRS)})"

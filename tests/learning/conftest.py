@@ -70,9 +70,11 @@ def write_subject_stage(out: Path, caption: str = CAPTION, subject_masks: bool =
 
 @pytest.fixture(scope="session")
 def pretrained_base(tmp_path_factory) -> Path:
+    """The earlier ε-prediction pre-trained base (``--objective epsilon``)."""
     from sdtune.models.tiny import build_tiny
 
-    return build_tiny("sd15", tmp_path_factory.mktemp("learning") / "pretrained", pretrained=True)
+    folder = tmp_path_factory.mktemp("learning") / "pretrained"
+    return build_tiny("sd15", folder, pretrained=True, objective="epsilon")
 
 
 @pytest.fixture(scope="session")
@@ -85,10 +87,11 @@ def random_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def inpaint_base(tmp_path_factory) -> Path:
-    """The pre-trained base with a 9-channel UNet (the extra input channels start at zero)."""
+    """The ε-prediction pre-trained base with a 9-channel UNet (the extra input channels start at zero)."""
     from sdtune.models.tiny import build_tiny
 
-    return build_tiny("sd15-inpaint", tmp_path_factory.mktemp("learning") / "inpaint", pretrained=True)
+    folder = tmp_path_factory.mktemp("learning") / "inpaint"
+    return build_tiny("sd15-inpaint", folder, pretrained=True, objective="epsilon")
 
 
 @pytest.fixture(scope="session")
