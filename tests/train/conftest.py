@@ -110,6 +110,16 @@ def load_quiet(pipeline_cls, base: Path):
     return pipe
 
 
+def assert_same_image(got, want) -> None:
+    """Equal to float round-off: for pipelines that hold bit-identical weights loaded in different ways (a
+    single file, a diffusers folder). BLAS kernels pick their path by the tensors' memory alignment, which
+    differs between loaders: on an AMD EPYC an SDXL image came out 1.1e-6 apart (bit-equal once every
+    parameter was re-allocated). A wrong or missing tensor moves an image by more than 1e-3."""
+    import torch
+
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def sample(pipe, prompt: str = "a photo of sks toy robot", **extra):
     """One 64 px image in 2 steps from seed 0, as a tensor: enough to tell whether weights changed it.
     ``extra``: the pipeline's own inputs (an inpainting image and mask, a guidance scale)."""

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
-import torch
-
 from sdtune.cli import main
-from tests.train.conftest import sample, write_config
+from tests.train.conftest import assert_same_image, sample, write_config
 
 
 def _image(pipe):
@@ -55,12 +53,12 @@ def test_full_finetune_with_ema_shards_and_single_file(tmp_path, tiny_sd15, stag
     single = StableDiffusionPipeline.from_single_file(
         str(out / "model.safetensors"), config=str(tiny_sd15), local_files_only=True, safety_checker=None
     )
-    assert torch.equal(_image(single), tuned)
+    assert_same_image(_image(single), tuned)
     # What the registry's pyfunc model loads: the run's own folder.
     from sdtune.config import load_config
     from sdtune.registry import load_trained_pipeline
 
-    assert torch.equal(_image(load_trained_pipeline(load_config(config), out)), tuned)
+    assert_same_image(_image(load_trained_pipeline(load_config(config), out)), tuned)
 
     # Resume from the step-2 checkpoint (EMA state included): bit-identical weights; the cache is reused.
     shutil.rmtree(out / "checkpoints" / "step-00000004", ignore_errors=True)
