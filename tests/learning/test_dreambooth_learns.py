@@ -1,7 +1,7 @@
 """DreamBooth learns the sample robot's trigger, and prior preservation keeps its class: in `make test`.
 
 The recipe (``test_learning.DREAMBOOTH``) trains the whole UNet (LR 2e-5) and the whole text encoder (5e-3) for
-250 steps on the shipped pre-trained base, with prior preservation (24 class pictures drawn by the base,
+250 steps on the earlier ε-prediction pre-trained base (``--objective epsilon``), with prior preservation (24 class pictures drawn by the base,
 weight 3), against the same run without it. Measured on training seeds 0 / 1 / 2 (held-out loss change):
 with prior, trigger −16.8 / −17.7 / −15.8 %, class −0.9 / −1.8 / −2.2 %, specificity 16.0 / 16.0 / 13.7
 points; without prior, class −26.0 / −25.5 / −26.2 % (specificity ≈ 0.7). The check
