@@ -1,10 +1,10 @@
 """Inpainting paints the sample robot inside a mask on the pre-trained tiny base: the inside half of the
 inpainting learning check, in `make test`.
 
-The base is ``sdtune models tiny --arch sd15-inpaint --pretrained --objective epsilon`` (the ε text-to-image base with a
-9-channel UNet whose extra input channels start at zero). The recipe (``test_learning.INPAINT``) fine-tunes the
-whole UNet for 300 steps on the 12 training views, with the box around the robot as the supplied mask plus
-random masks. ``sdtune.evaluate`` (the pipeline's evaluate step; its inpainting probe is
+The base is ``sdtune models tiny --arch sd15-inpaint --pretrained --objective epsilon`` (the ε text-to-image
+base with a 9-channel UNet whose extra input channels start at zero). The recipe (``test_learning.INPAINT``)
+fine-tunes the whole UNet for 300 steps on the 12 training views, with the box around the robot as the
+supplied mask plus random masks. ``sdtune.evaluate`` (the pipeline's evaluate step; its inpainting probe is
 ``sdtune.evaluate_inpaint``) masks the box around the robot in each of the 8 held-out views and inpaints it
 with the trigger prompt, base and tuned, with the same seeds (2 per view).
 

@@ -1,9 +1,9 @@
 """LoRA learns the sample robot's trigger, not its class: the learning check that runs in `make test`.
 
-DreamBooth-LoRA on the earlier ε-prediction pre-trained base (``test_learning.LORA``): a LoRA on the UNet's cross-attention
-keys and values (as Custom Diffusion trains) and on the text encoder, with prior preservation (24 class
-pictures drawn by the base, weight 6), 300 steps. The subject is the sample robot on the base's own plain
-backdrops (12 training views, 8 held-out poses, 32 px), so what is new to the base is the robot alone.
+DreamBooth-LoRA on the earlier ε-prediction pre-trained base (``test_learning.LORA``): a LoRA on the UNet's
+cross-attention keys and values (as Custom Diffusion trains) and on the text encoder, with prior preservation
+(24 class pictures drawn by the base, weight 6), 300 steps. The subject is the sample robot on the base's own
+plain backdrops (12 training views, 8 held-out poses, 32 px), so what is new to the base is the robot alone.
 
 Measured (held-out loss change trigger / class; trigger and class samples' hue distance to the held-out
 views, how much closer than the base's; 16 samples each):
