@@ -286,9 +286,11 @@ def train_step(
             if key:
                 store.store("train", key, out_dir, summary)
             run.set_tags({"sdtune.cache": "miss" if key else "off"})
-        resolved = summary.get("extra", {}).get("gradient_checkpointing")
-        if resolved is not None:  # what train.gradient_checkpointing=auto became on the card it ran on
-            run.log_params({"train.gradient_checkpointing.resolved": resolved})
+        ran = summary.get("extra", {})
+        if ran.get("gradient_checkpointing") is not None:  # what train.gradient_checkpointing=auto became
+            run.log_params({"train.gradient_checkpointing.resolved": ran["gradient_checkpointing"]})
+        if ran.get("mixed_precision") is not None:  # what train.mixed_precision became on this device
+            run.log_params({"train.mixed_precision.resolved": ran["mixed_precision"]})
         if model_uri:
             run.set_tags({"sdtune.model_uri": summary["model_uri"]})
         else:

@@ -12,7 +12,9 @@
 
 Prints a table last and rewrites the generated block of ``docs/performance.md``. Threads are pinned to
 ``OMP_NUM_THREADS`` (default 1) in every process. Options: ``--only tiny,medium,data,pipeline``,
-``--windows N`` (measured windows, default 7), ``--compile MODES``, ``--no-docs``, ``--json PATH``.
+``--windows N`` (measured windows, default 7), ``--compile MODES``, ``--bf16`` (each trainer variant and the
+reference also with ``train.mixed_precision=bf16``, rows ``… +bf16``; CPUs with bf16 instructions only),
+``--no-docs``, ``--json PATH``.
 """
 
 from __future__ import annotations
@@ -276,8 +278,8 @@ def tables(results: dict) -> str:
                 delta = (
                     f"{s['final_loss_abs_diff']:.2g} ({res['window_loss_spread']:.2g})" if measured else ""
                 )
-                label = {"trainer": "trainer (eager)"}.get(
-                    impl, impl if impl == "reference" else f"trainer, {impl}"
+                label = {"trainer": "trainer (eager)", "reference": "reference"}.get(
+                    impl, impl.replace("+", ", ") if impl.startswith("reference") else f"trainer, {impl}"
                 )
                 warmup = f"{s['warmup_s']:.1f}" if "warmup_s" in s else "-"
                 lines.append(
@@ -350,12 +352,22 @@ def main(argv: list[str] | None = None) -> int:
         default="default,regional",
         help="train.compile modes benchmarked beside the eager trainer (comma-separated; '' for none)",
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also run every trainer variant and the reference with train.mixed_precision=bf16",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if args.bf16:
+        from sdtune.train.runtime import cpu_precision
+
+        if why := cpu_precision("bf16")[1]:
+            parser.error(f"--bf16: {why}")
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     command = "python -m sdtune.bench" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv or sys.argv[1:])
@@ -372,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 variants = [f"trainer+compile={m.strip()}" for m in args.compile.split(",") if m.strip()]
+                if args.bf16:
+                    variants += [f"{v}+bf16" for v in ("trainer", *variants, args.vs)]
                 results[name] = bench_training(name, root, args.windows, args.vs, variants)
         if "data" in parts:
             print("[bench] data path …", flush=True)

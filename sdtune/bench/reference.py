@@ -11,7 +11,9 @@ peft directly (from :mod:`sdtune.train` only the image loader, which runs once b
   draw identical numbers, so their losses agree up to floating-point rounding);
 - the same LoRA (gaussian init, rank/alpha/target modules from the config), AdamW with the config's learning
   rate and weight decay, the same LR schedule, gradient clipping at ``max_grad_norm``;
-- MSE on epsilon (or v-prediction), fp32 (the CPU benchmark).
+- MSE on epsilon (or v-prediction), fp32; with ``train.mixed_precision=bf16`` as the example runs it under
+  ``--mixed_precision bf16``: the frozen UNet, VAE and text encoder in bf16, the LoRA weights cast back to
+  fp32, the UNet's forward under bf16 autocast (what ``accelerator.prepare`` wraps it in).
 
 Images are decoded once and token ids computed once (the example re-reads and re-tokenizes in its dataset
 every step): the reference gets the benefit of the doubt on work that is not the model's.
@@ -36,6 +38,7 @@ class ReferenceLoRA:
 
     cfg: RunConfig
     unet: torch.nn.Module
+    weight_dtype: torch.dtype
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     noise_scheduler: object
@@ -59,6 +62,7 @@ class ReferenceLoRA:
         if cfg.model.arch not in ("sd15", "sd2"):
             raise ValueError("the reference loop covers SD 1.x/2.x (one text encoder)")
         tc, base = cfg.train, cfg.model.base
+        weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision, torch.float32)
         torch.manual_seed(tc.seed)
         kw = {"local_files_only": True}
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kw)
@@ -68,6 +72,7 @@ class ReferenceLoRA:
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kw).to(device)
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
+            module.to(dtype=weight_dtype)
         vae.eval()
         text_encoder.eval()
 
@@ -81,6 +86,8 @@ class ReferenceLoRA:
             )
         )
         params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:  # the example's cast_training_params: trainable weights in fp32
+            p.data = p.data.float()
         unet.train()
 
         records = [r for r in read_manifest(Path(data_dir)) if r.split == "train"]
@@ -102,6 +109,7 @@ class ReferenceLoRA:
         return cls(
             cfg=cfg,
             unet=unet,
+            weight_dtype=weight_dtype,
             vae=vae,
             text_encoder=text_encoder,
             noise_scheduler=noise_scheduler,
@@ -125,7 +133,7 @@ class ReferenceLoRA:
         tc, gen = self.cfg.train, self.generator
         idx = self._next_batch()
         # Encode the images to latent space and the captions to embeddings: every step.
-        latents = self.vae.encode(self.pixels[idx]).latent_dist.sample(generator=gen)
+        latents = self.vae.encode(self.pixels[idx].to(self.weight_dtype)).latent_dist.sample(generator=gen)
         latents = latents * self.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
         bsz = latents.shape[0]
@@ -135,7 +143,9 @@ class ReferenceLoRA:
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
         encoder_hidden_states = self.text_encoder(self.input_ids[idx], return_dict=False)[0]
 
-        model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        half = self.weight_dtype != torch.float32
+        with torch.autocast(self.pixels.device.type, dtype=self.weight_dtype, enabled=half):
+            model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         prediction_type = tc.prediction_type or self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
             target = noise

@@ -65,9 +65,20 @@ class PacedLogger:
 IMPLS = ("trainer", "trainer+compile=default", "trainer+compile=regional", "reference", "trainer+fused_adamw")
 
 
+def impl_overrides(impl: str) -> list[str]:
+    """The config overrides an IMPL adds: one of :data:`IMPLS`, optionally followed by ``+bf16``
+    (``train.mixed_precision=bf16``: bf16 autocast over bf16 frozen weights, where the CPU has bf16
+    instructions). Anything else is an error."""
+    base, bf16 = impl.removesuffix("+bf16"), impl.endswith("+bf16")
+    if base not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r}: one of {', '.join(IMPLS)}, each optionally +bf16")
+    overrides = [f"train.compile={base.split('+compile=')[1]}"] if "+compile=" in base else []
+    return overrides + (["train.mixed_precision=bf16"] if bf16 else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("impl", choices=IMPLS)
+    p.add_argument("impl", help="one of " + ", ".join(IMPLS) + ", each optionally +bf16")
     p.add_argument("config")
     p.add_argument("data")
     p.add_argument("out")
@@ -82,15 +93,15 @@ def main(argv: list[str] | None = None) -> int:
 
     channel = Channel()
     steps = args.window * args.windows
-    overrides = [f"train.max_steps={steps}", f"train.log_every={args.window}"]
-    if "+compile=" in args.impl:
-        overrides.append(f"train.compile={args.impl.split('+compile=')[1]}")
+    overrides = [f"train.max_steps={steps}", f"train.log_every={args.window}", *impl_overrides(args.impl)]
     cfg = load_config(args.config, overrides)
 
     if args.impl.startswith("trainer"):
         from sdtune.train.lora import train
 
-        if args.impl == "trainer+fused_adamw":  # an experiment: the trainer with AdamW(fused=True), unedited
+        if args.impl.startswith(
+            "trainer+fused_adamw"
+        ):  # an experiment: the trainer with AdamW(fused=True), unedited
             import functools
 
             torch.optim.AdamW = functools.partial(torch.optim.AdamW, fused=True)

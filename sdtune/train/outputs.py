@@ -144,7 +144,7 @@ def model_card(
         "learning rate": tc.learning_rate,
         "lr schedule": f"{tc.lr_scheduler} (warmup {tc.lr_warmup_steps})",
         "resolution": cfg.preprocess.resolution,
-        "mixed precision": tc.mixed_precision,
+        "mixed precision": result.extra.get("mixed_precision", tc.mixed_precision),
         "seed": tc.seed,
     }
     if tc.method in ("lora", "pivotal"):

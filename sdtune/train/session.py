@@ -333,6 +333,7 @@ class Session:
             attempt=self.state.attempt,
             gradient_checkpointing=self.checkpointing.enabled,
             gradient_checkpointing_reason=self.checkpointing.reason,
+            mixed_precision=self.accelerator.mixed_precision,  # what ran: a CPU may train fp32 (cpu_precision)
         )
         if self.validator is not None:
             extra["validation_grids"] = [str(p.relative_to(self.out_dir)) for p in self.validator.files]

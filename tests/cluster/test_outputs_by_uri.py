@@ -117,6 +117,7 @@ def test_full_fine_tune_travels_by_uri_with_one_upload(
     assert train_run.data.tags["sdtune.model_uri"] == uri
     assert train_run.data.params["train.gradient_checkpointing"] == "auto"  # as configured …
     assert train_run.data.params["train.gradient_checkpointing.resolved"] == "False"  # … and as it ran (CPU)
+    assert train_run.data.params["train.mixed_precision.resolved"] == "no"
     assert client.list_artifacts(train_run.info.run_id, "model") == []  # not copied to MLflow
     # Still exactly one copy of the weights anywhere in the store, and the version loads from it.
     assert len(_copies(s3_env, weights)) == 1

@@ -115,6 +115,7 @@ def test_the_loop_accumulates_clips_steps_logs_and_saves(tmp_path, stage):
         "attempt": 0,
         "gradient_checkpointing": False,  # auto, on a CPU
         "gradient_checkpointing_reason": "auto: no GPU, nothing to save accelerator memory for",
+        "mixed_precision": "no",
     }
 
 

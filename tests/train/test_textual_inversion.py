@@ -38,6 +38,7 @@ def test_outputs_and_row_check(ti_run):
         "attempt": 0,
         "gradient_checkpointing": False,
         "gradient_checkpointing_reason": "auto: no GPU, nothing to save accelerator memory for",
+        "mixed_precision": "no",
     }
     assert {"learned_embeds.safetensors", "sks.safetensors", "README.md", "metrics.jsonl"} <= {
         p.name for p in out.iterdir()
