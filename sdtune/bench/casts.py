@@ -13,7 +13,8 @@ the same rank-4 LoRA init, the same data and noise, under bf16 autocast (as the 
 
 It reports, per step, the cast operators (``aten::_to_copy``: each one a kernel on a GPU) and all operators
 counted by ``torch.profiler``, and each way's loss curve against the first. Threads pinned
-(``OMP_NUM_THREADS``, default 1). bf16 on a CPU without bf16 instructions is slow (~20× fp32): this counts, it does not time.
+(``OMP_NUM_THREADS``, default 1). bf16 on a CPU without bf16 instructions is slow (~20× fp32): this counts,
+it does not time.
 """
 
 from __future__ import annotations

@@ -99,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.impl.startswith("trainer"):
         from sdtune.train.lora import train
 
-        if args.impl.startswith(
-            "trainer+fused_adamw"
-        ):  # an experiment: the trainer with AdamW(fused=True), unedited
+        # An experiment: the trainer with AdamW(fused=True), unedited.
+        if args.impl.startswith("trainer+fused_adamw"):
             import functools
 
             torch.optim.AdamW = functools.partial(torch.optim.AdamW, fused=True)
