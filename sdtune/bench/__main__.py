@@ -152,8 +152,9 @@ def bench_training(name: str, root: Path, measured: int, other: str = "reference
             "peak_rss_mb": done[worker.impl]["peak_rss_mb"],
         }
 
-    reference = workers[-1]
-    r = stats(reference)
+    keys = row_keys(variants)
+    by_key = dict(zip(keys, workers, strict=True))
+    r = stats(by_key["reference"])
     # Noise of a window's mean loss: spread of the reference's window means (same model, same data).
     spread = statistics.pstdev(r["window_losses"][1:]) if len(r["window_losses"]) > 2 else float("nan")
     out = {
@@ -166,19 +167,22 @@ def bench_training(name: str, root: Path, measured: int, other: str = "reference
         "steps": setup.window * windows,
         "reference": r,
         "window_loss_spread": spread,
+        "rows": keys,
     }
-    out["rows"] = ["trainer", *(v.removeprefix("trainer+") for v in variants), "reference"]
-    for worker, key in zip(workers[:-1], out["rows"][:-1], strict=True):
-        t = stats(worker)
+    for key in keys[:-1]:
+        base = baseline_of(key, keys)
+        t = stats(by_key[key])
+        b = stats(by_key[base])
         paired = [
-            (setup.window / b["seconds"]) / (setup.window / a["seconds"])
-            for a, b in zip(reference.windows[1:], worker.windows[1:], strict=True)
+            (setup.window / w["seconds"]) / (setup.window / v["seconds"])
+            for v, w in zip(by_key[base].windows[1:], by_key[key].windows[1:], strict=True)
         ]
         t.update(
-            speedup=t["steps_per_sec"] / r["steps_per_sec"],
+            baseline=base,
+            speedup=t["steps_per_sec"] / b["steps_per_sec"],
             speedup_paired_median=statistics.median(paired),
-            final_loss_abs_diff=abs(t["final_loss"] - r["final_loss"]),
-            rss_ratio=t["peak_rss_mb"] / r["peak_rss_mb"],
+            final_loss_abs_diff=abs(t["final_loss"] - b["final_loss"]),
+            rss_ratio=t["peak_rss_mb"] / b["peak_rss_mb"],
         )
         out[key] = t
     # The trainer's own figures at the top level too (what earlier reports and the docs quote).
@@ -189,6 +193,21 @@ def bench_training(name: str, root: Path, measured: int, other: str = "reference
         }
     )
     return out
+
+
+def row_keys(variants) -> list[str]:
+    """The results' row keys: ``trainer``, each variant without its ``trainer+`` prefix (``compile=default``,
+    ``bf16``, ``compile=default+bf16``, ``reference+bf16``), ``reference``."""
+    return ["trainer", *(v.removeprefix("trainer+") for v in variants), "reference"]
+
+
+def baseline_of(row: str, rows: list[str]) -> str:
+    """What a benchmark row is compared with: the reference at the same precision (a ``+bf16`` trainer row
+    against ``reference+bf16`` when that ran, as diffusers' script would run with ``--mixed_precision
+    bf16``); the bf16 reference itself, and everything else, against the fp32 reference."""
+    if row.split("+")[-1] == "bf16" and row != "reference+bf16" and "reference+bf16" in rows:
+        return "reference+bf16"
+    return "reference"
 
 
 # ------------------------------------------------------------------------------------------- pipeline
@@ -265,15 +284,19 @@ def tables(results: dict) -> str:
     if training:
         lines += [
             "| setup | impl | steps/s (median) | min–max | peak RSS MB | warm-up window s | final loss | "
-            "speedup vs reference | loss Δ (window spread) |",
+            "speedup vs the reference at the same precision | loss Δ (window spread) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for res in training:
             for impl in res.get("rows", ["trainer", "reference"]):
                 s = res[impl]
                 measured = impl != "reference"
+                # The bf16 reference's cell is what bf16 gives the reference (against the fp32 one).
+                against = " vs fp32" if impl == "reference+bf16" else ""
                 speed = (
-                    f"**{s['speedup']:.2f}×** (paired {s['speedup_paired_median']:.2f}×)" if measured else ""
+                    f"**{s['speedup']:.2f}×**{against} (paired {s['speedup_paired_median']:.2f}×)"
+                    if measured
+                    else ""
                 )
                 delta = (
                     f"{s['final_loss_abs_diff']:.2g} ({res['window_loss_spread']:.2g})" if measured else ""

@@ -322,6 +322,9 @@ LAUNCH_CALLS = (
 )
 
 
+GUARD_EVENT = "TorchDynamo Cache Lookup"
+
+
 def profile_step(step, inputs: list[dict], device, steps: int = 2) -> dict:
     """Kernel launches and host syncs per step, and the top self-CPU operators, over ``steps`` steps."""
     import warnings
@@ -347,6 +350,9 @@ def profile_step(step, inputs: list[dict], device, steps: int = 2) -> dict:
             for e in top
         ],  # fmt: skip
         "aten_ops_per_step": sum(e.count for e in averages if e.key.startswith("aten::")) / steps,
+        # Dynamo's guard evaluation before each compiled call: host time that grows with the number of
+        # parameter tensors (each is guarded) and that CUDA graphs do not remove.
+        "guard_ms_per_step": sum(e.cpu_time_total for e in averages if e.key == GUARD_EVENT) / 1000 / steps,
         "kernel_launches_per_step": None,
         "graph_launches_per_step": None,
         "syncs_per_step": None,
@@ -481,7 +487,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             ops = ", ".join(
                 f"{o['op']} {o['self_cpu_ms_per_step']:.2f} ({o['share']:.0%})" for o in r["top_self_cpu"][:5]
             )
-            lines.append(f"- {r['case']}: {ops}")
+            guards = (
+                f"; dynamo guards {r['guard_ms_per_step']:.2f} ms/step" if r.get("guard_ms_per_step") else ""
+            )
+            lines.append(f"- {r['case']}: {ops}{guards}")
     return "\n".join(lines)
 
 

@@ -13,24 +13,29 @@ def _load_gpu_script():
 def test_cpu_tiny_writes_json_and_markdown(tmp_path):
     gpu = _load_gpu_script()
     only = (
-        "tiny 64px b1 lora r4 eager,tiny 64px b1 lora r4 graphs,pivotal-te r32 eager,pivotal-frozen r32 eager"
+        "tiny 64px b1 lora r4 eager,tiny 64px b1 lora r4 compile,tiny 64px b1 lora r4 graphs,"
+        "pivotal-te r32 eager,pivotal-frozen r32 eager"
     )
     assert gpu.main(["--out", str(tmp_path), "--cpu-tiny", "--only", only]) == 0
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
     rows = {r["case"]: r for r in result["rows"]}
     assert list(rows) == [
         "tiny 64px b1 lora r4 eager",
+        "tiny 64px b1 lora r4 compile",
         "tiny 64px b1 lora r4 graphs",
         "tiny seed job 64px b4 pivotal-te r32 eager",
         "tiny seed job 64px b4 pivotal-frozen r32 eager",
     ]
     assert rows["tiny 64px b1 lora r4 graphs"]["error"] == "skipped: CUDA graphs need a CUDA GPU"
     measured = [r for r in rows.values() if "error" not in r]
-    assert len(measured) == 3
+    assert len(measured) == 4
     for row in measured:
         assert row["steps_per_sec"] > 0 and row["flops_per_step"] > 0 and row["loss"] == row["loss"]
         assert row["host_enqueue_ms"] > 0 and row["aten_ops_per_step"] > 0 and row["top_self_cpu"]
         assert row["kernel_launches_per_step"] is None and row["syncs_per_step"] is None  # CUDA only
+    # dynamo's guards run before every compiled call and never in eager mode
+    assert rows["tiny 64px b1 lora r4 compile"]["guard_ms_per_step"] > 0
+    assert rows["tiny 64px b1 lora r4 eager"]["guard_ms_per_step"] == 0
     te, frozen = (
         rows["tiny seed job 64px b4 pivotal-te r32 eager"],
         rows["tiny seed job 64px b4 pivotal-frozen r32 eager"],
@@ -41,6 +46,7 @@ def test_cpu_tiny_writes_json_and_markdown(tmp_path):
     assert result["meta"]["peak_bf16_flops"] is None  # no MFU on a CPU
     md = (tmp_path / "gpu_bench.md").read_text()
     assert "| tiny 64px b1 lora r4 eager |" in md and "host enqueue ms/step" in md
+    assert "dynamo guards" in md
 
 
 def test_plan_puts_the_most_wanted_cases_first():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from sdtune.bench.__main__ import parse_task_times
+from sdtune.bench.__main__ import baseline_of, parse_task_times, row_keys
 from sdtune.bench.reference import ReferenceLoRA
 from sdtune.bench.setups import write_config
 from sdtune.config import load_config
@@ -43,3 +43,27 @@ def test_parse_task_times():
         "ingest": 8.6,
         "train-x": 48.6,
     }
+
+
+def test_bf16_rows_are_compared_with_the_bf16_reference():
+    # The rows `python -m sdtune.bench --compile default --bf16` produces.
+    variants = ["trainer+compile=default"]
+    variants += [f"{v}+bf16" for v in ("trainer", *variants, "reference")]
+    rows = row_keys(variants)
+    assert rows == [
+        "trainer",
+        "compile=default",
+        "bf16",
+        "compile=default+bf16",
+        "reference+bf16",
+        "reference",
+    ]
+    assert {r: baseline_of(r, rows) for r in rows[:-1]} == {
+        "trainer": "reference",
+        "compile=default": "reference",
+        "bf16": "reference+bf16",
+        "compile=default+bf16": "reference+bf16",
+        "reference+bf16": "reference",  # what bf16 gives the reference itself
+    }
+    # Without a bf16 reference (an experiment against another implementation) everything is against fp32.
+    assert baseline_of("bf16", ["trainer", "bf16", "reference"]) == "reference"
