@@ -114,9 +114,9 @@ class Worker:
         return done
 
 
-def bench_training(name: str, root: Path, measured: int, other: str = "reference", variants=()) -> dict:
-    """The trainer, each of ``variants`` (worker IMPLs, e.g. ``trainer+compile=regional``) and ``other`` (the
-    reference), each in its own process, in windows that take turns (the order rotates every round)."""
+def bench_training(name: str, root: Path, measured: int, variants=()) -> dict:
+    """The trainer, each of ``variants`` (worker IMPLs, e.g. ``trainer+compile=regional``) and the reference,
+    each in its own process, in windows that take turns (the order rotates every round)."""
     from sdtune.bench.setups import SETUPS, build_model, make_stage, write_config
 
     setup = SETUPS[name]
@@ -126,7 +126,7 @@ def bench_training(name: str, root: Path, measured: int, other: str = "reference
     data = make_stage(work / "data", setup.resolution)
     config = write_config(work / "config.yaml", model, setup.resolution)
     windows = measured + 1
-    impls = ["trainer", *variants, other]
+    impls = ["trainer", *variants, "reference"]
     # Start one at a time: each reports its warm-up window (start-up and compilation included) and then waits.
     workers = []
     for impl in impls:
@@ -159,7 +159,6 @@ def bench_training(name: str, root: Path, measured: int, other: str = "reference
     spread = statistics.pstdev(r["window_losses"][1:]) if len(r["window_losses"]) > 2 else float("nan")
     out = {
         "setup": name,
-        "reference_impl": other,
         "describe": setup.describe,
         "resolution": setup.resolution,
         "window_steps": setup.window,
@@ -365,12 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=7, help="measured windows per implementation (≥ 5)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.md")
     parser.add_argument(
-        "--vs",
-        default="reference",
-        choices=["reference", "trainer+fused_adamw"],
-        help="what the trainer is compared with (an experiment other than the reference implies --no-docs)",
-    )
-    parser.add_argument(
         "--compile",
         default="default,regional",
         help="train.compile modes benchmarked beside the eager trainer (comma-separated; '' for none)",
@@ -402,14 +395,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("tiny", "medium"):
             if name in parts:
                 print(
-                    f"[bench] training: {name} (trainer, compile {args.compile or 'none'}, vs {args.vs}, "
+                    f"[bench] training: {name} (trainer, compile {args.compile or 'none'}, vs the reference, "
                     f"{args.windows} windows each) …",
                     flush=True,
                 )
                 variants = [f"trainer+compile={m.strip()}" for m in args.compile.split(",") if m.strip()]
                 if args.bf16:
-                    variants += [f"{v}+bf16" for v in ("trainer", *variants, args.vs)]
-                results[name] = bench_training(name, root, args.windows, args.vs, variants)
+                    variants += [f"{v}+bf16" for v in ("trainer", *variants, "reference")]
+                results[name] = bench_training(name, root, args.windows, variants)
         if "data" in parts:
             print("[bench] data path …", flush=True)
             from sdtune.bench.data import run_data_bench
@@ -421,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     results["total_s"] = round(time.perf_counter() - t0, 1)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
-    if not args.no_docs and args.vs == "reference":
+    if not args.no_docs:
         update_doc(results, command)
     m = results["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, OMP_NUM_THREADS={m['omp_num_threads']}; {m['date']}; "

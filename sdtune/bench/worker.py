@@ -1,7 +1,7 @@
 """One implementation in its own process (so its peak RSS is its own), timed in windows the parent paces.
 
 ``python -m sdtune.bench.worker IMPL CONFIG DATA OUT --window W --windows K``; IMPL is one of :data:`IMPLS`:
-the trainer (eager), the trainer with ``train.compile=default|regional``, the reference loop, or an experiment.
+the trainer (eager), the trainer with ``train.compile=default|regional``, or the reference loop.
 
 Protocol (JSON lines on the original stdout; everything else goes to stderr): after each window of W steps
 the worker writes ``{"window": i, "seconds": s, "loss": mean loss of the window}`` and waits for a line on
@@ -62,7 +62,7 @@ class PacedLogger:
         pass
 
 
-IMPLS = ("trainer", "trainer+compile=default", "trainer+compile=regional", "reference", "trainer+fused_adamw")
+IMPLS = ("trainer", "trainer+compile=default", "trainer+compile=regional", "reference")
 
 
 def impl_overrides(impl: str) -> list[str]:
@@ -98,12 +98,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.impl.startswith("trainer"):
         from sdtune.train.lora import train
-
-        # An experiment: the trainer with AdamW(fused=True), unedited.
-        if args.impl.startswith("trainer+fused_adamw"):
-            import functools
-
-            torch.optim.AdamW = functools.partial(torch.optim.AdamW, fused=True)
 
         result = train(cfg, Path(args.data), Path(args.out), logger=PacedLogger(channel))
         final_loss = result.final_loss

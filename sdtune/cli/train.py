@@ -248,7 +248,12 @@ def plan_command(
         int, typer.Option("--images", help="Training images (the cache stays on the GPUs).")
     ] = 1000,
     mfu: Annotated[
-        float | None, typer.Option("--mfu", help="Measured model-FLOPs utilisation (0-1).")
+        float | None,
+        typer.Option(
+            "--mfu",
+            help="The GPU's model-FLOPs utilisation while it computes (0-1), measured at a batch that fills it; "
+            "replaces the assumed one. The host's kernel-launch floor still applies.",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:

@@ -15,10 +15,17 @@ activations (they overlap: backward frees each block's activations as its gradie
 medium UNet: tests/train/test_plan.py, within ±25 %) + the cached dataset (latents and text embeddings stay on
 the device) + a fixed CUDA context/workspace allowance.
 
-Time per step = training FLOPs / (GPU peak dense bf16 TFLOPS × model FLOPs utilisation) / scaling
-efficiency. Peak TFLOPS come from NVIDIA's datasheets (:data:`GPUS`); the MFU is an assumption
-(:data:`MFU_BIG` / :data:`MFU_SMALL`, by batch size) — check it against one real step on the target card
-and pass ``--mfu``. Cost = GPUs × hours × ``--usd-per-gpu-hour``.
+Time per step = the larger of two floors, over the scaling efficiency:
+
+- the GPU's: training FLOPs / (GPU peak dense bf16 TFLOPS × model FLOPs utilisation). Peak TFLOPS come from
+  NVIDIA's datasheets (:data:`GPUS`); the MFU is an assumption (:data:`MFU_BIG` / :data:`MFU_SMALL`, by batch
+  size) — check it against one real step on the target card and pass ``--mfu``;
+- the host's: the step is a fixed sequence of kernels the host launches one at a time, whatever the batch,
+  and at small batches the GPU waits for it. The same meta forward counts the operators that launch a
+  kernel; :data:`HOST_S_PER_KERNEL` (calibrated on a measured H100 run) turns them into seconds, less under
+  ``train.compile`` (:data:`COMPILED_HOST_SHARE`).
+
+Cost = GPUs × hours × ``--usd-per-gpu-hour``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdtune.config import RunConfig
 from sdtune.models.families import FAMILIES, family_of
@@ -59,6 +67,22 @@ GPUS: dict[str, Gpu] = {
 # batches leave the GPU launch- and memory-bound. MFU_BIG at ≥ 8 × 64² latents per GPU step, MFU_SMALL at
 # one 64² latent, log-linear between. Assumptions, not measurements: pass --mfu after timing one real step.
 MFU_BIG, MFU_SMALL = 0.30, 0.12
+# The host's floor under a GPU step. Measured on an H100 (docs/performance.md, "H100 results", 2026-11-26,
+# torch 2.11, eager, bf16 autocast, LoRA rank 4 on to_q/to_k/to_v/to_out.0): SD 1.5 at 512 px took 170–191
+# ms a step from batch 1 to 16, flat while the FLOPs grew 16×: the GPU waited for the host. Calibration:
+# each measured step over the kernel-launching operators this module counts in that model's forward
+# (KernelCounter: LoRA'd, SDPA as one): SD 1.5 512 px b1 170.5 ms / 1,271 = 0.134 ms, SDXL 1024 px b1 486.7 ms
+# / 4,232 = 0.115 ms per forward kernel (its backward and optimizer share included); their geometric mean
+# plans both within ±8 % (tests/train/test_plan.py). A property of that host's CPU and of that torch: a
+# faster host lowers it. That run still had peft's input casts (12 % of its kernels, since removed), so
+# today's eager step should come in somewhat under the plan.
+H100_EAGER_STEPS = {"sd15 512 px b1": (1271, 0.1705), "sdxl 1024 px b1": (4232, 0.4867)}  # (kernels, s/step)
+HOST_S_PER_KERNEL = math.prod(s / k for k, s in H100_EAGER_STEPS.values()) ** (1 / len(H100_EAGER_STEPS))
+# The host's share left under train.compile=default, same run: SD 1.5 b1 109.0 ms against 170.5 eager
+# (inductor fuses the elementwise kernels; the host still launches the rest). regional: this share on the
+# kernels inside the compiled blocks, the rest eager. graphs (CUDA graph replay) should remove most of the
+# floor but is not measured yet, so it is planned like default.
+COMPILED_HOST_SHARE = 0.1090 / 0.1705
 SCALING = {"ddp": 0.95, "fsdp": 0.88}  # per-GPU efficiency once N > 1 (gradient all-reduce / gathers)
 CUDA_OVERHEAD_GB = 1.0  # CUDA context, cuBLAS/cuDNN workspaces
 ACTIVATION_FACTOR = 1.0  # peak / saved activations, fitted on CPU (tests/train/test_plan.py): the meta count
@@ -192,6 +216,7 @@ class Plan:
     batch_per_gpu: int
     grad_accum: int
     gradient_checkpointing: bool
+    compile: str
     params_unet: int
     params_text_encoders: int
     params_vae: int
@@ -212,7 +237,11 @@ class Plan:
     hours: float
     usd: float
     usd_per_gpu_hour: float
-    mfu: float
+    mfu: float  # the GPU's utilisation while it computes (assumed, or --mfu)
+    compute_seconds_per_step: float = 0.0  # the GPU's floor: FLOPs / (peak × mfu)
+    host_seconds_per_step: float = 0.0  # the host's floor: kernels × HOST_S_PER_KERNEL (× the compile share)
+    bound: str = "compute"  # which floor sets seconds_per_step: "compute" or "host"
+    effective_mfu: float = 0.0  # FLOPs / (seconds_per_step × peak): what the step achieves
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -258,14 +287,29 @@ def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def encoder_params(config: dict) -> int:
+def meta_encoder(config: dict):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     keys = {k: v for k, v in config.items() if k in CLIPTextConfig().to_dict()}
     with torch.device("meta"):
         with_projection = config.get("architectures") == ["CLIPTextModelWithProjection"]
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        return count_params(cls(CLIPTextConfig(**keys)))
+        return cls(CLIPTextConfig(**keys))
+
+
+def encoder_params(config: dict) -> int:
+    return count_params(meta_encoder(config))
+
+
+def encoder_kernels(config: dict) -> int:
+    """The GPU kernels of one CLIP text-encoder forward over 77 tokens (:class:`KernelCounter`, meta device)."""
+    encoder = meta_encoder(config)
+    with torch.device("meta"):
+        ids = torch.zeros(1, 77, dtype=torch.long)
+    kernels = KernelCounter()
+    with kernels, _flash_attention(kernels):
+        encoder(ids)
+    return kernels.total
 
 
 def vae_params(config: dict) -> int:
@@ -303,6 +347,8 @@ class ForwardProfile:
     max_block_bytes: int  # the largest checkpointable block's share
     boundary_bytes: int  # inputs of checkpointable blocks (what gradient checkpointing keeps)
     flops: int  # forward FLOPs of the batch
+    kernels: int = 0  # forward operators that launch a GPU kernel (KernelCounter)
+    kernels_in_regions: int = 0  # those inside the blocks train.compile=regional compiles
 
 
 def profile_forward(
@@ -344,6 +390,8 @@ def profile_blocks(
     with ``keyword_inputs``, for blocks called by keyword), and the FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from sdtune.train.compile import repeated_blocks
+
     saved = [0]
     block_stack: list[list[int]] = []
     blocks: list[int] = []
@@ -378,12 +426,60 @@ def profile_blocks(
                 module.register_forward_pre_hook(pre, with_kwargs=True),
                 module.register_forward_hook(post),
             ]
+    kernels = KernelCounter()
+    hooks += kernels.watch(repeated_blocks(model))
     counter = FlopCounterMode(display=False)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter, _flash_attention():
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        counter,
+        kernels,
+        _flash_attention(kernels),
+    ):
         forward()
     for h in hooks:
         h.remove()
-    return ForwardProfile(saved[0], max(blocks or [0]), boundary[0], counter.get_total_flops())
+    return ForwardProfile(
+        saved[0],
+        max(blocks or [0]),
+        boundary[0],
+        counter.get_total_flops(),
+        kernels.total,
+        kernels.in_regions,
+    )
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts the operators of a forward that launch a GPU kernel: views and bare allocations launch none,
+    and a fused attention call is one kernel (:func:`_flash_attention` counts it and hides its meta-device
+    decomposition). Operators run inside the modules given to :meth:`watch` are also counted apart."""
+
+    NO_KERNEL = frozenset({"_unsafe_view", "empty", "new_empty", "empty_like", "empty_strided", "lift_fresh"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = self.in_regions = self._depth = 0
+        self.paused = False
+
+    def add(self, n: int = 1) -> None:
+        self.total += n
+        if self._depth:
+            self.in_regions += n
+
+    def watch(self, regions: list[torch.nn.Module]) -> list:
+        def enter(*_):
+            self._depth += 1
+
+        def leave(*_):
+            self._depth -= 1
+
+        return [
+            h for m in regions for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))
+        ]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (self.paused or func.is_view or func.overloadpacket.__name__ in self.NO_KERNEL):
+            self.add()
+        return func(*args, **(kwargs or {}))
 
 
 class _SavesLikeFlash(torch.autograd.Function):
@@ -396,17 +492,22 @@ class _SavesLikeFlash(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def _flash_attention():
+def _flash_attention(kernels: KernelCounter):
     """On the meta device SDPA falls back to the math kernel, which saves the whole attention matrix; GPUs
     (flash / memory-efficient kernels) and CPUs (the flash CPU kernel) do not. Count FLOPs with the real op
-    under no_grad and the saved tensors of a fused kernel."""
+    under no_grad, the saved tensors of a fused kernel, and one kernel."""
     import torch.nn.functional as F
 
     real = F.scaled_dot_product_attention
 
     def sdpa(q, k, v, *args, **kwargs):
-        with torch.no_grad():
-            out = real(q, k, v, *args, **kwargs)
+        kernels.add()
+        kernels.paused = True
+        try:
+            with torch.no_grad():
+                out = real(q, k, v, *args, **kwargs)
+        finally:
+            kernels.paused = False
         return _SavesLikeFlash.apply(q, k, v, out)
 
     F.scaled_dot_product_attention = sdpa
@@ -417,6 +518,26 @@ def _flash_attention():
 
 
 # ---------------------------------------------------------------------------------------------- the plan
+
+
+def host_seconds(prof: ForwardProfile, compile_mode: str, passes: float, eager_kernels: float = 0.0) -> float:
+    """The host's floor of one step: :data:`HOST_S_PER_KERNEL` per forward kernel of the denoiser (less under
+    ``compile_mode``) and per ``eager_kernels`` (text encoders that run every step), scaled like the FLOPs by
+    the ``passes`` over the model (the calibration step made 2: forward, backward to the inputs)."""
+    compiled = {"none": 0, "regional": prof.kernels_in_regions}.get(compile_mode, prof.kernels)
+    kernels = prof.kernels - compiled * (1 - COMPILED_HOST_SHARE) + eager_kernels
+    return kernels * HOST_S_PER_KERNEL * passes / 2
+
+
+def host_bound_note(plan: Plan) -> str | None:
+    if plan.bound != "host":
+        return None
+    return (
+        f"host-bound: at this batch the GPU waits for the host to launch the step's kernels "
+        f"({plan.host_seconds_per_step * 1000:.0f} ms/step, calibrated on an H100 host; the GPU's own work "
+        f"would take {plan.compute_seconds_per_step * 1000:.0f} ms), so a larger batch costs little more time"
+        + ("; train.compile=default cuts the host's share to ~64 %" if plan.compile == "none" else "")
+    )
 
 
 def backward_peak(activations: float, grads: float) -> float:
@@ -564,11 +685,16 @@ def estimate(
     fwd = prof.flops / batch
     passes = 3.0 if full_unet else 2.0
     passes += 1.0 if tc.gradient_checkpointing else 0.0
-    # Training text encoders run every step: 2 FLOPs per weight per token, forward and backward passes as above.
-    te_flops = 2 * sum(p_enc) * 77 * (3.0 if full_unet else 2.0) if tc.option("train_text_encoder") else 0.0
+    # Text encoders that run in the step (trained, or carrying new rows): 2 FLOPs per weight per token, forward
+    # and backward passes as above; pivotal's only for its embedding phase.
+    te_passes = 3.0 if full_unet and tc.option("train_text_encoder") else 2.0
+    te_runs = text_encoder_share(cfg)
+    te_flops = 2 * sum(p_enc) * 77 * te_passes * te_runs
     flops_step = (fwd * passes + te_flops) * batch * tc.gradient_accumulation_steps
+    te_kernels = sum(encoder_kernels(c) for c in enc_cfgs) * te_passes / passes * te_runs if te_runs else 0.0
+    host = host_seconds(prof, tc.compile, passes, te_kernels) * tc.gradient_accumulation_steps
     mfu = mfu if mfu is not None else mfu_for(tc.batch_size, res)
-    return Plan(
+    plan = Plan(
         **plan_settings(cfg, gpu, n, "fsdp" if fsdp else "ddp"),
         params_unet=p_unet,
         params_text_encoders=sum(p_enc),
@@ -585,9 +711,20 @@ def estimate(
         capacity=capacity,
         fits=total <= capacity,
         fwd_tflop_per_sample=fwd / 1e12,
-        **plan_time(cfg, flops_step, card, half, n, "fsdp" if fsdp else "ddp", mfu, usd_per_gpu_hour),
+        **plan_time(cfg, flops_step, card, half, n, "fsdp" if fsdp else "ddp", mfu, usd_per_gpu_hour, host),
         notes=notes,
     )
+    plan.notes += [note for note in [host_bound_note(plan)] if note]
+    return plan
+
+
+def text_encoder_share(cfg: RunConfig) -> float:
+    """The share of steps in which the text encoders run forward and backward: textual inversion and a
+    trained encoder every step, pivotal tuning during its embedding phase, everything else never (cached)."""
+    tc = cfg.train
+    if tc.method == "textual_inversion" or tc.option("train_text_encoder"):
+        return 1.0
+    return tc.option("embedding_train_fraction") if tc.method == "pivotal" else 0.0
 
 
 def plan_settings(cfg: RunConfig, gpu: str, n: int, parallelism: str) -> dict[str, Any]:
@@ -604,6 +741,7 @@ def plan_settings(cfg: RunConfig, gpu: str, n: int, parallelism: str) -> dict[st
         "batch_per_gpu": tc.batch_size,
         "grad_accum": tc.gradient_accumulation_steps,
         "gradient_checkpointing": tc.gradient_checkpointing,
+        "compile": tc.compile,
         "steps": tc.max_steps,
     }
 
@@ -617,10 +755,13 @@ def plan_time(
     parallelism: str,
     mfu: float,
     usd_per_gpu_hour: float,
+    host_s: float,
 ) -> dict[str, Any]:
-    """The :class:`Plan` time and cost fields for ``flops_step`` training FLOPs per optimizer step and GPU."""
+    """The :class:`Plan` time and cost fields for ``flops_step`` training FLOPs per optimizer step and GPU
+    and a host floor of ``host_s`` seconds per step: the step takes the longer of the two."""
     tflops = (card.bf16_tflops if half else card.fp32_tflops) * 1e12
-    seconds = flops_step / (tflops * mfu)
+    compute = flops_step / (tflops * mfu)
+    seconds = max(compute, host_s)
     if n > 1:
         seconds /= SCALING[parallelism]
     hours = seconds * cfg.train.max_steps / 3600
@@ -630,6 +771,10 @@ def plan_time(
         "usd": hours * n * usd_per_gpu_hour,
         "usd_per_gpu_hour": usd_per_gpu_hour,
         "mfu": mfu,
+        "compute_seconds_per_step": compute,
+        "host_seconds_per_step": host_s,
+        "bound": "host" if host_s > compute else "compute",
+        "effective_mfu": flops_step / (seconds * tflops),
     }
 
 
@@ -765,7 +910,8 @@ def estimate_sd3(
         f"SD3 transformer (MMDiT), {tc.method}, flow matching; the {len(p_enc)} text encoders "
         f"({sum(p_enc) / 1e9:.2f} B parameters, the largest {max(p_enc) / 1e9:.2f} B) and the VAE run once, "
         f"in fp32, to cache the embeddings: that phase needs {encoding / GB:.1f} GiB on its own",
-        f"the MFU ({mfu:.0%}) is the UNet assumption; time one real SD3 step and pass --mfu",
+        f"the MFU ({mfu:.0%}) is the UNet assumption and the host's floor is calibrated on UNets; time one "
+        "real SD3 step and pass --mfu",
     ]
     if fsdp:
         notes.append("FSDP2: weights, gradients and AdamW state sharded over the GPUs (joint blocks)")
@@ -780,16 +926,22 @@ def estimate_sd3(
     # Time: forward + backward to the inputs (+ the weights' gradients when all train) (+ a recompute).
     passes = (3.0 if full else 2.0) + (1.0 if tc.gradient_checkpointing else 0.0)
     flops_step = prof.flops * passes * tc.gradient_accumulation_steps
-    return Plan(
+    # The host's floor, calibrated on UNets (HOST_S_PER_KERNEL): the CLIP encoders add theirs while they train.
+    te_runs = text_encoder_share(cfg)
+    clip_kernels = sum(encoder_kernels(c) for c in clips) * 2.0 / passes * te_runs if te_runs else 0.0
+    host = host_seconds(prof, tc.compile, passes, clip_kernels) * tc.gradient_accumulation_steps
+    plan = Plan(
         **plan_settings(cfg, gpu, n, "fsdp" if fsdp else "ddp"),
         **sizes,
         **memory,
         capacity=capacity,
         fits=fits,
         fwd_tflop_per_sample=prof.flops / batch / 1e12,
-        **plan_time(cfg, flops_step, card, half, n, "fsdp" if fsdp else "ddp", mfu, usd_per_gpu_hour),
+        **plan_time(cfg, flops_step, card, half, n, "fsdp" if fsdp else "ddp", mfu, usd_per_gpu_hour, host),
         notes=notes,
     )
+    plan.notes += [note for note in [host_bound_note(plan)] if note]
+    return plan
 
 
 def fitting_settings(
@@ -952,7 +1104,9 @@ def report(plan: Plan) -> str:
         "",
         "time and cost",
         f"  forward         {plan.fwd_tflop_per_sample:8.2f} TFLOP per sample",
-        f"  per step        {plan.seconds_per_step:8.2f} s (MFU {plan.mfu:.0%} of datasheet peak)",
+        f"  per step        {plan.seconds_per_step:8.2f} s ({plan.bound}-bound: GPU work "
+        f"{plan.compute_seconds_per_step:.2f} s at {plan.mfu:.0%} MFU, host launches {plan.host_seconds_per_step:.2f} s;"
+        f" {plan.effective_mfu:.0%} of datasheet peak)",
         f"  {plan.steps} steps: {plan.hours * 60:.0f} min"
         if plan.hours < 1
         else f"  {plan.steps} steps: {plan.hours:.1f} h ({plan.hours / 24:.1f} days)",

@@ -83,7 +83,11 @@ def test_every_sd3_method_is_planned_for_what_it_trains():
     assert pivotal.params_trainable == lora.params_trainable + ti.params_trainable
     full = P.estimate(load_config(PRESET, ["train.method=full", "train.use_ema=true"]), "h100")
     assert full.params_trainable == full.params_unet and full.weights == 2 * 4 * full.params_unet
-    assert full.grads == 4 * full.params_unet and full.seconds_per_step > lora.seconds_per_step
+    assert full.grads == 4 * full.params_unet
+    # More GPU work (the weights' gradients). At batch 1 both steps wait on the host, whose kernel launches
+    # are about even: the full backward's weight gradients against the adapters' own kernels.
+    assert full.compute_seconds_per_step > lora.compute_seconds_per_step
+    assert full.bound == lora.bound == "host"
     sharded = P.estimate(
         load_config(PRESET, ["train.method=dreambooth", "train.parallelism=fsdp"]), "h100", 8
     )
