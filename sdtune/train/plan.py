@@ -535,8 +535,13 @@ def host_bound_note(plan: Plan) -> str | None:
     return (
         f"host-bound: at this batch the GPU waits for the host to launch the step's kernels "
         f"({plan.host_seconds_per_step * 1000:.0f} ms/step, calibrated on an H100 host; the GPU's own work "
-        f"would take {plan.compute_seconds_per_step * 1000:.0f} ms), so a larger batch costs little more time"
-        + ("; train.compile=default cuts the host's share to ~64 %" if plan.compile == "none" else "")
+        f"would take {plan.compute_seconds_per_step * 1000:.0f} ms), so a larger batch costs little more time "
+        "until the GPU's work catches up"
+        + (
+            f"; train.compile=default cuts the host's share to ~{COMPILED_HOST_SHARE:.0%}"
+            if plan.compile == "none"
+            else ""
+        )
     )
 
 
