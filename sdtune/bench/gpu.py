@@ -19,7 +19,8 @@ device; min-SNR loss; backward; gradient clipping; fused AdamW (graphed cases: c
 :func:`sdtune.train.compile.compile_denoiser`. No host sync inside the timed steps.
 
 Per case: ms/step (CUDA events; median of windows), **host enqueue ms/step** (wall time for the host to
-issue the steps before it waits: close to ms/step means host-bound), FLOPs/step
+issue the steps before it waits: close to ms/step means host-bound) beside the host floor ``sdtune plan``
+predicts (:func:`planned_host`), FLOPs/step
 (``torch.utils.flop_counter.FlopCounterMode``, one eager step) and MFU against the card's dense bf16 peak,
 peak memory, **kernel launches per step** (``torch.profiler``: ``cudaLaunchKernel``-family and
 ``cudaGraphLaunch`` calls), **syncs per step** (``torch.cuda.set_sync_debug_mode("warn")`` warnings), the top
@@ -194,6 +195,28 @@ def build_text_encoders(model: str, device: torch.device):
         encoders.append(encoder)
         rows.append(embedding.rows)
     return encoders, rows, new_ids
+
+
+def planned_host(case: Case, cache: dict) -> dict:
+    """What ``sdtune plan`` predicts for the case's host floor (:mod:`sdtune.train.plan`: the kernels it
+    counts in a meta forward of the UNet, and of the text encoders where they run, × ``HOST_S_PER_KERNEL``
+    under the case's compile mode), to set beside the measured host enqueue time: every GPU run checks the
+    planner's calibration, and recalibrates it (``HOST_S_PER_KERNEL`` = measured seconds / kernels)."""
+    from sdtune.config import RunConfig
+    from sdtune.train import plan as P
+
+    key = (case.model, case.recipe)
+    if key not in cache:  # the count depends on neither the batch nor the resolution nor the rank
+        texts = TINY_TEXT if case.model.startswith("tiny") else SDXL_TEXT
+        encoder_dim = sum(c["hidden_size"] for c in texts) if "sdxl" in case.model else None
+        lora = RunConfig.model_validate({"train": {"rank": case.rank}})
+        prof = P.profile_forward(MODELS[case.model], case.res, 1, encoder_dim, lora=lora)
+        passes = {"pivotal-te": 2.0, "pivotal-frozen": 1.0}.get(case.recipe, 0.0)
+        configs = [{**c, "vocab_size": VOCAB + 2, "max_position_embeddings": 77} for c in texts]
+        cache[key] = (prof, P.text_encoder_host_seconds(configs, passes))
+    prof, encoders = cache[key]
+    host = P.host_seconds(prof, case.compile_mode, 2.0) + encoders
+    return {"planned_forward_kernels": prof.kernels, "planned_host_ms": host * 1000}
 
 
 def make_inputs(case: Case, device, dtype, sets: int = 3) -> list[dict]:
@@ -374,7 +397,15 @@ def profile_step(step, inputs: list[dict], device, steps: int = 2) -> dict:
 
 
 def run_case(
-    case: Case, device, dtype, warmup: int, steps: int, windows: int, flops_cache: dict, backend
+    case: Case,
+    device,
+    dtype,
+    warmup: int,
+    steps: int,
+    windows: int,
+    flops_cache: dict,
+    backend,
+    plan_cache: dict | None = None,
 ) -> dict:
     from sdtune.train.compile import compile_denoiser
 
@@ -418,6 +449,7 @@ def run_case(
         "trainable_params": sum(p.numel() for p in params)
         + (sum(r.numel() for r in rows) if case.recipe == "pivotal-te" else 0),
         **profiled,
+        **planned_host(case, {} if plan_cache is None else plan_cache),
     }
     del unet, params, step, inputs, encoders, rows
     if device.type == "cuda":
@@ -461,13 +493,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         + (f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "none (no GPU or unknown device)")
         + f"; torch {meta['torch']}, diffusers {meta['diffusers']}, peft {meta['peft']}; {meta['date']}; `{meta['command']}`",
         "",
-        "| case | ms/step | host enqueue ms/step | steps/s | TFLOP/step | MFU | peak mem GiB | launches/step "
-        "| syncs/step | warm-up s | 1,000 steps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | ms/step | host enqueue ms/step | planned host floor ms | steps/s | TFLOP/step | MFU "
+        "| peak mem GiB | launches/step | syncs/step | warm-up s | 1,000 steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['error'][:90]} | | | | | | | | | |")
+            lines.append(f"| {r['case']} | {r['error'][:90]} | | | | | | | | | | |")
             continue
 
         def opt(value, fmt):
@@ -475,7 +507,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
         mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
         lines.append(
-            f"| {r['case']} | {r['step_ms']:.1f} | {r['host_enqueue_ms']:.1f} | {r['steps_per_sec']:.2f} | "
+            f"| {r['case']} | {r['step_ms']:.1f} | {r['host_enqueue_ms']:.1f} | "
+            f"{opt(r.get('planned_host_ms'), '.1f')} | {r['steps_per_sec']:.2f} | "
             f"{r['flops_per_step'] / 1e12:.3g} | {mfu} | {opt(r['peak_mem_gib'], '.1f')} | "
             f"{opt(r['kernel_launches_per_step'], '.0f')} | {opt(r['syncs_per_step'], '.0f')} | "
             f"{r['warmup_s']:.1f} | {r['minutes_per_1000_steps']:.1f} min |"
@@ -540,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     flops_cache: dict = {}
+    plan_cache: dict = {}
     for case in plan(args):
         elapsed = time.perf_counter() - started
         need = (150 if "sdxl" in case.model else 90) if case.mode != "eager" and device.type == "cuda" else 0
@@ -551,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[gpu-bench] {case.name} (t={elapsed:.0f} s) …", flush=True)
         try:
-            row = run_case(case, device, dtype, warmup, steps, windows, flops_cache, backend)
+            row = run_case(case, device, dtype, warmup, steps, windows, flops_cache, backend, plan_cache)
         except (
             Exception
         ) as exc:  # keep going: one failing case (an OOM, a compile error) must not lose the rest
@@ -562,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
         if "error" not in row:
             row["mfu"] = row["flops_per_step"] * row["steps_per_sec"] / peak if peak else None
             print(
-                f"    {row['step_ms']:.1f} ms/step (host {row['host_enqueue_ms']:.1f}), "
+                f"    {row['step_ms']:.1f} ms/step (host {row['host_enqueue_ms']:.1f}, "
+                f"planned host floor {row['planned_host_ms']:.1f}), "
                 f"{row['flops_per_step'] / 1e12:.3g} TFLOP/step, MFU {row['mfu'] or 0:.1%}, "
                 f"peak {row['peak_mem_gib'] or 0:.1f} GiB, launches {row['kernel_launches_per_step']}, "
                 f"syncs {row['syncs_per_step']}, warm-up {row['warmup_s']:.1f} s",

@@ -520,13 +520,17 @@ def _flash_attention(kernels: KernelCounter):
 # ---------------------------------------------------------------------------------------------- the plan
 
 
-def host_seconds(prof: ForwardProfile, compile_mode: str, passes: float, eager_kernels: float = 0.0) -> float:
-    """The host's floor of one step: :data:`HOST_S_PER_KERNEL` per forward kernel of the denoiser (less under
-    ``compile_mode``) and per ``eager_kernels`` (text encoders that run every step), scaled like the FLOPs by
-    the ``passes`` over the model (the calibration step made 2: forward, backward to the inputs)."""
+def host_seconds(prof: ForwardProfile, compile_mode: str, passes: float) -> float:
+    """The host's floor of one step over the denoiser: :data:`HOST_S_PER_KERNEL` per kernel of its forward
+    (fewer under ``compile_mode``), scaled like the FLOPs by the ``passes`` over the model (the calibration
+    step made 2: forward, backward to the inputs)."""
     compiled = {"none": 0, "regional": prof.kernels_in_regions}.get(compile_mode, prof.kernels)
-    kernels = prof.kernels - compiled * (1 - COMPILED_HOST_SHARE) + eager_kernels
-    return kernels * HOST_S_PER_KERNEL * passes / 2
+    return (prof.kernels - compiled * (1 - COMPILED_HOST_SHARE)) * HOST_S_PER_KERNEL * passes / 2
+
+
+def text_encoder_host_seconds(configs: list[dict], passes: float) -> float:
+    """The host's floor of CLIP text encoders making ``passes`` over their model each step (eager)."""
+    return sum(encoder_kernels(c) for c in configs) * HOST_S_PER_KERNEL * passes / 2 if passes else 0.0
 
 
 def host_bound_note(plan: Plan) -> str | None:
@@ -690,14 +694,13 @@ def estimate(
     fwd = prof.flops / batch
     passes = 3.0 if full_unet else 2.0
     passes += 1.0 if tc.gradient_checkpointing else 0.0
-    # Text encoders that run in the step (trained, or carrying new rows): 2 FLOPs per weight per token, forward
-    # and backward passes as above; pivotal's only for its embedding phase.
-    te_passes = 3.0 if full_unet and tc.option("train_text_encoder") else 2.0
-    te_runs = text_encoder_share(cfg)
-    te_flops = 2 * sum(p_enc) * 77 * te_passes * te_runs
+    # Text encoders that run in the step (trained, or carrying new rows): 2 FLOPs per weight per token and
+    # pass (text_encoder_passes).
+    te_passes = text_encoder_passes(cfg, whole=full_unet)
+    te_flops = 2 * sum(p_enc) * 77 * te_passes
     flops_step = (fwd * passes + te_flops) * batch * tc.gradient_accumulation_steps
-    te_kernels = sum(encoder_kernels(c) for c in enc_cfgs) * te_passes / passes * te_runs if te_runs else 0.0
-    host = host_seconds(prof, tc.compile, passes, te_kernels) * tc.gradient_accumulation_steps
+    host = host_seconds(prof, tc.compile, passes) + text_encoder_host_seconds(enc_cfgs, te_passes)
+    host *= tc.gradient_accumulation_steps
     mfu = mfu if mfu is not None else mfu_for(tc.batch_size, res)
     plan = Plan(
         **plan_settings(cfg, gpu, n, "fsdp" if fsdp else "ddp"),
@@ -723,13 +726,17 @@ def estimate(
     return plan
 
 
-def text_encoder_share(cfg: RunConfig) -> float:
-    """The share of steps in which the text encoders run forward and backward: textual inversion and a
-    trained encoder every step, pivotal tuning during its embedding phase, everything else never (cached)."""
+def text_encoder_passes(cfg: RunConfig, whole: bool = False) -> float:
+    """Passes over the text encoders per step, counted like the denoiser's (a forward, a backward to the
+    inputs, a backward to the weights): a trained encoder 3 when it trains ``whole`` (beside a whole UNet),
+    2 under its LoRA; textual inversion's new rows 2; pivotal tuning 1 (its encoders run every step) plus 1
+    during its embedding phase; none where the prompts' embeddings are cached."""
     tc = cfg.train
-    if tc.method == "textual_inversion" or tc.option("train_text_encoder"):
-        return 1.0
-    return tc.option("embedding_train_fraction") if tc.method == "pivotal" else 0.0
+    if tc.option("train_text_encoder"):
+        return 3.0 if whole else 2.0
+    if tc.method == "textual_inversion":
+        return 2.0
+    return 1.0 + tc.option("embedding_train_fraction") if tc.method == "pivotal" else 0.0
 
 
 def plan_settings(cfg: RunConfig, gpu: str, n: int, parallelism: str) -> dict[str, Any]:
@@ -932,9 +939,8 @@ def estimate_sd3(
     passes = (3.0 if full else 2.0) + (1.0 if tc.gradient_checkpointing else 0.0)
     flops_step = prof.flops * passes * tc.gradient_accumulation_steps
     # The host's floor, calibrated on UNets (HOST_S_PER_KERNEL): the CLIP encoders add theirs while they train.
-    te_runs = text_encoder_share(cfg)
-    clip_kernels = sum(encoder_kernels(c) for c in clips) * 2.0 / passes * te_runs if te_runs else 0.0
-    host = host_seconds(prof, tc.compile, passes, clip_kernels) * tc.gradient_accumulation_steps
+    host = host_seconds(prof, tc.compile, passes) + text_encoder_host_seconds(clips, text_encoder_passes(cfg))
+    host *= tc.gradient_accumulation_steps
     plan = Plan(
         **plan_settings(cfg, gpu, n, "fsdp" if fsdp else "ddp"),
         **sizes,

@@ -44,8 +44,14 @@ def test_cpu_tiny_writes_json_and_markdown(tmp_path):
     assert te["trainable_params"] == frozen["trainable_params"] + 2 * 32 * 2
     assert te["flops_per_step"] > frozen["flops_per_step"]
     assert result["meta"]["peak_bf16_flops"] is None  # no MFU on a CPU
+    # The planner's host floor beside each measurement: fewer kernels compiled, more with the encoders' backward.
+    eager, compiled = rows["tiny 64px b1 lora r4 eager"], rows["tiny 64px b1 lora r4 compile"]
+    assert eager["planned_forward_kernels"] == compiled["planned_forward_kernels"] > 0
+    assert 0 < compiled["planned_host_ms"] < eager["planned_host_ms"]
+    assert te["planned_host_ms"] > frozen["planned_host_ms"] > 0
     md = (tmp_path / "gpu_bench.md").read_text()
     assert "| tiny 64px b1 lora r4 eager |" in md and "host enqueue ms/step" in md
+    assert "planned host floor ms" in md
     assert "dynamo guards" in md
 
 
