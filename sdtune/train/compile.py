@@ -18,6 +18,11 @@
   AdamW with ``capturable=True`` and its learning rates as device tensors the LR schedule writes into
   (:func:`.runtime.adamw_with_tensor_lr`), so ``optimizer.step()`` reads no host value and can be captured.
 
+The text encoders that run in every step (textual inversion, pivotal tuning, ``train_text_encoder``) are
+compiled the same way (``regional``: their ``CLIPEncoderLayer`` blocks): eager, their hundreds of kernels per
+forward would be launched one by one beside a compiled or graphed UNet (the seed job's CLIP-L and bigG
+forward is ~680 kernels, :mod:`.plan`).
+
 Under FSDP (``train.parallelism=fsdp``) every mode compiles the forward of each sharded unit (the blocks
 :func:`.parallel.apply_fsdp` shards): FSDP2's all-gather and reduce-scatter hooks run around the units and
 cannot be traced (dynamo skips them, a graph break that ``fullgraph`` refuses), so they stay eager. On 2 CPU
@@ -67,6 +72,7 @@ def compile_denoiser(model: torch.nn.Module, mode: str, *, backend: str | None =
     # (torch 2.13, CPU) failed to compile on the medium bench UNet ("cannot determine truth value of
     # Relational"). Each block shape gets its own graph instead.
     kwargs: dict = {"fullgraph": True, "dynamic": False}
+    install_output_hooks(model)
     if mode == "graphs":
         kwargs["mode"] = "reduce-overhead"
     backend = backend or os.environ.get("SDTUNE_COMPILE_BACKEND")
@@ -92,12 +98,31 @@ def compile_denoiser(model: torch.nn.Module, mode: str, *, backend: str | None =
     return model
 
 
+def install_output_hooks(model: torch.nn.Module) -> None:
+    """transformers installs a model's output-capturing hooks (what ``output_hidden_states`` reads, as SDXL's
+    conditioning asks) on its first call, under a threading lock dynamo cannot trace: a graph break, which
+    ``fullgraph`` refuses (``Unsupported context manager``). Install them before the first, compiled call."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # no transformers, or one that installs no hooks lazily
+        return
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            maybe_install_capturing_hooks(module)
+
+
 def is_compiled(model: torch.nn.Module) -> bool:
     return getattr(model, "_sdtune_compile", None) is not None
 
 
 # Region classes chosen here instead of diffusers' `_repeated_blocks` (see the module docstring for why).
-REGIONS = {"UNet2DConditionModel": ["Transformer2DModel"]}
+REGIONS = {
+    "UNet2DConditionModel": ["Transformer2DModel"],
+    # Text encoders that run in every step (textual inversion, pivotal, a trained encoder): their layers.
+    "CLIPTextModel": ["CLIPEncoderLayer"],
+    "CLIPTextModelWithProjection": ["CLIPEncoderLayer"],
+}
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -528,9 +528,13 @@ def host_seconds(prof: ForwardProfile, compile_mode: str, passes: float) -> floa
     return (prof.kernels - compiled * (1 - COMPILED_HOST_SHARE)) * HOST_S_PER_KERNEL * passes / 2
 
 
-def text_encoder_host_seconds(configs: list[dict], passes: float) -> float:
-    """The host's floor of CLIP text encoders making ``passes`` over their model each step (eager)."""
-    return sum(encoder_kernels(c) for c in configs) * HOST_S_PER_KERNEL * passes / 2 if passes else 0.0
+def text_encoder_host_seconds(configs: list[dict], passes: float, compile_mode: str = "none") -> float:
+    """The host's floor of CLIP text encoders making ``passes`` over their model each step, compiled as
+    ``compile_mode`` says (``regional`` compiles their layers, which hold nearly all of their kernels)."""
+    if not passes:
+        return 0.0
+    share = 1.0 if compile_mode == "none" else COMPILED_HOST_SHARE
+    return sum(encoder_kernels(c) for c in configs) * share * HOST_S_PER_KERNEL * passes / 2
 
 
 def host_bound_note(plan: Plan) -> str | None:
@@ -699,7 +703,7 @@ def estimate(
     te_passes = text_encoder_passes(cfg, whole=full_unet)
     te_flops = 2 * sum(p_enc) * 77 * te_passes
     flops_step = (fwd * passes + te_flops) * batch * tc.gradient_accumulation_steps
-    host = host_seconds(prof, tc.compile, passes) + text_encoder_host_seconds(enc_cfgs, te_passes)
+    host = host_seconds(prof, tc.compile, passes) + text_encoder_host_seconds(enc_cfgs, te_passes, tc.compile)
     host *= tc.gradient_accumulation_steps
     mfu = mfu if mfu is not None else mfu_for(tc.batch_size, res)
     plan = Plan(
@@ -939,7 +943,8 @@ def estimate_sd3(
     passes = (3.0 if full else 2.0) + (1.0 if tc.gradient_checkpointing else 0.0)
     flops_step = prof.flops * passes * tc.gradient_accumulation_steps
     # The host's floor, calibrated on UNets (HOST_S_PER_KERNEL): the CLIP encoders add theirs while they train.
-    host = host_seconds(prof, tc.compile, passes) + text_encoder_host_seconds(clips, text_encoder_passes(cfg))
+    host = host_seconds(prof, tc.compile, passes)
+    host += text_encoder_host_seconds(clips, text_encoder_passes(cfg), tc.compile)
     host *= tc.gradient_accumulation_steps
     plan = Plan(
         **plan_settings(cfg, gpu, n, "fsdp" if fsdp else "ddp"),

@@ -32,7 +32,9 @@ What the session owns, in order of a run:
   logger and the SIGTERM watch and, on success, the process group.
 
 - **Compilation** (``train.compile``, :mod:`.compile`): the denoiser (``unet``/``transformer``) given to
-  :meth:`start` or :meth:`place` is compiled in place, whole, per repeated block, or as CUDA graphs. The step
+  :meth:`start` or :meth:`place`, and the text encoders given to :meth:`start` (they run in every step:
+  textual inversion, pivotal tuning, a trained encoder), are compiled in place, whole, per repeated block,
+  or as CUDA graphs. The step
   around it has no host sync: batch indices copied asynchronously from pinned memory (CUDA), noise and
   timesteps drawn on the device, the loss kept on the device until a log step, the fused AdamW on CUDA.
 
@@ -72,7 +74,14 @@ from .runtime import (
     weight_dtype,
 )
 
-DENOISERS = frozenset({"unet", "transformer"})  # the models `train.compile` applies to, by checkpoint name
+DENOISERS = frozenset({"unet", "transformer"})  # checkpoint names of the denoiser
+
+
+def compiled_in_step(name: str) -> bool:
+    """Whether ``train.compile`` applies to the model :meth:`Session.start` gets under checkpoint ``name``: the
+    denoiser, and text encoders (``text_encoder``, ``text_encoder_2``, ``text_encoder_0`` …), which are given
+    to it only when they run in every step."""
+    return name in DENOISERS or name.startswith("text_encoder")
 
 
 class Session:
@@ -180,7 +189,7 @@ class Session:
             num_warmup_steps=tc.lr_warmup_steps,
             num_training_steps=tc.max_steps,
         )
-        for name in DENOISERS.intersection(models):  # compiled in place, before any wrapper (DDP)
+        for name in filter(compiled_in_step, models):  # compiled in place, before any wrapper (DDP)
             K.compile_denoiser(models[name], tc.compile)
         fsdp = self.fsdp
         wrap = [] if fsdp else list(models if prepare is None else prepare)

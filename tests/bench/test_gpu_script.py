@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 
+import pytest
+
 
 def _load_gpu_script():
     return importlib.import_module("sdtune.bench.gpu")
@@ -14,7 +16,7 @@ def test_cpu_tiny_writes_json_and_markdown(tmp_path):
     gpu = _load_gpu_script()
     only = (
         "tiny 64px b1 lora r4 eager,tiny 64px b1 lora r4 compile,tiny 64px b1 lora r4 graphs,"
-        "pivotal-te r32 eager,pivotal-frozen r32 eager"
+        "pivotal-te r32 eager,pivotal-frozen r32 eager,pivotal-te r32 compile"
     )
     assert gpu.main(["--out", str(tmp_path), "--cpu-tiny", "--only", only]) == 0
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
@@ -25,10 +27,11 @@ def test_cpu_tiny_writes_json_and_markdown(tmp_path):
         "tiny 64px b1 lora r4 graphs",
         "tiny seed job 64px b4 pivotal-te r32 eager",
         "tiny seed job 64px b4 pivotal-frozen r32 eager",
+        "tiny seed job 64px b4 pivotal-te r32 compile",
     ]
     assert rows["tiny 64px b1 lora r4 graphs"]["error"] == "skipped: CUDA graphs need a CUDA GPU"
     measured = [r for r in rows.values() if "error" not in r]
-    assert len(measured) == 4
+    assert len(measured) == 5
     for row in measured:
         assert row["steps_per_sec"] > 0 and row["flops_per_step"] > 0 and row["loss"] == row["loss"]
         assert row["host_enqueue_ms"] > 0 and row["aten_ops_per_step"] > 0 and row["top_self_cpu"]
@@ -49,6 +52,10 @@ def test_cpu_tiny_writes_json_and_markdown(tmp_path):
     assert eager["planned_forward_kernels"] == compiled["planned_forward_kernels"] > 0
     assert 0 < compiled["planned_host_ms"] < eager["planned_host_ms"]
     assert te["planned_host_ms"] > frozen["planned_host_ms"] > 0
+    # The compiled seed job: UNet and text encoders compiled (dynamo's guards run before each), same math.
+    te_compiled = rows["tiny seed job 64px b4 pivotal-te r32 compile"]
+    assert te_compiled["guard_ms_per_step"] > 0 and te_compiled["flops_per_step"] == te["flops_per_step"]
+    assert te_compiled["loss"] == pytest.approx(te["loss"], rel=1e-3)
     md = (tmp_path / "gpu_bench.md").read_text()
     assert "| tiny 64px b1 lora r4 eager |" in md and "host enqueue ms/step" in md
     assert "planned host floor ms" in md

@@ -138,3 +138,54 @@ def test_regional_compiles_the_repeated_blocks(tiny_sd15):
     assert all(b._compiled_call_impl is not None for b in blocks)
     assert unet._compiled_call_impl is None  # only the blocks, not the whole model
     assert K.compile_denoiser(unet, "default") is unet and unet._compiled_call_impl is None  # never twice
+
+
+@pytest.mark.parametrize(
+    ("base", "arch", "train"),
+    [
+        (
+            "tiny_sdxl",
+            "sdxl",
+            {"method": "pivotal", "num_vectors": 1, "rank": 4, "embedding_train_fraction": 0.5},
+        ),
+        ("tiny_sd15", "sd15", {"method": "lora", "train_text_encoder": True}),
+    ],
+)
+def test_text_encoders_that_run_in_the_step_compile_with_the_unet(
+    request, tmp_path, stage_32, monkeypatch, base, arch, train
+):
+    """Pivotal tuning's two SDXL encoders (forward and backward, then forward alone once the embeddings
+    freeze: a grad-mode switch) and a LoRA'd text encoder compile whole (``fullgraph``) beside the UNet and
+    train as they do eagerly (``aot_eager``). Before, they stayed eager: hundreds of kernels launched one by
+    one per forward beside a compiled or graphed UNet. On a first, compiled call transformers' output hooks
+    were a graph break (``Unsupported context manager``): :func:`K.install_output_hooks`."""
+    import torch._dynamo
+
+    monkeypatch.setenv("SDTUNE_COMPILE_BACKEND", "aot_eager")
+    compiled: list[str] = []
+    real = K.compile_denoiser
+
+    def recording(model, mode, **kwargs):
+        if mode != "none" and not K.is_compiled(model):
+            compiled.append(type(model).__name__)
+        return real(model, mode, **kwargs)
+
+    monkeypatch.setattr(K, "compile_denoiser", recording)
+    losses = {}
+    for mode in ("none", "default"):
+        settings = {"max_steps": 4, "log_every": 1, "optimizer": "sgd", "learning_rate": 0.5, "compile": mode}
+        config = write_config(
+            tmp_path / f"{mode}.yaml",
+            request.getfixturevalue(base),
+            model={"arch": arch},
+            preprocess={"resolution": 32},
+            train={**settings, **train},
+        )
+        torch._dynamo.reset()
+        out = tmp_path / mode
+        assert main(["train", "--config", str(config), "--data", str(stage_32), "--out", str(out)]) == 0
+        losses[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    encoders = ["CLIPTextModel", "CLIPTextModelWithProjection"] if arch == "sdxl" else ["CLIPTextModel"]
+    assert sorted(compiled) == sorted(["UNet2DConditionModel", *encoders])
+    assert len(losses["none"]) == 4
+    assert losses["default"] == pytest.approx(losses["none"], rel=1e-5)
