@@ -16,7 +16,7 @@ random weights (no download), frozen in bf16, peft LoRA (``sdtune.train.adapters
 bf16 autocast; SDXL's text encoders (real CLIP-L/CLIP-G configs, fp32) with the concept rows as their own
 parameter (:class:`sdtune.train.embeddings.ConceptEmbedding`); cached latents; noise and timesteps drawn on the
 device; min-SNR loss; backward; gradient clipping; fused AdamW (graphed cases: capturable, device-tensor LR); the UNet compiled by
-:func:`sdtune.train.compile.compile_denoiser`. No host sync inside the timed steps.
+:func:`sdtune.train.compile.compile_in_place`. No host sync inside the timed steps.
 
 Per case: ms/step (CUDA events; median of windows), **host enqueue ms/step** (wall time for the host to
 issue the steps before it waits: close to ms/step means host-bound) beside the host floor ``sdtune plan``
@@ -408,7 +408,7 @@ def run_case(
     backend,
     plan_cache: dict | None = None,
 ) -> dict:
-    from sdtune.train.compile import compile_denoiser
+    from sdtune.train.compile import compile_in_place
 
     unet, params = build_unet(case.model, device, dtype, case.rank)
     encoders, rows = ((), ())
@@ -422,7 +422,7 @@ def run_case(
     if key not in flops_cache:  # FLOPs of the math, counted once per shape on the eager model
         flops_cache[key] = count_flops(make_step(case, unet, params, device, amp, encoders, rows), inputs[0])
     for model in (unet, *encoders):  # as the trainer does: the text encoders run in every step here
-        compile_denoiser(model, case.compile_mode, backend=backend)
+        compile_in_place(model, case.compile_mode, backend=backend)
     step = make_step(case, unet, params, device, amp, encoders, rows)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

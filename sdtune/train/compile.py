@@ -61,7 +61,7 @@ def check_mode(mode: str, device: torch.device) -> None:
         )
 
 
-def compile_denoiser(model: torch.nn.Module, mode: str, *, backend: str | None = None) -> torch.nn.Module:
+def compile_in_place(model: torch.nn.Module, mode: str, *, backend: str | None = None) -> torch.nn.Module:
     """``model`` compiled in place as ``mode`` says (see the module docstring); returned for chaining.
     ``backend``: a ``torch.compile`` backend other than inductor (tests use ``aot_eager``). Compiling is
     lazy: the first forward traces, so adapters added afterwards (peft LoRA) are part of the graph."""

@@ -151,7 +151,7 @@ class Session:
             model.to(self.dtype)
         if self.checkpointing.enabled:
             model.enable_gradient_checkpointing()
-        return K.compile_denoiser(model, self.tc.compile)
+        return K.compile_in_place(model, self.tc.compile)
 
     def start(
         self,
@@ -190,7 +190,7 @@ class Session:
             num_training_steps=tc.max_steps,
         )
         for name in filter(compiled_in_step, models):  # compiled in place, before any wrapper (DDP)
-            K.compile_denoiser(models[name], tc.compile)
+            K.compile_in_place(models[name], tc.compile)
         fsdp = self.fsdp
         wrap = [] if fsdp else list(models if prepare is None else prepare)
         if wrap:

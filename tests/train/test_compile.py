@@ -134,10 +134,10 @@ def test_regional_compiles_the_repeated_blocks(tiny_sd15):
     unet = UNet2DConditionModel.from_pretrained(tiny_sd15 / "unet", local_files_only=True)
     blocks = K.repeated_blocks(unet)
     assert blocks and {type(b).__name__ for b in blocks} == {"Transformer2DModel"}
-    K.compile_denoiser(unet, "regional")
+    K.compile_in_place(unet, "regional")
     assert all(b._compiled_call_impl is not None for b in blocks)
     assert unet._compiled_call_impl is None  # only the blocks, not the whole model
-    assert K.compile_denoiser(unet, "default") is unet and unet._compiled_call_impl is None  # never twice
+    assert K.compile_in_place(unet, "default") is unet and unet._compiled_call_impl is None  # never twice
 
 
 @pytest.mark.parametrize(
@@ -163,14 +163,14 @@ def test_text_encoders_that_run_in_the_step_compile_with_the_unet(
 
     monkeypatch.setenv("SDTUNE_COMPILE_BACKEND", "aot_eager")
     compiled: list[str] = []
-    real = K.compile_denoiser
+    real = K.compile_in_place
 
     def recording(model, mode, **kwargs):
         if mode != "none" and not K.is_compiled(model):
             compiled.append(type(model).__name__)
         return real(model, mode, **kwargs)
 
-    monkeypatch.setattr(K, "compile_denoiser", recording)
+    monkeypatch.setattr(K, "compile_in_place", recording)
     losses = {}
     for mode in ("none", "default"):
         settings = {"max_steps": 4, "log_every": 1, "optimizer": "sgd", "learning_rate": 0.5, "compile": mode}
