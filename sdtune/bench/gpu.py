@@ -15,8 +15,9 @@ What one step is (the trainer's, built from the project's own pieces): the UNet 
 random weights (no download), frozen in bf16, peft LoRA (``sdtune.train.adapters.add_lora``) in fp32 under
 bf16 autocast; SDXL's text encoders (real CLIP-L/CLIP-G configs, fp32) with the concept rows as their own
 parameter (:class:`sdtune.train.embeddings.ConceptEmbedding`); cached latents; noise and timesteps drawn on the
-device; min-SNR loss; backward; gradient clipping; fused AdamW (graphed cases: capturable, device-tensor LR); the UNet compiled by
-:func:`sdtune.train.compile.compile_in_place`. No host sync inside the timed steps.
+device; min-SNR loss; backward; gradient clipping; fused AdamW (graphed cases: capturable, device-tensor LR); the UNet
+(and the seed job's text encoders) compiled by :func:`sdtune.train.compile.compile_in_place`. No host sync inside
+the timed steps.
 
 Per case: ms/step (CUDA events; median of windows), **host enqueue ms/step** (wall time for the host to
 issue the steps before it waits: close to ms/step means host-bound) beside the host floor ``sdtune plan``
@@ -451,8 +452,11 @@ def run_case(
         "trainable_params": sum(p.numel() for p in params)
         + (sum(r.numel() for r in rows) if case.recipe == "pivotal-te" else 0),
         **profiled,
-        **planned_host(case, {} if plan_cache is None else plan_cache),
     }
+    try:  # a prediction beside the measurement: never worth losing the measurement for
+        row.update(planned_host(case, {} if plan_cache is None else plan_cache))
+    except Exception as exc:
+        row.update(planned_host_ms=None, planned_error=f"{type(exc).__name__}: {exc}"[:200])
     del unet, params, step, inputs, encoders, rows
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -601,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             row["mfu"] = row["flops_per_step"] * row["steps_per_sec"] / peak if peak else None
             print(
                 f"    {row['step_ms']:.1f} ms/step (host {row['host_enqueue_ms']:.1f}, "
-                f"planned host floor {row['planned_host_ms']:.1f}), "
+                f"planned host floor {row['planned_host_ms'] or 0:.1f}), "
                 f"{row['flops_per_step'] / 1e12:.3g} TFLOP/step, MFU {row['mfu'] or 0:.1%}, "
                 f"peak {row['peak_mem_gib'] or 0:.1f} GiB, launches {row['kernel_launches_per_step']}, "
                 f"syncs {row['syncs_per_step']}, warm-up {row['warmup_s']:.1f} s",
