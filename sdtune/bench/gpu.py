@@ -214,10 +214,11 @@ def planned_host(case: Case, cache: dict) -> dict:
         prof = P.profile_forward(MODELS[case.model], case.res, 1, encoder_dim, lora=lora)
         passes = {"pivotal-te": 2.0, "pivotal-frozen": 1.0}.get(case.recipe, 0.0)
         configs = [{**c, "vocab_size": VOCAB + 2, "max_position_embeddings": 77} for c in texts]
-        cache[key] = (prof, P.text_encoder_host_seconds(configs, passes))
-    prof, encoders_eager_s = cache[key]
-    encoders_s = encoders_eager_s * (1.0 if case.compile_mode == "none" else P.COMPILED_HOST_SHARE)
-    host = P.host_seconds(prof, case.compile_mode, 2.0) + encoders_s
+        encoders = sum(P.encoder_kernels(c) for c in configs) if passes else 0
+        cache[key] = (prof, encoders, passes)
+    prof, encoders, passes = cache[key]
+    host = P.host_seconds(prof, case.compile_mode, 2.0)
+    host += P.text_encoder_kernel_seconds(encoders, passes, case.compile_mode)
     return {"planned_forward_kernels": prof.kernels, "planned_host_ms": host * 1000}
 
 

@@ -529,17 +529,29 @@ def host_seconds(prof: ForwardProfile, compile_mode: str, passes: float) -> floa
 
 
 def text_encoder_host_seconds(configs: list[dict], passes: float, compile_mode: str = "none") -> float:
-    """The host's floor of CLIP text encoders making ``passes`` over their model each step, compiled as
-    ``compile_mode`` says (``regional`` compiles their layers, which hold nearly all of their kernels)."""
+    """The host's floor of the CLIP text encoders of ``configs`` making ``passes`` over their model each step
+    (:func:`text_encoder_kernel_seconds`); nothing is counted when they make none."""
     if not passes:
         return 0.0
+    return text_encoder_kernel_seconds(sum(encoder_kernels(c) for c in configs), passes, compile_mode)
+
+
+def text_encoder_kernel_seconds(kernels: int, passes: float, compile_mode: str) -> float:
+    """The host's floor of text encoders whose forward launches ``kernels``, making ``passes`` over their model
+    each step, compiled as ``compile_mode`` says (``regional`` compiles their layers, which hold nearly all
+    of their kernels)."""
     share = 1.0 if compile_mode == "none" else COMPILED_HOST_SHARE
-    return sum(encoder_kernels(c) for c in configs) * share * HOST_S_PER_KERNEL * passes / 2
+    return kernels * share * HOST_S_PER_KERNEL * passes / 2
 
 
-def host_bound_note(plan: Plan) -> str | None:
-    if plan.bound != "host":
-        return None
+def with_host_note(plan: Plan) -> Plan:
+    """``plan`` with the host-bound note added when the host's floor sets its step time."""
+    if plan.bound == "host":
+        plan.notes.append(host_bound_note(plan))
+    return plan
+
+
+def host_bound_note(plan: Plan) -> str:
     return (
         f"host-bound: at this batch the GPU waits for the host to launch the step's kernels "
         f"({plan.host_seconds_per_step * 1000:.0f} ms/step, calibrated on an H100 host; the GPU's own work "
@@ -726,8 +738,7 @@ def estimate(
         **plan_time(cfg, flops_step, card, half, n, "fsdp" if fsdp else "ddp", mfu, usd_per_gpu_hour, host),
         notes=notes,
     )
-    plan.notes += [note for note in [host_bound_note(plan)] if note]
-    return plan
+    return with_host_note(plan)
 
 
 def text_encoder_passes(cfg: RunConfig, whole: bool = False) -> float:
@@ -956,8 +967,7 @@ def estimate_sd3(
         **plan_time(cfg, flops_step, card, half, n, "fsdp" if fsdp else "ddp", mfu, usd_per_gpu_hour, host),
         notes=notes,
     )
-    plan.notes += [note for note in [host_bound_note(plan)] if note]
-    return plan
+    return with_host_note(plan)
 
 
 def fitting_settings(
