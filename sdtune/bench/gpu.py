@@ -253,6 +253,7 @@ def make_step(case: Case, unet, params, device, amp_dtype, encoders=(), rows=())
     """One training step of ``case`` as the trainer runs it; returns the loss (on the device)."""
     from diffusers import DDPMScheduler
 
+    from sdtune.train import compile as K
     from sdtune.train import data as D
     from sdtune.train import losses as L
     from sdtune.train.runtime import make_optimizer
@@ -279,6 +280,7 @@ def make_step(case: Case, unet, params, device, amp_dtype, encoders=(), rows=())
     generator = torch.Generator(device=device).manual_seed(0)
 
     def step(inputs: dict) -> torch.Tensor:
+        K.begin_step(case.compile_mode)
         latents = inputs["latents"]
         noisy, t, target = objective.add_noise(latents, generator)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):

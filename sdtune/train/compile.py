@@ -112,6 +112,18 @@ def install_output_hooks(model: torch.nn.Module) -> None:
             maybe_install_capturing_hooks(module)
 
 
+def begin_step(mode: str) -> None:
+    """Call before each optimizer step's first forward. Under ``graphs`` it tells CUDA-graph trees that a new
+    step starts, so that everything until the next call (the text encoders, the denoiser, every
+    micro-batch) is one generation whose outputs stay valid. Left to itself, the trees start a new
+    generation at any compiled call made while no backward is pending, and free the previous call's
+    outputs: pivotal tuning's frozen-embedding phase encodes without gradients, so the second encoder's
+    call would free the first one's hidden states before they are concatenated (and the denoiser's call
+    SDXL's pooled embedding), an "accessing tensor output of CUDAGraphs that has been overwritten" error."""
+    if mode == "graphs":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def is_compiled(model: torch.nn.Module) -> bool:
     return getattr(model, "_sdtune_compile", None) is not None
 

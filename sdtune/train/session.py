@@ -252,6 +252,7 @@ class Session:
         started = time.perf_counter()
         for step in range(self.start_step + 1, tc.max_steps + 1):
             self.step = step
+            K.begin_step(tc.compile)
             for micro in range(accumulate):
                 idx = next(self.batches)
                 self._idx = D.to_device(idx, self.device)  # pinned and asynchronous on CUDA

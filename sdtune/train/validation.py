@@ -55,7 +55,11 @@ class Validator:
         pairs = [(cfg.format_prompt(p), s) for p in cfg.evaluate.prompts for s in cfg.evaluate.seeds]
         res = cfg.preprocess.resolution
         try:
-            with self.acc.autocast():
+            # A denoiser compiled for the step (train.compile) samples eagerly: eval mode, no grad and
+            # guidance's doubled batch would compile it a second time for a few dozen forwards (37 s for the
+            # tiny UNet on a CPU; SD 1.5's first compile took 142 s on an H100; `graphs`: a second CUDA-graph
+            # memory pool).
+            with torch.compiler.set_stance("force_eager"), self.acc.autocast():
                 images = self.pipe(
                     [p for p, _ in pairs],
                     num_inference_steps=cfg.train.validation_inference_steps,
