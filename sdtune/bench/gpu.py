@@ -5,11 +5,17 @@
 
 Cases, most wanted first (a run cut short by ``--budget-s`` keeps the first ones):
 
-1. SD 1.5 512 px batch 1 LoRA rank 4: eager, compiled (``train.compile=default``), graphed (``graphs``);
+1. SD 1.5 512 px batch 1 LoRA rank 4, eager (a minute's calibration against the earlier H100 run);
 2. the seed job (``configs/sdxl/seed_job.yaml``: SDXL 768 px batch 4, LoRA rank 32 + 2 new tokens in both
-   text encoders): the embedding phase (text encoders run with gradients, only the new rows train) and the
-   LoRA-only phase (text encoders without gradients), eager and graphed;
-3. batch sweeps graphed: SD 1.5 512 px b16, SDXL 768 px b8 (LoRA) — MFU at a batch that fills the chip.
+   text encoders) in its embedding phase (text encoders run with gradients, only the new rows train), eager
+   and graphed (``graphs``): the ≤ 240 ms/step goal;
+3. SD 1.5 b1 graphed, the seed job's LoRA-only phase (text encoders without gradients) graphed, SD 1.5 b1
+   compiled (``train.compile=default``), the LoRA-only phase eager;
+4. batch sweeps graphed: SD 1.5 512 px b16, SDXL 768 px b8 (LoRA) — MFU at a batch that fills the chip.
+
+``--budget-s``: a case starts only when its expected time (:func:`expected_seconds`: compile included)
+fits in what is left, and an alarm stops the case running when the budget ends, so the process exits, with
+every finished case written, before whoever runs it kills it.
 
 What one step is (the trainer's, built from the project's own pieces): the UNet from its real config with
 random weights (no download), frozen in bf16, peft LoRA (``sdtune.train.adapters.add_lora``) in fp32 under
@@ -34,11 +40,13 @@ script is known to run before GPU time is spent on it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -112,13 +120,18 @@ TINY_TEXT = [
 ] * 2  # fmt: skip
 VOCAB = 49408
 # Dense bf16 tensor-core peaks (datasheets, without sparsity), by a substring of the device name.
-PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
+PEAK_BF16 = [
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12),
+    ("L40S", 362e12),
+]  # fmt: skip
 
 
 def peak_flops(device: torch.device) -> tuple[str, float | None]:
     if device.type != "cuda":
         return "cpu", None
     name = torch.cuda.get_device_name(device)
+    if "MIG" in name:  # a slice of the chip: the whole chip's peak would understate the MFU
+        return name, None
     for key, value in PEAK_BF16:
         if key in name:
             return name, value
@@ -474,12 +487,12 @@ def plan(args) -> list[Case]:
     seed = 4  # the seed job's batch
     cases = [
         Case(sd15, res15, 1, "eager"),
-        Case(sd15, res15, 1, "compile"),
-        Case(sd15, res15, 1, "graphs"),
         Case(sdxl, resxl, seed, "eager", "pivotal-te", rank=32),
         Case(sdxl, resxl, seed, "graphs", "pivotal-te", rank=32),
-        Case(sdxl, resxl, seed, "eager", "pivotal-frozen", rank=32),
+        Case(sd15, res15, 1, "graphs"),
         Case(sdxl, resxl, seed, "graphs", "pivotal-frozen", rank=32),
+        Case(sd15, res15, 1, "compile"),
+        Case(sdxl, resxl, seed, "eager", "pivotal-frozen", rank=32),
         Case(sd15, res15, big15, "graphs"),
         Case(sdxl, resxl, bigxl, "graphs", rank=32),
     ]
@@ -538,6 +551,78 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Seconds a case takes on an H100 beyond its timed steps: building the models and, compiled, the first compile
+# (SD 1.5's took 142 s there; SDXL's UNet has 4.4x its transformer blocks, and the seed job compiles both
+# text encoders too: not measured, so generous), and each step's seconds eager (measured: SD 1.5 b1 0.17,
+# SDXL 1024 px b1 0.49; the seed job planned at 0.59).
+SETUP_S = {"eager": 15, "compile": 160, "graphs": 170}
+SETUP_S_SDXL = {"eager": 30, "compile": 330, "graphs": 340}
+STEP_S = {"sd15": 0.2, "sdxl": 0.6}
+
+
+def expected_seconds(case: Case, steps: int) -> float:
+    """What a case should cost on a GPU (setup and compile, then ``steps`` steps at the eager speed, an upper
+    bound for the compiled ones); 0 for the tiny models."""
+    if case.model not in STEP_S:
+        return 0.0
+    setup = (SETUP_S_SDXL if case.model == "sdxl" else SETUP_S)[case.mode]
+    return setup + steps * STEP_S[case.model] * max(1.0, case.batch / 4)
+
+
+class BudgetSpent(Exception):
+    pass
+
+
+def _budget_alarm(seconds: float) -> None:
+    """Raise :class:`BudgetSpent` in the running case after ``seconds`` (SIGALRM: Unix main thread only)."""
+    import signal
+
+    def stop(signum, frame):
+        raise BudgetSpent("stopped: budget spent while this case ran")
+
+    signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+
+
+def _budget_alarm_off() -> None:
+    import signal
+
+    signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _release(device) -> None:
+    """Free what a case left behind before the next one: a compiled module keeps itself alive in a reference
+    cycle, and dynamo's caches hold the compiled graphs (and ``graphs``' CUDA-graph pools) until reset; left
+    alone, the next case's peak memory would include them."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        with contextlib.suppress(RuntimeError):  # a sticky CUDA error: the next case reports it
+            torch.cuda.empty_cache()
+
+
+REQUIRED = (
+    "diffusers", "peft", "transformers", "pydantic", "sdtune.config", "sdtune.train.adapters",
+    "sdtune.train.compile", "sdtune.train.data", "sdtune.train.embeddings", "sdtune.train.losses",
+    "sdtune.train.plan", "sdtune.train.runtime",
+)  # fmt: skip
+
+
+def missing_modules() -> list[str]:
+    """The imports a case needs that fail here (each case would fail on the first otherwise, one by one)."""
+    import importlib
+
+    missing = []
+    for name in REQUIRED:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any import failure is worth naming
+            missing.append(f"{name} ({type(exc).__name__}: {exc})"[:200])
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -547,9 +632,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--only", default="", help="comma-separated substrings of case names to run")
     p.add_argument(
-        "--budget-s", type=float, default=None, help="skip the remaining cases after this many seconds"
+        "--budget-s",
+        type=float,
+        default=None,
+        help="seconds for the whole run: a case starts only if its expected time fits, and is stopped at the end",
     )
     args = p.parse_args(argv)
+    missing = missing_modules()
+    if missing:
+        print("error: cannot import " + "; ".join(missing), file=sys.stderr)
+        return 2
 
     import diffusers
     import peft
@@ -585,16 +677,24 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     flops_cache: dict = {}
     plan_cache: dict = {}
+    timed = warmup + steps * windows + 4  # + the profiled and the final steps
     for case in plan(args):
         elapsed = time.perf_counter() - started
-        need = (150 if "sdxl" in case.model else 90) if case.mode != "eager" and device.type == "cuda" else 0
+        need = expected_seconds(case, timed) if device.type == "cuda" else 0.0
         if args.budget_s is not None and elapsed + need > args.budget_s:
-            rows.append({"case": case.name, "error": f"skipped: budget of {args.budget_s:.0f} s spent"})
+            rows.append(
+                {
+                    "case": case.name,
+                    "error": f"skipped: expected {need:.0f} s, {args.budget_s - elapsed:.0f} s left",
+                }
+            )
             continue
         if case.mode == "graphs" and device.type != "cuda":
             rows.append({"case": case.name, "error": "skipped: CUDA graphs need a CUDA GPU"})
             continue
         print(f"[gpu-bench] {case.name} (t={elapsed:.0f} s) …", flush=True)
+        if args.budget_s is not None:
+            _budget_alarm(args.budget_s - elapsed)
         try:
             row = run_case(case, device, dtype, warmup, steps, windows, flops_cache, backend, plan_cache)
         except (
@@ -602,8 +702,14 @@ def main(argv: list[str] | None = None) -> int:
         ) as exc:  # keep going: one failing case (an OOM, a compile error) must not lose the rest
             first = str(exc).splitlines()[0] if str(exc) else ""
             row = {"case": case.name, "error": f"{type(exc).__name__}: {first}"}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            row["traceback"] = traceback.format_exc()[-3000:]  # where inductor or the graphs failed
+        finally:
+            if args.budget_s is not None:
+                try:
+                    _budget_alarm_off()
+                except BudgetSpent:  # it rang between the case's end and here: the case is complete
+                    _budget_alarm_off()
+        _release(device)
         if "error" not in row:
             row["mfu"] = row["flops_per_step"] * row["steps_per_sec"] / peak if peak else None
             print(

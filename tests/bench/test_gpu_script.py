@@ -23,9 +23,9 @@ def test_cpu_tiny_writes_json_and_markdown(tmp_path):
     rows = {r["case"]: r for r in result["rows"]}
     assert list(rows) == [
         "tiny 64px b1 lora r4 eager",
-        "tiny 64px b1 lora r4 compile",
-        "tiny 64px b1 lora r4 graphs",
         "tiny seed job 64px b4 pivotal-te r32 eager",
+        "tiny 64px b1 lora r4 graphs",
+        "tiny 64px b1 lora r4 compile",
         "tiny seed job 64px b4 pivotal-frozen r32 eager",
         "tiny seed job 64px b4 pivotal-te r32 compile",
     ]
@@ -69,15 +69,60 @@ def test_plan_puts_the_most_wanted_cases_first():
     assert dict(gpu.PEAK_BF16)["H100"] == 989e12 and dict(gpu.PEAK_BF16)["H200"] == 989e12
     args = type("A", (), {"cpu_tiny": False, "quick": True, "only": ""})()
     names = [c.name for c in gpu.plan(args)]
-    assert names[:3] == [
+    # The seed job graphed (the <= 240 ms/step goal) comes right after the two eager references; with
+    # SD 1.5's compile first (142 s on the H100) the run's budget never reached it. Expected to fit in the
+    # recommended `--quick --budget-s 470` (one call of <= 8 minutes), with the rest skipped or stopped.
+    assert names[:7] == [
         "sd15 512px b1 lora r4 eager",
-        "sd15 512px b1 lora r4 compile",
-        "sd15 512px b1 lora r4 graphs",
-    ]
-    assert names[3:7] == [
         "seed job 768px b4 pivotal-te r32 eager",
         "seed job 768px b4 pivotal-te r32 graphs",
-        "seed job 768px b4 pivotal-frozen r32 eager",
+        "sd15 512px b1 lora r4 graphs",
         "seed job 768px b4 pivotal-frozen r32 graphs",
+        "sd15 512px b1 lora r4 compile",
+        "seed job 768px b4 pivotal-frozen r32 eager",
     ]
+    timed = 3 + 10 * 3 + 4  # --quick
+    cases = gpu.plan(args)
+    first_three = sum(gpu.expected_seconds(c, timed) for c in cases[:3])
+    assert first_three < 470 < sum(gpu.expected_seconds(c, timed) for c in cases)
     assert "sd15 512px b16 lora r4 graphs" in names and "sdxl 768px b8 lora r32 graphs" in names
+
+
+def test_the_budget_stops_a_running_case_and_keeps_what_was_measured(tmp_path):
+    """``--budget-s`` ends the run in time: the case running when the budget ends is stopped (an alarm), the
+    rest are skipped, and the JSON and markdown are written, so the process exits before it is killed."""
+    gpu = _load_gpu_script()
+    only = "tiny 64px b1 lora r4 eager,pivotal-te r32 eager"
+    assert gpu.main(["--out", str(tmp_path), "--cpu-tiny", "--only", only, "--budget-s", "0.2"]) == 1
+    rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == [
+        "tiny 64px b1 lora r4 eager",
+        "tiny seed job 64px b4 pivotal-te r32 eager",
+    ]
+    assert rows[0]["error"].startswith("BudgetSpent: stopped") and "BudgetSpent" in rows[0]["traceback"]
+    assert rows[1]["error"].startswith("skipped:")
+    assert "| tiny 64px b1 lora r4 eager |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+def test_a_missing_dependency_stops_the_run_before_any_case(tmp_path, monkeypatch, capsys):
+    gpu = _load_gpu_script()
+    monkeypatch.setattr(gpu, "REQUIRED", (*gpu.REQUIRED, "sdtune_no_such_module"))
+    assert gpu.main(["--out", str(tmp_path), "--cpu-tiny"]) == 2
+    assert "cannot import sdtune_no_such_module" in capsys.readouterr().err
+    assert not (tmp_path / "gpu_bench.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),  # a slice: the chip's peak would understate the MFU
+    ],
+)
+def test_peak_flops_by_card_name(monkeypatch, name, peak):
+    gpu = _load_gpu_script()
+    monkeypatch.setattr(gpu.torch.cuda, "get_device_name", lambda device=None: name)
+    assert gpu.peak_flops(gpu.torch.device("cuda")) == (name, peak)
