@@ -89,7 +89,7 @@ class IngestConfig(Section):
 
 
 class PreprocessConfig(Section):
-    resolution: int = Field(512, ge=8)
+    resolution: int = Field(512, ge=8, multiple_of=8)  # the VAE's 8× downsampling; pipelines refuse others
     crop: Literal["center", "face", "none"] = "center"  # face: square around the faces (opencv extra)
     upscaler: Literal["lanczos", "swin2sr"] = "lanczos"
     upscaler_model: str | None = None  # Swin2SR weights: local folder, hub id or s3://bucket/prefix
@@ -339,19 +339,26 @@ TrainSection = Annotated[
 ]
 
 
+Seed = Annotated[int, Field(ge=0, lt=2**63)]  # what torch.Generator.manual_seed takes
+
+
 class EvaluateConfig(Section):
     prompts: list[str] = Field(
+        min_length=1,
         default_factory=lambda: [
             "a photo of {trigger} {class_noun}",
             "a photo of {trigger} {class_noun} on a beach",
             "a painting of {trigger} {class_noun}",
         ]
     )
-    seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1)
     num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = 7.5
-    loss_timesteps: list[int] = Field(default_factory=lambda: [100, 300, 500, 700, 900])
-    loss_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    # Timesteps of the 1,000-step training schedule every SD model shares (SD3: σ = t / 1000).
+    loss_timesteps: list[Annotated[int, Field(ge=0, lt=1000)]] = Field(
+        default_factory=lambda: [100, 300, 500, 700, 900], min_length=1
+    )
+    loss_seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     image_metric_samples: int = Field(8, ge=1)  # pictures per prompt for the image-space subject metric
     # Fidelity encoders (local folder, hub id or s3://); unset → those metrics are skipped with a note.
     clip_model: str | None = None  # e.g. openai/clip-vit-large-patch14: CLIP-T, CLIP-I

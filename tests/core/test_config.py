@@ -34,6 +34,15 @@ def test_overrides_apply_and_change_digest():
         (["train.rank=0"], "train.rank"),
         (["train.lr_scheduler=linearish"], "train.lr_scheduler"),
         (["nonsense"], "not key=value"),
+        # Each crashed a later stage with a traceback, or silently measured something else:
+        (["preprocess.resolution=33"], "preprocess.resolution: Input should be a multiple of 8"),
+        (["evaluate.prompts=[]"], "evaluate.prompts"),
+        (["evaluate.seeds=[]"], "evaluate.seeds"),
+        (["evaluate.seeds=[99999999999999999999]"], "evaluate.seeds.0"),
+        (["evaluate.loss_seeds=[]"], "evaluate.loss_seeds"),
+        (["evaluate.loss_timesteps=[]"], "evaluate.loss_timesteps"),
+        (["evaluate.loss_timesteps=[5000]"], "evaluate.loss_timesteps.0: Input should be less than 1000"),
+        (["evaluate.loss_timesteps=[-1]"], "evaluate.loss_timesteps.0"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, needle):

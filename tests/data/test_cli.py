@@ -69,6 +69,7 @@ def test_config_file_section_with_option_overrides(sample, tmp_path):
         (["ingest", "{tmp}/few", "--out", "{tmp}/o"], "only 1 usable image"),
         (["preprocess", "{tmp}/few", "--out", "{tmp}/o"], "manifest.jsonl is missing"),
         (["preprocess", "{tmp}/few", "--out", "{tmp}/o", "--resolution", "2"], "--resolution"),
+        (["preprocess", "{tmp}/few", "--out", "{tmp}/o", "--resolution", "33"], "multiple of 8"),
         (["ingest", "{tmp}/few", "--out", "{tmp}/o", "--config", "{tmp}/nope.yaml"], "config file not found"),
     ],
 )

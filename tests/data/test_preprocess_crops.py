@@ -60,13 +60,13 @@ def test_face_box_arithmetic(faces, expected):
 def test_face_crop_follows_an_injected_detector(tmp_path, monkeypatch):
     monkeypatch.setattr("sdtune.data.faces.load_detector", lambda: lambda image: [(400, 100, 500, 200)])
     stage_of(tmp_path / "in", [pattern(600, 300, seed=1), pattern(300, 300, seed=2)])
-    result = preprocess_dir(tmp_path / "in", tmp_path / "out", PreprocessConfig(resolution=100, crop="face"))
+    result = preprocess_dir(tmp_path / "in", tmp_path / "out", PreprocessConfig(resolution=104, crop="face"))
     items = result.report.items
     assert items[0].transforms == ["face_crop", "resize_lanczos"]
     assert items[1].transforms == ["resize_lanczos"]  # square already: nothing to choose
     with Image.open(tmp_path / "out" / "000000.png") as im:
         expected = (
-            pattern(600, 300, seed=1).crop((300, 0, 600, 300)).resize((100, 100), Image.Resampling.LANCZOS)
+            pattern(600, 300, seed=1).crop((300, 0, 600, 300)).resize((104, 104), Image.Resampling.LANCZOS)
         )
         assert np.array_equal(np.asarray(im), np.asarray(expected))
 
@@ -85,11 +85,11 @@ def test_face_crop_falls_back_without_opencv_or_faces(tmp_path, monkeypatch):
 def test_haar_cascade_finds_an_off_centre_drawn_face(tmp_path):
     pytest.importorskip("cv2")
     stage_of(tmp_path / "in", [drawn_face()])
-    result = preprocess_dir(tmp_path / "in", tmp_path / "out", PreprocessConfig(resolution=100, crop="face"))
+    result = preprocess_dir(tmp_path / "in", tmp_path / "out", PreprocessConfig(resolution=104, crop="face"))
     assert result.report.items[0].transforms == ["face_crop", "resize_lanczos"]
     with Image.open(tmp_path / "out" / "000000.png") as im:
         # The face at x≈450 pulls the square to the right edge; a centre crop (150–450) would halve it.
-        right = drawn_face().crop((300, 0, 600, 300)).resize((100, 100), Image.Resampling.LANCZOS)
+        right = drawn_face().crop((300, 0, 600, 300)).resize((104, 104), Image.Resampling.LANCZOS)
         assert np.abs(np.asarray(im, dtype=int) - np.asarray(right, dtype=int)).mean() < 2
 
 
@@ -167,11 +167,11 @@ def test_face_masks_need_opencv(tmp_path, monkeypatch):
 def test_haar_face_mask_covers_the_drawn_face(tmp_path):
     pytest.importorskip("cv2")
     stage_of(tmp_path / "in", [drawn_face()])
-    cfg = PreprocessConfig(resolution=300, crop="face", mask_source="face")
+    cfg = PreprocessConfig(resolution=296, crop="face", mask_source="face")
     result = preprocess_dir(tmp_path / "in", tmp_path / "out", cfg)
-    assert result.report.items[0].transforms == ["face_crop", "mask_face"]
+    assert result.report.items[0].transforms == ["face_crop", "resize_lanczos", "mask_face"]
     with Image.open(tmp_path / "out" / result.records[0].extra["mask"]) as im:
         mask = np.asarray(im)
-    # face_crop keeps x 300–600, so the face (centre 450,150; r 50) sits at (150, 150) in the output
+    # face_crop keeps x 300–600, so the face (centre 450,150; r 50) sits at (148, 148) in the 296 px output
     assert mask[150, 150] == 255 and mask[150, 20] == 0 and mask[20, 280] == 0
     assert set(np.unique(mask)) - {0, 255}  # feathered
