@@ -190,6 +190,7 @@ def load_components(cfg: RunConfig, base: str | None = None) -> SDComponents:
     if cfg.model.arch == "sd3":
         return _sd3_components(cfg, base)
     source = resolve_base(base or cfg.model.base, cfg.model.cache_dir, cfg.model.revision)
+    check_arch(source, cfg.model.arch)
     rev = cfg.model.revision
     sdxl = cfg.model.arch == "sdxl"
     if cfg.model.arch not in ("sd15", "sd2", "sdxl"):
@@ -210,6 +211,34 @@ def load_components(cfg: RunConfig, base: str | None = None) -> SDComponents:
     elif getattr(parts.unet.config, "addition_embed_type", None) == "text_time":
         raise ModelLoadError(f"{source} is an SDXL model: set model.arch=sdxl")
     return _frozen(parts)
+
+
+# model_index.json's pipeline class → the model.arch values it can be (inpainting variants included)
+ARCH_OF_PIPELINE = {
+    "StableDiffusionPipeline": ("sd15", "sd2"),
+    "StableDiffusionInpaintPipeline": ("sd15", "sd2"),
+    "StableDiffusionXLPipeline": ("sdxl",),
+    "StableDiffusionXLInpaintPipeline": ("sdxl",),
+    "StableDiffusion3Pipeline": ("sd3",),
+}
+
+
+def check_arch(source: str, arch: str) -> None:
+    """Refuse a ``model.arch`` that the base model's ``model_index.json`` contradicts: loaded anyway, an SD 1.5
+    folder under ``arch=sdxl`` failed deep in diffusers (``'NoneType' object has no attribute 'tokenize'``)."""
+    import json
+
+    index = Path(source) / "model_index.json"
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        return  # not a local diffusers folder (or no index): the loaders say what is wrong
+    allowed = ARCH_OF_PIPELINE.get(name)
+    if allowed and arch not in allowed:
+        raise ModelLoadError(
+            f"model.base {source} is a {name} (model_index.json) but model.arch is {arch}: "
+            f"set model.arch={allowed[0]}"
+        )
 
 
 def _sd3_components(cfg: RunConfig, base: str | None) -> SDComponents:
@@ -269,6 +298,7 @@ def load_pipeline(cfg: RunConfig, base: str | None = None, torch_dtype: Any = No
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
     source = resolve_base(base or cfg.model.base, cfg.model.cache_dir, cfg.model.revision)
+    check_arch(source, cfg.model.arch)
     cls = pipeline_class_for(cfg.model.arch, source)
     kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
     if cls in (StableDiffusionPipeline, StableDiffusionInpaintPipeline):  # SDXL/SD3 have no safety checker

@@ -127,6 +127,23 @@ def test_missing_local_base_is_one_clear_error(tmp_path, base):
         resolve_base(base, tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("fixture", "arch", "fix"), [("tiny_sd15", "sdxl", "sd15"), ("tiny_sdxl", "sd15", "sdxl")]
+)
+def test_an_arch_the_base_contradicts_is_one_clear_error(request, tmp_path, fixture, arch, fix):
+    """An SD 1.5 folder under ``model.arch=sdxl`` failed deep in diffusers (``'NoneType' object has no
+    attribute 'tokenize'``) in train and generate; both loaders now name the mismatch first."""
+    from sdtune.config import RunConfig
+    from sdtune.models.loading import ModelLoadError, load_components, load_pipeline
+
+    base = request.getfixturevalue(fixture)
+    cfg = RunConfig.model_validate({"model": {"base": str(base), "arch": arch, "cache_dir": str(tmp_path)}})
+    for load in (load_components, load_pipeline):
+        with pytest.raises(ModelLoadError, match=f"but model.arch is {arch}: set model.arch={fix}") as info:
+            load(cfg)
+        assert "\n" not in str(info.value)
+
+
 def test_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
     from sdtune.config import RunConfig
     from sdtune.models.loading import ModelLoadError, load_components
