@@ -49,7 +49,7 @@ def class_images(cfg: RunConfig, accelerator) -> list[Path]:
     """Supplied class images, or generated ones (each rank makes its share; cached by content)."""
     tc = cfg.train
     if tc.class_data_dir:
-        supplied = sorted(p for p in Path(tc.class_data_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        supplied = supplied_images(Path(tc.class_data_dir))
         if len(supplied) >= tc.num_class_images:
             return supplied[: tc.num_class_images]
     folder = Path(cfg.model.cache_dir).parent / "class-images" / class_images_key(cfg)
@@ -70,6 +70,28 @@ def class_images(cfg: RunConfig, accelerator) -> list[Path]:
             )
         accelerator.wait_for_everyone()
     return names
+
+
+def supplied_images(folder: Path) -> list[Path]:
+    """The readable images in ``train.class_data_dir``; an unreadable one is skipped with a warning naming it."""
+    import warnings
+
+    from PIL import Image
+
+    from sdtune.errors import ConfigError
+
+    if not folder.is_dir():
+        raise ConfigError(f"train.class_data_dir {folder}: not found (or not a folder)")
+    readable = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a broken file
+            warnings.warn(f"class image {path.name} skipped: unreadable ({type(exc).__name__})", stacklevel=2)
+            continue
+        readable.append(path)
+    return readable
 
 
 @torch.no_grad()
