@@ -395,12 +395,14 @@ def profile_step(step, inputs: list[dict], device, steps: int = 2) -> dict:
         # parameter tensors (each is guarded) and that CUDA graphs do not remove.
         "guard_ms_per_step": sum(e.cpu_time_total for e in averages if e.key == GUARD_EVENT) / 1000 / steps,
         "kernel_launches_per_step": None,
+        "gpu_busy_ms_per_step": None,
         "graph_launches_per_step": None,
         "syncs_per_step": None,
     }
     if device.type == "cuda":
         out["kernel_launches_per_step"] = sum(e.count for e in averages if e.key in LAUNCH_CALLS) / steps
         out["graph_launches_per_step"] = sum(e.count for e in averages if e.key == "cudaGraphLaunch") / steps
+        out["gpu_busy_ms_per_step"] = gpu_busy_ms(averages, steps)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -412,6 +414,20 @@ def profile_step(step, inputs: list[dict], device, steps: int = 2) -> dict:
         out["syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught) / steps
         _sync(device)
     return out
+
+
+def gpu_busy_ms(averages, steps: int) -> float | None:
+    """Milliseconds per step the GPU spent in kernels (the profiler's device events). Next to ms/step it tells
+    a host-bound step (busy well below it) from a GPU-bound one: both show a host enqueue time near ms/step,
+    since launching blocks once the launch queue is full; only host-bound rows calibrate the planner's host
+    floor. ``None`` where the profiler records no device time."""
+    from torch.autograd import DeviceType
+
+    try:
+        busy = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)
+    except AttributeError:  # another PyTorch's names: the measurement matters more than this figure
+        return None
+    return busy / 1000 / steps if busy else None
 
 
 def run_case(

@@ -36,6 +36,7 @@ def test_cpu_tiny_writes_json_and_markdown(tmp_path):
         assert row["steps_per_sec"] > 0 and row["flops_per_step"] > 0 and row["loss"] == row["loss"]
         assert row["host_enqueue_ms"] > 0 and row["aten_ops_per_step"] > 0 and row["top_self_cpu"]
         assert row["kernel_launches_per_step"] is None and row["syncs_per_step"] is None  # CUDA only
+        assert row["gpu_busy_ms_per_step"] is None
     # dynamo's guards run before every compiled call and never in eager mode
     assert rows["tiny 64px b1 lora r4 compile"]["guard_ms_per_step"] > 0
     assert rows["tiny 64px b1 lora r4 eager"]["guard_ms_per_step"] == 0
@@ -126,3 +127,18 @@ def test_peak_flops_by_card_name(monkeypatch, name, peak):
     gpu = _load_gpu_script()
     monkeypatch.setattr(gpu.torch.cuda, "get_device_name", lambda device=None: name)
     assert gpu.peak_flops(gpu.torch.device("cuda")) == (name, peak)
+
+
+def test_gpu_busy_time_sums_the_device_events_only():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    gpu = _load_gpu_script()
+    events = [
+        SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=30_000.0),  # µs, two steps
+        SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=10_000.0),
+        SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=99_000.0),  # the launching op
+    ]
+    assert gpu.gpu_busy_ms(events, steps=2) == 20.0
+    assert gpu.gpu_busy_ms(events[2:], steps=2) is None
