@@ -84,7 +84,10 @@ def sample_flow_timesteps(
         z = _randn((n,), generator, device, torch.float32)
         u = torch.sigmoid(z * std + mean)
     elif density == "uniform":
-        u = generator.rand(n, device) if hasattr(generator, "rand") else torch.rand(n, generator=generator)
+        if hasattr(generator, "rand"):
+            u = generator.rand(n, device)
+        else:  # a torch.Generator draws on its own device (a CUDA one cannot fill a CPU tensor)
+            u = torch.rand(n, generator=generator, device=generator.device).to(device)
     else:
         raise ValueError(f"unsupported timestep density {density!r}")
     count = scheduler.config.num_train_timesteps
