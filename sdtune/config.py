@@ -349,7 +349,7 @@ class EvaluateConfig(Section):
             "a photo of {trigger} {class_noun}",
             "a photo of {trigger} {class_noun} on a beach",
             "a painting of {trigger} {class_noun}",
-        ]
+        ],
     )
     seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1)
     num_inference_steps: int = Field(25, ge=1)

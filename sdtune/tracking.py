@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sdtune.config import strip_url_credentials
+from sdtune.errors import UsageError
 
 DEFAULT_HOME = ".sdtune"
 PARAM_SECTIONS = ("model", "preprocess", "caption", "train", "evaluate", "register")
@@ -311,6 +312,7 @@ class MLflowLogger:
     ):
         self.run_id = run_id
         self._client = mlflow_client()
+        _require_run(self._client, run_id)
         self._metrics: list[Any] = []
         self._artifacts: list[tuple[str, str | None]] = []
         self._flush_every = flush_every
@@ -414,6 +416,26 @@ class MLflowLogger:
             f"tracking server did not take {self.pending} items ({self.last_error}); saved to {path} "
             "(replay_spool sends them)"
         )
+
+
+# What the tracking store answers for a run id that can never be logged to: retrying would never help.
+_NO_SUCH_RUN = {"RESOURCE_DOES_NOT_EXIST": "not found", "INVALID_PARAMETER_VALUE": "is not a valid run id"}
+
+
+def _require_run(client: Any, run_id: str) -> None:
+    """Refuse a run the store says does not exist (:class:`UsageError`, exit 2): :meth:`MLflowLogger.flush`
+    would take that answer for an outage and retry it until the close timeout. An unreachable store is
+    no reason to stop: the logger buffers until it answers."""
+    from mlflow.exceptions import MlflowException
+
+    with _fail_fast():
+        try:
+            client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code in _NO_SUCH_RUN:
+                raise UsageError(f"MLflow run {run_id} {_NO_SUCH_RUN[exc.error_code]}") from None
+        except Exception:  # transport errors: buffered and retried by flush()
+            pass
 
 
 def _start_system_metrics(run_id: str):

@@ -11,8 +11,9 @@ import sys
 
 import click
 import typer
-from rich.console import Console
+from rich.text import Text
 
+from sdtune.cli.printing import plain_console
 from sdtune.errors import SdtuneError
 
 app = typer.Typer(
@@ -22,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True)
+err_console = plain_console(stderr=True)
 
 
 def _version(value: bool) -> None:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         exc.show()
         return exc.exit_code
     except SdtuneError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -29,13 +29,14 @@ from typing import Annotated, Any
 
 import click
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
+from sdtune.cli.printing import plain_console
 from sdtune.cluster.errors import ClusterAuthError, ClusterError, ClusterUnreachableError, NoClusterHost
-from sdtune.config import RunConfig, load_config
+from sdtune.config import RunConfig, load_config, strip_url_credentials
+from sdtune.errors import UsageError
 
-console = Console()
+console = plain_console()
 
 HostOpt = Annotated[
     str | None,
@@ -111,6 +112,22 @@ def _probe(host: str, token: str | None, cookie: str | None, ca_cert: Path | Non
         ) from None
 
 
+def _check_host_url(host: str) -> None:
+    """A host that is not an http(s) URL is a typo, not an outage: exit 2 before urllib's ValueError."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(host)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # "http://[bad" or a port out of range
+        ok = False
+    if not ok:
+        raise UsageError(
+            f"--host {strip_url_credentials(host)!r}: expected the KFP API URL, "
+            "e.g. https://kubeflow.example.com/pipeline (--host or KF_PIPELINES_ENDPOINT)"
+        )
+
+
 SA_TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
@@ -124,6 +141,7 @@ def kfp_client(
 
     token_path = os.environ.get("KF_PIPELINES_SA_TOKEN_PATH")
     if host:
+        _check_host_url(host)
         _probe(host, token or _read_token(token_path), cookie, ca_cert)
     kwargs: dict[str, Any] = {
         "host": host,
@@ -320,7 +338,7 @@ def schedule_create_cmd(
 ) -> None:
     """Create a recurring run of CONFIG (no catch-up and one run at a time unless told otherwise)."""
     if len(cron.split()) != 6:
-        raise ClusterError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 3 * * *'")
+        raise UsageError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 3 * * *'")
     cfg = load_config(config, overrides or [])
     client = conn.client()
     with conn.errors(), _quiet():

@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -22,13 +21,15 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.text import Text
 
+from sdtune.cli.printing import plain_console
 from sdtune.config import load_config
 from sdtune.data.stagedir import stage_output
 from sdtune.errors import ConfigError
 from sdtune.manifest import StageResult
 
-console = Console()
+console = plain_console()
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="Run config YAML to take this stage's section from.")
@@ -62,10 +63,10 @@ def _progress(label: str, total: int | None) -> Iterator[Callable[[str], None]]:
 def _summarise(stage: str, result: StageResult) -> None:
     counts = result.report.counts
     kept = counts.get("kept", 0) + counts.get("normalised", 0)
-    line = f"[bold]{stage}[/]: {kept} image(s) kept"
+    line = Text.assemble((stage, "bold"), f": {kept} image(s) kept")
     if counts.get("normalised"):
-        line += f" ({counts['normalised']} normalised)"
-    line += f", {counts.get('skipped', 0)} skipped → {result.out_dir}"
+        line.append(f" ({counts['normalised']} normalised)")
+    line.append(f", {counts.get('skipped', 0)} skipped → {result.out_dir}")
     console.print(line, highlight=False)
     for reason, n in sorted(result.report.reasons.items()):
         console.print(f"  skipped {n} × {reason}", highlight=False)
@@ -216,9 +217,14 @@ def sample_data_cmd(
     Example: sdtune sample-data --out .sdtune/sample-data
     """
     from sdtune.data.sample import write_sample_dataset
+    from sdtune.data.stagedir import check_out_dir
 
+    check_out_dir(out, "sample-data")
     paths = write_sample_dataset(out, count=count, seed=seed)
-    console.print(f"[bold]sample-data[/]: {len(paths)} picture(s) of the toy robot → {out}", highlight=False)
+    console.print(
+        Text.assemble(("sample-data", "bold"), f": {len(paths)} picture(s) of the toy robot → {out}"),
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

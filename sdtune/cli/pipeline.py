@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.text import Text
 
+from sdtune.cli.printing import labelled, plain_console
 from sdtune.config import RunConfig, load_config, resolve_local_paths
 from sdtune.errors import ConfigError, Interrupted, SdtuneError, UsageError
 from sdtune.steps import CACHE_HIT_LINE
 
-console = Console()
+console = plain_console()
 
 
 class PipelineError(SdtuneError):
@@ -66,9 +67,9 @@ class _TaskProgress(io.TextIOBase):
         elif match := re.search(r"Task '([^']+)' finished with status (\w+)", line):
             task, state = match.groups()
             took = time.monotonic() - self._started.get(task, time.monotonic())
-            mark = "[green]✓[/]" if state == "SUCCESS" else "[red]✗[/]"
+            mark = ("✓", "green") if state == "SUCCESS" else ("✗", "red")
             cached = "  (cached)" if task in self._cached else ""
-            self._echo(f"  {mark} {task.removesuffix('-op'):<28} {took:6.1f} s{cached}")
+            self._echo(Text.assemble("  ", mark, f" {task.removesuffix('-op'):<28} {took:6.1f} s{cached}"))
 
 
 def run_local(cfg: RunConfig, pipeline_root: Path | None = None, verbose: bool = False) -> dict:
@@ -136,7 +137,7 @@ def task_lines(log_path: Path, pipeline_name: str, verbose: bool = False):
     with open(log_path, "x", encoding="utf-8") as log:
         console.print(f"running {pipeline_name} locally (task logs: {_short(str(log_path))})", soft_wrap=True)
         # The echo console holds the real stdout: rich would otherwise follow the redirect into the log.
-        echo = Console(file=sys.stdout, highlight=False).print
+        echo = plain_console(file=sys.stdout, highlight=False).print
         with contextlib.redirect_stdout(_TaskProgress(log, echo)):
             yield
 
@@ -284,10 +285,26 @@ def print_summary(summary: dict) -> None:
         ("Task logs", _short(summary.get("log"))),
     ]
     rows += [(f"  {k}", f"{v:.5g}") for k, v in sorted(summary.get("metrics", {}).items())]
-    console.rule("[bold green]sdtune run finished")
+    console.rule(Text("sdtune run finished", style="bold green"))
     for label, value in rows:
-        console.print(f"[bold]{label:<14}[/] {value}", highlight=False, soft_wrap=True)
-    console.print(f"[bold]{'Look':<14}[/] {summary.get('ui')}", highlight=False, soft_wrap=True)
+        console.print(labelled(label, value, 14), highlight=False, soft_wrap=True)
+    console.print(labelled("Look", summary.get("ui"), 14), highlight=False, soft_wrap=True)
+
+
+def check_yaml_out(out: Path) -> None:
+    """``compile --out`` names the YAML file to write (KFP takes nothing else): refuse a folder, another
+    suffix and a path under a file with one line, before the pipeline is built."""
+    if out.is_dir():
+        raise UsageError(
+            f"--out {out} is a folder; name the YAML file to write, e.g. {out / 'personalize.yaml'}"
+        )
+    if out.suffix.lower() not in (".yaml", ".yml"):
+        raise UsageError(f"--out {out}: the pipeline is written as YAML; name a .yaml file")
+    for parent in out.parents:
+        if parent.is_dir():
+            break
+        if os.path.lexists(parent):
+            raise UsageError(f"--out {out}: {parent} is a file, not a folder; name a .yaml file in a folder")
 
 
 def register(app: typer.Typer) -> None:
@@ -330,5 +347,6 @@ def register(app: typer.Typer) -> None:
         """
         from pipelines.compile import compile_pipeline
 
+        check_yaml_out(out)
         path = compile_pipeline(load_config(config, overrides or []), out)
         console.print(f"wrote {path}")

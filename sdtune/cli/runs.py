@@ -10,12 +10,12 @@ from typing import Annotated
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
+from sdtune.cli.printing import plain_console
 from sdtune.errors import ServiceError, UsageError
 
-console = Console()
+console = plain_console()
 DEFAULT_GATE = "loss_tuned_trigger"
 
 

@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from sdtune.cli.printing import labelled, plain_console
 from sdtune.config import RunConfig, config_from_dict, load_config, resolve_local_paths
 from sdtune.errors import ConfigError, UsageError
 from sdtune.sweep.select import SweepFailed, TrialResult, rank_trials
 from sdtune.sweep.space import Trial, build_trials, parse_grid_option, parse_trial_option, read_prompts
 
-console = Console()
+console = plain_console()
 
 
 def new_sweep_id() -> str:
@@ -409,7 +410,7 @@ def _print_local_summary(cfg: RunConfig, summary: dict) -> None:
     rows = sweep_tracking.trial_rows(cfg.tracking.experiment, summary["sweep_id"])
     print_trials(rows, cfg.sweep.metric, cfg.sweep.direction, summary.get("best_trial"))
     best = next((r for r in rows if r.name == summary.get("best_trial")), None)
-    console.rule("[bold green]sdtune sweep finished")
+    console.rule(Text("sdtune sweep finished", style="bold green"))
     lines = [
         (
             "Sweep",
@@ -428,7 +429,7 @@ def _print_local_summary(cfg: RunConfig, summary: dict) -> None:
         ("Look", f"sdtune sweeps show {summary['sweep_id']} · {summary.get('ui')}"),
     ]
     for label, value in lines:
-        console.print(f"[bold]{label:<18}[/] {value}", highlight=False, soft_wrap=True)
+        console.print(labelled(label, value, 18), highlight=False, soft_wrap=True)
 
 
 def champion_line(summary: dict) -> str:

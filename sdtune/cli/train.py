@@ -124,11 +124,12 @@ def train_command(
     Example: sdtune train --config configs/debug/tiny_cpu.yaml --data data/captioned --out out/lora train.max_steps=10
     """
     from sdtune.config import load_config
-    from sdtune.data.stagedir import stage_output
+    from sdtune.data.stagedir import check_out_dir, stage_output
     from sdtune.manifest import require_captions
 
     cfg = load_config(config, overrides or [])
     require_captions(data)
+    check_out_dir(out, "train", inputs=[data])
     quiet_libraries()
     from sdtune.train import run
 
@@ -163,7 +164,7 @@ def evaluate_command(
     Example: sdtune evaluate --config configs/debug/tiny_cpu.yaml --data data/captioned --lora out/lora --out out/eval
     """
     from sdtune.config import load_config
-    from sdtune.data.stagedir import stage_output
+    from sdtune.data.stagedir import check_out_dir, stage_output
     from sdtune.manifest import iter_manifest
 
     cfg = load_config(config, overrides or [])
@@ -172,6 +173,7 @@ def evaluate_command(
 
         require_training_output(lora)
     next(iter_manifest(data), None)  # a missing or failed stage folder: one line, before any model loads
+    check_out_dir(out, "evaluate", inputs=[data] + ([lora] if lora is not None else []))
     quiet_libraries()
     from sdtune.evaluate import evaluate
 
@@ -216,13 +218,21 @@ def generate_command(
 
     Example: sdtune generate --config configs/debug/tiny_cpu.yaml --lora out/lora -p "a photo of sks toy robot" --seeds 0,1"""
     from sdtune.config import load_config
+    from sdtune.data.stagedir import check_out_dir
     from sdtune.errors import UsageError
-    from sdtune.generate import GenerateRequest, generate
+    from sdtune.generate import REGISTRY_PREFIX, GenerateRequest, generate
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        if any(not 0 <= s < 2**63 for s in seed_list):
+            raise ValueError
     except ValueError:
-        raise UsageError(f"--seeds {seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
+        raise UsageError(
+            f"--seeds {seeds!r}: expected integers from 0 to 2**63-1 separated by commas, e.g. 0,1,2"
+        ) from None
+    if size is not None and size % 8:
+        raise UsageError(f"--size {size}: must be a multiple of 8 (the VAE's downsampling)")
+    check_out_dir(out, "generate", inputs=[lora] if lora and not lora.startswith(REGISTRY_PREFIX) else [])
     cfg = load_config(config, overrides or []) if config or overrides else None
     quiet_libraries()
     request = GenerateRequest(list(prompt), seed_list or [0], negative_prompt, steps, guidance, size)
@@ -262,8 +272,18 @@ def plan_command(
 
     Example: sdtune plan configs/sdxl/lora_1gpu.yaml --gpu h100"""
     from sdtune.config import load_config
+    from sdtune.errors import UsageError
     from sdtune.train.plan import estimate, fitting_settings, gpu_key, report
 
+    for name, value, low, high in (
+        ("--num-gpus", num_gpus, 1, None),
+        ("--usd-per-gpu-hour", usd_per_gpu_hour, 0, None),
+        ("--images", images, 1, None),
+        ("--mfu", mfu, 0.01, 1),
+    ):
+        if value is not None and not (low <= value and (high is None or value <= high)):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise UsageError(f"{name} {value}: must be {bounds}")
     cfg = load_config(config, overrides or [])
     gpu = gpu_key(gpu)
     plan = estimate(cfg, gpu, num_gpus, usd_per_gpu_hour, images, mfu)

@@ -10,6 +10,7 @@ from sdtune.cluster.errors import ClusterError
 from sdtune.cluster.jobs import POD_NAME_ENV, POD_UID_ENV, quantity, render, spec_from_config
 from sdtune.cluster.launcher import run_training_job
 from sdtune.cluster.placement import check_s3_prefixes
+from sdtune.errors import ConfigError
 
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -20,7 +21,8 @@ def current_namespace(default: str | None = None) -> str:
         return SA_NAMESPACE_FILE.read_text().strip()
     if default:
         return default
-    raise ClusterError("cluster.namespace is not set and this is not running in a pod")
+    # A setting missing from the config (exit 2), not a cluster that failed: a retry would fail the same way.
+    raise ConfigError("cluster.namespace is not set and this is not running in a pod: set cluster.namespace")
 
 
 def launcher_pod() -> tuple[str, str] | None:

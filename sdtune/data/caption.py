@@ -60,7 +60,7 @@ def caption_dir(
         from sdtune.data.captioners import TokenLimit
 
         limit = TokenLimit(cfg)
-    out_dir = prepare_out_dir(Path(out_dir))
+    out_dir = prepare_out_dir(Path(out_dir), inputs=[in_dir])
     held_out = holdout_files(records_in, cfg.holdout_fraction)
     counts = {"from_sidecar": 0, "from_model": 0, "truncated": 0}
     with StageWriter(out_dir, "caption") as writer:

@@ -38,8 +38,8 @@ def iter_catalogue(
     else:
         rows = _jsonl_rows(path)
     for line, row in rows:
-        if row is None:
-            yield Skip(f"{label}:{line}", "bad_row", "not a JSON object")
+        if isinstance(row, str):  # the reason the row could not be read
+            yield Skip(f"{label}:{line}", "bad_row", row)
             continue
         value = row.get(cfg.image_column)
         if not isinstance(value, str) or not value.strip():
@@ -114,28 +114,44 @@ def _real_folder(folder: str) -> str:
     return os.path.realpath(folder)
 
 
-def _csv_rows(path: Path, label: str, image_column: str) -> Iterator[tuple[int, dict | None]]:
+# Row generators yield (line, row): a dict, or a str saying why that row cannot be read (a ``bad_row`` skip).
+
+
+def _csv_rows(path: Path, label: str, image_column: str) -> Iterator[tuple[int, dict | str]]:
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
         reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
+        try:
+            columns = reader.fieldnames or []
+        except csv.Error as exc:
+            raise DatasetError(f"{label}: unreadable CSV header ({exc})") from None
         if image_column not in columns:
             raise DatasetError(
                 f"{label}: no {image_column!r} column (has: {', '.join(columns)[:200]}); set ingest.image_column"
             )
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:  # e.g. a cell over the field limit: the reader goes on at the next line
+                yield reader.line_num, f"unreadable CSV row ({exc})"
+                continue
             yield reader.line_num, row
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None]]:
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | str]]:
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except RecursionError:  # arrays or objects nested thousands deep
+                yield line_no, "JSON nested too deeply"
+                continue
+            except ValueError:  # not JSON, or an integer over Python's digit limit
                 row = None
-            yield line_no, row if isinstance(row, dict) else None
+            yield line_no, row if isinstance(row, dict) else "not a JSON object"
 
 
 PARQUET_BATCH_ROWS = 8192
@@ -143,7 +159,7 @@ PARQUET_BATCH_ROWS = 8192
 
 def _parquet_rows(
     path: Path, label: str, image_column: str, caption_column: str
-) -> Iterator[tuple[int, dict | None]]:
+) -> Iterator[tuple[int, dict | str]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:

@@ -35,7 +35,9 @@ def ingest(
     """Read every source, keep the usable images as ``000000.png``… in ``out_dir``, report every item."""
     if not sources:
         raise DatasetError("no sources given: pass a folder, a zip, a URL, an s3:// prefix or a catalogue")
-    out_dir = prepare_out_dir(Path(out_dir))
+    # Local sources (folders, zips, catalogues; ``@path`` too) must not overlap the output folder.
+    local = [s.removeprefix("@") for s in sources if "://" not in s]
+    out_dir = prepare_out_dir(Path(out_dir), inputs=local)
     dedup = Deduplicator(cfg.near_duplicate_distance)
     rejected = 0
     buckets = s3_source_buckets(sources)

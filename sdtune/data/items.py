@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from sdtune.data.reasons import SkipItem
 
@@ -72,7 +72,8 @@ def strip_credentials(uri: str) -> str:
             host = f"{host}:{parts.port}"
     except ValueError:  # "[bad" or a port out of range: show the scheme only, never the rest
         return printable(uri.split("://", 1)[0][:20]) + "://<unparsable address>"
-    return printable(urlunsplit((parts.scheme, host, parts.path, "", "")))
+    # Not urlunsplit: it drops the "//" of an address without a host ("s3://" would read "s3:").
+    return printable(f"{parts.scheme}://{host}{parts.path}")
 
 
 def stem(name: str) -> str:

@@ -189,7 +189,7 @@ def preprocess_dir(
     """Process every record of ``in_dir`` (or of one ``shard`` of it, see :mod:`sdtune.data.shards`)."""
     in_dir = Path(in_dir)
     records = [r for r in iter_manifest(in_dir) if shard is None or record_shard(r) == shard]
-    out_dir = prepare_out_dir(Path(out_dir))
+    out_dir = prepare_out_dir(Path(out_dir), inputs=[in_dir])
     tools = build_tools(cfg)
     workers = cfg.workers or default_workers()
     # Starting a process costs about a second of imports: not worth it for a handful of images.

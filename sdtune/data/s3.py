@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from sdtune.config import IngestConfig
 from sdtune.data.archive import NESTED_ARCHIVE_SUFFIXES
 from sdtune.data.items import CAPTION_MAX_BYTES, Item, Skip, is_junk_name, printable, strip_credentials
 from sdtune.data.reasons import SkipItem
-from sdtune.errors import DatasetError
+from sdtune.errors import DatasetError, ServiceError
 
 
 def client_from_env():
@@ -39,6 +40,25 @@ def client_from_env():
     )
 
 
+def unreachable_errors() -> tuple[type[Exception], ...]:
+    """What the client raises when S3 cannot be reached or fails on its own side: urllib3 gives up after the
+    client's retries with MaxRetryError (an urllib3 HTTPError, neither an OSError nor a MinioException);
+    a 5xx reply is a ServerError, a reply that is not S3's XML an InvalidResponseError."""
+    from minio.error import InvalidResponseError, ServerError
+    from urllib3.exceptions import HTTPError
+
+    return (HTTPError, ServerError, InvalidResponseError)
+
+
+@contextmanager
+def unreachable_is_service_error(what: str) -> Iterator[None]:
+    """Turn an unreachable S3 into :class:`ServiceError` (exit 4, retryable) that names ``what``."""
+    try:
+        yield
+    except unreachable_errors() as exc:
+        raise ServiceError(f"{what}: cannot reach S3 ({_describe(exc)})") from None
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     parts = urlsplit(uri)
     if parts.scheme != "s3" or not parts.netloc:
@@ -52,10 +72,11 @@ def iter_s3(uri: str, cfg: IngestConfig, client=None) -> Iterator[Item | Skip]:
     bucket, prefix = split_s3_uri(uri)
     client = client or client_from_env()
     try:
-        objects = [
-            (o.object_name, o.size) for o in client.list_objects(bucket, prefix=prefix, recursive=True)
-        ]
-    except (MinioException, OSError, ValueError) as exc:
+        with unreachable_is_service_error(f"s3://{bucket}/{printable(prefix)}"):
+            objects = [
+                (o.object_name, o.size) for o in client.list_objects(bucket, prefix=prefix, recursive=True)
+            ]
+    except (MinioException, OSError, ValueError) as exc:  # an answer: no such bucket, access denied
         raise DatasetError(f"s3://{bucket}/{printable(prefix)}: cannot list ({_describe(exc)})") from None
     if not objects:
         raise DatasetError(f"s3://{bucket}/{printable(prefix)}: no objects under this prefix")
@@ -106,7 +127,7 @@ def _get(client, bucket: str, key: str, cap: int, truncate: bool = False) -> byt
     try:
         response = client.get_object(bucket, key)
         data = response.read(cap + 1)
-    except (MinioException, OSError, ValueError) as exc:
+    except (MinioException, OSError, ValueError, *unreachable_errors()) as exc:  # this item only
         raise SkipItem("fetch_failed", _describe(exc)) from None
     finally:
         if response is not None:
@@ -118,6 +139,8 @@ def _get(client, bucket: str, key: str, cap: int, truncate: bool = False) -> byt
 
 
 def _describe(exc: Exception) -> str:
-    """An S3 error without request signatures or endpoint credentials: just the code or the type."""
+    """An S3 error without request signatures or endpoint credentials: just the code or the type (for
+    urllib3's MaxRetryError the cause's: NewConnectionError, NameResolutionError …)."""
     code = getattr(exc, "code", None)
-    return f"{code}" if code else type(exc).__name__
+    reason = getattr(exc, "reason", None)
+    return f"{code}" if code else type(reason if isinstance(reason, Exception) else exc).__name__

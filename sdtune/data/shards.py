@@ -83,7 +83,7 @@ def merge_stages(stage_dirs: list[Path], out_dir: Path) -> StageResult:
     # Each shard holds a contiguous range of ingest indices: order the shards by their first record.
     firsts = [min((record_key(r) for r in iter_manifest(d)), default=(0, "")) for d in stage_dirs]
     order = sorted(range(len(stage_dirs)), key=lambda i: firsts[i])
-    out_dir = prepare_out_dir(Path(out_dir))
+    out_dir = prepare_out_dir(Path(out_dir), inputs=stage_dirs)
     seen: set[str] = set()
     with StageWriter(out_dir, reports[0].stage) as writer:
         for i in order:

@@ -217,10 +217,11 @@ def _commit_local(tmp: Path, root: str, step: int) -> str:
 def _commit_s3(tmp: Path, root: str, step: int, manifest: str) -> str:
     client, bucket, prefix = _s3(root)
     key = f"{prefix}{_name(step)}/"
-    for name in (WEIGHTS, OPTIM, RNG, META, MANIFEST):
-        client.fput_object(bucket, key + name, str(tmp / name))
-    _put_text(client, bucket, key + COMPLETE, manifest)  # after every file: the checkpoint now counts
-    _put_text(client, bucket, prefix + LATEST, _name(step) + "\n")
+    with _reachable(root):
+        for name in (WEIGHTS, OPTIM, RNG, META, MANIFEST):
+            client.fput_object(bucket, key + name, str(tmp / name))
+        _put_text(client, bucket, key + COMPLETE, manifest)  # after every file: the checkpoint now counts
+        _put_text(client, bucket, prefix + LATEST, _name(step) + "\n")
     return f"s3://{bucket}/{key}"
 
 
@@ -231,13 +232,13 @@ def prune(root: str, keep: int) -> None:
     doomed = set(complete[keep:])
     if _is_s3(root):
         client, bucket, prefix = _s3(root)
-        steps = _s3_steps(client, bucket, prefix)
-        for step in sorted(steps):
-            if step in doomed or step not in complete:
-                key = f"{prefix}{_name(step)}/"
-                client.remove_object(bucket, key + COMPLETE)  # first: never a "complete" half-deleted one
-                for obj in client.list_objects(bucket, prefix=key, recursive=True):
-                    client.remove_object(bucket, obj.object_name)
+        with _reachable(root):
+            for step in sorted(_s3_steps(client, bucket, prefix)):
+                if step in doomed or step not in complete:
+                    key = f"{prefix}{_name(step)}/"
+                    client.remove_object(bucket, key + COMPLETE)  # first: never a "complete" half-deleted one
+                    for obj in client.list_objects(bucket, prefix=key, recursive=True):
+                        client.remove_object(bucket, obj.object_name)
         return
     for path in Path(root).iterdir():
         step = _step_of(path.name)
@@ -362,10 +363,11 @@ def list_complete(root: str) -> list[tuple[int, str]]:
     if _is_s3(root):
         client, bucket, prefix = _s3(root)
         found = []
-        for step in _s3_steps(client, bucket, prefix):
-            key = f"{prefix}{_name(step)}/"
-            if _s3_exists(client, bucket, key + COMPLETE):
-                found.append((step, f"s3://{bucket}/{key}"))
+        with _reachable(root):
+            for step in _s3_steps(client, bucket, prefix):
+                key = f"{prefix}{_name(step)}/"
+                if _s3_exists(client, bucket, key + COMPLETE):
+                    found.append((step, f"s3://{bucket}/{key}"))
         return sorted(found, reverse=True)
     path = Path(root)
     if not path.is_dir():
@@ -382,11 +384,12 @@ def fetch(location: str) -> Path:
             raise CheckpointError(f"{location} is not a folder")
         return folder
     client, bucket, key = _s3(location)
-    if not _s3_exists(client, bucket, key + COMPLETE):
-        raise CheckpointError("no COMPLETE marker")
-    local = Path(tempfile.mkdtemp(prefix="sdtune-resume-"))
-    for name in (MANIFEST, WEIGHTS, OPTIM, RNG, META):
-        client.fget_object(bucket, key + name, str(local / name))
+    with _reachable(location):
+        if not _s3_exists(client, bucket, key + COMPLETE):
+            raise CheckpointError("no COMPLETE marker")
+        local = Path(tempfile.mkdtemp(prefix="sdtune-resume-"))
+        for name in (MANIFEST, WEIGHTS, OPTIM, RNG, META):
+            client.fget_object(bucket, key + name, str(local / name))
     return local
 
 
@@ -526,6 +529,14 @@ def _s3(uri: str):
 
     bucket, prefix = split_s3_uri(uri)
     return client_from_env(), bucket, (prefix.rstrip("/") + "/" if prefix else "")
+
+
+def _reachable(location: str):
+    """An unreachable S3 ends the run with one line and exit 4 (a retry may find it back), not urllib3's
+    traceback."""
+    from sdtune.data.s3 import unreachable_is_service_error
+
+    return unreachable_is_service_error(f"checkpoint {location}")
 
 
 def _s3_steps(client, bucket: str, prefix: str) -> list[int]:

@@ -211,7 +211,14 @@ def test_rejected_credentials_are_an_auth_error(cli, fake_kfp):
 
 def test_bad_cron_fails_before_contacting_the_host(cli, fake_kfp):
     code, _, err = cli("schedule", cli.config, "--cron", "0 3 * * *", "--host", fake_kfp.url)
-    assert code == 4 and "6 fields" in err and fake_kfp.requests == []
+    assert code == 2 and "6 fields" in err and fake_kfp.requests == []  # bad input, not an outage
+
+
+@pytest.mark.parametrize("host", ["notaurl", "ftp://kfp.example.com", "http://[bad", "https://u:pw@"])
+def test_a_host_that_is_not_a_url_is_bad_input(cli, host):
+    code, out, err = cli("submit", cli.config, "--host", host)  # was urllib's "ValueError: unknown url type"
+    assert code == 2 and err.startswith("error: --host ") and len(err.strip().splitlines()) == 1
+    assert "pw" not in err and out == ""
 
 
 def test_real_pipeline_through_sdtune_main(fake_kfp, schemas, tmp_path, capsys):

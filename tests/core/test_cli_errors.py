@@ -169,3 +169,82 @@ def test_ingest_report_speaks_of_the_files_a_person_left(capsys, tmp_path):
     assert ".complete" not in report
     assert "notes.txt" in report and "no image of the same name" in report
     assert "broken.gif" in report and "cannot identify image file" in report and "_io." not in report
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["plan", TINY, "--mfu", "0"], "--mfu"),  # was a ZeroDivisionError
+        (["plan", TINY, "--num-gpus", "-2"], "--num-gpus"),  # was a plan for "-2× a100" costing $-0.01
+        (["plan", TINY, "--usd-per-gpu-hour", "-3"], "--usd-per-gpu-hour"),
+        (["plan", TINY, "--images", "-5"], "--images"),
+        (["generate", "--config", TINY, "-p", "x", "--seeds", "99999999999999999999"], "--seeds"),
+        (["generate", "--config", TINY, "-p", "x", "--size", "33"], "multiple of 8"),
+    ],
+)
+def test_out_of_range_options_are_one_line_errors(capsys, tmp_path, args, message):
+    code, _, err = (
+        _run(capsys, *args, "--out", str(tmp_path / "o")) if args[0] == "generate" else _run(capsys, *args)
+    )
+    assert code == 2 and message in _one_error(err)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["ingest", "photos[/]", "--out", "x"], "source not found: photos[/]"),  # was a MarkupError
+        (["ingest", "my:smile:dir", "--out", "x"], "source not found: my:smile:dir"),  # was an emoji
+        (["ingest", "[red]x", "--out", "x"], "source not found: [red]x"),  # was "x"
+        (["plan", "cfg[/b].yaml"], "config file not found: cfg[/b].yaml"),
+        (
+            ["sweep", TINY, "--grid", "train.learning_rate=loguniform:-1:1e-3", "--local"],
+            "'loguniform:-1:1e-3'",
+        ),
+    ],
+)
+def test_user_text_in_errors_is_printed_literally(capsys, tmp_path, monkeypatch, args, shown):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and shown in _one_error(err)
+
+
+def test_user_text_in_a_stage_summary_is_printed_literally(capsys, tmp_path):
+    raw = tmp_path / "raw"
+    assert _run(capsys, "sample-data", "--out", str(raw), "--count", "2")[0] == 0
+    out = tmp_path / "ok[/]dir:smile:"
+    code, printed, _ = _run(capsys, "ingest", str(raw), "--out", str(out), "--min-images", "1")
+    assert code == 0 and str(out) in printed.replace("\n", "")  # was a MarkupError after the stage ran
+
+
+def test_unreachable_s3_is_exit_4_and_s3_labels_read_whole(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
+    code, _, err = _run(capsys, "ingest", "s3://bucket/prefix", "--out", str(tmp_path / "o"))
+    assert code == 4 and _one_error(err) == "error: s3://bucket/prefix: cannot reach S3 (NewConnectionError)"
+    assert not (tmp_path / "o").exists()
+    code, _, err = _run(capsys, "ingest", "s3://", "--out", str(tmp_path / "o"))
+    assert code == 2 and _one_error(err) == "error: s3://: expected s3://bucket/prefix"  # was "s3::"
+
+
+def test_a_katib_sweep_without_a_namespace_is_bad_input(capsys, tmp_path):
+    out = tmp_path / "sw.yaml"
+    code, _, err = _run(
+        capsys, "sweep", TINY, "--grid", "train.rank=4", "--engine", "katib", "--out", str(out)
+    )
+    assert code == 2 and "cluster.namespace is not set" in _one_error(err)  # was exit 4, an outage
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("afile/p.yaml", "afile is a file, not a folder"),  # was a FileExistsError traceback
+        ("raw", "is a folder; name the YAML file to write, e.g. {tmp}/raw/personalize.yaml"),  # a ValueError
+        ("p.json", "the pipeline is written as YAML; name a .yaml file"),
+    ],
+)
+def test_compile_out_must_name_a_yaml_file(capsys, tmp_path, out, message):
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "raw").mkdir()
+    code, _, err = _run(capsys, "compile", "--config", TINY, "--out", str(tmp_path / out))
+    assert code == 2 and message.format(tmp=tmp_path) in _one_error(err)
+    assert (tmp_path / "afile").read_text() == "mine" and not any((tmp_path / "raw").iterdir())

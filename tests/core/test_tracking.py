@@ -91,3 +91,19 @@ def test_embedded_store_stays_embedded_after_mlflow_exports_its_uri(sdtune_home,
     assert tracking.ui_command() == f"mlflow ui --backend-store-uri {tracking.embedded_uri()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert not tracking.uses_embedded_store()
+
+
+def test_a_run_that_does_not_exist_is_refused_at_once(sdtune_home):
+    """The store's "not found" is an answer, not an outage: no buffering and retrying until close."""
+    from sdtune.errors import UsageError
+
+    with pytest.raises(UsageError, match="^MLflow run deadbeef not found$"):
+        tracking.MLflowLogger("deadbeef", close_timeout_s=0)
+    with pytest.raises(UsageError, match="is not a valid run id"):
+        tracking.MLflowLogger("../x", close_timeout_s=0)
+    parent = tracking.start_parent_run("exp-unit", "unit", {})
+    logger = tracking.MLflowLogger(parent, close_timeout_s=0)  # a run that exists still logs
+    logger.log({"loss": 0.5}, step=1)
+    logger.close()
+    client = MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
+    assert [m.step for m in client.get_metric_history(parent, "loss")] == [1]

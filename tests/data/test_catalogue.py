@@ -88,3 +88,30 @@ def test_parquet_catalogue_streams_row_groups(shop, tmp_path, monkeypatch):
     (shop / "fake.parquet").write_text("image\na.png\n")
     with pytest.raises(DatasetError, match="not a readable Parquet file"):
         ingest([str(shop / "fake.parquet")], tmp_path / "out3", IngestConfig())
+
+
+def test_rows_the_readers_refuse_are_bad_rows(shop, tmp_path):
+    """A CSV cell over the 1 MiB field limit and a JSON row nested past the recursion limit: those rows are
+    skipped with a reason, the others ingested (was a csv.Error / RecursionError ending the run)."""
+    big = "x" * ((1 << 20) + 10)
+    (shop / "big.csv").write_text(f"image,caption\nimg/sku0.png,a\nimg/sku1.png,{big}\nimg/sku2.png,b\n")
+    deep = '{"image": "img/sku1.png", "d": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    lines = [json.dumps({"image": "img/sku0.png"}), deep, json.dumps({"image": "img/sku2.png"})]
+    (shop / "deep.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = IngestConfig(min_images=1, min_side=16, max_reject_fraction=1)
+    for name, detail in (("big.csv", "field larger than field limit"), ("deep.jsonl", "nested too deeply")):
+        result = ingest([str(shop / name)], tmp_path / name, cfg)
+        assert [r.source for r in result.records] == ["img/sku0.png", "img/sku2.png"]
+        assert result.report.reasons == {"bad_row": 1}
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert any(detail in i["detail"] for i in report["items"] if i["reason"] == "bad_row")
+
+
+def test_an_s3_row_with_s3_unreachable_is_skipped(shop, tmp_path, monkeypatch):
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
+    rows = [{"image": "img/sku0.png"}, {"image": "s3://bkt/x.png"}]
+    (shop / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = IngestConfig(min_images=1, min_side=16, max_reject_fraction=1, catalogue_buckets=["bkt"])
+    result = ingest([str(shop / "c.jsonl")], tmp_path / "out", cfg)  # was urllib3's MaxRetryError
+    assert [r.source for r in result.records] == ["img/sku0.png"]
+    assert result.report.reasons == {"fetch_failed": 1}

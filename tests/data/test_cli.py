@@ -105,3 +105,65 @@ def test_sharded_preprocess_and_merge_through_the_cli(sample, tmp_path, capsys):
     assert len(read_manifest(tmp_path / "m")) == 8
     assert main(["preprocess", str(tmp_path / "i"), "--out", str(tmp_path / "x"), "--crop", "diagonal"]) == 2
     assert "--crop" in capsys.readouterr().err
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes: what a refused command must leave exactly as it was."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    ("command", "where", "problem"),
+    [
+        ("preprocess", "same", "is the input folder"),
+        ("caption", "same", "is the input folder"),
+        ("merge", "same", "is the input folder"),
+        ("ingest", "same", "is the input folder"),
+        ("preprocess", "inside", "lies inside the input"),
+        ("ingest", "inside", "lies inside the input"),
+        ("caption", "holding", "holds the input"),
+    ],
+)
+def test_a_stage_refuses_an_out_that_overlaps_its_input(sample, tmp_path, capsys, command, where, problem):
+    """`preprocess ing --out ing` used to empty ``ing`` (a stage folder is cleaned before it is read) and
+    then fail on the missing images: now it is refused before anything is touched, and no FAILED is left."""
+    assert main(["ingest", str(sample), "--out", str(tmp_path / "i")]) == 0
+    assert (
+        main(["preprocess", str(tmp_path / "i"), "--out", str(tmp_path / "data" / "p"), "--resolution", "64"])
+        == 0
+    )
+    given = {"ingest": sample, "preprocess": tmp_path / "i"}.get(command, tmp_path / "data" / "p")
+    out = {"same": given, "inside": given / "sub", "holding": given.parent}[where]
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    extra = ["--trigger", "sks", "--class-noun", "robot"] if command == "caption" else []
+    assert main([command, str(given), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert problem in err and "choose a new folder outside it" in err and "Traceback" not in err
+    assert _snapshot(tmp_path) == before  # the input intact, no FAILED, no .sdtune-stage, no sub folder
+    assert not (given / "sub").exists()
+
+
+def test_sample_data_replaces_an_earlier_run_and_refuses_other_folders(sample, tmp_path, capsys):
+    (sample / ".complete").touch()  # what `make run` adds: still an earlier sample-data folder
+    assert main(["sample-data", "--out", str(sample), "--count", "4"]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("mine")
+    (tmp_path / "afile").write_text("mine")
+    capsys.readouterr()
+    for out, message in [
+        (mine, "is not empty (holds 'README.md') and is not an earlier `sdtune sample-data` output"),
+        (tmp_path / "afile", "is not a folder"),
+        (tmp_path / "afile" / "raw", "is not a folder"),
+    ]:
+        assert main(["sample-data", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and message in err, err
+    assert (mine / "README.md").read_text() == "mine" and sorted(p.name for p in mine.iterdir()) == [
+        "README.md"
+    ]
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -19,6 +19,13 @@ def server_env(mlflow_endpoint, monkeypatch):
     return mlflow_endpoint
 
 
+def test_a_missing_run_on_the_server_is_refused_at_once(server_env):
+    from sdtune.errors import UsageError
+
+    with pytest.raises(UsageError, match="not found"):
+        tracking.MLflowLogger("0" * 32, close_timeout_s=0)
+
+
 def test_nested_runs_and_artifacts_land_in_s3(server_env, tmp_path):
     parent = tracking.start_parent_run("srv", "p", {"train": {"rank": 4}})
     grid = tmp_path / "grid.png"

@@ -178,6 +178,17 @@ def test_checkpoints_on_s3(tmp_path, s3_endpoint, monkeypatch):
     assert torch.equal(resumed.modules["m"].weight, state.modules["m"].weight)
 
 
+def test_checkpoints_on_unreachable_s3_are_a_service_error(tmp_path, monkeypatch):
+    """One line and exit 4 (retryable), not urllib3's MaxRetryError, when the checkpoint store is down."""
+    from sdtune.errors import ServiceError
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
+    cfg = toy_cfg(tmp_path, checkpoint_dir="s3://ckpt/run1/checkpoints")
+    with pytest.raises(ServiceError, match="checkpoint s3://ckpt/run1/checkpoints: cannot reach S3") as info:
+        C.find(cfg, tmp_path, 1, "")  # resume=auto lists the checkpoints first
+    assert info.value.exit_code == 4
+
+
 # ------------------------------------------------------------------------------------- the real recipe
 
 

@@ -258,3 +258,60 @@ def test_sdxl_lora_trains_and_loads(tmp_path, tiny_sdxl, stage_dir):
     pipe.unload_lora_weights()
     pipe.load_lora_weights(out, weight_name="lora_kohya.safetensors")
     assert (generate() - after).abs().max() < 0.05 * (after - before).abs().max()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_train_evaluate_generate_refuse_an_out_they_would_damage(trained, stage_dir, tmp_path, capsys):
+    """A folder of someone's files, the data or model read, a folder around them, and a file are refused
+    with one line (exit 2) before anything is written: `train --out proj` used to replace proj/README.md,
+    `--out DATA` mixed weights into the dataset, `--out FILE` was a FileExistsError traceback."""
+    config, lora = trained
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "README.md").write_text("mine")
+    (tmp_path / "afile").write_text("mine")
+    data, model = _files(stage_dir), _files(lora)
+    commands = {
+        "train": ["train", "--config", str(config), "--data", str(stage_dir)],
+        "evaluate": ["evaluate", "--config", str(config), "--data", str(stage_dir), "--lora", str(lora)],
+        "generate": ["generate", "--config", str(config), "--lora", str(lora), "-p", "x", "--steps", "1"],
+    }
+    cases = [
+        (proj, "is not empty (holds 'README.md') and is not an earlier `sdtune {command}` output"),
+        (tmp_path / "afile", "is not a folder"),
+        (tmp_path / "afile" / "out", "is not a folder (" + str(tmp_path / "afile") + " is a file)"),
+        (lora, "is the input folder"),
+        (lora / "more", "lies inside the input"),
+    ]
+    data_cases = [
+        (stage_dir, "is the input folder"),
+        (stage_dir / "weights", "lies inside the input"),
+        (stage_dir.parent, "holds the input"),
+    ]
+    capsys.readouterr()
+    for command, args in commands.items():
+        for out, message in cases + (data_cases if command != "generate" else []):
+            if command == "train" and out.is_relative_to(lora):
+                continue  # train does not read a training output
+            assert main([*args, "--out", str(out)]) == 2, (command, out)
+            err = capsys.readouterr().err
+            assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+            assert message.format(command=command) in " ".join(err.split()), (command, out, err)
+    assert (
+        sorted(p.name for p in proj.iterdir()) == ["README.md"] and (proj / "README.md").read_text() == "mine"
+    )
+    assert (tmp_path / "afile").read_text() == "mine"
+    assert _files(stage_dir) == data and _files(lora) == model
+
+
+def test_evaluate_again_into_its_own_output(trained, stage_dir, tmp_path):
+    """An earlier evaluation folder is an earlier output of the same command: replaced, not refused."""
+    config, out = trained
+    first = evaluate_run(config, stage_dir, out, tmp_path / "eval", "evaluate.seeds=[0]")
+    again = evaluate_run(config, stage_dir, out, tmp_path / "eval", "evaluate.seeds=[0]")
+    assert again.keys() == first.keys()
