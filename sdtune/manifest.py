@@ -125,9 +125,27 @@ def iter_manifest(stage_dir: Path) -> Iterator[Record]:
     if not path.is_file():
         raise DatasetError(f"{stage_dir} is not a stage directory: {MANIFEST_NAME} is missing")
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, 1):
             if line.strip():
-                yield Record.model_validate_json(line)
+                yield _record(line, path, number)
+
+
+def _record(line: str, path: Path, number: int) -> Record:
+    """One manifest line; a line edited by hand into something else is one error naming it (a stage wrote
+    every line, so a bad one means the folder was changed since: skipping it would train on less in silence)."""
+    from pydantic import ValidationError
+
+    from sdtune.errors import DatasetError
+
+    try:
+        return Record.model_validate_json(line)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "the line"
+        raise DatasetError(
+            f"{path} line {number} is not a manifest record ({where}: {first.get('msg', 'invalid')}); "
+            "run the stage that wrote it again"
+        ) from None
 
 
 def read_report(stage_dir: Path) -> StageReport:

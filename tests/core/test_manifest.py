@@ -50,6 +50,22 @@ def test_missing_manifest_is_a_dataset_error(tmp_path):
         read_manifest(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("line", "where"),
+    [("{not json", "the line: Invalid JSON"), ('{"file": "x.png", "width": "wide"}', "width")],
+)
+def test_a_hand_edited_manifest_line_is_one_error_naming_it(tmp_path, line, where):
+    """Was a pydantic ValidationError traceback from every stage reading the folder."""
+    write_stage(tmp_path, [_record(0), _record(1)], StageReport(stage="ingest"))
+    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
+    (tmp_path / "manifest.jsonl").write_text(f"{lines[0]}\n{line}\n")
+    with pytest.raises(
+        DatasetError, match=rf"manifest.jsonl line 2 is not a manifest record \({where}"
+    ) as info:
+        read_manifest(tmp_path)
+    assert "\n" not in str(info.value)
+
+
 def test_markdown_escapes_table_cells():
     report = StageReport(stage="ingest")
     report.add(ItemReport(item="x", status="skipped", reason="corrupt", detail="a|b"))
