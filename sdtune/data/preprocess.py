@@ -31,7 +31,7 @@ from PIL import Image
 
 from sdtune.config import PreprocessConfig
 from sdtune.data.crop import bucket_box, bucket_size, center_box, face_box
-from sdtune.data.shards import record_shard
+from sdtune.data.shards import read_shards, record_shard
 from sdtune.data.stagedir import prepare_out_dir, safe_child, write_png
 from sdtune.errors import DatasetError
 from sdtune.manifest import ItemReport, Record, StageResult, StageWriter, iter_manifest
@@ -189,6 +189,9 @@ def preprocess_dir(
     """Process every record of ``in_dir`` (or of one ``shard`` of it, see :mod:`sdtune.data.shards`)."""
     in_dir = Path(in_dir)
     records = [r for r in iter_manifest(in_dir) if shard is None or record_shard(r) == shard]
+    if shard is not None and shard not in (shards := read_shards(in_dir)):
+        # an empty stage from a mistyped shard would pass as done (and merge into a smaller dataset)
+        raise DatasetError(f"{in_dir} has no shard {shard}: its shards are {shards[0]}-{shards[-1]}")
     out_dir = prepare_out_dir(Path(out_dir), inputs=[in_dir])
     tools = build_tools(cfg)
     workers = cfg.workers or default_workers()

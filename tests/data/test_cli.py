@@ -105,6 +105,10 @@ def test_sharded_preprocess_and_merge_through_the_cli(sample, tmp_path, capsys):
     assert len(read_manifest(tmp_path / "m")) == 8
     assert main(["preprocess", str(tmp_path / "i"), "--out", str(tmp_path / "x"), "--crop", "diagonal"]) == 2
     assert "--crop" in capsys.readouterr().err
+    # A shard the stage does not have: an empty "done" stage before, which merged into a smaller dataset.
+    args = ["preprocess", str(tmp_path / "i"), "--out", str(tmp_path / "p9"), "--shard", "5"]
+    assert main(args) == 2
+    assert "has no shard 5: its shards are 0-2" in capsys.readouterr().err and not (tmp_path / "p9").exists()
 
 
 def _snapshot(folder):
