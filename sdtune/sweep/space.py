@@ -162,6 +162,8 @@ def parse_trial_option(text: str) -> dict[str, Any]:
 def read_prompts(path: str | Path) -> list[str]:
     """Prompt/caption template variants: one per line; blank lines and ``#`` comments are skipped."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--prompts {path} is a folder: name a text file of prompt variants, one per line")
     if not path.is_file():
         raise ConfigError(f"prompts file not found: {path}")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]

@@ -94,6 +94,8 @@ def test_prompt_variants_are_one_more_dimension(tmp_path):
     cfg = sweep_config(RunConfig(), prompts=prompts, prompt_key="evaluate.prompts")
     with pytest.raises(ConfigError, match="evaluate.prompts"):  # a list key needs list values
         build_trials(cfg)
+    with pytest.raises(ConfigError, match="is a folder: name a text file"):  # it said "not found"
+        sweep_config(RunConfig(), prompts=tmp_path)
 
 
 def test_random_option_switches_to_random_search():
