@@ -70,7 +70,8 @@ def refuse_unusable_out(out_dir: Path, inputs: Iterable[Path | str] = ()) -> Non
 def check_out_dir(out_dir: Path, command: str, inputs: Iterable[Path | str] = ()) -> None:
     """Refuse, before anything is written, an ``--out`` for ``sdtune <command>`` that :func:`refuse_unusable_out`
     refuses or that holds files the command did not write: someone's files are never overwritten, while an
-    earlier output of the same command is reused (training resumes from its checkpoints)."""
+    earlier output of the same command is reused: training resumes from its checkpoints, and the outputs of
+    ``evaluate``, ``generate`` and ``sample-data`` are replaced."""
     refuse_unusable_out(out_dir, inputs)
     out_dir = Path(out_dir)
     names = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
@@ -81,6 +82,13 @@ def check_out_dir(out_dir: Path, command: str, inputs: Iterable[Path | str] = ()
             f"--out {out_dir} is not empty (holds {foreign[0]!r}) and is not an earlier `sdtune {command}` "
             "output; use a new or empty folder"
         )
+    if all_owned:  # an earlier output, all of it the command's own: replaced, so no stale sample outlives it
+        for name in names:
+            path = out_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def prepare_out_dir(out_dir: Path, inputs: Iterable[Path | str] = ()) -> Path:

@@ -154,6 +154,8 @@ def test_a_stage_refuses_an_out_that_overlaps_its_input(sample, tmp_path, capsys
 def test_sample_data_replaces_an_earlier_run_and_refuses_other_folders(sample, tmp_path, capsys):
     (sample / ".complete").touch()  # what `make run` adds: still an earlier sample-data folder
     assert main(["sample-data", "--out", str(sample), "--count", "4"]) == 0
+    # replaced, not overwritten in part: the 8 pictures of the first run left 4 stale ones behind
+    assert len([p for p in sample.iterdir() if p.suffix != ".txt"]) == 4
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "README.md").write_text("mine")
