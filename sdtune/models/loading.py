@@ -223,16 +223,24 @@ ARCH_OF_PIPELINE = {
 }
 
 
+def index_class_name(source: str | None) -> str:
+    """The pipeline class a local diffusers folder's ``model_index.json`` names; "" when there is none."""
+    import json
+
+    if not source:
+        return ""
+    try:
+        return str(
+            json.loads((Path(source) / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+        )
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def check_arch(source: str, arch: str) -> None:
     """Refuse a ``model.arch`` that the base model's ``model_index.json`` contradicts: loaded anyway, an SD 1.5
     folder under ``arch=sdxl`` failed deep in diffusers (``'NoneType' object has no attribute 'tokenize'``)."""
-    import json
-
-    index = Path(source) / "model_index.json"
-    try:
-        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-    except (OSError, ValueError, AttributeError):
-        return  # not a local diffusers folder (or no index): the loaders say what is wrong
+    name = index_class_name(source)  # "" where there is no local index: the loaders say what is wrong
     allowed = ARCH_OF_PIPELINE.get(name)
     if allowed and arch not in allowed:
         raise ModelLoadError(
@@ -267,8 +275,6 @@ def _frozen(parts: SDComponents) -> SDComponents:
 def pipeline_class_for(arch: str, source: str | None = None) -> Any:
     """The diffusers pipeline class for ``arch``; a local inpainting folder (``model_index.json`` names an
     inpaint pipeline) gets ``StableDiffusionInpaintPipeline`` (SDXL: ``StableDiffusionXLInpaintPipeline``)."""
-    import json
-
     from diffusers import (
         StableDiffusion3Pipeline,
         StableDiffusionInpaintPipeline,
@@ -279,12 +285,7 @@ def pipeline_class_for(arch: str, source: str | None = None) -> Any:
 
     if arch == "sd3":
         return StableDiffusion3Pipeline
-    index = Path(source) / "model_index.json" if source else None
-    inpaint = (
-        index is not None
-        and index.is_file()
-        and "Inpaint" in json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-    )
+    inpaint = "Inpaint" in index_class_name(source)
     if arch == "sdxl":
         return StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
     return StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
