@@ -489,9 +489,7 @@ def run_case(
         row.update(planned_host(case, {} if plan_cache is None else plan_cache))
     except Exception as exc:
         row.update(planned_host_ms=None, planned_error=f"{type(exc).__name__}: {exc}"[:200])
-    del unet, params, step, inputs, encoders, rows
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    del unet, params, step, inputs, encoders, rows  # freed by _release after every case
     return row
 
 
